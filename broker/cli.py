@@ -1,0 +1,108 @@
+"""The ``console-broker`` command.
+
+Each command lives with the code it drives and adds its own sub-parser here
+through a ``register(subparsers)`` function; the handler it sets as ``func``
+takes the parsed arguments and returns the exit status.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Callable, Sequence
+
+import broker
+from broker.plugins import PluginError, PluginManager
+
+#: Exit status for a usage or input error (as argparse uses).
+EXIT_USAGE = 2
+
+
+class CommandError(Exception):
+    """An error to report to the user as one line, with an exit status."""
+
+    def __init__(self, message: str, status: int = 1) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+def _plugins_command(args: argparse.Namespace) -> int:
+    manager = PluginManager()
+    infos = manager.plugin_infos()
+    if args.json:
+        doc = [
+            {
+                "name": info.name,
+                "distribution": info.distribution,
+                "version": info.version,
+                "protocols": [
+                    {"name": p.name, "title": p.title, "description": p.description}
+                    for p in info.protocols
+                ],
+            }
+            for info in infos
+        ]
+        json.dump(doc, sys.stdout, indent=2)
+        sys.stdout.write("\n")
+        return 0
+    if not infos:
+        print("no plugins loaded")
+    for info in infos:
+        protocols = ", ".join(p.name for p in info.protocols) or "(none)"
+        print(f"{info.name:<12} {info.distribution} {info.version:<10} protocols: {protocols}")
+    if manager.disabled:
+        print(f"disabled by environment: {', '.join(sorted(manager.disabled))}")
+    return 0
+
+
+def _register_plugins(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    parser = subparsers.add_parser(
+        "plugins",
+        help="list the loaded plugins and the protocols they serve",
+        description=(
+            "List every plugin loaded from the 'console_broker' entry-point group, with its "
+            "distribution, version and protocols. Set CONSOLE_BROKER_DISABLE_PLUGINS to a "
+            "comma-separated list of plugin names to keep them from loading."
+        ),
+    )
+    parser.add_argument("--json", action="store_true", help="print a JSON array instead")
+    parser.set_defaults(func=_plugins_command)
+
+
+def _registrars() -> list[Callable[[argparse._SubParsersAction[argparse.ArgumentParser]], None]]:
+    from broker.xml import cli as xml_cli
+
+    return [_register_plugins, *xml_cli.REGISTRARS]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="console-broker",
+        description=(
+            "Make libvirt/QEMU VMs console-ready (VNC, SPICE, serial) and broker their "
+            "consoles to browsers and native clients."
+        ),
+    )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {broker.__version__}")
+    subparsers = parser.add_subparsers(title="commands", metavar="COMMAND", required=True)
+    for register in _registrars():
+        register(subparsers)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        status: int = args.func(args)
+    except (CommandError, PluginError) as exc:
+        print(f"console-broker: error: {exc}", file=sys.stderr)
+        return exc.status if isinstance(exc, CommandError) else 1
+    except BrokenPipeError:  # e.g. piped into `head`
+        return 0
+    return status
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""Domain XML provisioning: make a libvirt domain console-ready."""
