@@ -1,0 +1,557 @@
+"""The broker's configuration: one TOML file, every key documented, defaults that work without it.
+
+Theory of operation. Each TOML table is a frozen attrs class below; each of
+its fields is a key, declared with :func:`_key` which records the key's
+documentation and value check. The loader (:func:`load_config`), the
+documented default file (:func:`render_defaults`, printed by
+``console-broker config --defaults``) and the table in ``docs/config.md``
+(:func:`render_markdown`) are all derived from these classes, so a key cannot
+exist without its documentation, and a file can hold nothing the broker does
+not understand: unknown keys and wrong types are errors naming the key and the
+file, never ignored.
+
+Values that depend on the host (the node name, the public URL) are empty
+strings in the file and resolved by :class:`Config`'s properties. Relative
+paths in a file are taken relative to that file's directory.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import tomllib
+import typing
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+import attrs
+
+from broker.keys import PRIVATE_KEY_NAME, PUBLIC_KEY_NAME
+
+#: Read when no file is named and ``CONSOLE_BROKER_CONFIG`` is unset, if it exists.
+DEFAULT_CONFIG_PATH = Path("/etc/console-broker/broker.toml")
+#: Names the configuration file when no ``--config`` is given.
+CONFIG_ENV = "CONSOLE_BROKER_CONFIG"
+
+#: Checks a value; returns a problem ("must be ...") or None.
+Check = Callable[[Any], str | None]
+
+
+class ConfigError(Exception):
+    """The configuration file cannot be used. Each problem names the file and the key."""
+
+    def __init__(self, problems: list[str]) -> None:
+        super().__init__("\n".join(problems))
+        self.problems = problems
+
+
+def _key(default: Any, doc: str, check: Check | None = None, *, path: bool = False) -> Any:
+    """Declare a key: its default, its documentation, an optional value check.
+
+    *path* marks a file-system path (resolved against the file's directory).
+    """
+    return attrs.field(default=default, metadata={"doc": doc, "check": check, "path": path})
+
+
+# --- value checks -----------------------------------------------------------------------
+
+
+def _at_least(minimum: float) -> Check:
+    def check(value: Any) -> str | None:
+        return None if value >= minimum else f"must be at least {minimum}"
+
+    return check
+
+
+def _one_of(*choices: str) -> Check:
+    def check(value: Any) -> str | None:
+        return None if value in choices else "must be one of " + ", ".join(map(repr, choices))
+
+    return check
+
+
+def _port(value: Any) -> str | None:
+    return None if 1 <= value <= 65535 else "must be a TCP port (1-65535)"
+
+
+def _not_empty(value: Any) -> str | None:
+    return None if value else "must not be empty"
+
+
+def _base_url(value: Any) -> str | None:
+    if not value:
+        return None
+    parts = urlsplit(value)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        return "must be an http:// or https:// URL with a host"
+    if parts.query or parts.fragment:
+        return "must not have a query or a fragment"
+    return None
+
+
+def _origins(value: Any) -> str | None:
+    for origin in value:
+        parts = urlsplit(origin)
+        if (
+            parts.scheme not in ("http", "https")
+            or not parts.hostname
+            or parts.path
+            or parts.query
+            or parts.fragment
+        ):
+            return f"{origin!r} is not an origin (scheme://host[:port], nothing after)"
+    return None
+
+
+# --- the tables -------------------------------------------------------------------------
+
+
+@attrs.frozen
+class BrokerSection:
+    """Who this broker is and where it keeps its state."""
+
+    node: str = _key(
+        "",
+        "This broker's node name: tokens for another node are refused. "
+        "Empty: the host name.",
+    )
+    state_dir: str = _key(
+        "/var/lib/console-broker",
+        "Directory (created 0700) holding the signing key pair, created on first start: "
+        f"{PRIVATE_KEY_NAME} (0600) and {PUBLIC_KEY_NAME}.",
+        _not_empty,
+        path=True,
+    )
+    public_url: str = _key(
+        "",
+        "Base URL clients reach this broker at, used in the links tokens print "
+        "(e.g. behind a reverse proxy). Empty: derived from listen and tls, "
+        "http(s)://host:port.",
+        _base_url,
+    )
+
+
+@attrs.frozen
+class ListenSection:
+    """Where the broker accepts connections (WebSocket and HTTP CONNECT)."""
+
+    host: str = _key("127.0.0.1", "Address to listen on.", _not_empty)
+    port: int = _key(6080, "TCP port to listen on.", _port)
+
+
+@attrs.frozen
+class TLSSection:
+    """TLS for https:// and wss://: set both files, or neither for plain HTTP."""
+
+    cert: str = _key("", "PEM certificate chain file. Empty: no TLS.", path=True)
+    key: str = _key("", "PEM private key file of the certificate. Empty: no TLS.", path=True)
+
+
+@attrs.frozen
+class HTTPSection:
+    """Browser request checks."""
+
+    allowed_origins: tuple[str, ...] = _key(
+        (),
+        "Origins (scheme://host[:port]) whose pages may open consoles. "
+        "Empty: only the request's own host.",
+        _origins,
+    )
+    allow_missing_origin: bool = _key(
+        False, "Accept WebSocket requests without an Origin header (non-browser clients)."
+    )
+
+
+@attrs.frozen
+class LibvirtSection:
+    """The hypervisor connection."""
+
+    uri: str = _key("qemu:///system", "libvirt connection URI.", _not_empty)
+
+
+@attrs.frozen
+class TokensSection:
+    """Token lifetimes, trusted keys and single use (see docs/tokens.md)."""
+
+    default_ttl: int = _key(60, "Lifetime of an issued token when none is asked, in seconds.",
+                            _at_least(1))
+    max_ttl: int = _key(
+        300,
+        "Longest lifetime issued or accepted, in seconds; a token living longer is refused.",
+        _at_least(1),
+    )
+    leeway: int = _key(5, "Clock skew allowed on a token's nbf and exp, in seconds.", _at_least(0))
+    replay_cache_size: int = _key(
+        100_000,
+        "Used tokens remembered until they expire; when full of live tokens, new tokens "
+        "are refused.",
+        _at_least(1),
+    )
+    trust_local_key: bool = _key(
+        True, "Trust the state directory's own public key (tokens from the local CLI)."
+    )
+    public_keys: tuple[str, ...] = _key(
+        (),
+        "Further trusted public key files (PEM): a control plane's key, or the previous "
+        "key during a rotation.",
+        path=True,
+    )
+
+
+@attrs.frozen
+class LimitsSection:
+    """Session limits and timeouts (seconds; 0 where allowed means none)."""
+
+    max_sessions: int = _key(10_000, "Concurrent sessions on this broker.", _at_least(1))
+    max_sessions_per_domain: int = _key(16, "Concurrent sessions on one domain.", _at_least(1))
+    max_sessions_per_client: int = _key(
+        64, "Concurrent sessions from one client address.", _at_least(1)
+    )
+    handshake_timeout: float = _key(
+        10.0, "Time a client has to complete its handshake, in seconds.", _at_least(0.001)
+    )
+    idle_timeout: float = _key(
+        0.0, "Close a session idle (no bytes either way) this long, in seconds; 0: never.",
+        _at_least(0),
+    )
+    shutdown_grace: float = _key(
+        5.0, "On shutdown, time sessions get to close before they are cut, in seconds.",
+        _at_least(0),
+    )
+
+
+@attrs.frozen
+class LoggingSection:
+    """Structured logs (tokens and secrets never reach a log line)."""
+
+    format: str = _key("json", "'json' (one object per line) or 'console' (for humans).",
+                       _one_of("json", "console"))
+    level: str = _key(
+        "info", "Least severe level logged.", _one_of("debug", "info", "warning", "error")
+    )
+
+
+@attrs.frozen
+class Config:
+    """The whole configuration; every table has working defaults."""
+
+    broker: BrokerSection = attrs.field(factory=BrokerSection)
+    listen: ListenSection = attrs.field(factory=ListenSection)
+    tls: TLSSection = attrs.field(factory=TLSSection)
+    http: HTTPSection = attrs.field(factory=HTTPSection)
+    libvirt: LibvirtSection = attrs.field(factory=LibvirtSection)
+    tokens: TokensSection = attrs.field(factory=TokensSection)
+    limits: LimitsSection = attrs.field(factory=LimitsSection)
+    logging: LoggingSection = attrs.field(factory=LoggingSection)
+    #: The file it was read from (None: the embedded defaults).
+    source: Path | None = attrs.field(default=None, eq=False)
+
+    @property
+    def node_name(self) -> str:
+        return self.broker.node or socket.gethostname()
+
+    @property
+    def state_dir(self) -> Path:
+        return Path(self.broker.state_dir)
+
+    @property
+    def private_key_path(self) -> Path:
+        return self.state_dir / PRIVATE_KEY_NAME
+
+    @property
+    def public_key_paths(self) -> list[Path]:
+        """The trusted public key files, the local one first."""
+        local = [self.state_dir / PUBLIC_KEY_NAME] if self.tokens.trust_local_key else []
+        return [*local, *map(Path, self.tokens.public_keys)]
+
+    @property
+    def tls_enabled(self) -> bool:
+        return bool(self.tls.cert)
+
+    @property
+    def public_url(self) -> str:
+        """Where clients reach the broker (http/https), without a trailing slash."""
+        if self.broker.public_url:
+            return self.broker.public_url.rstrip("/")
+        host = self.listen.host
+        if host in ("0.0.0.0", "::"):  # noqa: S104 - naming the wildcard, not binding it
+            host = self.node_name
+        if ":" in host:
+            host = f"[{host}]"
+        scheme = "https" if self.tls_enabled else "http"
+        return f"{scheme}://{host}:{self.listen.port}"
+
+    @property
+    def ws_url(self) -> str:
+        """:attr:`public_url` with ws/wss for the scheme."""
+        scheme, rest = self.public_url.split("://", 1)
+        return f"{'wss' if scheme == 'https' else 'ws'}://{rest}"
+
+
+# --- schema walking ---------------------------------------------------------------------
+
+
+@attrs.frozen
+class KeySpec:
+    """One documented key: ``table.name``, its TOML type, default and text."""
+
+    table: str
+    name: str
+    type: type[Any]
+    default: Any
+    doc: str
+    check: Check | None
+    path: bool
+
+    @property
+    def dotted(self) -> str:
+        return f"{self.table}.{self.name}"
+
+
+def _tables() -> Iterator[tuple[str, type[Any]]]:
+    hints = typing.get_type_hints(Config)
+    for field in attrs.fields(Config):
+        if field.name != "source":
+            yield field.name, hints[field.name]
+
+
+def _key_type(annotation: Any) -> type[Any]:
+    if typing.get_origin(annotation) is tuple:
+        return tuple
+    assert isinstance(annotation, type), annotation
+    return annotation
+
+
+def key_specs() -> list[KeySpec]:
+    """Every key of the configuration, table by table, in file order."""
+    specs = []
+    for table, cls in _tables():
+        hints = typing.get_type_hints(cls)
+        for field in attrs.fields(cls):
+            specs.append(
+                KeySpec(
+                    table=table,
+                    name=field.name,
+                    type=_key_type(hints[field.name]),
+                    default=field.default,
+                    doc=field.metadata["doc"],
+                    check=field.metadata["check"],
+                    path=field.metadata["path"],
+                )
+            )
+    return specs
+
+
+_TYPE_NAMES = {
+    str: "a string",
+    int: "an integer",
+    float: "a number",
+    bool: "true or false",
+    tuple: "an array of strings",
+}
+
+
+def _typed(spec: KeySpec, value: Any) -> tuple[Any, str | None]:
+    """*value* converted to the key's Python type, or a problem."""
+    wanted = spec.type
+    if wanted is bool:
+        ok = isinstance(value, bool)
+    elif wanted is int:
+        ok = isinstance(value, int) and not isinstance(value, bool)
+    elif wanted is float:
+        ok = isinstance(value, int | float) and not isinstance(value, bool)
+        value = float(value) if ok else value
+    elif wanted is tuple:
+        ok = isinstance(value, list) and all(isinstance(item, str) for item in value)
+        value = tuple(value) if ok else value
+    else:
+        ok = isinstance(value, str)
+    if not ok:
+        return value, f"must be {_TYPE_NAMES[wanted]}, not {_toml_type_name(value)}"
+    return value, None
+
+
+def _toml_type_name(value: Any) -> str:
+    if isinstance(value, bool):
+        return "a boolean"
+    if isinstance(value, int):
+        return "an integer"
+    if isinstance(value, float):
+        return "a float"
+    if isinstance(value, str):
+        return "a string"
+    if isinstance(value, list):
+        return "an array" if all(isinstance(i, str) for i in value) else "an array of non-strings"
+    if isinstance(value, dict):
+        return "a table"
+    return f"a {type(value).__name__}"
+
+
+def _resolve_path(value: str, base: Path | None) -> str:
+    if not value or base is None or Path(value).is_absolute():
+        return value
+    return str(base / value)
+
+
+def config_from_dict(data: dict[str, Any], source: Path | None = None) -> Config:
+    """Build a :class:`Config` from parsed TOML; :class:`ConfigError` lists every problem."""
+    where = str(source) if source is not None else "<config>"
+    base = source.absolute().parent if source is not None else None
+    problems: list[str] = []
+    specs: dict[str, dict[str, KeySpec]] = {}
+    for spec in key_specs():
+        specs.setdefault(spec.table, {})[spec.name] = spec
+    sections: dict[str, Any] = {}
+    for table, value in data.items():
+        if table not in specs:
+            problems.append(
+                f"{where}: {table}: unknown key (tables: {', '.join(specs)})"
+            )
+            continue
+        if not isinstance(value, dict):
+            problems.append(f"{where}: {table}: must be a table ([{table}]), not "
+                            f"{_toml_type_name(value)}")
+            continue
+        kwargs: dict[str, Any] = {}
+        for name, raw in value.items():
+            found = specs[table].get(name)
+            if found is None:
+                problems.append(
+                    f"{where}: {table}.{name}: unknown key "
+                    f"({table} has: {', '.join(specs[table])})"
+                )
+                continue
+            spec = found
+            converted, problem = _typed(spec, raw)
+            if problem is None and spec.check is not None:
+                problem = spec.check(converted)
+            if problem is not None:
+                problems.append(f"{where}: {spec.dotted}: {problem}")
+                continue
+            if spec.path:
+                converted = (
+                    tuple(_resolve_path(p, base) for p in converted)
+                    if isinstance(converted, tuple)
+                    else _resolve_path(converted, base)
+                )
+            kwargs[name] = converted
+        sections[table] = kwargs
+    if problems:
+        raise ConfigError(problems)
+    config = Config(
+        **{table: cls(**sections.get(table, {})) for table, cls in _tables()},
+        source=source,
+    )
+    problems = [f"{where}: {problem}" for problem in _cross_checks(config)]
+    if problems:
+        raise ConfigError(problems)
+    return config
+
+
+def _cross_checks(config: Config) -> list[str]:
+    """Problems involving several keys, each naming them."""
+    problems = []
+    if bool(config.tls.cert) != bool(config.tls.key):
+        problems.append("tls.cert, tls.key: set both (TLS) or neither (plain HTTP)")
+    if config.tokens.default_ttl > config.tokens.max_ttl:
+        problems.append(
+            f"tokens.default_ttl: {config.tokens.default_ttl} exceeds "
+            f"tokens.max_ttl ({config.tokens.max_ttl})"
+        )
+    if not config.tokens.trust_local_key and not config.tokens.public_keys:
+        problems.append(
+            "tokens.trust_local_key, tokens.public_keys: no public key is trusted; "
+            "every token would be refused"
+        )
+    return problems
+
+
+def find_config(path: Path | None) -> Path | None:
+    """The file to read: *path*, else ``$CONSOLE_BROKER_CONFIG``, else the default if present."""
+    if path is not None:
+        return path
+    env = os.environ.get(CONFIG_ENV)
+    if env:
+        return Path(env)
+    return DEFAULT_CONFIG_PATH if DEFAULT_CONFIG_PATH.exists() else None
+
+
+def load_config(path: Path | None) -> Config:
+    """Read the configuration file at *path*; None: the embedded defaults."""
+    if path is None:
+        return Config()
+    try:
+        text = path.read_bytes().decode("utf-8")
+    except OSError as exc:
+        raise ConfigError([f"{path}: cannot read the configuration: {exc.strerror}"]) from None
+    except UnicodeDecodeError:
+        raise ConfigError([f"{path}: not UTF-8 text"]) from None
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError([f"{path}: not valid TOML: {exc}"]) from None
+    return config_from_dict(data, source=path)
+
+
+# --- rendering --------------------------------------------------------------------------
+
+
+def _toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int | float):
+        return repr(value)
+    if isinstance(value, str):
+        # A TOML basic string: JSON's escapes are a subset of TOML's.
+        return json.dumps(value, ensure_ascii=False)
+    if isinstance(value, tuple | list):
+        return "[" + ", ".join(_toml_value(item) for item in value) + "]"
+    raise TypeError(f"no TOML form for {value!r}")
+
+
+def _wrap(text: str, prefix: str, width: int = 88) -> list[str]:
+    lines: list[str] = []
+    current = prefix
+    for word in text.split():
+        if current != prefix and len(current) + 1 + len(word) > width:
+            lines.append(current)
+            current = prefix
+        current = f"{current}{word}" if current == prefix else f"{current} {word}"
+    lines.append(current)
+    return lines
+
+
+def render_defaults() -> str:
+    """The fully documented default configuration, as TOML that loads to ``Config()``."""
+    out = [
+        "# console-broker configuration (every key shown with its default).",
+        "# Unknown keys and wrong types are errors. Relative paths are taken relative",
+        "# to this file's directory.",
+    ]
+    tables = dict(_tables())
+    current = None
+    for spec in key_specs():
+        if spec.table != current:
+            current = spec.table
+            out.append("")
+            out.extend(_wrap(tables[spec.table].__doc__ or "", "# "))
+            out.append(f"[{spec.table}]")
+        out.extend(_wrap(spec.doc, "# "))
+        out.append(f"{spec.name} = {_toml_value(spec.default)}")
+    return "\n".join(out) + "\n"
+
+
+def render_markdown() -> str:
+    """The reference table of every key, for docs/config.md."""
+    out = ["| key | type | default | meaning |", "| --- | --- | --- | --- |"]
+    for spec in key_specs():
+        kind = "array of strings" if spec.type is tuple else {
+            str: "string", int: "integer", float: "number", bool: "boolean"
+        }[spec.type]
+        default = _toml_value(spec.default).replace("|", "\\|")
+        doc = spec.doc.replace("|", "\\|")
+        out.append(f"| `{spec.dotted}` | {kind} | `{default}` | {doc} |")
+    return "\n".join(out) + "\n"

@@ -1,0 +1,304 @@
+"""The ``keygen``, ``config`` and ``token`` commands.
+
+``token`` resolves a domain through libvirt (:func:`resolve_domain`), checks
+that a loaded plugin serves the protocol, signs a token with the state
+directory's key and prints the console URLs (the contract in docs/tokens.md).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import uuid
+from collections.abc import Callable
+from datetime import datetime
+from pathlib import Path
+from typing import TypeAlias
+from urllib.parse import urlencode
+
+import attrs
+import structlog
+
+from broker.cli import EXIT_USAGE, CommandError
+from broker.config import (
+    Config,
+    ConfigError,
+    find_config,
+    load_config,
+    render_defaults,
+    render_markdown,
+)
+from broker.keys import KeyFileError, generate_keypair, load_private_key, load_public_keys
+from broker.plugins import PluginManager
+from broker.tokens import IssuedToken, TokenIssuer
+
+#: What each ``register`` function is given (a string: the class is generic only to mypy).
+Subparsers: TypeAlias = "argparse._SubParsersAction[argparse.ArgumentParser]"
+
+
+@attrs.frozen
+class DomainRef:
+    """A domain as the token command names it: its UUID, and its name when known."""
+
+    uuid: str
+    name: str | None = None
+
+
+def resolve_domain(uri: str, domain: str) -> DomainRef:
+    """Look *domain* (a name or a UUID) up through libvirt at *uri*.
+
+    A UUID is tried as a UUID first, then as a name (libvirt allows names that
+    look like UUIDs).
+    """
+    import libvirt
+
+    libvirt.registerErrorHandler(lambda _ctx, _err: None, None)  # errors are raised, not printed
+    try:
+        conn = libvirt.open(uri)
+    except libvirt.libvirtError as exc:
+        raise CommandError(f"cannot reach libvirt at {uri}: {exc.get_error_message()}") from None
+    try:
+        lookups = [conn.lookupByName]
+        try:
+            uuid.UUID(domain)
+        except ValueError:
+            pass
+        else:
+            lookups.insert(0, conn.lookupByUUIDString)
+        for lookup in lookups:
+            try:
+                found = lookup(domain)
+            except libvirt.libvirtError as exc:
+                if exc.get_error_code() != libvirt.VIR_ERR_NO_DOMAIN:
+                    raise CommandError(
+                        f"looking up domain {domain!r} at {uri} failed: {exc.get_error_message()}"
+                    ) from None
+                continue
+            return DomainRef(uuid=found.UUIDString(), name=found.name())
+        raise CommandError(f"no domain {domain!r} at {uri}")
+    finally:
+        conn.close()
+
+
+def uuid_only(domain: str) -> DomainRef:
+    """*domain* taken as a UUID without asking libvirt (``--uuid``)."""
+    try:
+        return DomainRef(uuid=str(uuid.UUID(domain)))
+    except ValueError:
+        raise CommandError(f"{domain!r} is not a UUID (--uuid takes a domain UUID)",
+                           EXIT_USAGE) from None
+
+
+class _Stderr:
+    """Writes to whatever ``sys.stderr`` is at the time (it may be swapped, e.g. by tests)."""
+
+    def write(self, text: str) -> int:
+        return sys.stderr.write(text)
+
+    def flush(self) -> None:
+        sys.stderr.flush()
+
+
+def _log_to_stderr() -> None:
+    """Send log lines (``token.issued``) to stderr, keeping stdout for the command's output.
+
+    Only when nothing configured structlog before (a service sets its own).
+    """
+    if not structlog.is_configured():
+        structlog.configure(logger_factory=structlog.PrintLoggerFactory(file=_Stderr()))  # type: ignore[arg-type]
+
+
+def _config(args: argparse.Namespace) -> Config:
+    try:
+        return load_config(find_config(args.config))
+    except ConfigError as exc:
+        raise CommandError(str(exc)) from None
+
+
+def _iso(moment: datetime) -> str:
+    return moment.isoformat().replace("+00:00", "Z")
+
+
+@attrs.frozen
+class ConsoleLinks:
+    """The URLs a client opens with a token (the contract in docs/tokens.md)."""
+
+    page: str = attrs.field(repr=False)
+    websocket: str = attrs.field(repr=False)
+
+
+def console_links(config: Config, issued: IssuedToken) -> ConsoleLinks:
+    protocol = issued.claims.protocol
+    query = urlencode({"token": issued.token})
+    return ConsoleLinks(
+        page=f"{config.public_url}/console/{protocol}/?{query}",
+        websocket=f"{config.ws_url}/ws/{protocol}?{query}",
+    )
+
+
+# --- token ------------------------------------------------------------------------------
+
+
+def _token_command(args: argparse.Namespace) -> int:
+    _log_to_stderr()
+    config = _config(args)
+    PluginManager().plugin_for(args.protocol)  # PluginError names the loaded protocols
+    ttl = config.tokens.default_ttl if args.ttl is None else args.ttl
+    if not 1 <= ttl <= config.tokens.max_ttl:
+        raise CommandError(
+            f"--ttl must be between 1 and tokens.max_ttl ({config.tokens.max_ttl}) seconds",
+            EXIT_USAGE,
+        )
+    try:
+        private_key = load_private_key(config.private_key_path)
+    except KeyFileError as exc:
+        hint = "; run 'console-broker keygen' first" if not config.private_key_path.exists() else ""
+        raise CommandError(f"{exc}{hint}") from None
+    if args.uuid:
+        domain = uuid_only(args.domain)
+    else:
+        domain = resolve_domain(args.connect or config.libvirt.uri, args.domain)
+    issuer = TokenIssuer(private_key, config.node_name)
+    issued = issuer.issue(domain.uuid, args.protocol, ttl=ttl, view_only=args.view_only)
+    links = console_links(config, issued)
+    if args.json:
+        doc = {
+            "page": links.page,
+            "websocket": links.websocket,
+            "token": issued.token,
+            "expires_at": _iso(issued.expires_at),
+            "protocol": issued.claims.protocol,
+            "domain": {"name": domain.name, "uuid": domain.uuid},
+            "node": issued.claims.node,
+            "view_only": issued.claims.view_only,
+            "jti": issued.claims.jti,
+        }
+        json.dump(doc, sys.stdout, indent=2)
+        sys.stdout.write("\n")
+        return 0
+    label = f"{domain.name} ({domain.uuid})" if domain.name else domain.uuid
+    rights = "view only" if issued.claims.view_only else "full control"
+    print(f"domain:    {label}")
+    print(f"protocol:  {issued.claims.protocol} ({rights}), node {issued.claims.node}")
+    print(f"expires:   {_iso(issued.expires_at)} (in {ttl} s, single use)")
+    print(f"page:      {links.page}")
+    print(f"websocket: {links.websocket}")
+    return 0
+
+
+def _add_config_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--config",
+        type=Path,
+        metavar="FILE",
+        help="configuration file (default: $CONSOLE_BROKER_CONFIG, else "
+        "/etc/console-broker/broker.toml if it exists, else the built-in defaults)",
+    )
+
+
+def register_token(subparsers: Subparsers) -> None:
+    parser = subparsers.add_parser(
+        "token",
+        help="issue a console token for a domain and print its URLs",
+        description=(
+            "Sign a short-lived, single-use token for one domain and protocol with the "
+            "state directory's key, and print the console page URL and the WebSocket URL "
+            "(see docs/tokens.md)."
+        ),
+    )
+    parser.add_argument("domain", metavar="DOMAIN", help="domain name or UUID")
+    parser.add_argument("--protocol", "-p", required=True, help="protocol, e.g. vnc, spice, serial")
+    parser.add_argument("--ttl", type=int, metavar="S", help="lifetime in seconds "
+                        "(default: tokens.default_ttl)")
+    parser.add_argument("--view-only", action="store_true", help="grant view-only rights")
+    parser.add_argument("--json", action="store_true", help="print a JSON object instead")
+    _add_config_option(parser)
+    parser.add_argument("--connect", "-c", metavar="URI", help="libvirt URI (default: libvirt.uri)")
+    parser.add_argument(
+        "--uuid",
+        action="store_true",
+        help="DOMAIN is a UUID: issue without asking libvirt (for issuers off the hypervisor)",
+    )
+    parser.set_defaults(func=_token_command)
+
+
+# --- keygen -----------------------------------------------------------------------------
+
+
+def _keygen_command(args: argparse.Namespace) -> int:
+    state_dir = args.state_dir if args.state_dir is not None else _config(args).state_dir
+    try:
+        files = generate_keypair(state_dir, force=args.force)
+    except KeyFileError as exc:
+        raise CommandError(str(exc)) from None
+    except OSError as exc:
+        raise CommandError(f"{state_dir}: cannot write the key pair: {exc.strerror}") from None
+    print(f"public key:  {files.public_key}")
+    print(f"fingerprint: {files.fingerprint}")
+    if files.previous_public_key is not None:
+        print(
+            f"previous public key kept in {files.previous_public_key}: list it in "
+            "tokens.public_keys while tokens it signed may live (see docs/tokens.md)"
+        )
+    return 0
+
+
+def register_keygen(subparsers: Subparsers) -> None:
+    parser = subparsers.add_parser(
+        "keygen",
+        help="create the token signing key pair",
+        description=(
+            "Create an Ed25519 key pair in the state directory: the private key (0600) signs "
+            "tokens, the public key verifies them. An existing key is kept unless --force."
+        ),
+    )
+    parser.add_argument("--state-dir", type=Path, metavar="DIR",
+                        help="directory for the key pair (default: broker.state_dir)")
+    parser.add_argument("--force", action="store_true",
+                        help="replace an existing key (its public key is kept as the previous)")
+    _add_config_option(parser)
+    parser.set_defaults(func=_keygen_command)
+
+
+# --- config -----------------------------------------------------------------------------
+
+
+def _config_command(args: argparse.Namespace) -> int:
+    if args.defaults:
+        sys.stdout.write(render_markdown() if args.format == "markdown" else render_defaults())
+        return 0
+    path = find_config(args.check)
+    config = _config(argparse.Namespace(config=path))
+    try:
+        load_public_keys(Path(p) for p in config.tokens.public_keys)
+    except KeyFileError as exc:
+        raise CommandError(f"tokens.public_keys: {exc}") from None
+    for name in ("cert", "key"):
+        value = getattr(config.tls, name)
+        if value and not Path(value).is_file():
+            raise CommandError(f"tls.{name}: {value}: no such file")
+    print(f"{path if path is not None else 'built-in defaults'}: ok")
+    return 0
+
+
+def register_config(subparsers: Subparsers) -> None:
+    parser = subparsers.add_parser(
+        "config",
+        help="print the documented defaults, or check a configuration file",
+        description=(
+            "--defaults prints every configuration key with its default and meaning, as "
+            "TOML to start a file from. --check reads a file (default: as the broker would "
+            "find it) and reports every unknown key, wrong type or bad value."
+        ),
+    )
+    action = parser.add_mutually_exclusive_group(required=True)
+    action.add_argument("--defaults", action="store_true", help="print the default configuration")
+    action.add_argument("--check", nargs="?", const=None, default=False, type=Path,
+                        metavar="FILE", help="check FILE (default: the file the broker reads)")
+    parser.add_argument("--format", choices=("toml", "markdown"), default="toml",
+                        help="with --defaults: TOML, or the reference table of docs/config.md")
+    parser.set_defaults(func=_config_command)
+
+
+REGISTRARS: list[Callable[[Subparsers], None]] = [register_keygen, register_config, register_token]
