@@ -437,8 +437,9 @@ class TokenVerifier:
     ) -> Claims:
         """Verify *token* and return its claims, or raise a :class:`TokenRefused`.
 
-        *protocol*, *node* and *domain* (a UUID), when given, must match the
-        claims. With *consume* (the default) the token is used up.
+        *protocol*, *node* and *domain* (a UUID, in any case; ValueError if it is
+        not one), when given, must match the claims. With *consume* (the default)
+        the token is used up.
 
         Sessions of several connections (SPICE channels): pass ``consume=False``
         to check a token without using it up. The caller then owns single use:
