@@ -63,12 +63,14 @@ class PluginManager:
         if load_entrypoints:
             try:
                 self._pm.load_setuptools_entrypoints(PROJECT_NAME)
+            except pluggy.PluginValidationError as exc:
+                raise PluginError(str(exc)) from exc
             except Exception as exc:
                 raise PluginError(f"loading the {PROJECT_NAME!r} entry points failed: {exc}") from exc
-        for name, plugin in plugins:
-            if name not in self.disabled:
-                self._pm.register(plugin, name=name)
         try:
+            for name, plugin in plugins:
+                if name not in self.disabled:
+                    self._pm.register(plugin, name=name)
             self._pm.check_pending()
         except pluggy.PluginValidationError as exc:
             raise PluginError(str(exc)) from exc

@@ -1,0 +1,36 @@
+"""Shared fixtures: the real stack (libvirtd + QEMU + the tiny guest).
+
+Tests that need it use the ``testbed`` fixture (or one built on it) and carry
+the ``vm`` marker. Without the test bed they are skipped on a developer
+machine, but when ``CI`` is set a missing test bed is an error: CI must never
+pass by skipping the real stack.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+
+import pytest
+
+from broker.testbed import Testbed, TestbedError
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        uses_testbed = "testbed" in getattr(item, "fixturenames", ())
+        if uses_testbed and item.get_closest_marker("vm") is None:
+            raise pytest.UsageError(f"{item.nodeid} uses the test bed: mark it with @pytest.mark.vm")
+
+
+@pytest.fixture(scope="session")
+def testbed() -> Iterator[Testbed]:
+    """The test bed, brought up once per session; its domains are removed after."""
+    try:
+        bed = Testbed()
+    except TestbedError as exc:
+        if os.environ.get("CI"):
+            pytest.fail(f"the test bed is required when CI is set: {exc}", pytrace=False)
+        pytest.skip(f"no test bed here ({exc})")
+    yield bed
+    bed.close()

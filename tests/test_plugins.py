@@ -1,0 +1,130 @@
+"""The plugin system: entry-point loading, the disable variable, validation."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from broker import Protocol, hookimpl
+from broker.cli import main
+from broker.plugins import DISABLE_ENV, PluginError, PluginManager, disabled_from_env
+
+EXAMPLE = Path(__file__).parent / "plugin_example"
+CLI = [sys.executable, "-m", "broker.cli"]
+
+
+def test_builtin_plugins_load_through_entry_points() -> None:
+    manager = PluginManager(disabled=())
+    infos = {info.name: info for info in manager.plugin_infos()}
+    for name in ("vnc", "spice", "serial"):
+        assert infos[name].distribution == "console-broker"
+        assert [p.name for p in infos[name].protocols] == [name]
+        assert manager.plugin_for(name) == name
+
+
+def test_plugins_command_lists_builtins(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["plugins", "--json"]) == 0
+    listed = {entry["name"]: entry for entry in json.loads(capsys.readouterr().out)}
+    assert {"vnc", "spice", "serial"} <= set(listed)
+    assert listed["spice"]["protocols"][0]["name"] == "spice"
+
+
+def test_disable_variable_blocks_a_plugin(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv(DISABLE_ENV, " spice ,, serial")
+    assert disabled_from_env() == {"spice", "serial"}
+    manager = PluginManager()
+    assert set(manager.protocols) == {"vnc"}
+    with pytest.raises(PluginError, match="no loaded plugin serves protocol 'spice'"):
+        manager.plugin_for("spice")
+
+
+class _Duplicate:
+    @hookimpl
+    def console_broker_protocols(self) -> list[Protocol]:
+        return [Protocol(name="vnc", title="another VNC")]
+
+
+class _WrongReturn:
+    @hookimpl
+    def console_broker_protocols(self) -> object:
+        return "vnc"
+
+
+class _UnknownHook:
+    @hookimpl
+    def console_broker_no_such_hook(self) -> None:
+        pass
+
+
+class _WrongArguments:
+    @hookimpl
+    def console_broker_protocols(self, surprise: int) -> list[Protocol]:
+        return []
+
+
+@pytest.mark.parametrize(
+    ("plugin", "message"),
+    [
+        (_Duplicate(), "protocol 'vnc' is declared by both 'vnc' and 'bad'"),
+        (_WrongReturn(), "must return a list of broker.Protocol"),
+        (_UnknownHook(), "unknown hook 'console_broker_no_such_hook'"),
+        (_WrongArguments(), "surprise"),
+    ],
+)
+def test_a_plugin_breaking_the_contract_is_refused(plugin: object, message: str) -> None:
+    with pytest.raises(PluginError, match=message):
+        PluginManager(disabled=(), plugins=[("bad", plugin)])
+
+
+@pytest.mark.parametrize("name", ["", "VNC", "v nc", "vnc/2", "vnc\u00e9"])
+def test_protocol_names_are_checked(name: str) -> None:
+    with pytest.raises(ValueError, match="protocol name"):
+        Protocol(name=name, title="x")
+
+
+@pytest.fixture(scope="module")
+def example_installed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+    """Install the third-party example distribution into this environment."""
+    source = tmp_path_factory.mktemp("example") / "plugin_example"
+    shutil.copytree(EXAMPLE, source)  # the build leaves its output beside the sources
+    pip = [sys.executable, "-m", "pip", "--disable-pip-version-check", "-q"]
+    subprocess.run([*pip, "install", "--no-deps", str(source)], check=True, capture_output=True)
+    try:
+        yield
+    finally:
+        subprocess.run([*pip, "uninstall", "-y", "console-broker-example-plugin"], check=True)
+
+
+def _plugins_json(env: dict[str, str]) -> dict[str, dict[str, object]]:
+    out = subprocess.run([*CLI, "plugins", "--json"], env=env, check=True, capture_output=True, text=True)
+    return {entry["name"]: entry for entry in json.loads(out.stdout)}
+
+
+def test_third_party_distribution_is_listed_called_and_disabled(example_installed: None) -> None:
+    env = {k: v for k, v in os.environ.items() if k != DISABLE_ENV}
+    listed = _plugins_json(env)
+    assert listed["example"]["distribution"] == "console-broker-example-plugin"
+    assert listed["example"]["version"] == "1.2.3"
+    # The protocol list comes from calling the plugin's hook.
+    assert listed["example"]["protocols"] == [
+        {
+            "name": "raw",
+            "title": "Raw bytes",
+            "description": "The console's bytes as they are, for scripts and tests.",
+        }
+    ]
+    assert {"vnc", "spice", "serial"} <= set(listed)
+
+    text = subprocess.run([*CLI, "plugins"], env=env, check=True, capture_output=True, text=True)
+    assert "example" in text.stdout and "protocols: raw" in text.stdout
+
+    disabled = _plugins_json({**env, DISABLE_ENV: "example"})
+    assert "example" not in disabled
+    assert {"vnc", "spice", "serial"} <= set(disabled)
