@@ -15,8 +15,13 @@ a section per hook with a worked example.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import attrs
 import pluggy
+
+if TYPE_CHECKING:
+    from broker.xml import ConsoleEdit, EditOptions
 
 #: The pluggy project name and the entry-point group plugins register under.
 PROJECT_NAME = "console_broker"
@@ -55,4 +60,24 @@ def console_broker_protocols() -> list[Protocol]:  # type: ignore[empty-body]
     Called once when the plugins are loaded. Return a list of
     :class:`Protocol` (an empty list is allowed). All results are collected;
     two plugins declaring the same protocol name is a load error.
+    """
+
+
+@hookspec(firstresult=True)
+def console_broker_xml_edit(protocol: str, options: EditOptions) -> ConsoleEdit | None:
+    """Say how to provision *protocol* in a libvirt domain XML.
+
+    Called by ``console-broker xml enable`` (and ``enable DOMAIN``, the
+    libvirt hook) once per protocol asked for, and by ``disable`` to find
+    what to undo. Return None for protocols the plugin does not serve; the
+    first non-None result wins.
+
+    :param protocol: the protocol name, as declared by ``console_broker_protocols``.
+    :param options: a :class:`broker.xml.EditOptions`: the mode (``fd``,
+        ``tcp``, ``websocket``), listen address, TLS, USB redirection count
+        and free-form ``--param NAME=VALUE`` settings.
+    :return: a :class:`broker.xml.ConsoleEdit`: the mode actually provisioned,
+        the :class:`broker.xml.Slot` list (each owns some children of
+        ``<devices>`` and builds what they should become), the device the
+        broker will open, settings to record, notes for the operator.
     """

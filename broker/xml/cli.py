@@ -1,8 +1,465 @@
-"""The ``xml``, ``enable`` and ``disable`` commands."""
+"""The ``xml``, ``enable``, ``disable`` and ``libvirt-hook`` commands.
+
+Exit status: 0 done (or, with ``--check``, nothing to do); 1 ``--check``
+found changes to make; 2 the input, the plugins or libvirt refused.
+"""
 
 from __future__ import annotations
 
 import argparse
-from collections.abc import Callable
+import json
+import sys
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, Any
 
-REGISTRARS: list[Callable[[argparse._SubParsersAction[argparse.ArgumentParser]], None]] = []
+from broker.xml import _io
+from broker.xml._errors import XmlError
+from broker.xml._hook import POLICY_PATH, run_hook
+from broker.xml._libvirt import DEFAULT_URI, edit_domain
+from broker.xml._metadata import read_consoles
+from broker.xml._model import DEFAULT_LISTEN, MAX_USBREDIR, MODES, EditOptions
+from broker.xml._ops import Outcome, disable_xml, enable_xml
+from broker.xml._source import parse_document
+
+if TYPE_CHECKING:
+    from broker.plugins import PluginManager
+
+    Subparsers = argparse._SubParsersAction[argparse.ArgumentParser]
+
+#: Exit status of ``--check`` when the domain needs changes.
+EXIT_CHANGES = 1
+#: Exit status when the input, a plugin or libvirt refused.
+EXIT_ERROR = 2
+
+
+def _error(message: str) -> Exception:
+    from broker.cli import CommandError  # lazily: broker.cli imports this module
+
+    return CommandError(message, status=EXIT_ERROR)
+
+
+def _manager() -> PluginManager:
+    """The plugin manager the commands use (tests replace it)."""
+    from broker.plugins import PluginManager
+
+    return PluginManager()
+
+
+def _run(action: Callable[[], int]) -> int:
+    """Run a command body, turning the package's errors into one-line command errors."""
+    from broker.plugins import PluginError
+
+    try:
+        return action()
+    except (XmlError, PluginError, ValueError) as exc:
+        raise _error(str(exc)) from None
+
+
+def _consoles(value: str) -> list[str]:
+    names = [part.strip() for part in value.split(",") if part.strip()]
+    if not names:
+        raise argparse.ArgumentTypeError("expected a comma-separated list such as vnc,serial")
+    return names
+
+
+def _param(value: str) -> tuple[str, str]:
+    name, sep, setting = value.partition("=")
+    if not sep or not name:
+        raise argparse.ArgumentTypeError(f"expected NAME=VALUE, got {value!r}")
+    return name, setting
+
+
+def _usbredir(value: str) -> int:
+    try:
+        count = int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {value!r}") from None
+    if not 0 <= count <= MAX_USBREDIR:
+        raise argparse.ArgumentTypeError(f"must be between 0 and {MAX_USBREDIR}")
+    return count
+
+
+def _options(args: argparse.Namespace) -> EditOptions:
+    try:
+        return EditOptions(
+            mode=args.mode,
+            listen=args.listen,
+            tls=args.spice_tls,
+            usbredir=args.usbredir,
+            params=dict(args.param),
+        )
+    except ValueError as exc:
+        raise _error(str(exc)) from None
+
+
+def _notes(notes: Sequence[str]) -> None:
+    for note in notes:
+        print(f"console-broker: note: {note}", file=sys.stderr)
+
+
+# -- xml enable / disable / show ---------------------------------------------
+
+
+def _emit(args: argparse.Namespace, outcome: Outcome) -> int:
+    _notes(outcome.notes)
+    name = "<stdin>" if args.file == _io.STDIN else args.file
+    if args.check:
+        if outcome.changed:
+            print(f"{name}: needs changes", file=sys.stderr)
+            return EXIT_CHANGES
+        return 0
+    if args.diff:
+        sys.stdout.write(_io.unified_diff(outcome.before, outcome.after, outcome.encoding, name))
+        return 0
+    if args.in_place:
+        if outcome.changed:
+            _io.write_atomic(args.file, outcome.after)
+            print(f"{name}: updated", file=sys.stderr)
+        else:
+            print(f"{name}: already up to date", file=sys.stderr)
+        return 0
+    sys.stdout.buffer.write(outcome.after)
+    sys.stdout.flush()
+    return 0
+
+
+def _check_in_place(args: argparse.Namespace) -> None:
+    if args.in_place and args.file == _io.STDIN:
+        raise _error("--in-place needs a FILE, not standard input")
+
+
+def _xml_enable(args: argparse.Namespace) -> int:
+    _check_in_place(args)
+    options = _options(args)
+
+    def body() -> int:
+        data = _io.read_input(args.file)
+        outcome = enable_xml(
+            data, args.consoles, options, manager=_manager(), validate=not args.no_validate
+        )
+        return _emit(args, outcome)
+
+    return _run(body)
+
+
+def _xml_disable(args: argparse.Namespace) -> int:
+    _check_in_place(args)
+
+    def body() -> int:
+        data = _io.read_input(args.file)
+        outcome = disable_xml(
+            data, args.consoles, manager=_manager(), validate=not args.no_validate
+        )
+        return _emit(args, outcome)
+
+    return _run(body)
+
+
+def _xml_show(args: argparse.Namespace) -> int:
+    def body() -> int:
+        records = read_consoles(parse_document(_io.read_input(args.file)))
+        if args.json:
+            json.dump({p: r.to_json() for p, r in records.items()}, sys.stdout, indent=2)
+            sys.stdout.write("\n")
+            return 0
+        if not records:
+            print("no consoles recorded")
+        for protocol, record in records.items():
+            if record.device is None:
+                device = "no device"
+            elif record.index is None:
+                device = f"device {record.device} (not present)"
+            else:
+                device = f"device {record.device.tag}[{record.index}] (type {record.device.type})"
+            settings = "".join(f", {k}={v}" for k, v in record.settings.items())
+            restores = ", ".join(record.slots) or "nothing"
+            print(
+                f"{protocol}: mode {record.mode}, {device}{settings}; disable restores: {restores}"
+            )
+        return 0
+
+    return _run(body)
+
+
+def _add_file(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "file",
+        nargs="?",
+        default=_io.STDIN,
+        metavar="FILE",
+        help="the domain XML to read; '-' or nothing reads standard input",
+    )
+
+
+def _add_output(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_mutually_exclusive_group()
+    group.add_argument(
+        "--diff", action="store_true", help="print a unified diff instead of the edited XML"
+    )
+    group.add_argument(
+        "--check",
+        action="store_true",
+        help="print nothing; exit 1 if the XML needs changes, 0 if it already is as asked",
+    )
+    group.add_argument(
+        "-i",
+        "--in-place",
+        action="store_true",
+        help="rewrite FILE (atomically, keeping its permissions) instead of printing",
+    )
+    parser.add_argument(
+        "--no-validate",
+        action="store_true",
+        help="skip the check against libvirt's RelaxNG schema (domain.rng)",
+    )
+
+
+def _add_edit_options(parser: argparse.ArgumentParser, *, required: bool = True) -> None:
+    parser.add_argument(
+        "--consoles",
+        type=_consoles,
+        required=required,
+        metavar="LIST",
+        help="comma-separated console protocols, e.g. vnc,spice,serial "
+        "('console-broker plugins' lists them)",
+    )
+    parser.add_argument(
+        "--mode",
+        choices=MODES,
+        default="fd",
+        help="how graphical consoles are reached: fd (default: no listening port at all, "
+        "the broker asks libvirt for a socket), tcp (an automatic port on --listen), "
+        "websocket (tcp plus QEMU's VNC WebSocket; SPICE has none and uses tcp)",
+    )
+    parser.add_argument(
+        "--listen",
+        metavar="ADDR",
+        help=f"the IP address tcp/websocket listen on (default {DEFAULT_LISTEN}; "
+        "0.0.0.0 or :: expose the console to the network)",
+    )
+    parser.add_argument(
+        "--spice-tls",
+        action="store_true",
+        help="make SPICE channels secure by default (defaultMode='secure'); the host needs "
+        "spice_tls = 1 and certificates in qemu.conf",
+    )
+    parser.add_argument(
+        "--usbredir",
+        type=_usbredir,
+        default=2,
+        metavar="N",
+        help="SPICE USB redirection channels to have at least (default 2; 0 adds none)",
+    )
+    parser.add_argument(
+        "--param",
+        type=_param,
+        action="append",
+        default=[],
+        metavar="NAME=VALUE",
+        help="a setting for a third-party plugin (repeatable)",
+    )
+
+
+def _register_xml(subparsers: Subparsers) -> None:
+    parser = subparsers.add_parser(
+        "xml",
+        help="edit domain XML files or pipes: enable/disable consoles, show what is enabled",
+        description=(
+            "Edit libvirt domain XML without libvirt: from a file or standard input to "
+            "standard output, e.g. virt-install --print-xml ... | console-broker xml enable "
+            "--consoles vnc,serial | virsh define /dev/stdin. Everything the edit does not "
+            "concern is kept byte for byte; the result validates against libvirt's schema."
+        ),
+    )
+    commands = parser.add_subparsers(title="xml commands", metavar="COMMAND", required=True)
+
+    enable = commands.add_parser(
+        "enable",
+        help="add the consoles asked for (idempotent)",
+        description=(
+            "Make a domain console-ready: each protocol's plugin edits its devices, what "
+            "they replace is kept in <metadata> so 'disable' can restore it exactly. "
+            "Running it again changes nothing."
+        ),
+    )
+    _add_edit_options(enable)
+    _add_output(enable)
+    _add_file(enable)
+    enable.set_defaults(func=_xml_enable)
+
+    disable = commands.add_parser(
+        "disable",
+        help="undo 'enable', restoring the devices as they were",
+        description=(
+            "Remove what 'enable' added and put back what it replaced, as recorded in the "
+            "domain's <metadata>. Without --consoles, every recorded console is disabled."
+        ),
+    )
+    disable.add_argument(
+        "--consoles",
+        type=_consoles,
+        metavar="LIST",
+        help="only these protocols (default: everything the metadata records)",
+    )
+    _add_output(disable)
+    _add_file(disable)
+    disable.set_defaults(func=_xml_disable)
+
+    show = commands.add_parser(
+        "show",
+        help="print the consoles a domain XML records (protocol, mode, device)",
+        description="Print what console-broker recorded in a domain's <metadata>.",
+    )
+    show.add_argument("--json", action="store_true", help="print a JSON object instead")
+    _add_file(show)
+    show.set_defaults(func=_xml_show)
+
+
+# -- enable / disable DOMAIN -------------------------------------------------
+
+
+def _report(args: argparse.Namespace, result: Any, verb: str) -> int:
+    outcome: Outcome = result.outcome
+    _notes(outcome.notes)
+    if args.dry_run:
+        sys.stdout.write(_io.unified_diff(outcome.before, outcome.after, "UTF-8", result.name))
+    elif result.defined:
+        print(f"{result.name}: {verb}; the definition was updated")
+    else:
+        print(f"{result.name}: nothing to change")
+    if result.restart_pending:
+        print(
+            f"{result.name} is running: the change takes effect when it is next started "
+            "(shut it down and start it; a reboot inside the guest is not enough)"
+        )
+    return 0
+
+
+def _domain_enable(args: argparse.Namespace) -> int:
+    options = _options(args)
+
+    def body() -> int:
+        manager = _manager()
+
+        def edit(data: bytes) -> Outcome:
+            return enable_xml(data, args.consoles, options, manager=manager)
+
+        result = edit_domain(args.connect, args.domain, edit, dry_run=args.dry_run)
+        return _report(args, result, f"enabled {','.join(args.consoles)} ({options.mode})")
+
+    return _run(body)
+
+
+def _domain_disable(args: argparse.Namespace) -> int:
+    def body() -> int:
+        manager = _manager()
+
+        def edit(data: bytes) -> Outcome:
+            return disable_xml(data, args.consoles, manager=manager)
+
+        result = edit_domain(args.connect, args.domain, edit, dry_run=args.dry_run)
+        return _report(args, result, "disabled")
+
+    return _run(body)
+
+
+def _add_domain(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("domain", metavar="DOMAIN", help="the domain's name or UUID")
+    parser.add_argument(
+        "-c",
+        "--connect",
+        default=DEFAULT_URI,
+        metavar="URI",
+        help=f"the libvirt connection URI (default {DEFAULT_URI})",
+    )
+    parser.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="print the diff of the definition and do not change it",
+    )
+
+
+def _register_domain(subparsers: Subparsers) -> None:
+    enable = subparsers.add_parser(
+        "enable",
+        help="make a libvirt domain console-ready (edits its persistent definition)",
+        description=(
+            "Read the persistent definition of DOMAIN from libvirt (with its passwords), "
+            "enable the consoles asked for, and define it again. A running domain gets the "
+            "change when it is next started; the command says so."
+        ),
+    )
+    _add_domain(enable)
+    _add_edit_options(enable)
+    enable.set_defaults(func=_domain_enable)
+
+    disable = subparsers.add_parser(
+        "disable",
+        help="undo 'enable' on a libvirt domain",
+        description=(
+            "Restore the devices 'enable' replaced in the persistent definition of DOMAIN, "
+            "as recorded in its <metadata>, and define it again."
+        ),
+    )
+    _add_domain(disable)
+    disable.add_argument(
+        "--consoles",
+        type=_consoles,
+        metavar="LIST",
+        help="only these protocols (default: everything the metadata records)",
+    )
+    disable.set_defaults(func=_domain_disable)
+
+
+# -- libvirt-hook --------------------------------------------------------------
+
+
+def _hook(args: argparse.Namespace) -> int:
+    def body() -> int:
+        notes = run_hook(
+            args.operation,
+            sys.stdin.buffer,
+            sys.stdout.buffer,
+            policy_path=args.policy,
+            manager=_manager() if args.operation in ("migrate", "restore") else None,
+        )
+        for note in notes:
+            print(f"console-broker libvirt-hook: {args.domain}: {note}", file=sys.stderr)
+        return 0
+
+    return _run(body)
+
+
+def _register_hook(subparsers: Subparsers) -> None:
+    parser = subparsers.add_parser(
+        "libvirt-hook",
+        help="run as libvirt's QEMU hook: apply this host's console policy to incoming domains",
+        description=(
+            "Called by libvirt as /etc/libvirt/hooks/qemu DOMAIN OPERATION SUB-OP EXTRA with "
+            "the domain XML on standard input. For 'migrate' (incoming migration) and "
+            "'restore', prints the XML rewritten to this host's policy (only how existing "
+            "displays listen: devices the guest sees never change); for every other operation, "
+            "and without a policy file, prints nothing (libvirt keeps the XML as it is). "
+            "Install: a script /etc/libvirt/hooks/qemu containing "
+            "'#!/bin/sh' and 'exec console-broker libvirt-hook \"$@\"'; then restart libvirtd."
+        ),
+    )
+    parser.add_argument("domain", metavar="DOMAIN", help="the domain's name (from libvirt)")
+    parser.add_argument(
+        "operation", metavar="OPERATION", help="e.g. prepare, start, migrate, restore"
+    )
+    parser.add_argument(
+        "sub_operation", metavar="SUB-OP", nargs="?", default="-", help="e.g. begin"
+    )
+    parser.add_argument("extra", metavar="EXTRA", nargs="?", default="-", help="usually '-'")
+    parser.add_argument(
+        "--policy",
+        default=POLICY_PATH,
+        metavar="FILE",
+        help=f"the TOML policy (default {POLICY_PATH}; keys: consoles, mode, listen, "
+        "spice-tls, usbredir); without it the hook changes nothing",
+    )
+    parser.set_defaults(func=_hook)
+
+
+REGISTRARS: list[Callable[[Subparsers], None]] = [_register_xml, _register_domain, _register_hook]

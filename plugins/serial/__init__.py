@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from broker import Protocol, hookimpl
+
+if TYPE_CHECKING:
+    from broker.xml import ConsoleEdit, EditOptions
 
 PROTOCOL = Protocol(
     name="serial",
@@ -14,3 +19,13 @@ PROTOCOL = Protocol(
 @hookimpl
 def console_broker_protocols() -> list[Protocol]:
     return [PROTOCOL]
+
+
+@hookimpl
+def console_broker_xml_edit(protocol: str, options: EditOptions) -> ConsoleEdit | None:
+    """A pty serial port and its console (see broker_serial._xml)."""
+    if protocol != PROTOCOL.name:
+        return None
+    from ._xml import xml_edit
+
+    return xml_edit(options)

@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from broker import Protocol, hookimpl
+
+if TYPE_CHECKING:
+    from broker.xml import ConsoleEdit, EditOptions
 
 PROTOCOL = Protocol(
     name="spice",
@@ -17,3 +22,13 @@ PROTOCOL = Protocol(
 @hookimpl
 def console_broker_protocols() -> list[Protocol]:
     return [PROTOCOL]
+
+
+@hookimpl
+def console_broker_xml_edit(protocol: str, options: EditOptions) -> ConsoleEdit | None:
+    """The SPICE display, agent channel, USB redirection and video (see broker_spice._xml)."""
+    if protocol != PROTOCOL.name:
+        return None
+    from ._xml import xml_edit
+
+    return xml_edit(options)

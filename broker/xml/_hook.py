@@ -1,0 +1,113 @@
+"""The libvirt QEMU hook: apply this host's console policy to incoming domains.
+
+libvirt runs ``/etc/libvirt/hooks/qemu <domain> <operation> <sub-op> <extra>``
+with the domain XML on standard input, for every operation. Only for
+``migrate`` (an incoming migration) and ``restore`` (a saved image being
+restored) does it read a rewritten XML back from standard output; empty
+output means "unchanged". For these the hook applies the policy, but only to
+what does not change guest-visible hardware (the listening of existing
+displays), because the guest's devices must stay the same across a migration
+or a restore. For every other operation it prints nothing and succeeds.
+"""
+
+from __future__ import annotations
+
+import tomllib
+from collections.abc import Mapping
+from typing import IO, Any
+
+import attrs
+
+from broker.plugins import PluginManager
+from broker.xml._errors import InputError, SchemaError
+from broker.xml._model import EditOptions
+from broker.xml._ops import check_schema, enable_xml
+from broker.xml._source import MAX_BYTES, parse_document
+
+#: Where the hook reads the host's policy (``--policy`` overrides it).
+POLICY_PATH = "/etc/console-broker/hook.toml"
+#: The operations whose standard output libvirt reads back as the new XML.
+REWRITE_OPERATIONS = ("migrate", "restore")
+
+_KEYS = {"consoles", "mode", "listen", "spice-tls", "usbredir"}
+
+
+@attrs.frozen
+class HookPolicy:
+    """Which consoles, in which mode, this host provisions on incoming domains."""
+
+    consoles: tuple[str, ...]
+    options: EditOptions
+
+
+def parse_policy(doc: Mapping[str, Any], where: str) -> HookPolicy:
+    """A :class:`HookPolicy` from a parsed TOML document."""
+    unknown = sorted(set(doc) - _KEYS)
+    if unknown:
+        raise InputError(
+            f"{where}: unknown key(s) {', '.join(unknown)} (known: {', '.join(sorted(_KEYS))})"
+        )
+    consoles = doc.get("consoles")
+    if (
+        not isinstance(consoles, list)
+        or not consoles
+        or not all(isinstance(c, str) for c in consoles)
+    ):
+        raise InputError(f"{where}: 'consoles' must be a non-empty list of protocol names")
+    types = {"mode": str, "listen": str, "spice-tls": bool, "usbredir": int}
+    for key, kind in types.items():
+        if key in doc and not isinstance(doc[key], kind):
+            raise InputError(f"{where}: {key!r} must be a {kind.__name__}")
+    try:
+        options = EditOptions(
+            mode=doc.get("mode", "fd"),
+            listen=doc.get("listen"),
+            tls=doc.get("spice-tls", False),
+            usbredir=doc.get("usbredir", 2),
+        )
+    except ValueError as exc:
+        raise InputError(f"{where}: {exc}") from None
+    return HookPolicy(tuple(consoles), options)
+
+
+def load_policy(path: str) -> HookPolicy | None:
+    """The policy in *path*, or None if there is no such file."""
+    try:
+        with open(path, "rb") as f:
+            doc = tomllib.load(f)
+    except FileNotFoundError:
+        return None
+    except (OSError, tomllib.TOMLDecodeError) as exc:
+        raise InputError(f"cannot read the hook policy {path}: {exc}") from None
+    return parse_policy(doc, path)
+
+
+def run_hook(
+    operation: str,
+    stdin: IO[bytes],
+    stdout: IO[bytes],
+    *,
+    policy_path: str = POLICY_PATH,
+    manager: PluginManager | None = None,
+) -> list[str]:
+    """Handle one hook call; returns remarks for standard error."""
+    data = stdin.read(MAX_BYTES + 1)  # always drain what libvirt writes
+    if operation not in REWRITE_OPERATIONS:
+        return []
+    policy = load_policy(policy_path)
+    if policy is None:
+        return []
+    outcome = enable_xml(
+        data, policy.consoles, policy.options, manager=manager, validate=False, hardware=False
+    )
+    if not outcome.changed:
+        return []
+    try:
+        check_schema(parse_document(outcome.after), data)
+    except SchemaError as exc:
+        if exc.input_valid is False:  # not ours to fix: leave the domain alone
+            return [f"left the domain unchanged: {exc}"]
+        raise
+    stdout.write(outcome.after)
+    stdout.flush()
+    return list(outcome.notes)

@@ -1,0 +1,122 @@
+"""Editing a domain's persistent definition through libvirt.
+
+The inactive definition is read with ``VIR_DOMAIN_XML_SECURE`` (so VNC and
+SPICE passwords are part of it and survive), edited like any other XML and
+stored with ``defineXML``. A running domain keeps its current devices until
+it is started again; :class:`DomainEdit` says whether that is pending.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable
+from typing import Any
+
+import attrs
+
+from broker.xml._errors import XmlError
+from broker.xml._metadata import read_consoles
+from broker.xml._ops import Outcome
+from broker.xml._source import parse_document
+
+#: The libvirt connection used unless ``--connect`` says otherwise.
+DEFAULT_URI = "qemu:///system"
+
+_UUID = re.compile(
+    r"[0-9a-fA-F]{8}-?[0-9a-fA-F]{4}-?[0-9a-fA-F]{4}-?[0-9a-fA-F]{4}-?[0-9a-fA-F]{12}\Z"
+)
+
+
+class LibvirtError(XmlError):
+    """libvirt could not be reached, or refused a request."""
+
+
+@attrs.frozen
+class DomainEdit:
+    """What an edit through libvirt did."""
+
+    name: str
+    outcome: Outcome
+    #: Whether the definition was stored (False when unchanged or a dry run).
+    defined: bool
+    running: bool
+    #: Whether the running domain still has other consoles than its definition.
+    restart_pending: bool
+
+
+def _libvirt() -> Any:
+    try:
+        import libvirt
+    except ImportError as exc:  # pragma: no cover - a dependency of the package
+        raise LibvirtError(f"the libvirt Python binding is not installed: {exc}") from None
+    return libvirt
+
+
+def _message(exc: Any) -> str:
+    text = exc.get_error_message() if hasattr(exc, "get_error_message") else None
+    return " ".join(str(text or exc).split())
+
+
+def open_connection(uri: str) -> Any:
+    """A read-write libvirt connection, or :class:`LibvirtError`."""
+    libvirt = _libvirt()
+    try:
+        return libvirt.open(uri)
+    except libvirt.libvirtError as exc:
+        raise LibvirtError(f"cannot connect to libvirt at {uri}: {_message(exc)}") from None
+
+
+def lookup_domain(conn: Any, domain: str, uri: str) -> Any:
+    """The domain named *domain*, or with that UUID."""
+    libvirt = _libvirt()
+    lookups = [conn.lookupByName]
+    if _UUID.match(domain):
+        lookups.insert(0, conn.lookupByUUIDString)
+    for lookup in lookups:
+        try:
+            return lookup(domain)
+        except libvirt.libvirtError as exc:
+            if exc.get_error_code() != libvirt.VIR_ERR_NO_DOMAIN:
+                raise LibvirtError(f"cannot look up domain {domain!r}: {_message(exc)}") from None
+    raise LibvirtError(f"no domain named {domain!r} (nor with that UUID) at {uri}")
+
+
+def _consoles_of(xml: bytes) -> dict[str, tuple[str, dict[str, str]]]:
+    return {
+        protocol: (record.mode, dict(record.settings))
+        for protocol, record in read_consoles(parse_document(xml)).items()
+    }
+
+
+def edit_domain(
+    uri: str, domain: str, edit: Callable[[bytes], Outcome], *, dry_run: bool = False
+) -> DomainEdit:
+    """Apply *edit* to the persistent definition of *domain* and store the result."""
+    libvirt = _libvirt()
+    conn = open_connection(uri)
+    try:
+        dom = lookup_domain(conn, domain, uri)
+        try:
+            name = dom.name()
+            flags = libvirt.VIR_DOMAIN_XML_INACTIVE | libvirt.VIR_DOMAIN_XML_SECURE
+            current = dom.XMLDesc(flags).encode("utf-8")
+            running = bool(dom.isActive())
+            live = dom.XMLDesc(0).encode("utf-8") if running else b""
+        except libvirt.libvirtError as exc:
+            raise LibvirtError(
+                f"cannot read the definition of {domain!r}: {_message(exc)}"
+            ) from None
+        outcome = edit(current)
+        defined = False
+        if outcome.changed and not dry_run:
+            try:
+                conn.defineXML(outcome.after.decode("utf-8"))
+            except libvirt.libvirtError as exc:
+                raise LibvirtError(
+                    f"libvirt refused the edited definition of {name}: {_message(exc)}"
+                ) from None
+            defined = True
+        pending = running and (defined or _consoles_of(live) != _consoles_of(outcome.after))
+        return DomainEdit(name, outcome, defined, running, pending)
+    finally:
+        conn.close()
