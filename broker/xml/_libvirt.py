@@ -44,11 +44,16 @@ class DomainEdit:
     restart_pending: bool
 
 
+def _ignore(_context: object, _error: object) -> None:
+    """libvirt's default handler prints every error on stderr; ours are reported once."""
+
+
 def _libvirt() -> Any:
     try:
         import libvirt
     except ImportError as exc:  # pragma: no cover - a dependency of the package
         raise LibvirtError(f"the libvirt Python binding is not installed: {exc}") from None
+    libvirt.registerErrorHandler(_ignore, None)
     return libvirt
 
 

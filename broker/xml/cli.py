@@ -329,8 +329,8 @@ def _report(args: argparse.Namespace, result: Any, verb: str) -> int:
         print(f"{result.name}: nothing to change")
     if result.restart_pending:
         print(
-            f"{result.name} is running: the change takes effect when it is next started "
-            "(shut it down and start it; a reboot inside the guest is not enough)"
+            f"{result.name} is running: it needs a restart for the change to take effect "
+            "(shut it down, then start it; a reboot inside the guest is not enough)"
         )
     return 0
 
