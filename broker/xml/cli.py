@@ -7,6 +7,7 @@ found changes to make; 2 the input, the plugins or libvirt refused.
 from __future__ import annotations
 
 import argparse
+import ipaddress
 import json
 import sys
 from collections.abc import Callable, Sequence
@@ -81,7 +82,7 @@ def _usbredir(value: str) -> int:
 
 def _options(args: argparse.Namespace) -> EditOptions:
     try:
-        return EditOptions(
+        options = EditOptions(
             mode=args.mode,
             listen=args.listen,
             tls=args.spice_tls,
@@ -90,6 +91,9 @@ def _options(args: argparse.Namespace) -> EditOptions:
         )
     except ValueError as exc:
         raise _error(str(exc)) from None
+    if options.listen is not None and ipaddress.ip_address(options.listen).is_unspecified:
+        _notes([f"listening on {options.listen} exposes the console ports to every network"])
+    return options
 
 
 def _notes(notes: Sequence[str]) -> None:
