@@ -18,6 +18,7 @@ Usage (the I/O layer's loop)::
 
 from __future__ import annotations
 
+from collections import deque
 from collections.abc import Sequence
 from typing import Final
 
@@ -106,6 +107,7 @@ class RFBClient:
         self._machine = Machine(UPSTREAM_TRANSITIONS, _S.PROTOCOL_VERSION, _S.FAILED)
         self._buffer = ReceiveBuffer()
         self._out = bytearray()
+        self._events: deque[Event] = deque()
         self._version = (0, 0)
         self._security_type: int | None = None
         self._subtype: int | None = None
@@ -148,6 +150,8 @@ class RFBClient:
 
     def next_event(self) -> Event | NeedData:
         """The next handshake event, or :data:`NEED_DATA`."""
+        if self._events:
+            return self._events.popleft()
         state = self.state
         if state is _S.FAILED:
             raise RFBUsageError("the handshake failed; this RFBClient is unusable")
@@ -218,6 +222,7 @@ class RFBClient:
             self._security_type = chosen
             self._machine.advance("none")
             self._send_client_init()
+            self._events.append(SecuritySucceeded(chosen))
         elif chosen == SecurityType.VNC_AUTH:
             if self._password is None:
                 raise self._refused("the server requires VNC authentication; no password is set")
@@ -252,8 +257,9 @@ class RFBClient:
         self._security_type = chosen
         self._out += U8.pack(chosen)
         self._machine.advance(step)
-        if step == "none":
+        if step == "none":  # RFB 3.7: no SecurityResult after None
             self._send_client_init()
+            self._events.append(SecuritySucceeded(int(chosen)))
         return SecurityTypeSelected(int(chosen), offered)
 
     def _no_common_type(self, offered: tuple[int, ...]) -> str:

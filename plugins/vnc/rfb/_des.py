@@ -22,6 +22,7 @@ try:  # cryptography >= 43 keeps the legacy ciphers here
 except ImportError:  # pragma: no cover - cryptography 42
     from cryptography.hazmat.primitives.ciphers.algorithms import TripleDES
 
+from ._errors import RFBUsageError
 from ._wire import CHALLENGE_LENGTH
 
 #: Each byte 0..255 with its 8 bits in reverse order.
@@ -37,7 +38,7 @@ def vnc_des_key(password: bytes) -> bytes:
 def vnc_auth_response(password: bytes, challenge: bytes) -> bytes:
     """The 16-byte response to a VNC authentication *challenge*."""
     if len(challenge) != CHALLENGE_LENGTH:
-        raise ValueError(f"a VNC challenge is {CHALLENGE_LENGTH} bytes, not {len(challenge)}")
+        raise RFBUsageError(f"a VNC challenge is {CHALLENGE_LENGTH} bytes, not {len(challenge)}")
     key = vnc_des_key(password)
     encryptor = Cipher(TripleDES(key * 3), modes.ECB()).encryptor()  # noqa: S305 - RFB mandates DES-ECB
     return encryptor.update(challenge) + encryptor.finalize()
