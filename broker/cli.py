@@ -72,9 +72,10 @@ def _register_plugins(subparsers: argparse._SubParsersAction[argparse.ArgumentPa
 
 def _registrars() -> list[Callable[[argparse._SubParsersAction[argparse.ArgumentParser]], None]]:
     from broker import token_cli
+    from broker.service import cli as service_cli
     from broker.xml import cli as xml_cli
 
-    return [_register_plugins, *xml_cli.REGISTRARS, *token_cli.REGISTRARS]
+    return [_register_plugins, *xml_cli.REGISTRARS, *token_cli.REGISTRARS, *service_cli.REGISTRARS]
 
 
 def build_parser() -> argparse.ArgumentParser:

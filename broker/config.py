@@ -163,6 +163,13 @@ class HTTPSection:
     allow_missing_origin: bool = _key(
         False, "Accept WebSocket requests without an Origin header (non-browser clients)."
     )
+    refusals: str = _key(
+        "status",
+        "How WebSocket requests are refused: 'status' answers an HTTP error before the "
+        "upgrade; 'close' completes the upgrade and closes with the reason's close code, "
+        "which browser pages can read (a foreign Origin is always refused with a status).",
+        _one_of("status", "close"),
+    )
 
 
 @attrs.frozen
@@ -224,6 +231,35 @@ class LimitsSection:
 
 
 @attrs.frozen
+class ProxySection:
+    """Buffers between clients and consoles (per session, each direction)."""
+
+    read_size: int = _key(
+        262_144,
+        "Largest read from a console, in bytes: one WebSocket message at most.",
+        _at_least(4096),
+    )
+    write_buffer: int = _key(
+        262_144,
+        "High-water mark of a session's outgoing WebSocket buffer, in bytes: reading "
+        "the console pauses above it.",
+        _at_least(4096),
+    )
+    max_message: int = _key(
+        1_048_576, "Largest message a client may send, in bytes.", _at_least(1024)
+    )
+    max_queue: int = _key(
+        16, "Messages from a client queued before reading from it pauses.", _at_least(1)
+    )
+    ping_interval: float = _key(
+        20.0,
+        "Seconds between keepalive pings to a client (a client not answering within as "
+        "long is dropped); 0: no pings.",
+        _at_least(0),
+    )
+
+
+@attrs.frozen
 class LoggingSection:
     """Structured logs (tokens and secrets never reach a log line)."""
 
@@ -245,6 +281,7 @@ class Config:
     libvirt: LibvirtSection = attrs.field(factory=LibvirtSection)
     tokens: TokensSection = attrs.field(factory=TokensSection)
     limits: LimitsSection = attrs.field(factory=LimitsSection)
+    proxy: ProxySection = attrs.field(factory=ProxySection)
     logging: LoggingSection = attrs.field(factory=LoggingSection)
     #: The file it was read from (None: the embedded defaults).
     source: Path | None = attrs.field(default=None, eq=False)

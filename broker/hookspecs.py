@@ -21,6 +21,7 @@ import attrs
 import pluggy
 
 if TYPE_CHECKING:
+    from broker.service import SessionHandler
     from broker.xml import ConsoleEdit, EditOptions
 
 #: The pluggy project name and the entry-point group plugins register under.
@@ -51,6 +52,31 @@ class Protocol:
     title: str
     #: One sentence on what a user gets: the clients it serves.
     description: str = ""
+    #: The console of the domain a session attaches to: the name of the console
+    #: record ``console-broker xml enable`` writes (``vnc`` and ``spice`` graphics,
+    #: ``serial``). Empty: the protocol's own name. A ``raw-vnc`` protocol that
+    #: serves a domain's VNC display says ``console="vnc"``.
+    console: str = attrs.field(default="", converter=str)
+    #: WebSocket subprotocols the protocol speaks, in preference order: the first
+    #: one a client offers is selected; a client offering none is accepted too.
+    subprotocols: tuple[str, ...] = attrs.field(default=("binary",), converter=tuple)
+
+    def __attrs_post_init__(self) -> None:
+        if not self.console:
+            object.__setattr__(self, "console", self.name)
+        else:
+            _check_protocol_name(None, None, self.console)
+
+
+@attrs.frozen
+class Page:
+    """A page or asset a plugin serves at ``/console/{protocol}/{path}``."""
+
+    body: bytes
+    #: The ``Content-Type`` header.
+    content_type: str = "text/html; charset=utf-8"
+    #: Further response headers (a ``Content-Security-Policy``, say).
+    headers: tuple[tuple[str, str], ...] = attrs.field(default=(), converter=tuple)
 
 
 @hookspec
@@ -80,4 +106,49 @@ def console_broker_xml_edit(protocol: str, options: EditOptions) -> ConsoleEdit 
         the :class:`broker.xml.Slot` list (each owns some children of
         ``<devices>`` and builds what they should become), the device the
         broker will open, settings to record, notes for the operator.
+    """
+
+
+@hookspec(firstresult=True)
+def console_broker_session_handler(protocol: str) -> SessionHandler | None:
+    """Return the coroutine function that runs a session of *protocol*.
+
+    Called once per declared protocol when the broker starts (``console-broker
+    serve``); return None for protocols the plugin does not serve; the first
+    non-None result wins. A protocol without a handler is refused
+    (``unknown_protocol``).
+
+    The handler is awaited with one :class:`broker.service.Session`: the
+    client's WebSocket (``session.client``), the console endpoint already
+    connected (``session.endpoint.stream``, an anyio byte stream), the token's
+    claims (``session.claims``; ``session.view_only``), a structlog logger
+    bound to the session (``session.log``) and ``session.open_endpoint()`` for
+    further connections to the same console. The session lasts until the
+    handler returns. The core owns both ends: it closes the WebSocket with the
+    reason's close code and every endpoint it opened, whether the handler
+    returned, raised, or was cancelled because the VM stopped, the session was
+    idle too long or the broker is shutting down. Run any tasks of the session
+    in a task group inside the handler.
+
+    :func:`broker.service.pump` proxies bytes both ways with backpressure;
+    :func:`broker.service.raw_proxy` is a complete handler that does just that.
+
+    :param protocol: a protocol name declared by ``console_broker_protocols``.
+    :return: ``async def handler(session: Session) -> None``, or None.
+    """
+
+
+@hookspec(firstresult=True)
+def console_broker_page(protocol: str, path: str) -> Page | None:
+    """Serve the console page of *protocol*, or one of its assets.
+
+    Called for ``GET /console/{protocol}/{path}``: *path* is ``""`` for the
+    page itself (``/console/vnc/?token=...``: the page reads the token from
+    its own URL and opens ``/ws/{protocol}?token=...``) and the rest of the
+    path for assets (``app.js``, ``vendor/novnc/rfb.js``; never with ``..``).
+    Return None for anything the plugin does not serve: the broker answers
+    404. Responses carry ``Cache-Control: no-store`` and
+    ``Referrer-Policy: no-referrer`` (the page's URL holds a token).
+
+    :return: a :class:`Page`, or None.
     """

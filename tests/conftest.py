@@ -9,18 +9,27 @@ pass by skipping the real stack.
 from __future__ import annotations
 
 import os
+import shutil
+import subprocess
+import sys
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
 from broker.testbed import Testbed, TestbedError
+
+#: The third-party example distribution (console-broker-example-plugin).
+EXAMPLE = Path(__file__).parent / "plugin_example"
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     for item in items:
         uses_testbed = "testbed" in getattr(item, "fixturenames", ())
         if uses_testbed and item.get_closest_marker("vm") is None:
-            raise pytest.UsageError(f"{item.nodeid} uses the test bed: mark it with @pytest.mark.vm")
+            raise pytest.UsageError(
+                f"{item.nodeid} uses the test bed: mark it with @pytest.mark.vm"
+            )
 
 
 @pytest.fixture(scope="session")
@@ -34,3 +43,16 @@ def testbed() -> Iterator[Testbed]:
         pytest.skip(f"no test bed here ({exc})")
     yield bed
     bed.close()
+
+
+@pytest.fixture(scope="module")
+def example_installed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+    """Install the third-party example distribution into this environment (per module)."""
+    source = tmp_path_factory.mktemp("example") / "plugin_example"
+    shutil.copytree(EXAMPLE, source)  # the build leaves its output beside the sources
+    pip = [sys.executable, "-m", "pip", "--disable-pip-version-check", "-q"]
+    subprocess.run([*pip, "install", "--no-deps", str(source)], check=True, capture_output=True)
+    try:
+        yield
+    finally:
+        subprocess.run([*pip, "uninstall", "-y", "console-broker-example-plugin"], check=True)

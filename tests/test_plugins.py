@@ -4,11 +4,8 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
 import sys
-from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 
@@ -16,7 +13,6 @@ from broker import Protocol, hookimpl
 from broker.cli import main
 from broker.plugins import DISABLE_ENV, PluginError, PluginManager, disabled_from_env
 
-EXAMPLE = Path(__file__).parent / "plugin_example"
 CLI = [sys.executable, "-m", "broker.cli"]
 
 
@@ -89,21 +85,10 @@ def test_protocol_names_are_checked(name: str) -> None:
         Protocol(name=name, title="x")
 
 
-@pytest.fixture(scope="module")
-def example_installed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
-    """Install the third-party example distribution into this environment."""
-    source = tmp_path_factory.mktemp("example") / "plugin_example"
-    shutil.copytree(EXAMPLE, source)  # the build leaves its output beside the sources
-    pip = [sys.executable, "-m", "pip", "--disable-pip-version-check", "-q"]
-    subprocess.run([*pip, "install", "--no-deps", str(source)], check=True, capture_output=True)
-    try:
-        yield
-    finally:
-        subprocess.run([*pip, "uninstall", "-y", "console-broker-example-plugin"], check=True)
-
-
 def _plugins_json(env: dict[str, str]) -> dict[str, dict[str, object]]:
-    out = subprocess.run([*CLI, "plugins", "--json"], env=env, check=True, capture_output=True, text=True)
+    out = subprocess.run(
+        [*CLI, "plugins", "--json"], env=env, check=True, capture_output=True, text=True
+    )
     return {entry["name"]: entry for entry in json.loads(out.stdout)}
 
 
@@ -115,15 +100,20 @@ def test_third_party_distribution_is_listed_called_and_disabled(example_installe
     # The protocol list comes from calling the plugin's hook.
     assert listed["example"]["protocols"] == [
         {
-            "name": "raw",
-            "title": "Raw bytes",
-            "description": "The console's bytes as they are, for scripts and tests.",
-        }
+            "name": "raw-vnc",
+            "title": "Raw VNC bytes",
+            "description": "The VNC display's bytes as they are, for scripts and tests.",
+        },
+        {
+            "name": "raw-serial",
+            "title": "Raw serial bytes",
+            "description": "The serial console's bytes as they are, for scripts and tests.",
+        },
     ]
     assert {"vnc", "spice", "serial"} <= set(listed)
 
     text = subprocess.run([*CLI, "plugins"], env=env, check=True, capture_output=True, text=True)
-    assert "example" in text.stdout and "protocols: raw" in text.stdout
+    assert "example" in text.stdout and "protocols: raw-vnc, raw-serial" in text.stdout
 
     disabled = _plugins_json({**env, DISABLE_ENV: "example"})
     assert "example" not in disabled

@@ -7,6 +7,7 @@ from typing import TYPE_CHECKING
 from broker import Protocol, hookimpl
 
 if TYPE_CHECKING:
+    from broker.service import SessionHandler
     from broker.xml import ConsoleEdit, EditOptions
 
 PROTOCOL = Protocol(
@@ -29,3 +30,13 @@ def console_broker_xml_edit(protocol: str, options: EditOptions) -> ConsoleEdit 
     from ._xml import xml_edit
 
     return xml_edit(options)
+
+
+@hookimpl
+def console_broker_session_handler(protocol: str) -> SessionHandler | None:
+    """For now the bytes go through unchanged (:func:`broker.service.raw_proxy`)."""
+    if protocol != PROTOCOL.name:
+        return None
+    from broker.service import raw_proxy
+
+    return raw_proxy

@@ -1,22 +1,69 @@
-"""A minimal third-party console-broker plugin.
+"""A minimal third-party console-broker plugin: raw bytes to a domain's consoles.
 
 It registers through the ``console_broker`` entry-point group exactly as the
-built-in plugins do, and declares one protocol. It is installed into the test
-environment by console-broker's tests, which check that it is listed, called
-and removed again by CONSOLE_BROKER_DISABLE_PLUGINS.
+built-in plugins do, and uses nothing but hooks: it declares two protocols
+that attach to consoles the built-in plugins provision (``raw-vnc``: the VNC
+display, ``raw-serial``: the serial console) and serves their sessions with
+its own handler, built on the core's :func:`broker.service.pump`. It is
+installed into the test environment by console-broker's tests, which check
+that it is listed, called, serves sessions and is removed again by
+CONSOLE_BROKER_DISABLE_PLUGINS.
 """
 
 from __future__ import annotations
 
-from broker import Protocol, hookimpl
+from typing import TYPE_CHECKING
 
-PROTOCOL = Protocol(
-    name="raw",
-    title="Raw bytes",
-    description="The console's bytes as they are, for scripts and tests.",
+from broker import Protocol, hookimpl
+from broker.hookspecs import Page
+
+if TYPE_CHECKING:
+    from broker.service import Session, SessionHandler
+
+RAW_VNC = Protocol(
+    name="raw-vnc",
+    title="Raw VNC bytes",
+    description="The VNC display's bytes as they are, for scripts and tests.",
+    console="vnc",
 )
+RAW_SERIAL = Protocol(
+    name="raw-serial",
+    title="Raw serial bytes",
+    description="The serial console's bytes as they are, for scripts and tests.",
+    console="serial",
+)
+PROTOCOLS = {p.name: p for p in (RAW_VNC, RAW_SERIAL)}
+
+#: The page ``/console/raw-vnc/`` serves (a plain marker, for tests).
+PAGE = b"<!doctype html><title>raw</title><p>cb-example-plugin page</p>\n"
+
+
+async def handle(session: Session) -> None:
+    """Proxy the bytes unchanged, logging through the session's bound logger."""
+    from broker.service import pump
+
+    session.log.info("example.session", console=session.console, endpoint=session.endpoint.kind)
+    end = await pump(
+        session.client,
+        session.endpoint.stream,
+        traffic=session.traffic,
+        read_size=session.read_size,
+    )
+    session.log.info("example.session_ended", side=end.value)
 
 
 @hookimpl
 def console_broker_protocols() -> list[Protocol]:
-    return [PROTOCOL]
+    return list(PROTOCOLS.values())
+
+
+@hookimpl
+def console_broker_session_handler(protocol: str) -> SessionHandler | None:
+    return handle if protocol in PROTOCOLS else None
+
+
+@hookimpl
+def console_broker_page(protocol: str, path: str) -> Page | None:
+    if protocol == RAW_VNC.name and path == "":
+        return Page(PAGE)
+    return None

@@ -1,0 +1,43 @@
+"""The broker service: the listener, sessions, and what protocol plugins get.
+
+For plugin authors: a ``console_broker_session_handler`` hook returns a
+coroutine function that receives a :class:`Session`; :func:`pump` moves bytes
+between its client and its endpoint with backpressure, and :func:`raw_proxy`
+is a complete handler that does only that. docs/service.md describes the
+service, docs/plugins.md the hooks.
+"""
+
+from broker.service._pump import (
+    DEFAULT_READ_SIZE,
+    ClientClosed,
+    MessageChannel,
+    PumpEnd,
+    Traffic,
+    pump,
+)
+from broker.service._refusals import ENDINGS, REFUSALS, Refusal, Refused
+from broker.service._session import (
+    Endpoint,
+    Session,
+    SessionHandler,
+    WebSocketChannel,
+    raw_proxy,
+)
+
+__all__ = [
+    "DEFAULT_READ_SIZE",
+    "ENDINGS",
+    "REFUSALS",
+    "ClientClosed",
+    "Endpoint",
+    "MessageChannel",
+    "PumpEnd",
+    "Refusal",
+    "Refused",
+    "Session",
+    "SessionHandler",
+    "Traffic",
+    "WebSocketChannel",
+    "pump",
+    "raw_proxy",
+]

@@ -1,0 +1,588 @@
+"""The broker: one listener for WebSocket consoles and plain HTTP, and the sessions behind it.
+
+Theory of operation. websockets' asyncio server accepts connections; for
+each request, :meth:`Broker._process_request` decides before any upgrade:
+
+1. plain HTTP (``/healthz``, ``/metrics``, console pages) is answered at once;
+2. a WebSocket request is checked, cheapest first and without touching the
+   token until it must: a real upgrade, a known protocol, the Origin, then the
+   token (verified and used up), the session limits, and the resolver (domain
+   known and running, console enabled). A refusal answers an HTTP status, or,
+   with ``http.refusals = "close"``, upgrades and closes with the reason's
+   close code so a browser page can tell the user why.
+
+After the upgrade, :meth:`Broker._handle` takes a slot in the limits, opens
+the console endpoint and awaits the protocol plugin's session handler inside
+a cancel scope the broker holds. The broker ends a session by cancelling
+that scope with a reason (VM stopped, idle, shutting down); whichever way the
+handler ends, the broker closes the WebSocket with the reason's close code,
+closes the endpoints and releases the slot.
+
+No log line holds a token: requests are logged by route and reason, never
+by target, and websockets' own request logging is silenced (see ``_logging``).
+"""
+
+from __future__ import annotations
+
+import email.utils
+import http
+import json
+import logging
+import secrets
+import ssl
+import time
+import weakref
+from collections.abc import Iterable
+from typing import Any
+from urllib.parse import urlsplit
+
+import anyio
+import anyio.abc
+import attrs
+import structlog
+from websockets.asyncio.server import Server, ServerConnection, serve
+from websockets.datastructures import Headers
+from websockets.http11 import Request, Response
+from websockets.protocol import State
+from websockets.typing import Subprotocol
+
+import broker
+from broker.config import Config
+from broker.hookspecs import Page, Protocol
+from broker.plugins import PluginError, PluginManager
+from broker.service._libvirt import Resolver, Target
+from broker.service._limits import Limits, SessionCounts
+from broker.service._metrics import CONTENT_TYPE, Metrics
+from broker.service._pump import Traffic
+from broker.service._refusals import (
+    CLIENT_CLOSED,
+    CONSOLE_CLOSED,
+    CONSOLE_UNREACHABLE,
+    FOREIGN_ORIGIN,
+    HYPERVISOR_LOST,
+    IDLE_TIMEOUT,
+    INTERNAL_ERROR,
+    INVALID_TOKEN,
+    SHUTDOWN,
+    TOKEN_REFUSALS,
+    UNKNOWN_PROTOCOL,
+    Refusal,
+    Refused,
+)
+from broker.service._request import (
+    NotFound,
+    OriginPolicy,
+    PageRoute,
+    PlainRoute,
+    RedirectRoute,
+    WebSocketRoute,
+    route,
+)
+from broker.service._session import Endpoint, Session, SessionHandler, WebSocketChannel
+from broker.tokens import Claims, TokenRefused, TokenVerifier
+
+_log = structlog.get_logger("broker.service")
+_SERVER = f"console-broker/{broker.__version__}"
+
+
+@attrs.frozen
+class _Pending:
+    """A checked WebSocket request waiting for its upgrade."""
+
+    protocol: Protocol
+    handler: SessionHandler
+    claims: Claims
+    target: Target
+    client: str
+    started: float
+
+
+@attrs.frozen
+class _PendingRefusal:
+    """A request to refuse after the upgrade (``http.refusals = "close"``)."""
+
+    refusal: Refusal
+
+
+class _Live:
+    """An open session as the broker tracks it: how to end it, and why it ended."""
+
+    def __init__(self, session_id: str, domain: str, kind: str) -> None:
+        self.session_id = session_id
+        self.domain = domain
+        self.kind = kind
+        self.scope = anyio.CancelScope()
+        self.ending: Refusal | None = None
+
+    def end(self, ending: Refusal) -> None:
+        if self.ending is None:
+            self.ending = ending
+        self.scope.cancel()
+
+
+def _response(
+    status: int, body: bytes, content_type: str = "text/plain; charset=utf-8",
+    headers: Iterable[tuple[str, str]] = (),
+) -> Response:
+    all_headers = Headers(
+        [
+            ("Date", email.utils.formatdate(usegmt=True)),
+            ("Connection", "close"),
+            ("Content-Length", str(len(body))),
+            ("Content-Type", content_type),
+            ("Cache-Control", "no-store"),
+            ("Referrer-Policy", "no-referrer"),
+            ("X-Content-Type-Options", "nosniff"),
+            *headers,
+        ]
+    )
+    return Response(status, http.HTTPStatus(status).phrase, all_headers, body)
+
+
+def _text(status: int, text: str, headers: Iterable[tuple[str, str]] = ()) -> Response:
+    return _response(status, (text + "\n").encode(), headers=headers)
+
+
+class Broker:
+    """The console broker service: ``await broker.serve()`` until :meth:`shutdown`.
+
+    *resolver* is the boundary to the hypervisor (:class:`LibvirtResolver`, or
+    a fake in tests); *verifier* checks tokens; *plugins* supplies protocols,
+    session handlers and pages. Several brokers can run in one process: each
+    has its own metrics registry.
+    """
+
+    def __init__(
+        self,
+        config: Config,
+        *,
+        verifier: TokenVerifier,
+        resolver: Resolver,
+        plugins: PluginManager,
+        metrics: Metrics | None = None,
+        ssl_context: ssl.SSLContext | None = None,
+    ) -> None:
+        self.config = config
+        self.metrics = metrics if metrics is not None else Metrics()
+        self._verifier = verifier
+        self._resolver = resolver
+        self._plugins = plugins
+        self._ssl = ssl_context
+        self._node = config.node_name
+        self._prefix = urlsplit(config.public_url).path
+        self._origin = OriginPolicy(config.http.allowed_origins, config.http.allow_missing_origin)
+        self._refuse_by_close = config.http.refusals == "close"
+        limits = config.limits
+        self._counts = SessionCounts(
+            Limits(
+                limits.max_sessions, limits.max_sessions_per_domain, limits.max_sessions_per_client
+            )
+        )
+        self._handlers = self._load_handlers(plugins)
+        self._sessions: dict[str, set[_Live]] = {}
+        self._pending: weakref.WeakKeyDictionary[ServerConnection, _Pending | _PendingRefusal] = (
+            weakref.WeakKeyDictionary()
+        )
+        self._close_timeout = max(0.1, min(5.0, limits.shutdown_grace))
+        self._closing = False
+        self._stop: anyio.Event | None = None
+        self._group: anyio.abc.TaskGroup | None = None
+        #: The (host, port) pairs listened on, once serving.
+        self.addresses: list[tuple[str, int]] = []
+
+    @staticmethod
+    def _load_handlers(plugins: PluginManager) -> dict[str, tuple[Protocol, SessionHandler]]:
+        handlers: dict[str, tuple[Protocol, SessionHandler]] = {}
+        for name, (plugin_name, protocol) in sorted(plugins.protocols.items()):
+            handler = plugins.hook.console_broker_session_handler(protocol=name)
+            if handler is None:
+                _log.warning("protocol.no_handler", protocol=name, plugin=plugin_name)
+                continue
+            if not callable(handler):
+                raise PluginError(
+                    f"plugin {plugin_name!r}: console_broker_session_handler({name!r}) returned "
+                    f"{handler!r}, not a coroutine function"
+                )
+            handlers[name] = (protocol, handler)
+        return handlers
+
+    @property
+    def port(self) -> int:
+        """The port listened on (useful with port 0)."""
+        return self.addresses[0][1]
+
+    @property
+    def session_count(self) -> int:
+        return sum(len(lives) for lives in self._sessions.values())
+
+    # --- running ------------------------------------------------------------------------
+
+    async def serve(
+        self, *, task_status: anyio.abc.TaskStatus[int] = anyio.TASK_STATUS_IGNORED
+    ) -> None:
+        """Listen and serve until :meth:`shutdown`; ``task_status.started(port)`` once listening."""
+        self._stop = anyio.Event()
+        config = self.config
+        async with anyio.create_task_group() as group:
+            self._group = group
+            await group.start(self._resolver.run, self)
+            ping = config.proxy.ping_interval or None
+            server = await serve(
+                self._handle,
+                config.listen.host,
+                config.listen.port,
+                process_request=self._process_request,
+                select_subprotocol=self._select_subprotocol,
+                server_header=_SERVER,
+                compression=None,
+                open_timeout=config.limits.handshake_timeout,
+                ping_interval=ping,
+                ping_timeout=ping,
+                close_timeout=self._close_timeout,
+                max_size=config.proxy.max_message,
+                max_queue=config.proxy.max_queue,
+                write_limit=config.proxy.write_buffer,
+                ssl=self._ssl,
+                logger=logging.getLogger("websockets.server"),
+            )
+            self.addresses = [sock.getsockname()[:2] for sock in server.sockets]
+            _log.info(
+                "broker.listening",
+                addresses=[f"{host}:{port}" for host, port in self.addresses],
+                tls=self._ssl is not None,
+                node=self._node,
+                protocols=sorted(self._handlers),
+            )
+            task_status.started(self.port)
+            try:
+                await self._stop.wait()
+            finally:
+                with anyio.CancelScope(shield=True):
+                    await self._shutdown(server)
+                group.cancel_scope.cancel()
+
+    def shutdown(self) -> None:
+        """Begin a clean shutdown: stop accepting, end sessions with 1001, within the grace."""
+        if self._stop is not None:
+            self._stop.set()
+
+    async def _shutdown(self, server: Server) -> None:
+        self._closing = True
+        grace = self.config.limits.shutdown_grace
+        _log.info("broker.stopping", sessions=self.session_count, grace=grace)
+        server.close(close_connections=False)
+        for lives in list(self._sessions.values()):
+            for live in list(lives):
+                live.end(SHUTDOWN)
+        with anyio.move_on_after(grace) as scope:
+            await server.wait_closed()
+        if scope.cancelled_caught:
+            cut = list(server.connections)
+            for connection in cut:
+                connection.transport.abort()
+            _log.warning("broker.grace_expired", cut=len(cut))
+            with anyio.move_on_after(1.0):
+                await server.wait_closed()
+        _log.info("broker.stopped")
+
+    # --- resolver events ----------------------------------------------------------------
+
+    def domain_gone(self, domain_uuid: str, ending: Refusal) -> None:
+        lives = self._sessions.get(domain_uuid, ())
+        if lives:
+            _log.info("domain.gone", domain=domain_uuid, reason=ending.reason, sessions=len(lives))
+        for live in list(lives):
+            live.end(ending)
+
+    def connection_lost(self) -> None:
+        for lives in list(self._sessions.values()):
+            for live in list(lives):
+                if live.kind == "stream":
+                    live.end(HYPERVISOR_LOST)
+
+    def connection_restored(self) -> None:
+        if self._group is not None and self._sessions:
+            self._group.start_soon(self._recheck_domains)
+
+    async def _recheck_domains(self) -> None:
+        for domain in list(self._sessions):
+            ending = await self._resolver.ending_for(domain)
+            if ending is not None:
+                self.domain_gone(domain, ending)
+
+    # --- requests -----------------------------------------------------------------------
+
+    def _select_subprotocol(
+        self, connection: ServerConnection, offered: Any
+    ) -> Subprotocol | None:
+        pending = self._pending.get(connection)
+        wanted = pending.protocol.subprotocols if isinstance(pending, _Pending) else ("binary",)
+        for name in wanted:
+            if name in offered:
+                return Subprotocol(name)
+        return None  # a client that offers none (xterm.js) is welcome too
+
+    async def _process_request(
+        self, connection: ServerConnection, request: Request
+    ) -> Response | None:
+        started = time.monotonic()
+        try:
+            return await self._answer(connection, request, started)
+        except Exception:
+            _log.exception("request.failed")
+            return _text(500, "internal error")
+
+    async def _answer(
+        self, connection: ServerConnection, request: Request, started: float
+    ) -> Response | None:
+        try:
+            found = route(request.path, self._prefix)
+        except Refused as exc:
+            return self._refuse(connection, exc, protocol=None, upgrade=False)
+        if isinstance(found, PlainRoute):
+            return self._healthz() if found.name == "healthz" else self._metrics()
+        if isinstance(found, PageRoute):
+            return self._page(found)
+        if isinstance(found, RedirectRoute):
+            return _text(301, "moved", headers=[("Location", found.location)])
+        if isinstance(found, NotFound):
+            return _text(404, "not found")
+        return await self._check_websocket(connection, request, found, started)
+
+    async def _check_websocket(
+        self, connection: ServerConnection, request: Request, found: WebSocketRoute, started: float
+    ) -> Response | None:
+        if "websocket" not in request.headers.get("Upgrade", "").lower():
+            return _text(
+                426,
+                f"/ws/{found.protocol} is a WebSocket endpoint; open the console page instead",
+                headers=[("Upgrade", "websocket")],
+            )
+        if self._closing:
+            return _text(SHUTDOWN.status, SHUTDOWN.text)
+        entry = self._handlers.get(found.protocol)
+        if entry is None:
+            unknown = Refused(UNKNOWN_PROTOCOL, f"no handler for {found.protocol!r}")
+            return self._refuse(connection, unknown, protocol=found.protocol)
+        protocol, handler = entry
+        why = self._origin.check(request.headers.get("Origin"), request.headers.get("Host"))
+        if why is not None:
+            return self._refuse(connection, Refused(FOREIGN_ORIGIN, why), protocol=found.protocol,
+                                upgrade=False)
+        client = str(connection.remote_address[0]) if connection.remote_address else "?"
+        try:
+            claims = self._verify(found)
+            self._counts.check(claims.domain_uuid, client)
+            target = await self._resolver.target(claims, protocol.console)
+        except Refused as exc:
+            return self._refuse(connection, exc, protocol=found.protocol)
+        self._pending[connection] = _Pending(protocol, handler, claims, target, client, started)
+        return None
+
+    def _verify(self, found: WebSocketRoute) -> Claims:
+        try:
+            return self._verifier.verify(found.token, protocol=found.protocol, node=self._node)
+        except TokenRefused as exc:
+            raise Refused(TOKEN_REFUSALS.get(exc.reason, INVALID_TOKEN), exc.detail) from None
+        except ValueError:
+            raise Refused(INVALID_TOKEN, "malformed token") from None
+
+    def _refuse(
+        self,
+        connection: ServerConnection,
+        exc: Refused,
+        *,
+        protocol: str | None,
+        upgrade: bool = True,
+    ) -> Response | None:
+        refusal = exc.refusal
+        self.metrics.refusals.labels(refusal.reason).inc()
+        client = connection.remote_address[0] if connection.remote_address else "?"
+        _log.info(
+            "request.refused", reason=refusal.reason, detail=exc.detail, protocol=protocol,
+            client=client, status=refusal.status, code=refusal.close_code,
+        )
+        if upgrade and self._refuse_by_close:
+            self._pending[connection] = _PendingRefusal(refusal)
+            return None
+        return _text(refusal.status, refusal.text)
+
+    def _healthz(self) -> Response:
+        available = self._resolver.available
+        doc = {
+            "status": "ok" if available else "unavailable",
+            "version": broker.__version__,
+            "node": self._node,
+            "sessions": self.session_count,
+            "libvirt": self._resolver.health(),
+        }
+        body = json.dumps(doc).encode() + b"\n"
+        return _response(200 if available else 503, body, "application/json")
+
+    def _metrics(self) -> Response:
+        self.metrics.libvirt_connected.set(1 if self._resolver.available else 0)
+        return _response(200, self.metrics.render(), CONTENT_TYPE)
+
+    def _page(self, found: PageRoute) -> Response:
+        if found.protocol not in self._plugins.protocols:
+            return _text(404, f"no plugin serves protocol {found.protocol!r}")
+        try:
+            page = self._plugins.hook.console_broker_page(protocol=found.protocol, path=found.path)
+        except Exception:
+            _log.exception("page.failed", protocol=found.protocol)
+            return _text(500, "internal error")
+        if page is None:
+            what = "console page" if not found.path else "asset"
+            return _text(
+                404,
+                f"no {what} here for protocol {found.protocol!r}: its plugin serves none "
+                f"(the WebSocket endpoint is /ws/{found.protocol})",
+            )
+        if not isinstance(page, Page):
+            _log.error("page.invalid", protocol=found.protocol, type=type(page).__name__)
+            return _text(500, "internal error")
+        return _response(200, page.body, page.content_type, page.headers)
+
+    # --- sessions -----------------------------------------------------------------------
+
+    async def _close(self, connection: ServerConnection, refusal: Refusal) -> None:
+        with anyio.move_on_after(self._close_timeout, shield=True):
+            await connection.close(refusal.close_code, refusal.text)
+
+    async def _handle(self, connection: ServerConnection) -> None:
+        pending = self._pending.pop(connection, None)
+        if isinstance(pending, _PendingRefusal):
+            await self._close(connection, pending.refusal)
+            return
+        if pending is None:  # cannot happen: every upgrade passed _check_websocket
+            await self._close(connection, INTERNAL_ERROR)
+            return
+        await self._run_session(connection, pending)
+
+    async def _open(self, pending: _Pending, endpoints: list[Endpoint]) -> Endpoint:
+        endpoint = await self._resolver.open(pending.target)
+        endpoints.append(endpoint)
+        return endpoint
+
+    async def _open_first(self, pending: _Pending, endpoints: list[Endpoint]) -> Endpoint:
+        try:
+            with anyio.fail_after(self.config.limits.handshake_timeout):
+                return await self._open(pending, endpoints)
+        except TimeoutError:
+            raise Refused(CONSOLE_UNREACHABLE, "opening the console timed out") from None
+
+    async def _run_session(self, connection: ServerConnection, pending: _Pending) -> None:
+        claims, target, protocol = pending.claims, pending.target, pending.protocol
+        domain, client = claims.domain_uuid, pending.client
+        session_id = secrets.token_hex(6)
+        log = _log.bind(
+            session=session_id, domain=domain, domain_name=target.domain_name,
+            protocol=protocol.name, client=client, jti=claims.jti,
+        )
+        try:
+            self._counts.acquire(domain, client)
+        except Refused as exc:
+            self.metrics.refusals.labels(exc.refusal.reason).inc()
+            log.info("request.refused", reason=exc.refusal.reason, detail=exc.detail,
+                     code=exc.refusal.close_code)
+            await self._close(connection, exc.refusal)
+            return
+        endpoints: list[Endpoint] = []
+        live: _Live | None = None
+        traffic = Traffic(
+            client_counter=self.metrics.bytes.labels(protocol.name, "to_client"),
+            console_counter=self.metrics.bytes.labels(protocol.name, "to_console"),
+        )
+        ending: Refusal | None = None
+        opened_at = time.monotonic()
+        try:
+            try:
+                endpoint = await self._open_first(pending, endpoints)
+            except Refused as exc:
+                self.metrics.refusals.labels(exc.refusal.reason).inc()
+                log.info("request.refused", reason=exc.refusal.reason, detail=exc.detail,
+                         code=exc.refusal.close_code)
+                await self._close(connection, exc.refusal)
+                return
+            live = _Live(session_id, domain, endpoint.kind)
+            self._sessions.setdefault(domain, set()).add(live)
+            if self._closing:
+                live.end(SHUTDOWN)
+
+            async def open_endpoint() -> Endpoint:
+                return await self._open(pending, endpoints)
+
+            session = Session(
+                id=session_id,
+                protocol=protocol.name,
+                console=protocol.console,
+                claims=claims,
+                client=WebSocketChannel(connection),
+                endpoint=endpoint,
+                log=log,
+                traffic=traffic,
+                open_endpoint=open_endpoint,
+                client_address=client,
+                domain_name=target.domain_name,
+                read_size=self.config.proxy.read_size,
+                handshake_timeout=self.config.limits.handshake_timeout,
+            )
+            handshake = time.monotonic() - pending.started
+            self.metrics.sessions.labels(protocol.name).inc()
+            self.metrics.sessions_active.labels(protocol.name).inc()
+            self.metrics.handshake.labels(protocol.name).observe(handshake)
+            opened_at = time.monotonic()
+            log.info(
+                "session.opened", endpoint=endpoint.description, endpoint_kind=endpoint.kind,
+                view_only=claims.view_only, subprotocol=connection.subprotocol,
+                handshake_ms=round(handshake * 1000, 2),
+            )
+            try:
+                with live.scope:
+                    async with anyio.create_task_group() as group:
+                        if self.config.limits.idle_timeout > 0:
+                            group.start_soon(self._idle_watch, live, traffic)
+                        await pending.handler(session)
+                        group.cancel_scope.cancel()
+            finally:
+                self.metrics.sessions_active.labels(protocol.name).dec()
+        except Exception:
+            log.exception("session.failed")
+            ending = INTERNAL_ERROR
+        finally:
+            if live is not None:
+                self._forget(live)
+            with anyio.CancelScope(shield=True):
+                for opened in endpoints:
+                    await opened.aclose()
+            if live is not None:
+                if live.ending is not None:
+                    ending = live.ending
+                elif ending is None:
+                    ending = CONSOLE_CLOSED if connection.state is State.OPEN else CLIENT_CLOSED
+                await self._close(connection, ending)
+                log.info(
+                    "session.closed", reason=ending.reason, code=ending.close_code,
+                    bytes_to_client=traffic.to_client, bytes_to_console=traffic.to_console,
+                    duration=round(time.monotonic() - opened_at, 3),
+                )
+                self.metrics.sessions_closed.labels(protocol.name, ending.reason).inc()
+            elif ending is INTERNAL_ERROR:
+                await self._close(connection, ending)
+            self._counts.release(domain, client)
+
+    def _forget(self, live: _Live) -> None:
+        lives = self._sessions.get(live.domain)
+        if lives is not None:
+            lives.discard(live)
+            if not lives:
+                del self._sessions[live.domain]
+
+    async def _idle_watch(self, live: _Live, traffic: Traffic) -> None:
+        idle = self.config.limits.idle_timeout
+        while True:
+            remaining = traffic.last_activity + idle - time.monotonic()
+            if remaining <= 0:
+                live.end(IDLE_TIMEOUT)
+                return
+            await anyio.sleep(remaining)

@@ -1,0 +1,150 @@
+"""Sans-I/O: from a domain's live XML to how its console is reached.
+
+``console-broker xml enable`` records, in the domain's ``<metadata>``, which
+console is enabled in which mode and which device it uses (read with
+:func:`broker.xml.read_consoles`). The live XML (``virDomainGetXMLDesc`` of a
+running domain) adds what only exists at run time: the TCP port QEMU chose,
+its WebSocket port, the serial port's alias. :func:`plan_endpoint` combines
+the two into an :class:`EndpointPlan`; the resolver then opens it.
+
+Modes recorded, and what they become:
+
+``fd``        ``openGraphicsFD(index)`` where *index* is the graphics
+              element's position among the domain's ``<graphics>``
+``tcp``       a TCP connection to the live ``port`` on the listen address
+              (a wildcard address is reached on loopback); a graphics
+              element listening on a UNIX socket is reached there
+``websocket`` QEMU's own WebSocket port (the live ``websocket`` attribute)
+``stream``    ``openConsole(alias)``: a libvirt stream on the serial device
+"""
+
+from __future__ import annotations
+
+import attrs
+from lxml import etree
+
+from broker.service._refusals import CONSOLE_NOT_ENABLED, CONSOLE_UNREACHABLE, Refused
+
+#: The ways an endpoint is opened.
+KINDS = ("fd", "tcp", "unix", "websocket", "stream")
+
+_WILDCARDS = {"0.0.0.0": "127.0.0.1", "::": "::1", "": "127.0.0.1"}  # noqa: S104
+
+
+@attrs.frozen
+class EndpointPlan:
+    """How to open one console of a running domain."""
+
+    #: One of :data:`KINDS`.
+    kind: str
+    #: The console (the protocol name its metadata record carries).
+    console: str
+    #: ``fd``: the graphics index for virDomainOpenGraphicsFD.
+    index: int | None = None
+    #: ``tcp``/``websocket``: where to connect.
+    host: str | None = None
+    port: int | None = None
+    #: ``unix``: the socket path.
+    path: str | None = None
+    #: ``stream``: the device alias for virDomainOpenConsole (None: the first console).
+    device: str | None = None
+
+    def describe(self) -> str:
+        """For the log: where the endpoint is, without secrets."""
+        if self.kind == "fd":
+            return f"graphics #{self.index} (fd)"
+        if self.kind in ("tcp", "websocket"):
+            host = f"[{self.host}]" if self.host and ":" in self.host else self.host
+            return f"{self.kind} {host}:{self.port}"
+        if self.kind == "unix":
+            return f"unix {self.path}"
+        return f"console stream {self.device or '(first console)'}"
+
+
+def _port(element: etree._Element, name: str) -> int | None:
+    value = element.get(name, "")
+    if value.isdigit() and 0 < int(value) < 65536:
+        return int(value)
+    return None
+
+
+def _listen(graphics: etree._Element) -> tuple[str, str]:
+    """('address', host) or ('socket', path) or ('none', '') from a live graphics element."""
+    for listen in graphics.iterchildren("listen"):
+        kind = listen.get("type", "address")
+        if kind == "address":
+            return "address", listen.get("address", graphics.get("listen", ""))
+        if kind == "socket":
+            return "socket", listen.get("socket", "")
+        if kind == "none":
+            return "none", ""
+        if kind == "network":
+            return "address", listen.get("address", "")
+    return "address", graphics.get("listen", "")
+
+
+def _loopback(host: str) -> str:
+    return _WILDCARDS.get(host, host)
+
+
+def plan_endpoint(root: etree._Element, console: str) -> EndpointPlan:
+    """How to reach *console* of the running domain whose live XML is *root*.
+
+    Raises :class:`Refused`: ``console_not_enabled`` when the metadata records
+    no such console (or names a device the domain does not have, or a mode
+    this broker does not know), ``console_unreachable`` when the live XML
+    lacks what the mode needs (no port assigned).
+    """
+    from broker.xml import XmlError, read_consoles
+
+    try:
+        records = read_consoles(root)
+    except XmlError as exc:
+        raise Refused(
+            CONSOLE_NOT_ENABLED, f"the console-broker metadata is malformed: {exc}"
+        ) from None
+    record = records.get(console)
+    if record is None:
+        enabled = ", ".join(sorted(records)) or "none"
+        raise Refused(
+            CONSOLE_NOT_ENABLED,
+            f"the domain has no {console} console enabled (enabled: {enabled}); "
+            f"run 'console-broker xml enable --consoles {console}'",
+        )
+    if record.device is None or record.index is None:
+        raise Refused(
+            CONSOLE_NOT_ENABLED, f"the {console} console's device is missing from the domain"
+        )
+    devices = root.find("devices")
+    assert devices is not None  # read_consoles found the device in it
+    element = list(devices.iterchildren(record.device.tag))[record.index]
+    mode = record.mode
+    if mode == "stream":
+        alias = element.find("alias")
+        device = alias.get("name") if alias is not None else None
+        return EndpointPlan("stream", console, device=device)
+    if record.device.tag != "graphics":
+        raise Refused(
+            CONSOLE_NOT_ENABLED,
+            f"mode {mode!r} needs a graphics device, not <{record.device.tag}>",
+        )
+    graphics_index = list(devices.iterchildren("graphics")).index(element)
+    if mode == "fd":
+        return EndpointPlan("fd", console, index=graphics_index)
+    if mode not in ("tcp", "websocket"):
+        raise Refused(
+            CONSOLE_NOT_ENABLED, f"the {console} console's mode {mode!r} is not supported"
+        )
+    listen_kind, where = _listen(element)
+    if mode == "tcp" and listen_kind == "socket" and where:
+        return EndpointPlan("unix", console, path=where)
+    if listen_kind != "address":
+        raise Refused(CONSOLE_UNREACHABLE, f"the {console} graphics listens on no address")
+    port = _port(element, "websocket" if mode == "websocket" else "port")
+    if port is None:
+        raise Refused(
+            CONSOLE_UNREACHABLE,
+            f"the live XML gives the {console} graphics no "
+            f"{'WebSocket ' if mode == 'websocket' else ''}port",
+        )
+    return EndpointPlan(mode, console, host=_loopback(where), port=port)

@@ -1,0 +1,148 @@
+"""Moving bytes between a WebSocket client and a console, both ways, with backpressure.
+
+Theory of operation. :func:`pump` runs two tasks in one task group:
+
+* console -> client: ``stream.receive(read_size)`` then ``client.send(data)``;
+* client -> console: ``client.receive()`` then ``stream.send(data)``.
+
+Each task awaits its send before it reads again, so a side that drains slowly
+stops the reads from the other: nothing is read from the console faster than
+the client takes it (the WebSocket send waits while the connection's write
+buffer is above its high-water mark), and nothing is read from the client
+faster than the console takes it (the client's frames queue up to
+``max_queue`` in the WebSocket connection, which then stops reading the
+socket). In flight per direction: one chunk of at most *read_size* bytes plus
+the two transports' bounded buffers.
+
+Reads are large (256 KiB by default: as much as the kernel has, in one
+message) and data is passed on as the object the read returned, without
+copies of its own. When either side ends, the group is cancelled: the other
+task stops at once and :func:`pump` returns which side ended first.
+"""
+
+from __future__ import annotations
+
+import enum
+import time
+from typing import Protocol
+
+import anyio
+import anyio.abc
+import attrs
+
+#: Default size of one read from the console (one WebSocket message at most).
+DEFAULT_READ_SIZE = 256 * 1024
+
+
+class ClientClosed(Exception):
+    """The client side of a session is gone (closed, or the connection broke)."""
+
+
+class MessageChannel(Protocol):
+    """The client side as :func:`pump` sees it: whole messages in, bytes out."""
+
+    async def receive(self) -> bytes:
+        """The next message's payload; :class:`ClientClosed` when the client has gone."""
+        ...
+
+    async def send(self, data: bytes) -> None:
+        """Send *data* as one binary message, waiting while the client is slow."""
+        ...
+
+
+class _Counter(Protocol):
+    def inc(self, amount: float = 1) -> None: ...
+
+
+@attrs.define
+class Traffic:
+    """Bytes moved by one session, and when bytes last moved (``time.monotonic``).
+
+    Plugins that move bytes themselves (a protocol handshake) call
+    :meth:`count_to_client` / :meth:`count_to_console`, so that the session's
+    byte counts and idle timeout stay right.
+    """
+
+    to_client: int = 0
+    to_console: int = 0
+    last_activity: float = attrs.field(factory=time.monotonic)
+    #: Metric counters the counts also go to (set by the broker).
+    client_counter: _Counter | None = attrs.field(default=None, repr=False)
+    console_counter: _Counter | None = attrs.field(default=None, repr=False)
+
+    def count_to_client(self, size: int) -> None:
+        self.to_client += size
+        self.last_activity = time.monotonic()
+        if self.client_counter is not None:
+            self.client_counter.inc(size)
+
+    def count_to_console(self, size: int) -> None:
+        self.to_console += size
+        self.last_activity = time.monotonic()
+        if self.console_counter is not None:
+            self.console_counter.inc(size)
+
+
+class PumpEnd(enum.Enum):
+    """Which side ended a :func:`pump`."""
+
+    CLIENT_CLOSED = "client_closed"
+    CONSOLE_CLOSED = "console_closed"
+
+
+_CONSOLE_ERRORS = (
+    anyio.EndOfStream,
+    anyio.BrokenResourceError,
+    anyio.ClosedResourceError,
+    OSError,
+)
+
+
+async def pump(
+    client: MessageChannel,
+    stream: anyio.abc.ByteStream,
+    *,
+    traffic: Traffic | None = None,
+    read_size: int = DEFAULT_READ_SIZE,
+) -> PumpEnd:
+    """Proxy bytes between *client* and *stream* until one side ends; return which.
+
+    *stream* is any anyio byte stream (a socket to QEMU, a libvirt console
+    stream). It is not closed here: the session's owner closes both sides.
+    Errors other than one side ending (a bug) propagate.
+    """
+    if read_size < 1:
+        raise ValueError("read_size must be positive")
+    ended: list[PumpEnd] = []
+    count = traffic if traffic is not None else Traffic()
+
+    async def console_to_client(scope: anyio.CancelScope) -> None:
+        try:
+            while True:
+                data = await stream.receive(read_size)
+                count.count_to_client(len(data))
+                await client.send(data)
+        except _CONSOLE_ERRORS:
+            ended.append(PumpEnd.CONSOLE_CLOSED)
+        except ClientClosed:
+            ended.append(PumpEnd.CLIENT_CLOSED)
+        scope.cancel()
+
+    async def client_to_console(scope: anyio.CancelScope) -> None:
+        try:
+            while True:
+                data = await client.receive()
+                if not data:
+                    continue
+                count.count_to_console(len(data))
+                await stream.send(data)
+        except ClientClosed:
+            ended.append(PumpEnd.CLIENT_CLOSED)
+        except _CONSOLE_ERRORS:
+            ended.append(PumpEnd.CONSOLE_CLOSED)
+        scope.cancel()
+
+    async with anyio.create_task_group() as group:
+        group.start_soon(console_to_client, group.cancel_scope)
+        group.start_soon(client_to_console, group.cancel_scope)
+    return ended[0] if ended else PumpEnd.CONSOLE_CLOSED

@@ -1,0 +1,193 @@
+"""Sans-I/O request checks: which endpoint a request target names, and whether its Origin may.
+
+Nothing here touches a socket; the listener (``broker.service._app``) feeds it
+the request line's target and headers and acts on the result.
+
+Routes (see docs/service.md)::
+
+    /ws/{protocol}?token=T       the WebSocket endpoint of a console
+    /console/{protocol}/{path}   the console page ("" is the page itself) and its assets
+    /healthz                     liveness and libvirt reachability (JSON)
+    /metrics                     Prometheus text format
+
+When ``broker.public_url`` has a path (a reverse proxy serving the broker
+under a prefix), requests may arrive with or without that prefix.
+"""
+
+from __future__ import annotations
+
+import re
+from urllib.parse import parse_qs, unquote, urlsplit
+
+import attrs
+
+from broker.service._refusals import BAD_REQUEST, INVALID_TOKEN, Refused
+
+_PROTOCOL = re.compile(r"[a-z0-9][a-z0-9-]{0,62}\Z")
+#: Longest request target considered (a token is ~400 characters).
+MAX_TARGET = 8192
+_DEFAULT_PORTS = {"http": 80, "https": 443, "ws": 80, "wss": 443}
+
+
+@attrs.frozen
+class WebSocketRoute:
+    """``/ws/{protocol}?token=...``; ``repr`` leaves the token out."""
+
+    protocol: str
+    token: str = attrs.field(repr=False)
+
+
+@attrs.frozen
+class PageRoute:
+    """``/console/{protocol}/{path}``: a page or asset a plugin may serve."""
+
+    protocol: str
+    path: str
+
+
+@attrs.frozen
+class RedirectRoute:
+    """``/console/{protocol}`` without its slash: where the page really is."""
+
+    location: str
+
+
+@attrs.frozen
+class PlainRoute:
+    """A built-in endpoint: ``healthz`` or ``metrics``."""
+
+    name: str
+
+
+@attrs.frozen
+class NotFound:
+    """Nothing lives at this path."""
+
+    path: str
+
+
+Route = WebSocketRoute | PageRoute | RedirectRoute | PlainRoute | NotFound
+
+
+def strip_prefix(path: str, prefix: str) -> str:
+    """*path* without the public URL's path *prefix* (``/hv1``), if it starts with it."""
+    prefix = prefix.rstrip("/")
+    if prefix and (path == prefix or path.startswith(prefix + "/")):
+        return path[len(prefix) :] or "/"
+    return path
+
+
+def route(target: str, prefix: str = "") -> Route:
+    """The route a request *target* (path and query) names.
+
+    Raises :class:`Refused` (``bad_request`` or ``invalid_token``) for a
+    WebSocket target that is malformed or carries no single token. Error
+    details never quote the query (it holds the token).
+    """
+    if len(target) > MAX_TARGET:
+        raise Refused(BAD_REQUEST, "request target too long")
+    parts = urlsplit(target)
+    path = strip_prefix(parts.path, prefix)
+    if path in ("/healthz", "/metrics"):
+        return PlainRoute(path[1:])
+    segments = path.split("/")
+    if len(segments) == 3 and segments[1] == "ws" and _PROTOCOL.match(segments[2]):
+        return WebSocketRoute(segments[2], _token(parts.query))
+    if len(segments) >= 3 and segments[1] == "console" and _PROTOCOL.match(segments[2]):
+        if len(segments) == 3:
+            query = f"?{parts.query}" if parts.query else ""
+            return RedirectRoute(f"{segments[2]}/{query}")
+        asset = unquote("/".join(segments[3:]))
+        if any(part in ("..", ".") for part in asset.split("/")) or "\\" in asset:
+            return NotFound(path)
+        return PageRoute(segments[2], asset)
+    return NotFound(path)
+
+
+def _token(query: str) -> str:
+    try:
+        fields = parse_qs(query, keep_blank_values=True, strict_parsing=False, max_num_fields=16)
+    except ValueError:
+        raise Refused(BAD_REQUEST, "too many query parameters") from None
+    tokens = fields.get("token", [])
+    if len(tokens) > 1:
+        raise Refused(BAD_REQUEST, "more than one token in the query")
+    if not tokens or not tokens[0]:
+        raise Refused(INVALID_TOKEN, "no token in the query")
+    return tokens[0]
+
+
+# --- Origin -------------------------------------------------------------------------------
+
+
+def _host_port(netloc: str, default_port: int | None) -> tuple[str, int | None] | None:
+    """(lower-case host, port) of ``host[:port]`` (IPv6 in brackets), or None if malformed."""
+    try:
+        parts = urlsplit(f"//{netloc}")
+        host, port = parts.hostname, parts.port
+    except ValueError:
+        return None
+    if not host or parts.username is not None or parts.path:
+        return None
+    return host.lower().rstrip("."), port if port is not None else default_port
+
+
+def normalize_origin(origin: str) -> tuple[str, str, int] | None:
+    """(scheme, host, port) of a serialized origin, default ports filled in; None if malformed."""
+    parts = urlsplit(origin.strip())
+    scheme = parts.scheme.lower()
+    if scheme not in _DEFAULT_PORTS or parts.path or parts.query or parts.fragment:
+        return None
+    found = _host_port(parts.netloc, _DEFAULT_PORTS[scheme])
+    if found is None or found[1] is None:
+        return None
+    return scheme, found[0], found[1]
+
+
+@attrs.frozen
+class OriginPolicy:
+    """Which pages may open a console's WebSocket.
+
+    *allowed*: serialized origins (``https://ui.example.com``); empty means
+    "only pages served from the host the request was sent to" (compared with
+    the ``Host`` header; a ``Host`` without a port matches the origin's
+    default port, so a TLS-terminating proxy in front works).
+    *allow_missing*: accept requests that carry no ``Origin`` at all
+    (native clients and scripts; browsers always send one).
+    """
+
+    allowed: tuple[str, ...] = ()
+    allow_missing: bool = False
+    _normalized: frozenset[tuple[str, str, int]] = attrs.field(init=False)
+
+    @_normalized.default
+    def _normalize(self) -> frozenset[tuple[str, str, int]]:
+        found = set()
+        for origin in self.allowed:
+            normalized = normalize_origin(origin)
+            if normalized is None:
+                raise ValueError(f"{origin!r} is not an origin")
+            found.add(normalized)
+        return frozenset(found)
+
+    def check(self, origin: str | None, host: str | None) -> str | None:
+        """None when the request may proceed, else why not (for the log)."""
+        if origin is None:
+            if self.allow_missing:
+                return None
+            return "no Origin header (http.allow_missing_origin is off)"
+        normalized = normalize_origin(origin)
+        if normalized is None:
+            return "malformed or opaque Origin"
+        if self.allowed:
+            return None if normalized in self._normalized else "Origin not in http.allowed_origins"
+        if host is None:
+            return "no Host header to compare the Origin with"
+        own = _host_port(host, None)
+        if own is None:
+            return "malformed Host header"
+        scheme, origin_host, origin_port = normalized
+        own_host, own_port = own
+        if origin_host != own_host or origin_port != (own_port or _DEFAULT_PORTS[scheme]):
+            return "Origin is not this broker's host"
+        return None

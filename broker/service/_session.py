@@ -1,0 +1,144 @@
+"""What the core hands a protocol plugin: a :class:`Session`.
+
+A session is one client connection (a WebSocket) and one connected console
+endpoint, with the token's claims and a logger bound to the session's
+context. The core owns both ends: when the plugin's handler returns (or
+raises, or the core ends the session: VM stopped, idle, shutdown), the core
+closes the WebSocket with the right code and closes every endpoint it opened.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Awaitable, Callable, Mapping
+from typing import Any, TypeAlias
+
+import anyio.abc
+import attrs
+from websockets.asyncio.server import ServerConnection
+from websockets.exceptions import ConnectionClosed
+
+from broker.service._pump import DEFAULT_READ_SIZE, ClientClosed, PumpEnd, Traffic, pump
+from broker.tokens import Claims
+
+
+@attrs.frozen
+class Endpoint:
+    """A connected console: a byte stream to the VM's VNC/SPICE server or serial port."""
+
+    stream: anyio.abc.ByteStream
+    #: How it was reached: ``fd`` (virDomainOpenGraphicsFD), ``tcp``, ``unix``,
+    #: ``websocket`` (QEMU's own WebSocket port, as bytes), ``stream`` (a libvirt
+    #: console stream).
+    kind: str
+    #: For the log, e.g. ``graphics #0`` or ``127.0.0.1:5901``.
+    description: str
+
+    async def aclose(self) -> None:
+        with anyio.CancelScope(shield=True):
+            with contextlib.suppress(OSError, anyio.BrokenResourceError, anyio.ClosedResourceError):
+                await self.stream.aclose()
+
+
+class WebSocketChannel:
+    """The client side of a session: a WebSocket, seen as whole binary messages.
+
+    :meth:`receive` returns text and binary messages alike as bytes (text
+    frames are not decoded: terminals send keys as text). :meth:`send` sends
+    binary messages and waits while the client's write buffer is above its
+    high-water mark. Both raise :class:`ClientClosed` once the client has gone.
+    ``connection`` is the underlying :class:`websockets.asyncio.server.ServerConnection`
+    for what this class does not cover (its request headers, pings).
+    """
+
+    def __init__(self, connection: ServerConnection) -> None:
+        self.connection = connection
+
+    @property
+    def subprotocol(self) -> str | None:
+        return self.connection.subprotocol
+
+    @property
+    def request_headers(self) -> Mapping[str, str]:
+        request = self.connection.request
+        return request.headers if request is not None else {}
+
+    async def receive(self) -> bytes:
+        try:
+            return await self.connection.recv(decode=False)
+        except ConnectionClosed:
+            raise ClientClosed from None
+
+    async def send(self, data: bytes) -> None:
+        try:
+            await self.connection.send(data)
+        except ConnectionClosed:
+            raise ClientClosed from None
+
+
+@attrs.frozen
+class Session:
+    """One console session, as a protocol plugin's handler receives it."""
+
+    #: A short random id, in every log line of the session.
+    id: str
+    #: The protocol (the path's and the token's).
+    protocol: str
+    #: The console of the domain the protocol attaches to (``vnc``, ``spice``, ``serial``).
+    console: str
+    #: The token's verified claims (domain UUID, rights, jti, ...).
+    claims: Claims
+    #: The client: a WebSocket.
+    client: WebSocketChannel
+    #: The console endpoint, connected before the handler is called.
+    endpoint: Endpoint
+    #: A structlog logger bound to session, domain, protocol and client.
+    log: Any
+    #: Byte counts and last activity; :func:`pump` keeps them, and the idle timeout reads them.
+    traffic: Traffic
+    #: Opens another connection to the same console (SPICE opens one per channel).
+    #: The core closes it with the session.
+    open_endpoint: Callable[[], Awaitable[Endpoint]]
+    #: The client's address (IP) as the broker sees it.
+    client_address: str
+    #: The domain's name, when libvirt told it.
+    domain_name: str = ""
+    #: Size of one read from the console (``proxy.read_size``).
+    read_size: int = DEFAULT_READ_SIZE
+    #: Time the plugin's own protocol handshake may take (``limits.handshake_timeout``).
+    handshake_timeout: float = 10.0
+
+    @property
+    def view_only(self) -> bool:
+        """The token grants viewing only: the plugin must drop the client's input."""
+        return self.claims.view_only
+
+
+#: What ``console_broker_session_handler`` returns: runs one session to its end.
+SessionHandler: TypeAlias = Callable[[Session], Awaitable[None]]
+
+
+async def raw_proxy(session: Session) -> None:
+    """A session handler that proxies bytes both ways, unchanged, until one side ends.
+
+    The built-in plugins use it until they parse their protocols; a plugin
+    that needs no protocol logic returns it from ``console_broker_session_handler``.
+    """
+    end = await pump(
+        session.client,
+        session.endpoint.stream,
+        traffic=session.traffic,
+        read_size=session.read_size,
+    )
+    session.log.debug("session.pump_ended", side=end.value)
+
+
+__all__ = [
+    "ClientClosed",
+    "Endpoint",
+    "PumpEnd",
+    "Session",
+    "SessionHandler",
+    "WebSocketChannel",
+    "raw_proxy",
+]

@@ -1,0 +1,133 @@
+"""The ``serve`` command: run the broker until SIGTERM or SIGINT."""
+
+from __future__ import annotations
+
+import argparse
+import signal
+import ssl
+from collections.abc import Callable
+from pathlib import Path
+from typing import TypeAlias
+
+import anyio
+import structlog
+
+from broker.cli import CommandError
+from broker.config import Config, ConfigError, find_config, load_config
+from broker.keys import KeyFileError, ensure_keypair, load_public_keys
+from broker.plugins import PluginManager
+from broker.service._app import Broker
+from broker.service._libvirt import LibvirtResolver
+from broker.service._logging import configure_logging
+from broker.tokens import ReplayCache, TokenVerifier
+
+Subparsers: TypeAlias = "argparse._SubParsersAction[argparse.ArgumentParser]"
+
+_log = structlog.get_logger("broker.service")
+
+
+def _ssl_context(config: Config) -> ssl.SSLContext | None:
+    if not config.tls_enabled:
+        return None
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    try:
+        context.load_cert_chain(config.tls.cert, config.tls.key)
+    except (OSError, ssl.SSLError) as exc:
+        raise CommandError(f"tls.cert, tls.key: cannot load the certificate: {exc}") from None
+    return context
+
+
+def build_broker(config: Config) -> Broker:
+    """A broker for *config*: the key pair ensured, keys loaded, plugins and libvirt set up."""
+    try:
+        files = ensure_keypair(config.state_dir)
+        keys = load_public_keys(config.public_key_paths)
+    except KeyFileError as exc:
+        raise CommandError(str(exc)) from None
+    except OSError as exc:
+        raise CommandError(f"{config.state_dir}: cannot prepare the state directory: "
+                           f"{exc.strerror}") from None
+    _log.info(
+        "broker.starting",
+        config=str(config.source) if config.source else "built-in defaults",
+        state_dir=str(config.state_dir),
+        key=files.fingerprint,
+        key_created=files.created,
+        trusted_keys=len(keys),
+    )
+    tokens = config.tokens
+    verifier = TokenVerifier(
+        keys,
+        replay_cache=ReplayCache(tokens.replay_cache_size),
+        leeway=tokens.leeway,
+        max_ttl=tokens.max_ttl,
+    )
+    return Broker(
+        config,
+        verifier=verifier,
+        resolver=LibvirtResolver(config.libvirt.uri, stream_buffer=config.proxy.write_buffer),
+        plugins=PluginManager(),
+        ssl_context=_ssl_context(config),
+    )
+
+
+async def _on_signals(broker: Broker, scope: anyio.CancelScope) -> None:
+    with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+        received = 0
+        async for signum in signals:
+            received += 1
+            if received == 1:
+                _log.info("broker.signal", signal=signal.Signals(signum).name,
+                          grace=broker.config.limits.shutdown_grace)
+                broker.shutdown()
+            else:
+                _log.warning("broker.signal_again", signal=signal.Signals(signum).name)
+                scope.cancel()
+
+
+async def run_until_signalled(broker: Broker) -> None:
+    """Serve until SIGTERM/SIGINT (a second signal cuts the grace short)."""
+    async with anyio.create_task_group() as group:
+        group.start_soon(_on_signals, broker, group.cancel_scope)
+        await broker.serve()
+        group.cancel_scope.cancel()
+
+
+def _serve_command(args: argparse.Namespace) -> int:
+    try:
+        config = load_config(find_config(args.config))
+    except ConfigError as exc:
+        raise CommandError(str(exc)) from None
+    configure_logging(config.logging.format, config.logging.level)
+    broker = build_broker(config)
+    try:
+        anyio.run(run_until_signalled, broker, backend="asyncio")
+    except OSError as exc:
+        where = f"{config.listen.host}:{config.listen.port}"
+        raise CommandError(f"cannot listen on {where}: {exc.strerror or exc}") from None
+    return 0
+
+
+def register_serve(subparsers: Subparsers) -> None:
+    parser = subparsers.add_parser(
+        "serve",
+        help="run the console broker",
+        description=(
+            "Serve consoles: WebSocket endpoints /ws/{protocol}?token=..., console pages, "
+            "/healthz and /metrics on one port (see docs/service.md). Creates the signing key "
+            "pair in the state directory on first start. SIGTERM or SIGINT shut it down "
+            "cleanly within limits.shutdown_grace; a second signal stops it at once."
+        ),
+    )
+    parser.add_argument(
+        "--config",
+        type=Path,
+        metavar="FILE",
+        help="configuration file (default: $CONSOLE_BROKER_CONFIG, else "
+        "/etc/console-broker/broker.toml if it exists, else the built-in defaults)",
+    )
+    parser.set_defaults(func=_serve_command)
+
+
+REGISTRARS: list[Callable[[Subparsers], None]] = [register_serve]

@@ -1,0 +1,198 @@
+"""An in-process broker for tests: real listener on 127.0.0.1, fake hypervisor behind it.
+
+:class:`FakeResolver` stands at the boundary the real :class:`LibvirtResolver`
+occupies: it knows a few domains, and opens each console as one end of a
+socket pair whose other end runs a fake console (by default: send the RFB
+banner, then echo).
+"""
+
+from __future__ import annotations
+
+import socket
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+from typing import Any
+
+import anyio
+import anyio.abc
+import attrs
+
+from broker.config import (
+    BrokerSection,
+    Config,
+    HTTPSection,
+    LimitsSection,
+    ListenSection,
+    ProxySection,
+)
+from broker.plugins import PluginManager
+from broker.service._app import Broker
+from broker.service._libvirt import ResolverEvents, Target
+from broker.service._metrics import Metrics
+from broker.service._plan import EndpointPlan
+from broker.service._refusals import (
+    CONSOLE_BUSY,
+    CONSOLE_NOT_ENABLED,
+    HYPERVISOR_UNAVAILABLE,
+    UNKNOWN_DOMAIN,
+    VM_NOT_RUNNING,
+    Refusal,
+    Refused,
+)
+from broker.service._session import Endpoint
+from broker.tokens import Claims, TokenVerifier
+
+BANNER = b"RFB 003.008\n"
+Console = Callable[[anyio.abc.SocketStream], Awaitable[None]]
+
+
+async def echo_console(stream: anyio.abc.SocketStream) -> None:
+    """Send the RFB banner, then echo whatever arrives."""
+    await stream.send(BANNER)
+    try:
+        while True:
+            await stream.send(await stream.receive())
+    except (anyio.EndOfStream, anyio.BrokenResourceError, anyio.ClosedResourceError, OSError):
+        pass
+
+
+@attrs.define
+class FakeDomain:
+    uuid: str
+    name: str = "guest"
+    running: bool = True
+    consoles: tuple[str, ...] = ("vnc", "serial", "spice")
+    busy: bool = False
+    console: Console = echo_console
+
+
+class FakeResolver:
+    """A :class:`broker.service._libvirt.Resolver` over :class:`FakeDomain` objects."""
+
+    def __init__(self, *domains: FakeDomain) -> None:
+        self.domains = {d.uuid: d for d in domains}
+        self.available = True
+        self.events: ResolverEvents | None = None
+        self.opened = 0
+        #: Fake consoles whose connection the broker closed.
+        self.closed = 0
+        #: The console ends' streams, to watch them close.
+        self.console_streams: list[anyio.abc.SocketStream] = []
+        self._group: anyio.abc.TaskGroup | None = None
+
+    def health(self) -> dict[str, object]:
+        return {"uri": "fake:///", "connected": self.available}
+
+    async def run(self, events: ResolverEvents, *, task_status: anyio.abc.TaskStatus[None]) -> None:
+        self.events = events
+        async with anyio.create_task_group() as group:
+            self._group = group
+            task_status.started()
+            await anyio.sleep_forever()
+
+    async def target(self, claims: Claims, console: str) -> Target:
+        if not self.available:
+            raise Refused(HYPERVISOR_UNAVAILABLE, "fake hypervisor down")
+        dom = self.domains.get(claims.domain_uuid)
+        if dom is None:
+            raise Refused(UNKNOWN_DOMAIN, f"no domain {claims.domain_uuid}")
+        if not dom.running:
+            raise Refused(VM_NOT_RUNNING, "not running")
+        if console not in dom.consoles:
+            raise Refused(CONSOLE_NOT_ENABLED, f"no {console}")
+        return Target(dom.uuid, dom.name, EndpointPlan("tcp", console, host="fake", port=1), handle=dom)
+
+    async def open(self, target: Target) -> Endpoint:
+        dom: FakeDomain = target.handle
+        if dom.busy:
+            raise Refused(CONSOLE_BUSY, "busy")
+        ours, theirs = socket.socketpair()
+        broker_side = await anyio.abc.SocketStream.from_socket(ours)
+        console_side = await anyio.abc.SocketStream.from_socket(theirs)
+        self.console_streams.append(console_side)
+        self.opened += 1
+        assert self._group is not None
+
+        async def run_console() -> None:
+            async with console_side:
+                await dom.console(console_side)
+            self.closed += 1
+
+        self._group.start_soon(run_console)
+        return Endpoint(broker_side, "fake", "socketpair")
+
+    async def ending_for(self, domain_uuid: str) -> Refusal | None:
+        return None
+
+    def stop(self, uuid: str, ending: Refusal) -> None:
+        self.domains[uuid].running = False
+        assert self.events is not None
+        self.events.domain_gone(uuid, ending)
+
+
+def make_config(
+    *,
+    http: HTTPSection | None = None,
+    limits: LimitsSection | None = None,
+    proxy: ProxySection | None = None,
+    node: str = "hv1",
+) -> Config:
+    return Config(
+        broker=BrokerSection(node=node, state_dir="/nonexistent"),
+        listen=ListenSection(host="127.0.0.1", port=0),
+        http=http or HTTPSection(allow_missing_origin=True),
+        limits=limits or LimitsSection(),
+        proxy=proxy or ProxySection(),
+    )
+
+
+def builtin_plugins() -> PluginManager:
+    """The built-in plugins only (the environment may have others installed)."""
+    import broker_serial
+    import broker_spice
+    import broker_vnc
+
+    return PluginManager(
+        disabled=(),
+        load_entrypoints=False,
+        plugins=[("vnc", broker_vnc), ("spice", broker_spice), ("serial", broker_serial)],
+    )
+
+
+@attrs.define
+class Running:
+    broker: Broker
+    resolver: FakeResolver
+    port: int
+
+    def url(self, protocol: str, token: str) -> str:
+        return f"ws://127.0.0.1:{self.port}/ws/{protocol}?token={token}"
+
+    @property
+    def http(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+
+@asynccontextmanager
+async def running_broker(
+    config: Config,
+    verifier: TokenVerifier,
+    resolver: FakeResolver,
+    plugins: PluginManager | None = None,
+    **kwargs: Any,
+) -> AsyncIterator[Running]:
+    broker = Broker(
+        config,
+        verifier=verifier,
+        resolver=resolver,
+        plugins=plugins or builtin_plugins(),
+        metrics=Metrics(),
+        **kwargs,
+    )
+    async with anyio.create_task_group() as group:
+        port = await group.start(broker.serve)
+        try:
+            yield Running(broker, resolver, port)
+        finally:
+            broker.shutdown()
+
