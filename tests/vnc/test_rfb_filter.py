@@ -275,6 +275,8 @@ def test_clean_end_of_stream() -> None:
         ConnectionClosed(),
     ]
     assert flt.state is FilterState.CLOSED
+    with pytest.raises(RFBUsageError, match="after ConnectionClosed"):
+        flt.next_event()
     with pytest.raises(RFBUsageError, match="after the end"):
         flt.receive_data(FBUR)
     fast = ClientMessageFilter()

@@ -167,12 +167,14 @@ class ClientMessageFilter:
             self._buf += data
 
     def next_event(self) -> Event | NeedData:
-        """The next :class:`ClientMessage`, :data:`NEED_DATA`, or
-        :class:`ConnectionClosed` once the client closed between messages."""
+        """The next :class:`ClientMessage`, :data:`NEED_DATA`, or (once)
+        :class:`ConnectionClosed` when the client closed between messages;
+        calling it again after that is a usage error, so a driver loop that
+        misses the end cannot spin."""
         if self.state is FilterState.FAILED:
             raise RFBUsageError("the filter failed; the session must end")
         if self.state is FilterState.CLOSED:
-            return ConnectionClosed()
+            raise RFBUsageError("next_event() after ConnectionClosed")
         buf, pos = self._buf, self._pos
         end = len(buf)
         if pos == end:
