@@ -36,7 +36,9 @@ def test_disable_variable_blocks_a_plugin(monkeypatch: pytest.MonkeyPatch) -> No
     monkeypatch.setenv(DISABLE_ENV, " spice ,, serial")
     assert disabled_from_env() == {"spice", "serial"}
     manager = PluginManager()
-    assert set(manager.protocols) == {"vnc"}
+    # (a third-party plugin installed here may add protocols of its own)
+    assert "vnc" in manager.protocols
+    assert not {"spice", "serial"} & set(manager.protocols)
     with pytest.raises(PluginError, match="no loaded plugin serves protocol 'spice'"):
         manager.plugin_for("spice")
 
