@@ -41,7 +41,7 @@ def server_init(width: int = 720, height: int = 400, name: bytes = b"QEMU (vm)")
     return struct.pack(">HH", width, height) + QEMU_PIXEL_FORMAT.to_bytes() + string(name)
 
 
-def drive_client(client: RFBClient, pieces: Iterable[bytes]) -> tuple[list[Event], bytes]:
+def drive_client(client: RFBClient, pieces: Iterable[bytes | None]) -> tuple[list[Event], bytes]:
     """Feed *pieces* (and then nothing more) to *client*, draining events after
     each, answering StartTLS at once; return the events and all bytes sent."""
     events: list[Event] = []
@@ -67,7 +67,7 @@ def drive_client(client: RFBClient, pieces: Iterable[bytes]) -> tuple[list[Event
 
 
 def drive_server(
-    server: RFBServer, pieces: Iterable[bytes], init: ServerInit | None = None
+    server: RFBServer, pieces: Iterable[bytes | None], init: ServerInit | None = None
 ) -> tuple[list[Event], bytes]:
     """Feed *pieces* to *server*, answering ClientInit with *init*."""
     events: list[Event] = []
@@ -90,7 +90,7 @@ def drive_server(
     return events, bytes(sent)
 
 
-def filter_events(flt: ClientMessageFilter, pieces: Iterable[bytes]) -> list[Event]:
+def filter_events(flt: ClientMessageFilter, pieces: Iterable[bytes | None]) -> list[Event]:
     events: list[Event] = []
     for piece in pieces:
         flt.receive_data(piece)

@@ -314,7 +314,7 @@ def test_huge_reason_is_a_protocol_error() -> None:
 def test_end_of_stream_mid_handshake() -> None:
     client = RFBClient(password=b"x")
     with pytest.raises(RFBProtocolError, match="while awaiting the VNC authentication") as caught:
-        drive_client(client, [V38, u8(1) + u8(2), CHALLENGE[:5], b""])
+        drive_client(client, [V38, u8(1) + u8(2), CHALLENGE[:5], None])
     assert caught.value.side is Side.SERVER
 
 
@@ -333,7 +333,8 @@ def test_usage_errors() -> None:
     client = RFBClient()
     with pytest.raises(RFBUsageError):
         client.take_trailing_data()
-    client.receive_data(b"")
+    client.receive_data(b"")  # no data, not the end
+    client.receive_data(None)
     with pytest.raises(RFBUsageError, match="after the end"):
         client.receive_data(b"x")
 

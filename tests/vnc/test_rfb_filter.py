@@ -268,7 +268,7 @@ def test_bounds_are_configurable() -> None:
 
 def test_clean_end_of_stream() -> None:
     flt = ClientMessageFilter()
-    assert filter_events(flt, [FBUR, b""]) == [
+    assert filter_events(flt, [FBUR, b"", None]) == [
         FramebufferUpdateRequest(
             data=FBUR, forward=True, incremental=True, x=0, y=0, width=720, height=400
         ),
@@ -281,17 +281,19 @@ def test_clean_end_of_stream() -> None:
         flt.receive_data(FBUR)
     fast = ClientMessageFilter()
     assert fast.filter_data(FBUR) == FBUR
-    assert fast.filter_data(b"") == b""
+    assert fast.filter_data(b"") == b""  # no data, not the end
+    assert fast.state is FilterState.MESSAGES
+    assert fast.filter_data(None) == b""
     assert fast.state is FilterState.CLOSED
 
 
 def test_end_of_stream_inside_a_message() -> None:
     with pytest.raises(RFBProtocolError, match="inside a message"):
-        filter_events(ClientMessageFilter(), [FBUR[:4], b""])
+        filter_events(ClientMessageFilter(), [FBUR[:4], None])
     fast = ClientMessageFilter()
     fast.filter_data(FBUR[:4])
     with pytest.raises(RFBProtocolError, match="inside a message"):
-        fast.filter_data(b"")
+        fast.filter_data(None)
 
 
 # --- cost ----------------------------------------------------------------------------------

@@ -111,12 +111,10 @@ def test_our_client_and_our_server_agree() -> None:
     client, server = RFBClient(), RFBServer()
     client_events = []
     while client.server_init is None:
-        if to_client := server.data_to_send():  # b"" would mean end of stream
-            client.receive_data(to_client)
+        client.receive_data(server.data_to_send())
         while (event := client.next_event()) is not NEED_DATA:
             client_events.append(event)
-        if to_server := client.data_to_send():
-            server.receive_data(to_server)
+        server.receive_data(client.data_to_send())
         while (event := server.next_event()) is not NEED_DATA:
             if isinstance(event, ClientInit):
                 server.send_server_init(INIT)
@@ -182,7 +180,7 @@ def test_send_server_init_only_after_client_init() -> None:
 def test_client_closing_mid_handshake() -> None:
     server = RFBServer()
     with pytest.raises(RFBProtocolError, match="while awaiting the client's ClientInit") as caught:
-        drive_server(server, [V38, u8(1), b""])
+        drive_server(server, [V38, u8(1), None])
     assert caught.value.side is Side.CLIENT
     with pytest.raises(RFBUsageError):
         server.next_event()

@@ -24,11 +24,11 @@ class ReceiveBuffer:
     def __len__(self) -> int:
         return len(self._data) - self._pos
 
-    def feed(self, data: bytes | bytearray | memoryview) -> None:
-        """Append *data*; an empty *data* marks the end of the stream."""
+    def feed(self, data: bytes | bytearray | memoryview | None) -> None:
+        """Append *data*; None marks the end of the stream (empty data is nothing)."""
         if self.eof:
-            raise RFBUsageError("receive_data() after the end of the stream (b'')")
-        if not data:
+            raise RFBUsageError("receive_data() after the end of the stream (None)")
+        if data is None:
             self.eof = True
         else:
             self._data += data

@@ -7,7 +7,7 @@ Usage (the I/O layer's loop)::
         event = client.next_event()
         sock.sendall(client.data_to_send())
         if event is NEED_DATA:
-            client.receive_data(sock.recv(65536))      # b"" at EOF
+            client.receive_data(sock.recv(65536) or None)  # None: EOF
         elif isinstance(event, StartTLS):
             sock = wrap_tls(sock, verify=not event.anonymous)
             client.tls_established()
@@ -132,8 +132,11 @@ class RFBClient:
         """The server's ServerInit, once the handshake is done."""
         return self._server_init
 
-    def receive_data(self, data: bytes | bytearray | memoryview) -> None:
-        """Feed bytes from the server; ``b""`` means the server closed."""
+    def receive_data(self, data: bytes | bytearray | memoryview | None) -> None:
+        """Feed bytes from the server; ``None`` means the server closed (as in
+        wsproto; ``b""`` is just no data)."""
+        if data is not None and not data:
+            return
         if self.state is _S.CONNECTED:
             raise RFBUsageError("the handshake is done: forward the server's data raw")
         if self.state is _S.FAILED:

@@ -34,7 +34,7 @@ class Event:
 
 @attrs.frozen
 class ConnectionClosed(Event):
-    """The peer ended its stream (``receive_data(b"")``) at a point where the
+    """The peer ended its stream (``receive_data(None)``) at a point where the
     protocol allows it: between two client messages."""
 
 

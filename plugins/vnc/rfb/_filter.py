@@ -158,10 +158,13 @@ class ClientMessageFilter:
 
     # --- the event path --------------------------------------------------------
 
-    def receive_data(self, data: Buffer) -> None:
-        """Feed bytes from the client; ``b""`` means the client closed."""
+    def receive_data(self, data: Buffer | None) -> None:
+        """Feed bytes from the client; ``None`` means the client closed (as in
+        wsproto; ``b""`` is just no data)."""
+        if data is not None and not data:
+            return
         self._check_open()
-        if not data:
+        if data is None:
             self._eof = True
         else:
             self._buf += data
@@ -194,16 +197,18 @@ class ClientMessageFilter:
 
     # --- the fast path ------------------------------------------------------------
 
-    def filter_data(self, data: Buffer) -> bytes:
+    def filter_data(self, data: Buffer | None) -> bytes:
         """Feed *data* from the client; return the bytes to forward to the server.
 
         The same framing, bounds, errors and policy as the event path; an
-        incomplete last message is kept for the next call. ``b""`` means the
+        incomplete last message is kept for the next call. ``None`` means the
         client closed: it returns ``b""`` (an error if a message was cut short).
         """
+        if data is not None and not data:
+            return b""
         self._check_open()
         buf = self._buf
-        if not data:
+        if data is None:
             self._eof = True
             if self._pos != len(buf):
                 raise self._fail(f"closed the connection inside a message ({self.buffered} bytes)")
@@ -262,7 +267,7 @@ class ClientMessageFilter:
         if self.state is FilterState.FAILED:
             raise RFBUsageError("the filter failed; the session must end")
         if self._eof:
-            raise RFBUsageError("data after the end of the stream (b'')")
+            raise RFBUsageError("data after the end of the stream (None)")
 
     def _consume(self, pos: int) -> None:
         buf = self._buf

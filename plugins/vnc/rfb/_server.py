@@ -16,7 +16,7 @@ client. Usage::
             server.send_server_init(upstream_server_init)
             ws.send(server.data_to_send())
             break
-    first = server.take_trailing_data()  # feed it to the ClientMessageFilter
+    forward = flt.filter_data(server.take_trailing_data())  # usually b""
 """
 
 from __future__ import annotations
@@ -80,8 +80,11 @@ class RFBServer:
         security type is answered)."""
         return self.state in (_S.PROTOCOL_VERSION, _S.SECURITY_CHOICE)
 
-    def receive_data(self, data: bytes | bytearray | memoryview) -> None:
-        """Feed bytes from the client; ``b""`` means the client closed."""
+    def receive_data(self, data: bytes | bytearray | memoryview | None) -> None:
+        """Feed bytes from the client; ``None`` means the client closed (as in
+        wsproto; ``b""`` is just no data)."""
+        if data is not None and not data:
+            return
         if self.state is _S.CONNECTED:
             raise RFBUsageError("the handshake is done: feed client data to the filter")
         if self.state is _S.FAILED:
