@@ -83,6 +83,10 @@ from broker.tokens import Claims, TokenRefused, TokenVerifier
 
 _log = structlog.get_logger("broker.service")
 _SERVER = f"console-broker/{broker.__version__}"
+#: How long a session whose console closed waits for libvirt to report a stop (QEMU
+#: closes its sockets as it dies; libvirt reports the stop when it has cleaned up,
+#: measured 1.2 s after ``virDomainDestroy`` began on the test bed).
+_STOP_SETTLE = 2.0
 
 
 @attrs.frozen
@@ -113,10 +117,12 @@ class _Live:
         self.kind = kind
         self.scope = anyio.CancelScope()
         self.ending: Refusal | None = None
+        self.ended = anyio.Event()
 
     def end(self, ending: Refusal) -> None:
         if self.ending is None:
             self.ending = ending
+        self.ended.set()
         self.scope.cancel()
 
 
@@ -550,16 +556,17 @@ class Broker:
             log.exception("session.failed")
             ending = INTERNAL_ERROR
         finally:
-            if live is not None:
-                self._forget(live)
             with anyio.CancelScope(shield=True):
                 for opened in endpoints:
                     await opened.aclose()
             if live is not None:
-                if live.ending is not None:
-                    ending = live.ending
-                elif ending is None:
-                    ending = CONSOLE_CLOSED if connection.state is State.OPEN else CLIENT_CLOSED
+                if live.ending is None and ending is None:
+                    if connection.state is State.OPEN:
+                        ending = await self._console_ending(live)
+                    else:
+                        ending = CLIENT_CLOSED
+                ending = live.ending or ending or CONSOLE_CLOSED
+                self._forget(live)
                 await self._close(connection, ending)
                 log.info(
                     "session.closed", reason=ending.reason, code=ending.close_code,
@@ -570,6 +577,17 @@ class Broker:
             elif ending is INTERNAL_ERROR:
                 await self._close(connection, ending)
             self._counts.release(domain, client)
+
+    async def _console_ending(self, live: _Live) -> Refusal:
+        """Why the console closed: QEMU closes its sockets as it dies, a moment before
+        libvirt reports the stop; wait briefly for that, then ask."""
+        with anyio.CancelScope(shield=True):
+            with anyio.move_on_after(_STOP_SETTLE):
+                await live.ended.wait()
+            if live.ending is None:
+                with anyio.move_on_after(_STOP_SETTLE):
+                    return await self._resolver.ending_for(live.domain) or CONSOLE_CLOSED
+        return live.ending or CONSOLE_CLOSED
 
     def _forget(self, live: _Live) -> None:
         lives = self._sessions.get(live.domain)

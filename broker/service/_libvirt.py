@@ -15,22 +15,25 @@ binds another loop and stream callbacks never fire). Over it:
   a console stream end (``hypervisor_lost``). After reconnecting, the
   domains with sessions are checked again, for stops missed meanwhile.
 
-libvirt calls run on the loop thread. Measured on the test bed (TCG guest,
-local libvirtd): lookupByUUIDString 0.25 ms, isActive 0.2 ms, XMLDesc 0.26 ms,
-openGraphicsFD 2.2 ms median (p90 3.9 ms, max 13 ms). Running them in worker
-threads would need a thread-safe event implementation: libvirt's remote
-driver updates its socket watch from the calling thread, and libvirtaio's
-handlers call ``loop.add_reader`` directly, which is only safe on the loop
-thread. At 2-3 ms per session start, one loop opens some 400 sessions a
-second; that is the cost, and :meth:`LibvirtResolver._call` is the one place
-to change should it matter.
+libvirt calls that wait on libvirtd (opening the connection, looking a
+domain up, its live XML, openGraphicsFD, openConsole) run in worker threads
+(at most :data:`MAX_THREADS` at once), with libvirt's event loop made safe for
+that (:mod:`broker.service._eventloop`). Measured on the test bed (TCG guest,
+local libvirtd), on the loop thread: lookupByUUIDString 0.25 ms, isActive
+0.2 ms, XMLDesc 0.26 ms, openGraphicsFD 2.2 ms median (p90 3.9 ms, max 13 ms);
+a thread hop adds some 0.1 ms. The calls are cheap when libvirtd is idle, but
+openGraphicsFD and openConsole wait for the domain's job lock, which another
+job (a snapshot, a migration, a destroy) can hold for seconds: on the loop
+thread, that would stall every session of the broker.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import socket
+import threading
 import time
 from collections.abc import Callable
 from typing import Any, Protocol
@@ -42,6 +45,7 @@ import libvirt
 import structlog
 from lxml import etree
 
+from broker.service._eventloop import register_event_loop
 from broker.service._lvstream import LibvirtByteStream
 from broker.service._plan import EndpointPlan, plan_endpoint
 from broker.service._refusals import (
@@ -65,6 +69,8 @@ _BACKOFF_FIRST = 0.5
 _BACKOFF_MAX = 30.0
 _KEEPALIVE_INTERVAL = 5
 _KEEPALIVE_COUNT = 3
+#: Worker threads making libvirt calls at once.
+MAX_THREADS = 16
 
 
 @attrs.frozen
@@ -136,14 +142,10 @@ _STOPPING_EVENTS: dict[int, Refusal] = {
 }
 
 
-def _register_event_loop() -> None:
-    """Bind libvirt's event loop to the running asyncio loop (once per loop)."""
-    import libvirtaio
-
-    loop = asyncio.get_running_loop()
-    current = libvirtaio.getCurrentImpl()
-    if current is None or current.loop is not loop:
-        libvirtaio.virEventRegisterAsyncIOImpl(loop=loop)
+def _state(dom: Any) -> tuple[bool, str, str]:
+    """(active, live XML or "", name) of a domain, in one trip to a worker thread."""
+    active = bool(dom.isActive())
+    return active, dom.XMLDesc(0) if active else "", dom.name()
 
 
 def _message(exc: libvirt.libvirtError) -> str:
@@ -162,6 +164,9 @@ class LibvirtResolver:
         self._events: ResolverEvents | None = None
         self._last_error = "not connected yet"
         self._connected_since: float | None = None
+        self._limiter = anyio.CapacityLimiter(MAX_THREADS)
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._loop_thread: int | None = None
 
     # --- the connection -------------------------------------------------------------------
 
@@ -204,21 +209,34 @@ class LibvirtResolver:
                 step()
         self._callback_id = None
 
+    def _on_loop(self, function: Callable[..., None], *args: Any) -> None:
+        """Run *function* on the loop: libvirt may call back from a worker thread."""
+        if self._loop is None or threading.get_ident() == self._loop_thread:
+            function(*args)
+        else:
+            self._loop.call_soon_threadsafe(function, *args)
+
     def _on_close(self, _conn: Any, reason: int, _opaque: object) -> None:
         self._last_error = f"connection closed (reason {reason})"
-        self._lost.set()
+        self._on_loop(self._lost.set)
 
     def _on_lifecycle(
         self, _conn: Any, dom: Any, event: int, _detail: int, _opaque: object
     ) -> None:
         ending = _STOPPING_EVENTS.get(event)
-        if ending is not None and self._events is not None:
-            self._events.domain_gone(dom.UUIDString(), ending)
+        if ending is not None:
+            self._on_loop(self._domain_gone, dom.UUIDString(), ending)
+
+    def _domain_gone(self, domain_uuid: str, ending: Refusal) -> None:
+        if self._events is not None:
+            self._events.domain_gone(domain_uuid, ending)
 
     async def run(
         self, events: ResolverEvents, *, task_status: anyio.abc.TaskStatus[None]
     ) -> None:
-        _register_event_loop()
+        register_event_loop()
+        self._loop = asyncio.get_running_loop()
+        self._loop_thread = threading.get_ident()
         self._events = events
         delay = _BACKOFF_FIRST
         connected_before = False
@@ -226,7 +244,7 @@ class LibvirtResolver:
         try:
             while True:
                 try:
-                    self._connect()
+                    await anyio.to_thread.run_sync(self._connect, limiter=self._limiter)
                 except libvirt.libvirtError as exc:
                     if self._last_error != _message(exc) or delay == _BACKOFF_FIRST:
                         _log.warning("libvirt.unreachable", uri=self.uri, error=_message(exc),
@@ -248,7 +266,7 @@ class LibvirtResolver:
                     task_status.started()
                 await self._lost.wait()
                 _log.warning("libvirt.connection_lost", uri=self.uri, error=self._last_error)
-                self._disconnect()
+                await anyio.to_thread.run_sync(self._disconnect, limiter=self._limiter)
                 events.connection_lost()
         finally:
             self._disconnect()
@@ -256,32 +274,32 @@ class LibvirtResolver:
 
     # --- resolving ------------------------------------------------------------------------
 
-    def _call(self, function: Callable[..., Any], *args: Any) -> Any:
-        """One blocking libvirt call (on the loop thread; see the module's notes)."""
+    async def _call(self, function: Callable[..., Any], *args: Any) -> Any:
+        """One blocking libvirt call, in a worker thread (see the module's notes)."""
         if self._conn is None:
             raise Refused(HYPERVISOR_UNAVAILABLE, self._last_error)
         try:
-            return function(*args)
+            return await anyio.to_thread.run_sync(
+                functools.partial(function, *args), limiter=self._limiter
+            )
         except libvirt.libvirtError as exc:
             if exc.get_error_code() in _CONNECTION_ERRORS and not self._conn.isAlive():
                 self._lost.set()
                 raise Refused(HYPERVISOR_UNAVAILABLE, _message(exc)) from None
             raise
 
-    def _lookup(self, domain_uuid: str) -> Any:
+    async def _lookup(self, domain_uuid: str) -> Any:
         try:
-            return self._call(lambda: self._conn.lookupByUUIDString(domain_uuid))
+            return await self._call(self._conn.lookupByUUIDString, domain_uuid)
         except libvirt.libvirtError as exc:
             if exc.get_error_code() == libvirt.VIR_ERR_NO_DOMAIN:
                 raise Refused(UNKNOWN_DOMAIN, f"no domain {domain_uuid}") from None
             raise Refused(HYPERVISOR_UNAVAILABLE, _message(exc)) from None
 
     async def target(self, claims: Claims, console: str) -> Target:
-        dom = self._lookup(claims.domain_uuid)
+        dom = await self._lookup(claims.domain_uuid)
         try:
-            active = self._call(dom.isActive)
-            xml = self._call(dom.XMLDesc, 0) if active else ""
-            name = self._call(dom.name)
+            active, xml, name = await self._call(_state, dom)
         except libvirt.libvirtError as exc:
             if exc.get_error_code() == libvirt.VIR_ERR_NO_DOMAIN:
                 raise Refused(UNKNOWN_DOMAIN, f"no domain {claims.domain_uuid}") from None
@@ -299,7 +317,7 @@ class LibvirtResolver:
         if plan.kind == "fd":
             return await self._open_fd(target)
         if plan.kind == "stream":
-            return self._open_stream(target)
+            return await self._open_stream(target)
         try:
             if plan.kind == "tcp":
                 assert plan.host is not None and plan.port is not None
@@ -318,7 +336,7 @@ class LibvirtResolver:
     async def _open_fd(self, target: Target) -> Endpoint:
         plan = target.plan
         try:
-            fd = self._call(
+            fd = await self._call(
                 target.handle.openGraphicsFD, plan.index, libvirt.VIR_DOMAIN_OPEN_GRAPHICS_SKIPAUTH
             )
         except libvirt.libvirtError as exc:
@@ -333,11 +351,11 @@ class LibvirtResolver:
             raise
         return Endpoint(stream, "fd", plan.describe())
 
-    def _open_stream(self, target: Target) -> Endpoint:
+    async def _open_stream(self, target: Target) -> Endpoint:
         plan = target.plan
-        stream = self._call(self._conn.newStream, libvirt.VIR_STREAM_NONBLOCK)
+        stream = await self._call(self._conn.newStream, libvirt.VIR_STREAM_NONBLOCK)
         try:
-            self._call(target.handle.openConsole, plan.device, stream, 0)
+            await self._call(target.handle.openConsole, plan.device, stream, 0)
         except libvirt.libvirtError as exc:
             with contextlib.suppress(libvirt.libvirtError):
                 stream.abort()
@@ -353,10 +371,10 @@ class LibvirtResolver:
 
     async def ending_for(self, domain_uuid: str) -> Refusal | None:
         try:
-            dom = self._lookup(domain_uuid)
+            dom = await self._lookup(domain_uuid)
         except Refused as exc:
             return DOMAIN_UNDEFINED if exc.refusal is UNKNOWN_DOMAIN else None
         try:
-            return None if self._call(dom.isActive) else VM_STOPPED
+            return None if await self._call(dom.isActive) else VM_STOPPED
         except (libvirt.libvirtError, Refused):
             return None

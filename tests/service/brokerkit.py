@@ -100,7 +100,9 @@ class FakeResolver:
             raise Refused(VM_NOT_RUNNING, "not running")
         if console not in dom.consoles:
             raise Refused(CONSOLE_NOT_ENABLED, f"no {console}")
-        return Target(dom.uuid, dom.name, EndpointPlan("tcp", console, host="fake", port=1), handle=dom)
+        return Target(
+            dom.uuid, dom.name, EndpointPlan("tcp", console, host="fake", port=1), handle=dom
+        )
 
     async def open(self, target: Target) -> Endpoint:
         dom: FakeDomain = target.handle
@@ -195,4 +197,3 @@ async def running_broker(
             yield Running(broker, resolver, port)
         finally:
             broker.shutdown()
-

@@ -49,7 +49,9 @@ async def broker(verifier: TokenVerifier) -> AsyncIterator[Running]:
         yield running
 
 
-async def http_get(running: Running, path: str, headers: dict[str, str] | None = None) -> tuple[int, dict[str, str], bytes]:
+async def http_get(
+    running: Running, path: str, headers: dict[str, str] | None = None
+) -> tuple[int, dict[str, str], bytes]:
     """A minimal HTTP/1.1 GET: (status, headers, body)."""
     stream = await anyio.connect_tcp("127.0.0.1", running.port)
     async with stream:
@@ -108,7 +110,11 @@ async def test_a_token_opens_a_session_that_reaches_the_console(
                 await anyio.sleep(0.01)
     events = {entry["event"]: entry for entry in logs}
     opened, closed = events["session.opened"], events["session.closed"]
-    assert opened["domain"] == DOMAIN and opened["protocol"] == "vnc" and opened["client"] == "127.0.0.1"
+    assert (
+        opened["domain"] == DOMAIN
+        and opened["protocol"] == "vnc"
+        and opened["client"] == "127.0.0.1"
+    )
     assert closed["reason"] == "client_closed"
     assert closed["bytes_to_client"] == len(BANNER) + len(b"hello") + len(b"text keys")
     assert closed["bytes_to_console"] == len(b"hello") + len(b"text keys")
@@ -116,7 +122,9 @@ async def test_a_token_opens_a_session_that_reaches_the_console(
     assert token not in repr(logs)
 
 
-async def test_a_client_offering_no_subprotocol_is_accepted(broker: Running, issuer: TokenIssuer) -> None:
+async def test_a_client_offering_no_subprotocol_is_accepted(
+    broker: Running, issuer: TokenIssuer
+) -> None:
     token = issuer.issue(DOMAIN, "serial", ttl=60).token
     async with connect(broker.url("serial", token)) as ws:
         assert ws.subprotocol is None
@@ -161,7 +169,10 @@ async def test_token_refusals_have_their_own_status(
     assert await refused_status(broker.url("vnc", used)) == (401, "token already used\n")
 
     serial = issuer.issue(DOMAIN, "serial", ttl=60).token
-    assert await refused_status(broker.url("vnc", serial)) == (403, "token is for another protocol\n")
+    assert await refused_status(broker.url("vnc", serial)) == (
+        403,
+        "token is for another protocol\n",
+    )
 
 
 async def test_a_token_for_another_node_is_misdirected(
@@ -189,16 +200,23 @@ async def test_domain_refusals_have_their_own_status(
 
 async def test_an_unknown_protocol_is_not_found(broker: Running, issuer: TokenIssuer) -> None:
     token = issuer.issue(DOMAIN, "nope", ttl=60).token
-    assert await refused_status(broker.url("nope", token)) == (404, "no plugin serves this protocol\n")
+    assert await refused_status(broker.url("nope", token)) == (
+        404,
+        "no plugin serves this protocol\n",
+    )
 
 
-async def test_the_hypervisor_being_down_is_unavailable(broker: Running, issuer: TokenIssuer) -> None:
+async def test_the_hypervisor_being_down_is_unavailable(
+    broker: Running, issuer: TokenIssuer
+) -> None:
     broker.resolver.available = False
     token = issuer.issue(DOMAIN, "vnc", ttl=60).token
     assert await refused_status(broker.url("vnc", token)) == (503, "hypervisor unavailable\n")
 
 
-async def test_a_busy_console_closes_after_the_upgrade(broker: Running, issuer: TokenIssuer) -> None:
+async def test_a_busy_console_closes_after_the_upgrade(
+    broker: Running, issuer: TokenIssuer
+) -> None:
     token = issuer.issue(BUSY, "serial", ttl=60).token
     assert await closed_with(broker.url("serial", token)) == (4013, "console busy")
 
@@ -207,7 +225,7 @@ async def test_a_plain_get_on_a_websocket_path_does_not_use_the_token(
     broker: Running, issuer: TokenIssuer
 ) -> None:
     token = issuer.issue(DOMAIN, "vnc", ttl=60).token
-    status, headers, body = await http_get(broker, f"/ws/vnc?token={token}")
+    status, headers, _body = await http_get(broker, f"/ws/vnc?token={token}")
     assert status == 426 and headers["upgrade"] == "websocket"
     async with connect(broker.url("vnc", token)) as ws:  # still usable
         assert await ws.recv() == BANNER
@@ -227,7 +245,7 @@ async def test_origin_rules(verifier: TokenVerifier, issuer: TokenIssuer) -> Non
         async with connect(url(), origin=own) as ws:  # type: ignore[arg-type]
             assert await ws.recv() == BANNER
         for foreign in ("http://evil.example", f"http://127.0.0.1:{running.port + 1}", "null"):
-            status = await refused_status(url(), origin=foreign)  # type: ignore[arg-type]
+            status = await refused_status(url(), origin=foreign)
             assert status == (403, "origin not allowed\n"), foreign
         assert await refused_status(url()) == (403, "origin not allowed\n")  # no Origin
 
@@ -239,14 +257,16 @@ async def test_origin_rules(verifier: TokenVerifier, issuer: TokenIssuer) -> Non
             assert await ws.recv() == BANNER
         token = issuer.issue(DOMAIN, "vnc", ttl=60).token
         own = f"http://127.0.0.1:{running.port}"  # the own host is not implied by a list
-        status = await refused_status(running.url("vnc", token), origin=own)  # type: ignore[arg-type]
+        status = await refused_status(running.url("vnc", token), origin=own)
         assert status == (403, "origin not allowed\n")
 
 
-async def test_a_refused_origin_does_not_use_the_token(verifier: TokenVerifier, issuer: TokenIssuer) -> None:
+async def test_a_refused_origin_does_not_use_the_token(
+    verifier: TokenVerifier, issuer: TokenIssuer
+) -> None:
     async with running_broker(make_config(http=HTTPSection()), verifier, _resolver()) as running:
         token = issuer.issue(DOMAIN, "vnc", ttl=60).token
-        await refused_status(running.url("vnc", token), origin="http://evil.example")  # type: ignore[arg-type]
+        await refused_status(running.url("vnc", token), origin="http://evil.example")
         own = f"http://127.0.0.1:{running.port}"
         async with connect(running.url("vnc", token), origin=own) as ws:  # type: ignore[arg-type]
             assert await ws.recv() == BANNER
@@ -255,7 +275,9 @@ async def test_a_refused_origin_does_not_use_the_token(verifier: TokenVerifier, 
 # --- limits -------------------------------------------------------------------------------
 
 
-async def test_limits_per_domain_client_and_total(verifier: TokenVerifier, issuer: TokenIssuer) -> None:
+async def test_limits_per_domain_client_and_total(
+    verifier: TokenVerifier, issuer: TokenIssuer
+) -> None:
     limits = LimitsSection(max_sessions=3, max_sessions_per_domain=2, max_sessions_per_client=3)
     resolver = FakeResolver(FakeDomain(DOMAIN), FakeDomain(OTHER))
     async with running_broker(make_config(limits=limits), verifier, resolver) as running:
@@ -290,8 +312,13 @@ async def test_limits_per_domain_client_and_total(verifier: TokenVerifier, issue
     ],
 )
 async def test_refusals_as_close_codes(
-    verifier: TokenVerifier, issuer: TokenIssuer, domain: str, protocol: str, on: str,
-    code: int, reason: str,
+    verifier: TokenVerifier,
+    issuer: TokenIssuer,
+    domain: str,
+    protocol: str,
+    on: str,
+    code: int,
+    reason: str,
 ) -> None:
     config = make_config(http=HTTPSection(allow_missing_origin=True, refusals="close"))
     async with running_broker(config, verifier, _resolver()) as running:
@@ -315,7 +342,7 @@ async def test_token_refusals_as_close_codes(
         # A foreign origin is never upgraded.
         token = issuer.issue(DOMAIN, "vnc", ttl=60).token
         evil = "http://evil.example"
-        status = await refused_status(running.url("vnc", token), origin=evil)  # type: ignore[arg-type]
+        status = await refused_status(running.url("vnc", token), origin=evil)
         assert status == (403, "origin not allowed\n")
 
 

@@ -1,0 +1,272 @@
+"""console-broker serve on the real stack: a broker subprocess, the CLI's tokens, the tiny guest.
+
+Each guest is provisioned with the real ``console-broker xml enable``; the
+broker runs as ``console-broker serve --config ...`` with a temporary state
+directory on a free port, logging JSON at debug level into a file that must
+never hold a token.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from websockets.exceptions import ConnectionClosed
+from websockets.sync.client import ClientConnection, connect
+
+from broker.plugins import DISABLE_ENV
+from broker.testbed import Testbed
+
+pytestmark = pytest.mark.vm
+CLI = [sys.executable, "-m", "broker.cli"]
+RFB_BANNER = b"RFB 003.008\n"
+GRACE = 3.0
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+class Served:
+    """A ``console-broker serve`` subprocess and the tokens issued for it."""
+
+    def __init__(self, directory: Path) -> None:
+        self.port = _free_port()
+        self.config = directory / "broker.toml"
+        self.config.write_text(
+            f"""[broker]
+node = "testnode"
+state_dir = "state"
+[listen]
+host = "127.0.0.1"
+port = {self.port}
+[http]
+allow_missing_origin = true
+[limits]
+shutdown_grace = {GRACE}
+[logging]
+format = "json"
+level = "debug"
+"""
+        )
+        self.log_path = directory / "broker.log"
+        self.env = {k: v for k, v in os.environ.items() if k != DISABLE_ENV}
+        self._log = self.log_path.open("wb")
+        self.process = subprocess.Popen(
+            [*CLI, "serve", "--config", str(self.config)],
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+            env=self.env,
+        )
+        self.tokens: list[str] = []
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                status, _ = self.get("/healthz")
+            except OSError:
+                status = 0
+            if status == 200:
+                break
+            if self.process.poll() is not None or time.monotonic() > deadline:
+                raise AssertionError(f"the broker did not come up:\n{self.log_text()}")
+            time.sleep(0.1)
+
+    def get(self, path: str) -> tuple[int, bytes]:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{self.port}{path}", timeout=5) as reply:
+                return reply.status, reply.read()
+        except urllib.error.HTTPError as exc:
+            return exc.code, exc.read()
+
+    def token(self, domain: str, protocol: str) -> dict[str, Any]:
+        out = subprocess.run(
+            [*CLI, "token", domain, "--protocol", protocol, "--json", "--config", str(self.config)],
+            check=True,
+            capture_output=True,
+            text=True,
+            env=self.env,
+        )
+        doc: dict[str, Any] = json.loads(out.stdout)
+        self.tokens.append(doc["token"])
+        return doc
+
+    def connect(self, domain: str, protocol: str) -> ClientConnection:
+        url = self.token(domain, protocol)["websocket"]
+        return connect(url, subprotocols=["binary"], open_timeout=10)  # type: ignore[list-item]
+
+    def log_text(self) -> str:
+        if not self._log.closed:
+            self._log.flush()
+        return self.log_path.read_text(errors="replace")
+
+    def stop(self) -> float:
+        """SIGTERM; the seconds until the process exited."""
+        started = time.monotonic()
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            self.process.wait(timeout=GRACE + 10)
+        self._log.close()
+        return time.monotonic() - started
+
+    def assert_no_token_logged(self) -> None:
+        text = self.log_text()
+        assert self.tokens, "no token was issued"
+        for token in self.tokens:
+            assert token not in text
+            assert token.split(".")[2] not in text  # not even the signature
+        assert not re.search(r"eyJ[A-Za-z0-9_-]{8,}\.", text)
+
+
+@pytest.fixture(scope="module")
+def served(example_installed: None, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
+    broker = Served(tmp_path_factory.mktemp("serve"))
+    try:
+        yield broker
+    finally:
+        broker.stop()
+    broker.assert_no_token_logged()
+
+
+def _guest(testbed: Testbed, mode: str, consoles: str = "vnc,serial") -> Any:
+    xml = testbed.guest_xml()
+    enabled = subprocess.run(
+        [*CLI, "xml", "enable", "--consoles", consoles, "--mode", mode],
+        input=xml,
+        check=True,
+        capture_output=True,
+        text=True,
+    ).stdout
+    dom = testbed.define(enabled)
+    testbed.boot(dom, console=False)
+    return dom
+
+
+def _read(ws: ClientConnection, size: int, timeout: float = 30.0) -> bytes:
+    data = b""
+    deadline = time.monotonic() + timeout
+    while len(data) < size:
+        message = ws.recv(timeout=max(0.1, deadline - time.monotonic()))
+        assert isinstance(message, bytes)
+        data += message
+    return data
+
+
+@pytest.mark.parametrize("mode", ["fd", "tcp"])
+def test_a_cli_token_reaches_the_guests_vnc_server(
+    served: Served, testbed: Testbed, mode: str
+) -> None:
+    dom = _guest(testbed, mode)
+    try:
+        with served.connect(dom.name(), "vnc") as ws:
+            assert ws.subprotocol == "binary"
+            assert _read(ws, len(RFB_BANNER))[: len(RFB_BANNER)] == RFB_BANNER
+            ws.send(RFB_BANNER)  # the client's version: QEMU answers with its security types
+            types = _read(ws, 2)
+            assert types[0] >= 1 and 1 in types[1 : 1 + types[0]]  # None offered
+    finally:
+        testbed.remove(dom)
+    log = served.log_text()
+    assert '"event": "session.opened"' in log and f'"endpoint_kind": "{mode}"' in log
+
+
+def test_a_stopping_vm_closes_the_session_within_a_second(served: Served, testbed: Testbed) -> None:
+    dom = _guest(testbed, "fd")
+    try:
+        with served.connect(dom.name(), "vnc") as ws:
+            _read(ws, len(RFB_BANNER))
+            dom.destroy()  # returns once libvirt has stopped the VM (about 1 s under TCG)
+            stopped = time.monotonic()
+            with pytest.raises(ConnectionClosed):
+                while True:
+                    ws.recv(timeout=5)
+            elapsed = time.monotonic() - stopped
+            assert ws.close_code == 4100 and ws.close_reason == "VM stopped"
+            assert elapsed < 1.0, elapsed
+    finally:
+        testbed.remove(dom)
+    # A stopped VM refuses new sessions.
+    status, _body = served.get("/healthz")
+    assert status == 200
+
+
+def test_the_serial_console_through_the_broker(served: Served, testbed: Testbed) -> None:
+    dom = _guest(testbed, "fd", consoles="serial")
+    try:
+        with served.connect(dom.name(), "serial") as ws:
+            seen = b""
+            deadline = time.monotonic() + 60
+            while b"hello-42" not in seen:
+                assert time.monotonic() < deadline, seen[-400:]
+                ws.send(b"echo hello-$((6*7))\n")
+                end = time.monotonic() + 2
+                while time.monotonic() < end and b"hello-42" not in seen:
+                    with contextlib.suppress(TimeoutError):
+                        seen += ws.recv(timeout=0.5)  # type: ignore[operator]
+            # The console is one client at a time.
+            with served.connect(dom.name(), "serial") as second:
+                with pytest.raises(ConnectionClosed):
+                    second.recv(timeout=5)
+                assert second.close_code == 4013 and second.close_reason == "console busy"
+    finally:
+        testbed.remove(dom)
+
+
+def test_a_third_party_plugin_serves_sessions_through_the_same_hooks(
+    served: Served, testbed: Testbed
+) -> None:
+    dom = _guest(testbed, "fd")
+    try:
+        with served.connect(dom.name(), "raw-vnc") as ws:
+            assert _read(ws, len(RFB_BANNER))[: len(RFB_BANNER)] == RFB_BANNER
+    finally:
+        testbed.remove(dom)
+    assert '"event": "example.session"' in served.log_text()
+    status, body = served.get("/console/raw-vnc/")
+    assert status == 200 and b"cb-example-plugin page" in body
+
+
+def test_healthz_and_metrics_answer(served: Served) -> None:
+    status, body = served.get("/healthz")
+    doc = json.loads(body)
+    assert status == 200 and doc["status"] == "ok" and doc["libvirt"]["connected"] is True
+    status, body = served.get("/metrics")
+    text = body.decode()
+    assert status == 200 and "console_broker_libvirt_connected 1.0" in text
+    assert "console_broker_handshake_seconds_bucket" in text
+
+
+def test_sigterm_closes_sessions_and_exits_within_the_grace(
+    testbed: Testbed, tmp_path: Path
+) -> None:
+    served = Served(tmp_path)
+    dom = _guest(testbed, "fd")
+    try:
+        with served.connect(dom.name(), "vnc") as ws:
+            _read(ws, len(RFB_BANNER))
+            took = served.stop()
+            with pytest.raises(ConnectionClosed):
+                ws.recv(timeout=5)
+            assert ws.close_code == 1001 and ws.close_reason == "broker shutting down"
+        assert served.process.returncode == 0
+        assert took < GRACE, took
+    finally:
+        served.stop()
+        testbed.remove(dom)
+    log = served.log_text()
+    assert '"event": "broker.stopped"' in log and '"reason": "shutdown"' in log
+    served.assert_no_token_logged()
