@@ -317,3 +317,15 @@ def test_large_feeds_are_linear_and_the_buffer_is_compacted() -> None:
     for i in range(0, count * 6, 4093):  # odd chunks split messages everywhere
         fed += fast.filter_data(stream[i : i + 4093])
     assert fed == b"" and fast.buffered == 0
+
+
+@pytest.mark.parametrize("kind", [bytes, bytearray, memoryview])
+@pytest.mark.parametrize("view_only", [False, True])
+def test_any_bytes_like_input(kind: type, view_only: bool) -> None:
+    stream = POINTER + CUT_TEXT + FBUR + SET_ENCODINGS + KEY + EXT_KEY
+    expected = ClientMessageFilter(view_only=view_only).filter_data(stream)
+    flt = ClientMessageFilter(view_only=view_only)
+    out = flt.filter_data(kind(stream[:13])) + flt.filter_data(kind(stream[13:]))
+    assert type(out) is bytes and out == expected
+    events = filter_events(ClientMessageFilter(view_only=view_only), [kind(stream)])
+    assert all(type(e.data) is bytes for e in events if isinstance(e, ClientMessage))
