@@ -15,6 +15,7 @@ a section per hook with a worked example.
 
 from __future__ import annotations
 
+import re
 from typing import TYPE_CHECKING
 
 import attrs
@@ -32,8 +33,11 @@ hookspec = pluggy.HookspecMarker(PROJECT_NAME)
 hookimpl = pluggy.HookimplMarker(PROJECT_NAME)
 
 
+_PROTOCOL_NAME = re.compile(r"[a-z0-9][a-z0-9-]*")
+
+
 def _check_protocol_name(_instance: object, _attribute: object, value: str) -> None:
-    if not value or not value.isascii() or not value.replace("-", "").isalnum() or value != value.lower():
+    if not _PROTOCOL_NAME.fullmatch(value):
         raise ValueError(
             f"protocol name {value!r} must be lower-case ASCII letters, digits and '-'"
         )

@@ -66,7 +66,9 @@ class PluginManager:
             except pluggy.PluginValidationError as exc:
                 raise PluginError(str(exc)) from exc
             except Exception as exc:
-                raise PluginError(f"loading the {PROJECT_NAME!r} entry points failed: {exc}") from exc
+                raise PluginError(
+                    f"loading the {PROJECT_NAME!r} entry points failed: {exc}"
+                ) from exc
         try:
             for name, plugin in plugins:
                 if name not in self.disabled:
@@ -112,7 +114,9 @@ class PluginManager:
             if plugin is None:  # a blocked name
                 continue
             dist = dists.get(id(plugin))
-            protocols = tuple(p for plugin_name, p in self.protocols.values() if plugin_name == name)
+            protocols = tuple(
+                p for plugin_name, p in self.protocols.values() if plugin_name == name
+            )
             infos.append(
                 PluginInfo(
                     name=name,
@@ -129,4 +133,6 @@ class PluginManager:
             return self.protocols[protocol][0]
         except KeyError:
             known = ", ".join(sorted(self.protocols)) or "none"
-            raise PluginError(f"no loaded plugin serves protocol {protocol!r} (loaded: {known})") from None
+            raise PluginError(
+                f"no loaded plugin serves protocol {protocol!r} (loaded: {known})"
+            ) from None

@@ -287,7 +287,9 @@ class SerialConsole:
                 if self._eof or remaining <= 0:
                     tail = bytes(self._buffer[-400:]).decode(errors="replace")
                     why = "the console closed" if self._eof else f"{timeout:.0f} s passed"
-                    raise TestbedError(f"{why} before {regex.pattern!r} appeared; last output:\n{tail}")
+                    raise TestbedError(
+                        f"{why} before {regex.pattern!r} appeared; last output:\n{tail}"
+                    )
                 self._cond.wait(remaining)
 
     def send(self, data: bytes | str) -> None:
@@ -326,7 +328,9 @@ class Testbed:
 
     __test__ = False  # not a pytest test class
 
-    def __init__(self, directory: Path = DEFAULT_DIR, uri: str = URI, prefix: str = "cbtest") -> None:
+    def __init__(
+        self, directory: Path = DEFAULT_DIR, uri: str = URI, prefix: str = "cbtest"
+    ) -> None:
         self.directory = directory
         self.uri = uri
         self.prefix = f"{prefix}-{os.getpid()}"
@@ -349,7 +353,9 @@ class Testbed:
         return f"{self.prefix}-{label}-{self._count}"
 
     def guest_xml(self, name: str | None = None, **kwargs: Any) -> str:
-        return guest_xml(name or self.unique_name(), kernel=self.kernel, initrd=self.initrd, **kwargs)
+        return guest_xml(
+            name or self.unique_name(), kernel=self.kernel, initrd=self.initrd, **kwargs
+        )
 
     def define(self, xml: str) -> Any:
         """Define a domain from *xml*; it is removed by :meth:`cleanup`."""
@@ -357,7 +363,9 @@ class Testbed:
         self._domains.append(dom)
         return dom
 
-    def boot(self, dom: Any, *, console: bool = True, device: str | None = None) -> SerialConsole | None:
+    def boot(
+        self, dom: Any, *, console: bool = True, device: str | None = None
+    ) -> SerialConsole | None:
         """Start *dom*; with *console*, return its serial console opened before the
         first instruction runs, after the ready line arrived."""
         if not console:
@@ -433,7 +441,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     up = sub.add_parser("up", help="start the daemons and define a named guest (kept running)")
     up.add_argument("name", help="domain name; an existing domain of that name is replaced")
-    up.add_argument("--no-serial", action="store_true", help="define the guest without a serial port")
+    up.add_argument(
+        "--no-serial", action="store_true", help="define the guest without a serial port"
+    )
     up.add_argument("--no-start", action="store_true", help="define only; do not start")
     down = sub.add_parser("down", help="stop and undefine a guest made with 'up'")
     down.add_argument("name")
@@ -449,7 +459,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         dom = bed.conn.defineXML(bed.guest_xml(args.name, serial=not args.no_serial))
         if not args.no_start:
             dom.create()
-        print(f"domain {args.name} ({dom.UUIDString()}) {'running' if dom.isActive() else 'defined'}")
+        print(
+            f"domain {args.name} ({dom.UUIDString()}) {'running' if dom.isActive() else 'defined'}"
+        )
     return 0
 
 

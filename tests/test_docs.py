@@ -21,4 +21,6 @@ def test_every_hook_is_documented_in_its_spec() -> None:
     for name in dir(hookspecs):
         if name.startswith("console_broker_"):
             doc = getattr(hookspecs, name).__doc__ or ""
-            assert len(doc.strip()) > 40, f"{name} needs a docstring saying args, return, firstresult"
+            assert len(doc.strip()) > 40, (
+                f"{name} needs a docstring saying args, return, firstresult"
+            )
