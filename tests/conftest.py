@@ -13,6 +13,7 @@ import shutil
 import subprocess
 import sys
 from collections.abc import Iterator
+from typing import Any
 from pathlib import Path
 
 import pytest
@@ -56,3 +57,40 @@ def example_installed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None
         yield
     finally:
         subprocess.run([*pip, "uninstall", "-y", "console-broker-example-plugin"], check=True)
+
+
+@pytest.fixture(scope="session")
+def browser() -> Iterator[Any]:
+    """Debian's headless Chromium driven by Selenium (one per test session).
+
+    The flags keep Chromium from reaching for the network (this machine has
+    none beyond loopback) and let it run as root.
+    """
+    from selenium import webdriver
+    from selenium.common.exceptions import WebDriverException
+    from selenium.webdriver.chrome.service import Service
+
+    options = webdriver.ChromeOptions()
+    options.binary_location = "/usr/bin/chromium"
+    for flag in (
+        "--headless=new",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-dev-shm-usage",
+        "--disable-quic",
+        "--no-first-run",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--disable-sync",
+        "--window-size=1024,768",
+    ):
+        options.add_argument(flag)
+    try:
+        driver = webdriver.Chrome(service=Service("/usr/bin/chromedriver"), options=options)
+    except WebDriverException as exc:
+        if os.environ.get("CI"):
+            pytest.fail(f"headless Chromium is required when CI is set: {exc}", pytrace=False)
+        pytest.skip(f"no headless Chromium here ({exc.msg})")
+    driver.set_page_load_timeout(30)
+    yield driver
+    driver.quit()
