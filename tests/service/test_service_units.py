@@ -1,0 +1,338 @@
+"""Sans-I/O parts of the service: routes, origins, limits, refusals, plans, log scrubbing."""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import re
+from pathlib import Path
+
+import pytest
+import structlog
+from lxml import etree
+
+from broker.service import _refusals as R
+from broker.service._limits import Limits, SessionCounts
+from broker.service._logging import configure_logging, scrub
+from broker.service._plan import EndpointPlan, plan_endpoint
+from broker.service._refusals import Refused, markdown_table
+from broker.service._request import (
+    NotFound,
+    OriginPolicy,
+    PageRoute,
+    PlainRoute,
+    RedirectRoute,
+    WebSocketRoute,
+    route,
+)
+
+DOCS = Path(__file__).resolve().parents[2] / "docs"
+TOKEN = (
+    "eyJhbGciOiJFZERTQSIsImtpZCI6IngiLCJ0eXAiOiJKV1QifQ.eyJzdWIiOiJ4In0.c2lnbmF0dXJlLXNpZ25hdHVyZQ"
+)
+
+
+# --- routes -------------------------------------------------------------------------------
+
+
+def test_routes() -> None:
+    assert route(f"/ws/vnc?token={TOKEN}") == WebSocketRoute("vnc", TOKEN)
+    assert route(f"/ws/raw-vnc?x=1&token={TOKEN}") == WebSocketRoute("raw-vnc", TOKEN)
+    assert route("/console/vnc/?token=abc") == PageRoute("vnc", "")
+    assert route("/console/vnc/js/app.js") == PageRoute("vnc", "js/app.js")
+    assert route("/console/vnc?token=abc") == RedirectRoute("vnc/?token=abc")
+    assert route("/healthz") == PlainRoute("healthz")
+    assert route("/metrics?x") == PlainRoute("metrics")
+    for path in (
+        "/",
+        "/ws/VNC?token=a",
+        "/ws/vnc/extra?token=a",
+        "/console/vnc/../x",
+        "/console/vnc/a/%2e%2e/b",
+        "/console/vnc/a\\b",
+        "/elsewhere",
+    ):
+        assert isinstance(route(path), NotFound), path
+
+
+def test_routes_under_the_public_urls_prefix() -> None:
+    assert route(f"/hv1/ws/vnc?token={TOKEN}", "/hv1") == WebSocketRoute("vnc", TOKEN)
+    assert route(f"/ws/vnc?token={TOKEN}", "/hv1/") == WebSocketRoute("vnc", TOKEN)
+    assert route("/hv1/healthz", "/hv1") == PlainRoute("healthz")
+    assert isinstance(route("/hv10/healthz", "/hv1"), NotFound)
+
+
+@pytest.mark.parametrize(
+    ("target", "refusal"),
+    [
+        ("/ws/vnc", R.INVALID_TOKEN),
+        ("/ws/vnc?token=", R.INVALID_TOKEN),
+        ("/ws/vnc?token=a&token=b", R.BAD_REQUEST),
+        ("/ws/vnc?" + "&".join(f"p{i}=1" for i in range(40)), R.BAD_REQUEST),
+        ("/ws/vnc?token=" + "a" * 9000, R.BAD_REQUEST),
+    ],
+)
+def test_malformed_websocket_requests(target: str, refusal: R.Refusal) -> None:
+    with pytest.raises(Refused) as info:
+        route(target)
+    assert info.value.refusal is refusal
+    assert "token=" not in str(info.value) and "aaaa" not in info.value.detail
+
+
+def test_a_route_never_shows_its_token() -> None:
+    assert TOKEN not in repr(route(f"/ws/vnc?token={TOKEN}"))
+
+
+# --- origins ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("origin", "host", "ok"),
+    [
+        ("http://127.0.0.1:6080", "127.0.0.1:6080", True),
+        ("http://LOCALHOST:6080", "localhost:6080", True),
+        ("https://consoles.example.com", "consoles.example.com", True),  # TLS proxy in front
+        ("https://consoles.example.com:443", "consoles.example.com", True),
+        ("http://consoles.example.com", "consoles.example.com:80", True),
+        ("http://[::1]:6080", "[::1]:6080", True),
+        ("http://consoles.example.com.", "consoles.example.com", True),
+        ("http://127.0.0.1:6081", "127.0.0.1:6080", False),
+        ("http://evil.example", "127.0.0.1:6080", False),
+        ("http://127.0.0.1.evil.example:6080", "127.0.0.1:6080", False),
+        ("null", "127.0.0.1:6080", False),
+        ("file://", "127.0.0.1:6080", False),
+        ("http://127.0.0.1:6080/path", "127.0.0.1:6080", False),
+        ("http://user@127.0.0.1:6080", "127.0.0.1:6080", False),
+        ("http://127.0.0.1:6080", None, False),
+        ("http://127.0.0.1:6080", "127.0.0.1:notaport", False),
+    ],
+)
+def test_the_default_origin_rule_is_the_requests_own_host(
+    origin: str, host: str | None, ok: bool
+) -> None:
+    assert (OriginPolicy().check(origin, host) is None) is ok
+
+
+def test_allowed_origins_replace_the_own_host_rule() -> None:
+    policy = OriginPolicy(("https://portal.example.com", "http://localhost:8080"))
+    assert policy.check("https://portal.example.com", "broker:6080") is None
+    assert policy.check("HTTPS://Portal.Example.Com:443", "broker:6080") is None
+    assert policy.check("http://localhost:8080", "broker:6080") is None
+    assert policy.check("http://portal.example.com", "broker:6080") is not None  # scheme
+    assert policy.check("http://broker:6080", "broker:6080") is not None  # own host not implied
+    with pytest.raises(ValueError, match="not an origin"):
+        OriginPolicy(("portal.example.com",))
+
+
+def test_missing_origin_only_where_allowed() -> None:
+    assert OriginPolicy().check(None, "h:1") is not None
+    assert OriginPolicy(allow_missing=True).check(None, "h:1") is None
+    assert OriginPolicy(allow_missing=True).check("http://evil", "h:1") is not None
+
+
+# --- limits -------------------------------------------------------------------------------
+
+
+def test_limits() -> None:
+    counts = SessionCounts(Limits(total=3, per_domain=2, per_client=2))
+    counts.acquire("d1", "c1")
+    counts.acquire("d1", "c2")
+    with pytest.raises(Refused, match=r"limits\.max_sessions_per_domain") as info:
+        counts.check("d1", "c3")
+    assert info.value.refusal is R.LIMIT_REACHED
+    counts.acquire("d2", "c1")
+    with pytest.raises(Refused, match=r"limits\.max_sessions\)"):
+        counts.acquire("d3", "c3")
+    counts.release("d1", "c2")
+    with pytest.raises(Refused, match=r"limits\.max_sessions_per_client"):
+        counts.check("d3", "c1")
+    counts.acquire("d3", "c2")
+    assert (counts.total, counts.domain("d1"), counts.client("c1")) == (3, 1, 2)
+    for domain, client in (("d1", "c1"), ("d2", "c1"), ("d3", "c2")):
+        counts.release(domain, client)
+    assert (counts.total, counts.domain("d1"), counts.client("c1")) == (0, 0, 0)
+    with pytest.raises(RuntimeError):
+        counts.release("d1", "c1")
+
+
+# --- refusals -----------------------------------------------------------------------------
+
+
+def test_every_refusal_has_its_own_close_code_and_status() -> None:
+    codes = [r.close_code for r in R.REFUSALS]
+    assert len(set(codes)) == len(codes)
+    assert all(4000 <= code <= 4999 for code in codes)
+    assert all(400 <= r.status <= 599 for r in R.REFUSALS)
+    endings = [r.close_code for r in R.ENDINGS if r.close_code >= 4000]
+    assert len(set(endings)) == len(endings) and not set(endings) & set(codes)
+    reasons = [r.reason for r in (*R.REFUSALS, *R.ENDINGS)]
+    assert len(set(reasons)) == len(reasons)
+
+
+def test_every_token_refusal_maps_to_a_refusal() -> None:
+    from broker import tokens
+
+    reasons = {
+        cls.reason
+        for cls in vars(tokens).values()
+        if isinstance(cls, type)
+        and issubclass(cls, tokens.TokenRefused)
+        and cls is not tokens.TokenRefused
+    }
+    assert reasons <= set(R.TOKEN_REFUSALS)
+
+
+def test_service_doc_has_the_refusal_table() -> None:
+    text = (DOCS / "service.md").read_text()
+    assert markdown_table() in text, (
+        "docs/service.md: paste broker.service._refusals.markdown_table()"
+    )
+
+
+def test_close_reasons_fit_a_close_frame() -> None:
+    with pytest.raises(ValueError, match="too long"):
+        R.Refusal("x", 400, 4999, "x" * 124)
+
+
+# --- endpoint plans -----------------------------------------------------------------------
+
+METADATA = """<metadata>
+    <cb:consoles xmlns:cb='https://console-broker.dev/xmlns/consoles/1' created='metadata'>
+      {records}
+    </cb:consoles>
+  </metadata>"""
+
+
+def _live(devices: str, records: str) -> etree._Element:
+    return etree.fromstring(
+        f"<domain type='qemu' id='4'><name>g</name>{METADATA.format(records=records)}"
+        f"<devices>{devices}</devices></domain>"
+    )
+
+
+VNC_RECORD = "<cb:console protocol='vnc' mode='{mode}' device='graphics' device-type='vnc'/>"
+
+
+def test_fd_mode_uses_the_graphics_index() -> None:
+    root = _live(
+        "<graphics type='spice' autoport='yes'/>"
+        "<graphics type='vnc'><listen type='none'/></graphics>",
+        VNC_RECORD.format(mode="fd"),
+    )
+    assert plan_endpoint(root, "vnc") == EndpointPlan("fd", "vnc", index=1)
+
+
+@pytest.mark.parametrize(
+    ("graphics", "host", "port"),
+    [
+        (
+            "<graphics type='vnc' port='5901' listen='127.0.0.1'>"
+            "<listen type='address' address='127.0.0.1'/></graphics>",
+            "127.0.0.1",
+            5901,
+        ),
+        (
+            "<graphics type='vnc' port='5902' listen='0.0.0.0'>"
+            "<listen type='address' address='0.0.0.0'/></graphics>",
+            "127.0.0.1",
+            5902,
+        ),
+        (
+            "<graphics type='vnc' port='5903'><listen type='address' address='::'/></graphics>",
+            "::1",
+            5903,
+        ),
+        ("<graphics type='vnc' port='5904' listen='192.0.2.7'/>", "192.0.2.7", 5904),
+    ],
+)
+def test_tcp_mode_uses_the_live_port(graphics: str, host: str, port: int) -> None:
+    plan = plan_endpoint(_live(graphics, VNC_RECORD.format(mode="tcp")), "vnc")
+    assert (plan.kind, plan.host, plan.port) == ("tcp", host, port)
+
+
+def test_tcp_mode_on_a_unix_socket() -> None:
+    graphics = "<graphics type='vnc'><listen type='socket' socket='/run/vnc.sock'/></graphics>"
+    assert plan_endpoint(_live(graphics, VNC_RECORD.format(mode="tcp")), "vnc") == EndpointPlan(
+        "unix", "vnc", path="/run/vnc.sock"
+    )
+
+
+def test_websocket_mode_uses_qemus_websocket_port() -> None:
+    graphics = "<graphics type='vnc' port='5900' websocket='5700' listen='127.0.0.1'/>"
+    plan = plan_endpoint(_live(graphics, VNC_RECORD.format(mode="websocket")), "vnc")
+    assert (plan.kind, plan.host, plan.port) == ("websocket", "127.0.0.1", 5700)
+
+
+def test_serial_uses_the_devices_alias() -> None:
+    devices = (
+        "<serial type='file'><alias name='serial0'/></serial>"
+        "<serial type='pty'><target port='1'/><alias name='serial1'/></serial>"
+    )
+    record = "<cb:console protocol='serial' mode='stream' device='serial' device-type='pty'/>"
+    assert plan_endpoint(_live(devices, record), "serial") == EndpointPlan(
+        "stream", "serial", device="serial1"
+    )
+
+
+@pytest.mark.parametrize(
+    ("devices", "records", "refusal", "message"),
+    [
+        ("<graphics type='vnc'/>", "", R.CONSOLE_NOT_ENABLED, "no vnc console enabled"),
+        ("", VNC_RECORD.format(mode="fd"), R.CONSOLE_NOT_ENABLED, "device is missing"),
+        (
+            "<graphics type='vnc'/>",
+            VNC_RECORD.format(mode="carrier-pigeon"),
+            R.CONSOLE_NOT_ENABLED,
+            "not supported",
+        ),
+        (
+            "<graphics type='vnc' autoport='yes' port='-1'/>",
+            VNC_RECORD.format(mode="tcp"),
+            R.CONSOLE_UNREACHABLE,
+            "no port",
+        ),
+        (
+            "<graphics type='vnc' port='5900'/>",
+            VNC_RECORD.format(mode="websocket"),
+            R.CONSOLE_UNREACHABLE,
+            "no WebSocket port",
+        ),
+        ("<graphics type='vnc'/>", "<cb:console/>", R.CONSOLE_NOT_ENABLED, "malformed"),
+    ],
+)
+def test_plans_that_cannot_be(devices: str, records: str, refusal: R.Refusal, message: str) -> None:
+    with pytest.raises(Refused, match=message) as info:
+        plan_endpoint(_live(devices, records), "vnc")
+    assert info.value.refusal is refusal
+
+
+# --- logs ---------------------------------------------------------------------------------
+
+
+def test_scrub_removes_anything_token_shaped() -> None:
+    assert scrub(f"GET /ws/vnc?token={TOKEN} HTTP/1.1") == "GET /ws/vnc?token=[redacted] HTTP/1.1"
+    assert TOKEN not in scrub(f"a {TOKEN} b")
+    assert scrub("plain text, eyJ alone") == "plain text, eyJ alone"
+    assert scrub("/ws/vnc?TOKEN=abc&x=1") == "/ws/vnc?TOKEN=[redacted]&x=1"
+
+
+def test_configured_logging_is_json_and_scrubbed() -> None:
+    out = io.StringIO()
+    try:
+        configure_logging("json", "debug", stream=out)
+        structlog.get_logger("broker.test").info("session.opened", url=f"/ws/vnc?token={TOKEN}")
+        logging.getLogger("websockets.server").warning("< GET /ws/vnc?token=%s HTTP/1.1", TOKEN)
+        logging.getLogger("websockets.server").debug("< GET /ws/vnc?token=%s", TOKEN)  # silenced
+        logging.getLogger("other").info("raw %s", TOKEN)
+    finally:
+        structlog.reset_defaults()
+        root = logging.getLogger()
+        for handler in list(root.handlers):
+            root.removeHandler(handler)
+        root.setLevel(logging.WARNING)
+    lines = [json.loads(line) for line in out.getvalue().splitlines()]
+    assert lines[0]["event"] == "session.opened"
+    assert len(lines) == 3
+    assert TOKEN not in out.getvalue() and not re.search(r"eyJ\w+\.", out.getvalue())
+    assert lines[0]["level"] == "info" and lines[0]["logger"] == "broker.test"
