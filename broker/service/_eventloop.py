@@ -111,14 +111,35 @@ class ThreadSafeAsyncIOImpl(libvirtaio.virEventAsyncIOImpl):  # type: ignore[mis
         return 0
 
 
+    def rebind(self, loop: asyncio.AbstractEventLoop) -> None:
+        """Move to *loop* (the running one): libvirt takes one implementation per
+        process, so a process that runs a new loop (tests) moves the one it has.
+        Watches and timers still registered are re-attached to the new loop."""
+        self.loop = loop
+        self._loop_thread = threading.get_ident()
+        self._finished = None
+        for descriptor in list(self.descriptors.values()):
+            descriptor.update()
+        for callback in list(self.callbacks.values()):
+            if isinstance(callback, libvirtaio.TimeoutCallback):
+                callback._task = None
+                callback.update(timeout=callback.timeout)
+
+
 _registered: ThreadSafeAsyncIOImpl | None = None
 
 
 def register_event_loop() -> ThreadSafeAsyncIOImpl:
-    """Run libvirt's events on the running asyncio loop (once per loop)."""
+    """Run libvirt's events on the running asyncio loop.
+
+    libvirt accepts one event implementation per process, for good: the first
+    call registers it, later calls from another loop move it there.
+    """
     global _registered
     loop = asyncio.get_running_loop()
-    if _registered is None or _registered.loop is not loop:
+    if _registered is None:
         _registered = ThreadSafeAsyncIOImpl(loop).register()
         libvirtaio._current_impl = _registered
+    elif _registered.loop is not loop:
+        _registered.rebind(loop)
     return _registered

@@ -148,6 +148,15 @@ def _state(dom: Any) -> tuple[bool, str, str]:
     return active, dom.XMLDesc(0) if active else "", dom.name()
 
 
+def _unless_unsupported(function: Callable[..., Any], *args: Any) -> None:
+    """Call *function*; a driver that does not support it is fine."""
+    try:
+        function(*args)
+    except libvirt.libvirtError as exc:
+        if exc.get_error_code() != libvirt.VIR_ERR_NO_SUPPORT:
+            raise
+
+
 def _message(exc: libvirt.libvirtError) -> str:
     return str(exc.get_error_message() or exc)
 
@@ -184,8 +193,9 @@ class LibvirtResolver:
         libvirt.registerErrorHandler(lambda _ctx, _err: None, None)
         conn = libvirt.open(self.uri)
         try:
-            conn.setKeepAlive(_KEEPALIVE_INTERVAL, _KEEPALIVE_COUNT)
-            conn.registerCloseCallback(self._on_close, None)
+            # Drivers that are not remote (test:///) have neither.
+            _unless_unsupported(conn.setKeepAlive, _KEEPALIVE_INTERVAL, _KEEPALIVE_COUNT)
+            _unless_unsupported(conn.registerCloseCallback, self._on_close, None)
             self._callback_id = conn.domainEventRegisterAny(
                 None, libvirt.VIR_DOMAIN_EVENT_ID_LIFECYCLE, self._on_lifecycle, None
             )
@@ -274,6 +284,11 @@ class LibvirtResolver:
 
     # --- resolving ------------------------------------------------------------------------
 
+    def _connection(self) -> Any:
+        if self._conn is None:
+            raise Refused(HYPERVISOR_UNAVAILABLE, self._last_error)
+        return self._conn
+
     async def _call(self, function: Callable[..., Any], *args: Any) -> Any:
         """One blocking libvirt call, in a worker thread (see the module's notes)."""
         if self._conn is None:
@@ -283,14 +298,16 @@ class LibvirtResolver:
                 functools.partial(function, *args), limiter=self._limiter
             )
         except libvirt.libvirtError as exc:
-            if exc.get_error_code() in _CONNECTION_ERRORS and not self._conn.isAlive():
+            conn = self._conn
+            lost = conn is not None and not conn.isAlive()
+            if exc.get_error_code() in _CONNECTION_ERRORS and lost:
                 self._lost.set()
                 raise Refused(HYPERVISOR_UNAVAILABLE, _message(exc)) from None
             raise
 
     async def _lookup(self, domain_uuid: str) -> Any:
         try:
-            return await self._call(self._conn.lookupByUUIDString, domain_uuid)
+            return await self._call(self._connection().lookupByUUIDString, domain_uuid)
         except libvirt.libvirtError as exc:
             if exc.get_error_code() == libvirt.VIR_ERR_NO_DOMAIN:
                 raise Refused(UNKNOWN_DOMAIN, f"no domain {domain_uuid}") from None
@@ -353,7 +370,7 @@ class LibvirtResolver:
 
     async def _open_stream(self, target: Target) -> Endpoint:
         plan = target.plan
-        stream = await self._call(self._conn.newStream, libvirt.VIR_STREAM_NONBLOCK)
+        stream = await self._call(self._connection().newStream, libvirt.VIR_STREAM_NONBLOCK)
         try:
             await self._call(target.handle.openConsole, plan.device, stream, 0)
         except libvirt.libvirtError as exc:

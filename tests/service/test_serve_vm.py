@@ -166,7 +166,7 @@ def _read(ws: ClientConnection, size: int, timeout: float = 30.0) -> bytes:
     return data
 
 
-@pytest.mark.parametrize("mode", ["fd", "tcp"])
+@pytest.mark.parametrize("mode", ["fd", "tcp", "websocket"])
 def test_a_cli_token_reaches_the_guests_vnc_server(
     served: Served, testbed: Testbed, mode: str
 ) -> None:
