@@ -64,6 +64,10 @@ class Protocol:
     #: WebSocket subprotocols the protocol speaks, in preference order: the first
     #: one a client offers is selected; a client offering none is accepted too.
     subprotocols: tuple[str, ...] = attrs.field(default=("binary",), converter=tuple)
+    #: Whether the plugin enforces view-only tokens (drops the client's input).
+    #: Sessions of view-only tokens for a protocol that does not are refused
+    #: (``view_only_unsupported``) rather than given full control.
+    view_only: bool = False
 
     def __attrs_post_init__(self) -> None:
         if not self.console:

@@ -66,6 +66,7 @@ from broker.service._refusals import (
     SHUTDOWN,
     TOKEN_REFUSALS,
     UNKNOWN_PROTOCOL,
+    VIEW_ONLY_UNSUPPORTED,
     Refusal,
     Refused,
 )
@@ -378,20 +379,32 @@ class Broker:
         client = str(connection.remote_address[0]) if connection.remote_address else "?"
         try:
             claims = self._verify(found)
+            if claims.view_only and not protocol.view_only:
+                raise Refused(VIEW_ONLY_UNSUPPORTED, f"{protocol.name} does not enforce view-only")
             self._counts.check(claims.domain_uuid, client)
             target = await self._resolver.target(claims, protocol.console)
+            self._consume(claims)
         except Refused as exc:
             return self._refuse(connection, exc, protocol=found.protocol)
         self._pending[connection] = _Pending(protocol, handler, claims, target, client, started)
         return None
 
     def _verify(self, found: WebSocketRoute) -> Claims:
+        """Check the token; it is used up by :meth:`_consume` once every check passed."""
         try:
-            return self._verifier.verify(found.token, protocol=found.protocol, node=self._node)
+            return self._verifier.verify(
+                found.token, protocol=found.protocol, node=self._node, consume=False
+            )
         except TokenRefused as exc:
             raise Refused(TOKEN_REFUSALS.get(exc.reason, INVALID_TOKEN), exc.detail) from None
         except ValueError:
             raise Refused(INVALID_TOKEN, "malformed token") from None
+
+    def _consume(self, claims: Claims) -> None:
+        try:
+            self._verifier.consume(claims)
+        except TokenRefused as exc:
+            raise Refused(TOKEN_REFUSALS.get(exc.reason, INVALID_TOKEN), exc.detail) from None
 
     def _refuse(
         self,

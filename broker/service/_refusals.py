@@ -57,6 +57,9 @@ WRONG_NODE = _r("wrong_node", 421, 4005, "token is for another node")
 WRONG_PROTOCOL = _r("wrong_protocol", 403, 4006, "token is for another protocol")
 FOREIGN_ORIGIN = _r("foreign_origin", 403, 4007, "origin not allowed")
 UNKNOWN_PROTOCOL = _r("unknown_protocol", 404, 4008, "no plugin serves this protocol")
+VIEW_ONLY_UNSUPPORTED = _r(
+    "view_only_unsupported", 403, 4009, "view-only sessions are not available for this protocol"
+)
 UNKNOWN_DOMAIN = _r("unknown_domain", 404, 4010, "unknown domain")
 CONSOLE_NOT_ENABLED = _r("console_not_enabled", 404, 4011, "console not enabled on this domain")
 VM_NOT_RUNNING = _r("vm_not_running", 409, 4012, "VM not running")
@@ -87,6 +90,7 @@ REFUSALS: tuple[Refusal, ...] = (
     WRONG_PROTOCOL,
     FOREIGN_ORIGIN,
     UNKNOWN_PROTOCOL,
+    VIEW_ONLY_UNSUPPORTED,
     UNKNOWN_DOMAIN,
     CONSOLE_NOT_ENABLED,
     VM_NOT_RUNNING,

@@ -18,7 +18,10 @@ from conftest import DOMAIN, FakeClock
 from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 
+from broker import Protocol, hookimpl
 from broker.config import HTTPSection, LimitsSection
+from broker.plugins import PluginManager
+from broker.service import Session, SessionHandler
 from broker.service import _refusals as R
 from broker.tokens import TokenIssuer, TokenVerifier
 
@@ -440,3 +443,78 @@ async def test_pages(broker: Running) -> None:
     assert (await http_get(broker, "/console/nope/"))[0] == 404
     assert (await http_get(broker, "/console/vnc/../../etc/passwd"))[0] == 404
     assert (await http_get(broker, "/elsewhere"))[0] == 404
+
+
+# --- view-only, single use, the session hook ----------------------------------------------
+
+
+async def test_a_view_only_token_needs_a_protocol_that_enforces_it(
+    broker: Running, issuer: TokenIssuer
+) -> None:
+    token = issuer.issue(DOMAIN, "vnc", ttl=60, view_only=True).token
+    status = await refused_status(broker.url("vnc", token))
+    assert status == (403, "view-only sessions are not available for this protocol\n")
+
+
+async def test_a_token_refused_before_the_upgrade_stays_usable(
+    broker: Running, issuer: TokenIssuer
+) -> None:
+    token = issuer.issue(STOPPED, "vnc", ttl=60).token
+    assert await refused_status(broker.url("vnc", token)) == (409, "VM not running\n")
+    broker.resolver.domains[STOPPED].running = True
+    async with connect(broker.url("vnc", token)) as ws:
+        assert await ws.recv() == BANNER
+    assert await refused_status(broker.url("vnc", token)) == (401, "token already used\n")
+
+
+class _HookPlugin:
+    """A plugin defined in the test: it opens a second endpoint, or fails."""
+
+    def __init__(self) -> None:
+        self.seen: list[Session] = []
+
+    @hookimpl
+    def console_broker_protocols(self) -> list[Protocol]:
+        return [
+            Protocol(name="two-vnc", title="two", console="vnc", view_only=True),
+            Protocol(name="broken", title="broken", console="vnc"),
+        ]
+
+    @hookimpl
+    def console_broker_session_handler(self, protocol: str) -> SessionHandler | None:
+        return {"two-vnc": self.two, "broken": self.broken}.get(protocol)
+
+    async def two(self, session: Session) -> None:
+        self.seen.append(session)
+        second = await session.open_endpoint()
+        assert await second.stream.receive() == BANNER
+        await session.client.send(b"two:" + await session.endpoint.stream.receive())
+
+    async def broken(self, session: Session) -> None:
+        raise RuntimeError("plugin bug")
+
+
+async def test_the_session_hook_gets_a_session_and_the_core_closes_everything(
+    verifier: TokenVerifier, issuer: TokenIssuer
+) -> None:
+    plugin = _HookPlugin()
+    plugins = PluginManager(disabled=(), load_entrypoints=False, plugins=[("hooked", plugin)])
+    resolver = _resolver()
+    async with running_broker(make_config(), verifier, resolver, plugins) as running:
+        token = issuer.issue(DOMAIN, "two-vnc", ttl=60, view_only=True).token
+        async with connect(running.url("two-vnc", token)) as ws:
+            assert await ws.recv() == b"two:" + BANNER
+            with pytest.raises(ConnectionClosed):
+                await ws.recv()
+            assert (ws.close_code, ws.close_reason) == (1000, "console closed")
+        session = plugin.seen[0]
+        assert session.view_only and session.console == "vnc" and session.domain_name == "web1"
+        assert resolver.opened == 2
+        with anyio.fail_after(3):
+            while resolver.closed < 2:  # both endpoints closed by the core
+                await anyio.sleep(0.01)
+
+        token = issuer.issue(DOMAIN, "broken", ttl=60).token
+        with structlog.testing.capture_logs() as logs:
+            assert await closed_with(running.url("broken", token)) == (1011, "internal error")
+        assert any(entry["event"] == "session.failed" for entry in logs)
