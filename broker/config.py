@@ -271,6 +271,86 @@ class LoggingSection:
 
 
 @attrs.frozen
+class VNCSection:
+    """The VNC plugin: how the broker logs in to QEMU's VNC server, and the console page
+    (see docs/vnc.md)."""
+
+    shared: bool = _key(
+        True,
+        "Ask QEMU to share the display (the RFB shared flag), so that several sessions on "
+        "one VM stay connected; false asks for exclusive access, and QEMU (sharePolicy "
+        "'allow-exclusive') then disconnects the VM's other VNC clients. The browser's own "
+        "flag is ignored.",
+    )
+    tls_ca: str = _key(
+        "",
+        "PEM file of the CA that signed QEMU's VNC server certificates (QEMU's "
+        "vnc_tls_x509_cert_dir/ca-cert.pem). Set: the broker accepts VeNCrypt with TLS "
+        "(X509None, X509Vnc), verifying QEMU's certificate. Empty: no TLS to QEMU.",
+        path=True,
+    )
+    tls_cert: str = _key(
+        "",
+        "PEM client certificate the broker shows QEMU (for vnc_tls_x509_verify = 1). "
+        "Empty: none.",
+        path=True,
+    )
+    tls_key: str = _key("", "PEM private key of vnc.tls_cert.", path=True)
+    tls_server_name: str = _key(
+        "",
+        "Name (DNS name or IP address) QEMU's certificate must carry. Empty: the address "
+        "connected to (tcp mode); on a UNIX socket or a socket from libvirt, where no "
+        "network lies between broker and QEMU, only the certificate chain is verified.",
+    )
+    assets_dir: str = _key(
+        "",
+        "The node_modules directory holding @novnc/novnc for the console page. Empty: "
+        "the source tree's node_modules when the broker runs from one, else "
+        "/usr/share/console-broker/node_modules.",
+        path=True,
+    )
+
+
+@attrs.frozen
+class SerialSection:
+    """The serial plugin: shared sessions, scrollback and recordings (see docs/serial.md)."""
+
+    scrollback: int = _key(
+        65_536,
+        "Bytes of a console's latest output kept and replayed to each client that "
+        "attaches, so it sees the current screen at once; 0: none.",
+        _at_least(0),
+    )
+    client_queue: int = _key(
+        262_144,
+        "Bytes of output queued for one client: a client further behind skips to the "
+        "scrollback (it is sent the screen again) instead of slowing the others.",
+        _at_least(4096),
+    )
+    record: bool = _key(
+        False, "Record every serial console's output as asciicast v2 files."
+    )
+    record_domains: tuple[str, ...] = _key(
+        (), "Domains (names or UUIDs) whose serial consoles are recorded even when "
+        "serial.record is false.",
+    )
+    record_input: bool = _key(
+        False, "Also record what the writing client typed ('i' events), in recordings."
+    )
+    recordings_dir: str = _key(
+        "",
+        "Directory the recordings are written to (created 0700), one subdirectory per "
+        "domain UUID. Empty: 'recordings' in broker.state_dir.",
+        path=True,
+    )
+    recording_max_size: int = _key(
+        10_485_760,
+        "Size in bytes past which a recording is continued in a new file (the next part).",
+        _at_least(4096),
+    )
+
+
+@attrs.frozen
 class Config:
     """The whole configuration; every table has working defaults."""
 
@@ -283,6 +363,8 @@ class Config:
     limits: LimitsSection = attrs.field(factory=LimitsSection)
     proxy: ProxySection = attrs.field(factory=ProxySection)
     logging: LoggingSection = attrs.field(factory=LoggingSection)
+    vnc: VNCSection = attrs.field(factory=VNCSection)
+    serial: SerialSection = attrs.field(factory=SerialSection)
     #: The file it was read from (None: the embedded defaults).
     source: Path | None = attrs.field(default=None, eq=False)
 
@@ -303,6 +385,11 @@ class Config:
         """The trusted public key files, the local one first."""
         local = [self.state_dir / PUBLIC_KEY_NAME] if self.tokens.trust_local_key else []
         return [*local, *map(Path, self.tokens.public_keys)]
+
+    @property
+    def recordings_dir(self) -> Path:
+        """Where serial console recordings go (``serial.recordings_dir``, resolved)."""
+        return Path(self.serial.recordings_dir or self.state_dir / "recordings")
 
     @property
     def tls_enabled(self) -> bool:
@@ -493,6 +580,10 @@ def _cross_checks(config: Config) -> list[str]:
     problems = []
     if bool(config.tls.cert) != bool(config.tls.key):
         problems.append("tls.cert, tls.key: set both (TLS) or neither (plain HTTP)")
+    if bool(config.vnc.tls_cert) != bool(config.vnc.tls_key):
+        problems.append("vnc.tls_cert, vnc.tls_key: set both (a client certificate) or neither")
+    if config.vnc.tls_cert and not config.vnc.tls_ca:
+        problems.append("vnc.tls_cert: a client certificate needs vnc.tls_ca (TLS to QEMU)")
     if config.tokens.default_ttl > config.tokens.max_ttl:
         problems.append(
             f"tokens.default_ttl: {config.tokens.default_ttl} exceeds "

@@ -16,12 +16,15 @@ a section per hook with a worked example.
 from __future__ import annotations
 
 import re
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import attrs
 import pluggy
 
 if TYPE_CHECKING:
+    import argparse
+
+    from broker.config import Config
     from broker.service import SessionHandler
     from broker.xml import ConsoleEdit, EditOptions
 
@@ -64,6 +67,12 @@ class Protocol:
     #: WebSocket subprotocols the protocol speaks, in preference order: the first
     #: one a client offers is selected; a client offering none is accepted too.
     subprotocols: tuple[str, ...] = attrs.field(default=("binary",), converter=tuple)
+    #: Sessions of this protocol on the same console (domain and device) share one
+    #: endpoint: the broker opens it for the first session, hands the same
+    #: :class:`broker.service.Endpoint` to each later one, and closes it when the
+    #: last of them ends. For consoles that allow one connection at a time (a
+    #: libvirt console stream); the plugin then decides who reads and writes.
+    shared_console: bool = False
     #: Whether the plugin enforces view-only tokens (drops the client's input).
     #: Sessions of view-only tokens for a protocol that does not are refused
     #: (``view_only_unsupported``) rather than given full control.
@@ -85,6 +94,8 @@ class Page:
     content_type: str = "text/html; charset=utf-8"
     #: Further response headers (a ``Content-Security-Policy``, say).
     headers: tuple[tuple[str, str], ...] = attrs.field(default=(), converter=tuple)
+    #: The HTTP status: 200, or an error page's (503 when what the page needs is missing).
+    status: int = 200
 
 
 @hookspec
@@ -118,7 +129,7 @@ def console_broker_xml_edit(protocol: str, options: EditOptions) -> ConsoleEdit 
 
 
 @hookspec(firstresult=True)
-def console_broker_session_handler(protocol: str) -> SessionHandler | None:
+def console_broker_session_handler(protocol: str, config: Config) -> SessionHandler | None:
     """Return the coroutine function that runs a session of *protocol*.
 
     Called once per declared protocol when the broker starts (``console-broker
@@ -141,13 +152,19 @@ def console_broker_session_handler(protocol: str) -> SessionHandler | None:
     :func:`broker.service.pump` proxies bytes both ways with backpressure;
     :func:`broker.service.raw_proxy` is a complete handler that does just that.
 
+    A handler ends its session with a reason of the core's table (a close code,
+    docs/service.md) by raising :class:`broker.service.Refused`; any other
+    exception ends it as ``internal_error``.
+
     :param protocol: a protocol name declared by ``console_broker_protocols``.
+    :param config: the broker's :class:`broker.config.Config` (a plugin's own table,
+        such as ``config.vnc``, included).
     :return: ``async def handler(session: Session) -> None``, or None.
     """
 
 
 @hookspec(firstresult=True)
-def console_broker_page(protocol: str, path: str) -> Page | None:
+def console_broker_page(protocol: str, path: str, config: Config) -> Page | None:
     """Serve the console page of *protocol*, or one of its assets.
 
     Called for ``GET /console/{protocol}/{path}``: *path* is ``""`` for the
@@ -157,6 +174,22 @@ def console_broker_page(protocol: str, path: str) -> Page | None:
     Return None for anything the plugin does not serve: the broker answers
     404. Responses carry ``Cache-Control: no-store`` and
     ``Referrer-Policy: no-referrer`` (the page's URL holds a token).
+    Called on the broker's event loop: keep it quick (read small files, no
+    network).
 
+    :param config: the broker's :class:`broker.config.Config`.
     :return: a :class:`Page`, or None.
+    """
+
+
+@hookspec
+def console_broker_commands(subparsers: argparse._SubParsersAction[Any]) -> None:
+    """Add sub-commands to the ``console-broker`` command line.
+
+    Called for every plugin when the command line is built (all
+    implementations run; nothing is returned). Add a parser with
+    ``subparsers.add_parser(name, help=..., description=...)`` and set its
+    handler with ``parser.set_defaults(func=run)``: ``run(args)`` returns the
+    exit status and may raise :class:`broker.cli.CommandError` for a one-line
+    error. A name the core or another plugin took already is argparse's error.
     """

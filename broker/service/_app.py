@@ -80,6 +80,7 @@ from broker.service._request import (
     route,
 )
 from broker.service._session import Endpoint, Session, SessionHandler, WebSocketChannel
+from broker.service._shared import SharedEndpoints
 from broker.tokens import Claims, TokenRefused, TokenVerifier
 
 _log = structlog.get_logger("broker.service")
@@ -146,6 +147,18 @@ def _response(
     return Response(status, http.HTTPStatus(status).phrase, all_headers, body)
 
 
+def _plugin_refusal(exc: Exception) -> Refused | None:
+    """The :class:`Refused` a session handler raised to end its session with a reason
+    (also from inside task groups), or None for any other error."""
+    if isinstance(exc, Refused):
+        return exc
+    if isinstance(exc, ExceptionGroup):
+        matched, rest = exc.split(Refused)
+        if matched is not None and rest is None:
+            return _plugin_refusal(matched.exceptions[0])
+    return None
+
+
 def _text(status: int, text: str, headers: Iterable[tuple[str, str]] = ()) -> Response:
     return _response(status, (text + "\n").encode(), headers=headers)
 
@@ -185,7 +198,9 @@ class Broker:
                 limits.max_sessions, limits.max_sessions_per_domain, limits.max_sessions_per_client
             )
         )
-        self._handlers = self._load_handlers(plugins)
+        self._handlers = self._load_handlers(plugins, config)
+        #: Consoles of ``shared_console`` protocols, open while a session uses them.
+        self._shared = SharedEndpoints()
         self._sessions: dict[str, set[_Live]] = {}
         self._pending: weakref.WeakKeyDictionary[ServerConnection, _Pending | _PendingRefusal] = (
             weakref.WeakKeyDictionary()
@@ -198,10 +213,12 @@ class Broker:
         self.addresses: list[tuple[str, int]] = []
 
     @staticmethod
-    def _load_handlers(plugins: PluginManager) -> dict[str, tuple[Protocol, SessionHandler]]:
+    def _load_handlers(
+        plugins: PluginManager, config: Config
+    ) -> dict[str, tuple[Protocol, SessionHandler]]:
         handlers: dict[str, tuple[Protocol, SessionHandler]] = {}
         for name, (plugin_name, protocol) in sorted(plugins.protocols.items()):
-            handler = plugins.hook.console_broker_session_handler(protocol=name)
+            handler = plugins.hook.console_broker_session_handler(protocol=name, config=config)
             if handler is None:
                 _log.warning("protocol.no_handler", protocol=name, plugin=plugin_name)
                 continue
@@ -446,7 +463,9 @@ class Broker:
         if found.protocol not in self._plugins.protocols:
             return _text(404, f"no plugin serves protocol {found.protocol!r}")
         try:
-            page = self._plugins.hook.console_broker_page(protocol=found.protocol, path=found.path)
+            page = self._plugins.hook.console_broker_page(
+                protocol=found.protocol, path=found.path, config=self.config
+            )
         except Exception:
             _log.exception("page.failed", protocol=found.protocol)
             return _text(500, "internal error")
@@ -460,7 +479,7 @@ class Broker:
         if not isinstance(page, Page):
             _log.error("page.invalid", protocol=found.protocol, type=type(page).__name__)
             return _text(500, "internal error")
-        return _response(200, page.body, page.content_type, page.headers)
+        return _response(page.status, page.body, page.content_type, page.headers)
 
     # --- sessions -----------------------------------------------------------------------
 
@@ -486,6 +505,12 @@ class Broker:
     async def _open_first(self, pending: _Pending, endpoints: list[Endpoint]) -> Endpoint:
         try:
             with anyio.fail_after(self.config.limits.handshake_timeout):
+                if pending.protocol.shared_console:
+                    target = pending.target
+                    key = (pending.protocol.name, target.domain_uuid, target.plan)
+                    endpoint = await self._shared.acquire(key, lambda: self._resolver.open(target))
+                    endpoints.append(endpoint)
+                    return endpoint
                 return await self._open(pending, endpoints)
         except TimeoutError:
             raise Refused(CONSOLE_UNREACHABLE, "opening the console timed out") from None
@@ -543,6 +568,7 @@ class Broker:
                 open_endpoint=open_endpoint,
                 client_address=client,
                 domain_name=target.domain_name,
+                domain_handle=target.handle,
                 read_size=self.config.proxy.read_size,
                 handshake_timeout=self.config.limits.handshake_timeout,
             )
@@ -565,13 +591,20 @@ class Broker:
                         group.cancel_scope.cancel()
             finally:
                 self.metrics.sessions_active.labels(protocol.name).dec()
-        except Exception:
-            log.exception("session.failed")
-            ending = INTERNAL_ERROR
+        except Exception as exc:
+            refused = _plugin_refusal(exc)
+            if refused is None:
+                log.exception("session.failed")
+                ending = INTERNAL_ERROR
+            else:
+                log.info("session.ended_by_plugin", reason=refused.refusal.reason,
+                         detail=refused.detail, code=refused.refusal.close_code)
+                ending = refused.refusal
         finally:
             with anyio.CancelScope(shield=True):
                 for opened in endpoints:
-                    await opened.aclose()
+                    if not await self._shared.release(opened):
+                        await opened.aclose()
             if live is not None:
                 if live.ending is None and ending is None:
                     if connection.state is State.OPEN:

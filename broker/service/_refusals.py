@@ -78,6 +78,14 @@ VM_STOPPED = _r("vm_stopped", 0, 4100, "VM stopped")
 DOMAIN_UNDEFINED = _r("domain_undefined", 0, 4101, "domain undefined")
 IDLE_TIMEOUT = _r("idle_timeout", 0, 4102, "idle timeout")
 HYPERVISOR_LOST = _r("hypervisor_lost", 0, 4103, "hypervisor connection lost")
+# A plugin ends a session with one of these by raising Refused from its handler.
+CLIENT_PROTOCOL_ERROR = _r(
+    "client_protocol_error", 0, 4104, "the client sent a message the broker cannot check"
+)
+CONSOLE_PROTOCOL_ERROR = _r("console_protocol_error", 0, 4105, "console protocol error")
+CONSOLE_AUTH_FAILED = _r(
+    "console_auth_failed", 0, 4106, "the broker could not log in to the console"
+)
 
 #: Every refusal, in table order (docs/service.md).
 REFUSALS: tuple[Refusal, ...] = (
@@ -109,6 +117,9 @@ ENDINGS: tuple[Refusal, ...] = (
     DOMAIN_UNDEFINED,
     IDLE_TIMEOUT,
     HYPERVISOR_LOST,
+    CLIENT_PROTOCOL_ERROR,
+    CONSOLE_PROTOCOL_ERROR,
+    CONSOLE_AUTH_FAILED,
 )
 
 #: :class:`broker.tokens.TokenRefused` reasons -> refusals.

@@ -103,6 +103,10 @@ class Session:
     client_address: str
     #: The domain's name, when libvirt told it.
     domain_name: str = ""
+    #: The resolver's handle on the domain: a ``libvirt.virDomain`` with the libvirt
+    #: resolver (for what a plugin must ask libvirt itself, such as a display password
+    #: from the secure XML; call libvirt in a worker thread), or None.
+    domain_handle: Any = attrs.field(default=None, eq=False, repr=False)
     #: Size of one read from the console (``proxy.read_size``).
     read_size: int = DEFAULT_READ_SIZE
     #: Time the plugin's own protocol handshake may take (``limits.handshake_timeout``).

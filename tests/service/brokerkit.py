@@ -17,6 +17,7 @@ import anyio
 import anyio.abc
 import attrs
 
+from broker import Protocol, hookimpl
 from broker.config import (
     BrokerSection,
     Config,
@@ -39,7 +40,7 @@ from broker.service._refusals import (
     Refusal,
     Refused,
 )
-from broker.service._session import Endpoint
+from broker.service._session import Endpoint, SessionHandler, raw_proxy
 from broker.tokens import Claims, TokenVerifier
 
 BANNER = b"RFB 003.008\n"
@@ -148,17 +149,23 @@ def make_config(
     )
 
 
-def builtin_plugins() -> PluginManager:
-    """The built-in plugins only (the environment may have others installed)."""
-    import broker_serial
-    import broker_spice
-    import broker_vnc
+class RawProtocols:
+    """The built-in protocols' names, each served by :func:`broker.service.raw_proxy`
+    with no page: the service tests are about the core, not about what a protocol
+    plugin parses (the plugins' own tests are)."""
 
-    return PluginManager(
-        disabled=(),
-        load_entrypoints=False,
-        plugins=[("vnc", broker_vnc), ("spice", broker_spice), ("serial", broker_serial)],
-    )
+    @hookimpl
+    def console_broker_protocols(self) -> list[Protocol]:
+        return [Protocol(name=name, title=name) for name in ("vnc", "spice", "serial")]
+
+    @hookimpl
+    def console_broker_session_handler(self, protocol: str) -> SessionHandler | None:
+        return raw_proxy if protocol in ("vnc", "spice", "serial") else None
+
+
+def builtin_plugins() -> PluginManager:
+    """The built-in protocols, served raw (the environment may have other plugins)."""
+    return PluginManager(disabled=(), load_entrypoints=False, plugins=[("raw", RawProtocols())])
 
 
 @attrs.define
