@@ -74,7 +74,7 @@ async def console_main(port: int) -> None:
 def broker_main(port: int, console_port: int, key_dir: str) -> None:
     import anyio
 
-    from broker.config import BrokerSection, Config, HTTPSection, ListenSection
+    from broker.config import BrokerSection, Config, HTTPSection, LimitsSection, ListenSection
     from broker.keys import load_public_key
     from broker.plugins import PluginManager
     from broker.service._app import Broker
@@ -113,6 +113,7 @@ def broker_main(port: int, console_port: int, key_dir: str) -> None:
         broker=BrokerSection(node="bench", state_dir=key_dir),
         listen=ListenSection(host="127.0.0.1", port=port),
         http=HTTPSection(allow_missing_origin=True),
+        limits=LimitsSection(max_sessions_per_domain=100_000, max_sessions_per_client=100_000),
     )
     verifier = TokenVerifier(
         [load_public_key(Path(key_dir) / "signing-key.pub.pem")], replay_cache=ReplayCache(10_000)
@@ -176,6 +177,8 @@ async def client_main(args: argparse.Namespace) -> None:
                 await ws.ping()  # the broker has read everything before the pong
                 report("client -> console", sent, time.perf_counter() - start,
                        cpu_seconds(broker.pid) - cpu)
+            if args.sessions:
+                await many_sessions(args.sessions, url, broker.pid)
             # round trip of 100-byte messages: through the broker, and straight to the console
             async with connect(url(), compression=None) as ws:
                 await ws.send(b"E")
@@ -206,6 +209,42 @@ async def client_main(args: argparse.Namespace) -> None:
                 process.wait()
 
 
+def rss_mib(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return 0.0
+
+
+async def many_sessions(count: int, url: object, pid: int) -> None:
+    """Open *count* sessions at once (echo consoles), then one message on each."""
+    from websockets.asyncio.client import connect
+
+    before, cpu = rss_mib(pid), cpu_seconds(pid)
+    start = time.perf_counter()
+    sockets = []
+    for _ in range(count):
+        ws = await connect(url(), compression=None)  # type: ignore[operator]
+        await ws.send(b"E")
+        sockets.append(ws)
+    opened = time.perf_counter() - start
+    opened_cpu = cpu_seconds(pid) - cpu
+
+    async def echo(ws: object) -> None:
+        await ws.send(b"ping")  # type: ignore[attr-defined]
+        await ws.recv()  # type: ignore[attr-defined]
+
+    start = time.perf_counter()
+    await asyncio.gather(*(echo(ws) for ws in sockets))
+    round_trip = time.perf_counter() - start
+    after = rss_mib(pid)
+    each_ms, each_kib = opened_cpu / count * 1e3, (after - before) * 1024 / count
+    print(f"{count} sessions: opened in {opened:.1f} s ({each_ms:.2f} ms broker CPU each); "
+          f"broker RSS {before:.0f} -> {after:.0f} MiB ({each_kib:.0f} KiB per session); "
+          f"one message on every session: {round_trip:.2f} s")
+    await asyncio.gather(*(ws.close() for ws in sockets))
+
+
 def report(what: str, size: int, wall: float, cpu: float) -> None:
     gib = size / 2**30
     print(f"{what}: {size / 2**20:.0f} MiB in {wall:.2f} s = {size / 2**20 / wall:.0f} MiB/s; "
@@ -215,6 +254,7 @@ def report(what: str, size: int, wall: float, cpu: float) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--mib", type=int, default=1024, help="bytes to move each way, in MiB")
+    parser.add_argument("--sessions", type=int, default=0, help="also open this many sessions")
     parser.add_argument("--role", choices=("client", "console", "broker"), default="client")
     parser.add_argument("--port", type=int)
     parser.add_argument("--console-port", type=int)

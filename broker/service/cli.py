@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import resource
 import signal
 import ssl
 from collections.abc import Callable
@@ -36,6 +37,23 @@ def _ssl_context(config: Config) -> ssl.SSLContext | None:
     except (OSError, ssl.SSLError) as exc:
         raise CommandError(f"tls.cert, tls.key: cannot load the certificate: {exc}") from None
     return context
+
+
+def raise_file_limit(sessions: int) -> None:
+    """Raise the open-file limit to its hard maximum: each session holds two descriptors."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != hard:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+            soft = hard
+        except (ValueError, OSError):
+            pass
+    needed = 2 * sessions + 64
+    if soft != resource.RLIM_INFINITY and soft < needed:
+        _log.warning(
+            "broker.file_limit", limit=soft, needed=needed,
+            hint="raise the open-file limit (LimitNOFILE) or lower limits.max_sessions",
+        )
 
 
 def build_broker(config: Config) -> Broker:
@@ -100,6 +118,7 @@ def _serve_command(args: argparse.Namespace) -> int:
     except ConfigError as exc:
         raise CommandError(str(exc)) from None
     configure_logging(config.logging.format, config.logging.level)
+    raise_file_limit(config.limits.max_sessions)
     broker = build_broker(config)
     try:
         anyio.run(run_until_signalled, broker, backend="asyncio")
