@@ -16,6 +16,7 @@ a section per hook with a worked example.
 from __future__ import annotations
 
 import re
+from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any
 
 import attrs
@@ -85,6 +86,10 @@ class Protocol:
             _check_protocol_name(None, None, self.console)
 
 
+def _headers(headers: Iterable[tuple[str, str]]) -> tuple[tuple[str, str], ...]:
+    return tuple(headers)
+
+
 @attrs.frozen
 class Page:
     """A page or asset a plugin serves at ``/console/{protocol}/{path}``."""
@@ -93,7 +98,7 @@ class Page:
     #: The ``Content-Type`` header.
     content_type: str = "text/html; charset=utf-8"
     #: Further response headers (a ``Content-Security-Policy``, say).
-    headers: tuple[tuple[str, str], ...] = attrs.field(default=(), converter=tuple)
+    headers: tuple[tuple[str, str], ...] = attrs.field(default=(), converter=_headers)
     #: The HTTP status: 200, or an error page's (503 when what the page needs is missing).
     status: int = 200
 
