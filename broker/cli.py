@@ -75,7 +75,25 @@ def _registrars() -> list[Callable[[argparse._SubParsersAction[argparse.Argument
     from broker.service import cli as service_cli
     from broker.xml import cli as xml_cli
 
-    return [_register_plugins, *xml_cli.REGISTRARS, *token_cli.REGISTRARS, *service_cli.REGISTRARS]
+    return [
+        _register_plugins,
+        *xml_cli.REGISTRARS,
+        *token_cli.REGISTRARS,
+        *service_cli.REGISTRARS,
+        _register_plugin_commands,
+    ]
+
+
+def _register_plugin_commands(
+    subparsers: argparse._SubParsersAction[argparse.ArgumentParser],
+) -> None:
+    """The commands plugins add (``console_broker_commands``). Plugins that fail to
+    load add none here: the commands that need them report the error."""
+    try:
+        manager = PluginManager()
+    except PluginError:
+        return
+    manager.hook.console_broker_commands(subparsers=subparsers)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -160,7 +160,12 @@ def _token_command(args: argparse.Namespace) -> int:
     else:
         domain = resolve_domain(args.connect or config.libvirt.uri, args.domain)
     issuer = TokenIssuer(private_key, config.node_name)
-    issued = issuer.issue(domain.uuid, args.protocol, ttl=ttl, view_only=args.view_only)
+    try:
+        issued = issuer.issue(
+            domain.uuid, args.protocol, ttl=ttl, view_only=args.view_only, device=args.device
+        )
+    except ValueError as exc:
+        raise CommandError(f"--device: {exc}", EXIT_USAGE) from None
     links = console_links(config, issued)
     if args.json:
         doc = {
@@ -172,6 +177,7 @@ def _token_command(args: argparse.Namespace) -> int:
             "domain": {"name": domain.name, "uuid": domain.uuid},
             "node": issued.claims.node,
             "view_only": issued.claims.view_only,
+            "device": issued.claims.device,
             "jti": issued.claims.jti,
         }
         json.dump(doc, sys.stdout, indent=2)
@@ -181,6 +187,8 @@ def _token_command(args: argparse.Namespace) -> int:
     rights = "view only" if issued.claims.view_only else "full control"
     print(f"domain:    {label}")
     print(f"protocol:  {issued.claims.protocol} ({rights}), node {issued.claims.node}")
+    if issued.claims.device is not None:
+        print(f"device:    {issued.claims.device}")
     print(f"expires:   {_iso(issued.expires_at)} (in {ttl} s, single use)")
     print(f"page:      {links.page}")
     print(f"websocket: {links.websocket}")
@@ -212,6 +220,13 @@ def register_token(subparsers: Subparsers) -> None:
     parser.add_argument("--ttl", type=int, metavar="S", help="lifetime in seconds "
                         "(default: tokens.default_ttl)")
     parser.add_argument("--view-only", action="store_true", help="grant view-only rights")
+    parser.add_argument(
+        "--device",
+        metavar="DEV",
+        help="the console device, for console streams (serial): an alias such as serial1, "
+        "or an index (0: the first serial port); default: the device the domain's console "
+        "record names",
+    )
     parser.add_argument("--json", action="store_true", help="print a JSON object instead")
     _add_config_option(parser)
     parser.add_argument("--connect", "-c", metavar="URI", help="libvirt URI (default: libvirt.uri)")

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import enum
 import json
+import re
 import secrets
 import threading
 import time
@@ -86,6 +87,8 @@ AUDIENCE = "console-broker"
 MAX_TOKEN_LENGTH = 4096
 #: Longest ``jti`` accepted (ours are 22 characters); bounds the replay cache's memory.
 MAX_JTI_LENGTH = 128
+#: A ``dev`` claim: a libvirt device alias (``serial1``, ``console1``, ``ua-log``) or an index.
+DEVICE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
 
 Clock = Callable[[], float]
 
@@ -193,13 +196,17 @@ class Claims:
     expires_at: int
     #: The token's unique id (``jti``), the single-use key.
     jti: str
+    #: The console device the token is for (``dev``, optional): an alias such as
+    #: ``serial1`` or an index such as ``1``; None: the device the domain's console
+    #: record names. Only console streams (serial) can be chosen this way.
+    device: str | None = None
 
     @property
     def view_only(self) -> bool:
         return self.rights is Rights.VIEW
 
     def to_payload(self) -> dict[str, Any]:
-        return {
+        payload: dict[str, Any] = {
             "aud": AUDIENCE,
             "sub": self.domain_uuid,
             "proto": self.protocol,
@@ -210,6 +217,9 @@ class Claims:
             "exp": self.expires_at,
             "jti": self.jti,
         }
+        if self.device is not None:
+            payload["dev"] = self.device
+        return payload
 
     @classmethod
     def from_payload(cls, payload: object) -> Claims:
@@ -246,6 +256,9 @@ class Claims:
             raise InvalidToken(f"claims: 'jti' is longer than {MAX_JTI_LENGTH} characters")
         if not payload["iat"] <= payload["exp"] or not payload["nbf"] <= payload["exp"]:
             raise InvalidToken("claims: 'exp' is before 'iat' or 'nbf'")
+        device = payload.get("dev")
+        if device is not None and (not isinstance(device, str) or not DEVICE.fullmatch(device)):
+            raise InvalidToken("claims: 'dev' must be a device alias or index")
         return cls(
             domain_uuid=domain_uuid,
             protocol=payload["proto"],
@@ -255,6 +268,7 @@ class Claims:
             not_before=payload["nbf"],
             expires_at=payload["exp"],
             jti=payload["jti"],
+            device=device,
         )
 
 
@@ -293,9 +307,18 @@ class TokenIssuer:
         return self._kid
 
     def issue(
-        self, domain_uuid: str, protocol: str, *, ttl: int, view_only: bool = False
+        self,
+        domain_uuid: str,
+        protocol: str,
+        *,
+        ttl: int,
+        view_only: bool = False,
+        device: str | None = None,
     ) -> IssuedToken:
-        """Sign a token for *domain_uuid* and *protocol*, valid *ttl* seconds from now."""
+        """Sign a token for *domain_uuid* and *protocol*, valid *ttl* seconds from now.
+
+        *device* names the console device (``dev`` claim): an alias or an index.
+        """
         try:
             domain_uuid = _canonical_uuid(domain_uuid)
         except ValueError:
@@ -304,6 +327,8 @@ class TokenIssuer:
             raise ValueError("the protocol must not be empty")
         if isinstance(ttl, bool) or not isinstance(ttl, int) or ttl < 1:
             raise ValueError(f"ttl must be a positive number of seconds, got {ttl!r}")
+        if device is not None and not DEVICE.fullmatch(device):
+            raise ValueError(f"{device!r} is not a device alias or index")
         issued_at = int(self._now())
         claims = Claims(
             domain_uuid=domain_uuid,
@@ -314,6 +339,7 @@ class TokenIssuer:
             not_before=issued_at,
             expires_at=issued_at + ttl,
             jti=secrets.token_urlsafe(16),
+            device=device,
         )
         token = jwt.encode(
             claims.to_payload(),
@@ -328,6 +354,7 @@ class TokenIssuer:
             protocol=claims.protocol,
             node=claims.node,
             rights=claims.rights.value,
+            device=claims.device,
             expires_at=claims.expires_at,
             kid=self._kid,
         )

@@ -326,7 +326,7 @@ class LibvirtResolver:
         root = etree.fromstring(
             xml.encode(), etree.XMLParser(resolve_entities=False, no_network=True, huge_tree=False)
         )
-        plan = plan_endpoint(root, console)
+        plan = plan_endpoint(root, console, claims.device)
         return Target(claims.domain_uuid, name, plan, handle=dom)
 
     async def open(self, target: Target) -> Endpoint:

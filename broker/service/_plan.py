@@ -15,7 +15,9 @@ Modes recorded, and what they become:
               (a wildcard address is reached on loopback); a graphics
               element listening on a UNIX socket is reached there
 ``websocket`` QEMU's own WebSocket port (the live ``websocket`` attribute)
-``stream``    ``openConsole(alias)``: a libvirt stream on the serial device
+``stream``    ``openConsole(alias)``: a libvirt stream on the serial device;
+              a token's ``dev`` claim may choose another of the domain's
+              console devices (:func:`console_device`)
 """
 
 from __future__ import annotations
@@ -87,13 +89,56 @@ def _loopback(host: str) -> str:
     return _WILDCARDS.get(host, host)
 
 
-def plan_endpoint(root: etree._Element, console: str) -> EndpointPlan:
+def _is_mirror(console: etree._Element) -> bool:
+    """A ``<console>`` whose target is a serial port: the same device as that port."""
+    target = console.find("target")
+    return target is None or target.get("type") in (None, "serial")
+
+
+def console_device(devices: etree._Element, choice: str) -> str:
+    """The alias of the console device *choice* names, for ``openConsole``.
+
+    *choice* is an alias (``serial1``, ``console1``, a user alias ``ua-...``)
+    or an index: the domain's ``<serial>`` ports in order, then its
+    ``<console>`` elements that are not a serial port's mirror (virtio
+    consoles), counted from 0. The device must be a ``pty``. Raises
+    :class:`Refused` (``console_not_enabled``) otherwise.
+    """
+    candidates = [
+        *devices.iterchildren("serial"),
+        *(c for c in devices.iterchildren("console") if not _is_mirror(c)),
+    ]
+
+    def alias(element: etree._Element) -> str | None:
+        found = element.find("alias")
+        return found.get("name") if found is not None else None
+
+    if choice.isdigit():
+        index = int(choice)
+        element = candidates[index] if index < len(candidates) else None
+    else:
+        element = next((c for c in candidates if alias(c) == choice), None)
+    if element is None:
+        raise Refused(CONSOLE_NOT_ENABLED, f"the domain has no console device {choice!r}")
+    name = alias(element)
+    if element.get("type") != "pty" or name is None:
+        raise Refused(
+            CONSOLE_NOT_ENABLED, f"console device {choice!r} is not a pty libvirt can open"
+        )
+    return name
+
+
+def plan_endpoint(root: etree._Element, console: str, device: str | None = None) -> EndpointPlan:
     """How to reach *console* of the running domain whose live XML is *root*.
+
+    *device* (a token's ``dev`` claim) chooses another console device than
+    the one the record names: see :func:`console_device`; only for ``stream``.
 
     Raises :class:`Refused`: ``console_not_enabled`` when the metadata records
     no such console (or names a device the domain does not have, or a mode
-    this broker does not know), ``console_unreachable`` when the live XML
-    lacks what the mode needs (no port assigned).
+    this broker does not know, or *device* is not one of its console
+    devices), ``console_unreachable`` when the live XML lacks what the mode
+    needs (no port assigned).
     """
     from broker.xml import XmlError, read_consoles
 
@@ -120,9 +165,16 @@ def plan_endpoint(root: etree._Element, console: str) -> EndpointPlan:
     element = list(devices.iterchildren(record.device.tag))[record.index]
     mode = record.mode
     if mode == "stream":
+        if device is not None:
+            return EndpointPlan("stream", console, device=console_device(devices, device))
         alias = element.find("alias")
-        device = alias.get("name") if alias is not None else None
-        return EndpointPlan("stream", console, device=device)
+        return EndpointPlan(
+            "stream", console, device=alias.get("name") if alias is not None else None
+        )
+    if device is not None:
+        raise Refused(
+            CONSOLE_NOT_ENABLED, f"the {console} console has no devices to choose from"
+        )
     if record.device.tag != "graphics":
         raise Refused(
             CONSOLE_NOT_ENABLED,
