@@ -47,6 +47,10 @@ def _check_protocol_name(_instance: object, _attribute: object, value: str) -> N
         )
 
 
+def _names(names: Iterable[str]) -> tuple[str, ...]:
+    return tuple(names)
+
+
 @attrs.frozen
 class Protocol:
     """A console protocol a plugin serves.
@@ -67,7 +71,7 @@ class Protocol:
     console: str = attrs.field(default="", converter=str)
     #: WebSocket subprotocols the protocol speaks, in preference order: the first
     #: one a client offers is selected; a client offering none is accepted too.
-    subprotocols: tuple[str, ...] = attrs.field(default=("binary",), converter=tuple)
+    subprotocols: tuple[str, ...] = attrs.field(default=("binary",), converter=_names)
     #: Sessions of this protocol on the same console (domain and device) share one
     #: endpoint: the broker opens it for the first session, hands the same
     #: :class:`broker.service.Endpoint` to each later one, and closes it when the
