@@ -1,12 +1,22 @@
-"""The built-in VNC plugin: noVNC in the browser and native VNC viewers."""
+"""The built-in VNC plugin: noVNC in the browser, an RFB security proxy to QEMU.
+
+Hooks: the ``vnc`` protocol, its domain XML edit (:mod:`broker_vnc._xml`),
+its session handler (:mod:`broker_vnc._session`: VNC authentication or
+VeNCrypt toward QEMU, security None toward the browser, view-only enforced by
+the broker, QEMU's WebSocket port passed through) and its console page
+(:mod:`broker_vnc._page`, built on noVNC). docs/vnc.md tells the whole story.
+"""
 
 from __future__ import annotations
 
+import ssl
 from typing import TYPE_CHECKING
 
 from broker import Protocol, hookimpl
 
 if TYPE_CHECKING:
+    from broker.config import Config
+    from broker.hookspecs import Page
     from broker.service import SessionHandler
     from broker.xml import ConsoleEdit, EditOptions
 
@@ -14,6 +24,7 @@ PROTOCOL = Protocol(
     name="vnc",
     title="VNC (RFB)",
     description="The VM's display over RFB: noVNC in the browser, or a native VNC viewer.",
+    view_only=True,
 )
 
 
@@ -33,10 +44,28 @@ def console_broker_xml_edit(protocol: str, options: EditOptions) -> ConsoleEdit 
 
 
 @hookimpl
-def console_broker_session_handler(protocol: str) -> SessionHandler | None:
-    """For now the bytes go through unchanged (:func:`broker.service.raw_proxy`)."""
+def console_broker_session_handler(protocol: str, config: Config) -> SessionHandler | None:
+    """The RFB security proxy (:class:`broker_vnc._session.VNCSessionHandler`)."""
     if protocol != PROTOCOL.name:
         return None
-    from broker.service import raw_proxy
+    from broker.plugins import PluginError
 
-    return raw_proxy
+    from ._session import VNCSessionHandler, VNCSettings
+
+    try:
+        settings = VNCSettings.from_config(config.vnc)
+    except (OSError, ssl.SSLError) as exc:
+        raise PluginError(
+            f"vnc.tls_ca, vnc.tls_cert, vnc.tls_key: cannot load the TLS files: {exc}"
+        ) from None
+    return VNCSessionHandler(settings)
+
+
+@hookimpl
+def console_broker_page(protocol: str, path: str, config: Config) -> Page | None:
+    """The noVNC console page and its assets (see broker_vnc._page)."""
+    if protocol != PROTOCOL.name:
+        return None
+    from ._page import page
+
+    return page(path, config.vnc.assets_dir)
