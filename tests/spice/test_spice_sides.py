@@ -533,3 +533,17 @@ def test_data_for_the_server_must_not_end_inside_a_header() -> None:
     with pytest.raises(SpiceUsageError, match="broken"):
         server.send(Data(b"\0"))
     assert server.close_guard() == b""  # the stream is unknown: the guard cannot help
+
+
+def test_a_refused_build_changes_nothing() -> None:
+    client = ClientSide()
+    client.receive_data(build_link_message(link_message()))
+    client.next_event()
+    with pytest.raises(SpiceUsageError):
+        client.send(LinkReply())  # OK without the server's key
+    assert client.state is State.REPLY_DUE
+    client.send(server_reply())
+    server = ServerSide()
+    with pytest.raises(SpiceUsageError):
+        server.send(link_message(channel=(0,) * 1020))  # 4098 bytes: over the bound
+    assert server.state is State.LINK_DUE

@@ -381,7 +381,7 @@ class ClientSide(_Side):
                 self._do(Step.SEND_REPLY_REFUSED)
                 self._reply = event
                 return build_link_reply(event)
-            self._do(Step.SEND_REPLY_OK)
+            after = transition(self._table, self._state, Step.SEND_REPLY_OK)
             assert self._link is not None
             common = caps_with(event.common_caps, CommonCap.AUTH_SASL, False)
             common = caps_with(common, CommonCap.AUTH_SPICE)
@@ -392,11 +392,13 @@ class ClientSide(_Side):
                 common_caps=common,
                 channel_caps=event.channel_caps,
             )
+            data = build_link_reply(reply)  # may refuse the values: before any change
+            self._state = after
             self._reply = reply
             self._mini_header = self._link.has_common_cap(
                 CommonCap.MINI_HEADER
             ) and reply.has_common_cap(CommonCap.MINI_HEADER)
-            return build_link_reply(reply)
+            return data
         if isinstance(event, LinkResult):
             if event.error is not LinkError.OK:
                 self._do(Step.SEND_RESULT_REFUSED)
@@ -528,9 +530,11 @@ class ServerSide(_Side):
     def send(self, event: LinkMessage | Ticket | Data) -> bytes | memoryview:
         """The bytes to write to the server for *event*."""
         if isinstance(event, LinkMessage):
-            self._do(Step.SEND_LINK)
+            after = transition(self._table, self._state, Step.SEND_LINK)
+            data = build_link_message(event)  # may refuse the values: before any change
+            self._state = after
             self._link = event
-            return build_link_message(event)
+            return data
         if isinstance(event, Ticket):
             self._do(Step.SEND_TICKET)
             self._ticket_sent = True
