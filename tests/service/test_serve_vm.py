@@ -217,8 +217,9 @@ def test_the_serial_console_through_the_broker(served: Served, testbed: Testbed)
                 while time.monotonic() < end and b"hello-42" not in seen:
                     with contextlib.suppress(TimeoutError):
                         seen += ws.recv(timeout=0.5)  # type: ignore[operator]
-            # The console is one client at a time.
-            with served.connect(dom.name(), "serial") as second:
+            # Serial sessions share the console's one libvirt stream (tests/serial); a
+            # session of another protocol on that console cannot open a second one.
+            with served.connect(dom.name(), "raw-serial") as second:
                 with pytest.raises(ConnectionClosed):
                     second.recv(timeout=5)
                 assert second.close_code == 4013 and second.close_reason == "console busy"
