@@ -35,6 +35,7 @@ text. Everything here runs on the event loop's thread; nothing blocks.
 from __future__ import annotations
 
 import enum
+import re
 from collections import deque
 from collections.abc import Callable
 from typing import Protocol
@@ -53,6 +54,19 @@ RESET = b"\x1bc"
 def notice(text: str) -> bytes:
     """A notice for a raw client, as terminal text on a line of its own."""
     return f"\r\n[console-broker: {text}]\r\n".encode()
+
+
+#: What terminals send on their own in answer to the guest's queries: cursor position
+#: (CSI row;col R), status (CSI 0 n), device attributes (CSI ? ... c, CSI > ... c),
+#: mode reports (CSI ? ... $ y), window reports (CSI ... t), colours (OSC ... BEL/ST).
+_REPORTS = re.compile(
+    rb"(?:\x1b\[[?>]?[0-9;]*\$?[Rncyt]|\x1b\][0-9]+;[^\x07\x1b]{0,256}(?:\x07|\x1b\\))+"
+)
+
+
+def is_report(data: bytes) -> bool:
+    """Whether *data* is only a terminal's automatic answers to the guest's queries."""
+    return _REPORTS.fullmatch(data) is not None
 
 
 class Role(enum.StrEnum):
@@ -309,11 +323,18 @@ class Hub:
             self._control(client, control.role(Role.WATCHER.value, "released"))
             self._presence()
 
-    def may_write(self, client: Attached) -> bool:
-        """Whether *client*'s input goes to the console now. A full client claims the
-        role when nobody holds it; anyone else's input is dropped (told once)."""
+    def may_write(self, client: Attached, data: bytes = b"") -> bool:
+        """Whether *client*'s input *data* goes to the console now. A full client claims
+        the role when nobody holds it; anyone else's input is dropped (told once).
+
+        A terminal's automatic answers to the guest's queries (:func:`is_report`:
+        cursor position, device attributes) are passed on from the writer only, and
+        dropped silently from anyone else: every attached terminal answers, and those
+        answers are nobody's typing."""
         if self.writer is client:
             return True
+        if is_report(data):
+            return False
         if self.writer is None and client.full:
             self._set_writer(client)
             self._control(client, control.role(Role.WRITER.value, "claimed"))

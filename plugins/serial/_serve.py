@@ -229,7 +229,7 @@ class Hubs:
                         _control_message(hub, client, message, session.log)
                         continue
                     message = message.encode()
-                if not message or not hub.may_write(client):
+                if not message or not hub.may_write(client, message):
                     continue
                 async with hub.write_lock:
                     if hub.writer is not client:  # taken over while waiting

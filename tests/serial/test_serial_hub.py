@@ -7,7 +7,7 @@ import json
 
 import anyio
 import pytest
-from broker_serial._hub import RESET, Hub, Role, Scrollback
+from broker_serial._hub import RESET, Hub, Role, Scrollback, is_report
 
 pytestmark = pytest.mark.anyio
 
@@ -275,3 +275,23 @@ async def test_the_last_client_leaving_closes_the_hub_and_its_recording() -> Non
     assert recorder.events == []
     with pytest.raises(RuntimeError):
         hub.attach(full=True, framed=True)
+
+
+async def test_terminal_answers_pass_from_the_writer_only_and_claim_nothing() -> None:
+    hub = Hub()
+    writer = hub.attach(full=True, framed=True)
+    watcher = hub.attach(full=True, framed=False)
+    viewer = hub.attach(full=False, framed=True)
+    for client in (writer, watcher, viewer):
+        await drain(hub, client)
+    answers = [b"\x1b[24;8R", b"\x1b[?1;2c", b"\x1b[>0;276;0c", b"\x1b]11;rgb:0/0/0\x07"]
+    for answer in answers:
+        assert is_report(answer)
+        assert hub.may_write(writer, answer)
+        assert not hub.may_write(watcher, answer) and not hub.may_write(viewer, answer)
+    # Dropped without a word: nobody typed.
+    assert await drain(hub, watcher) == [] and await drain(hub, viewer) == []
+    hub.detach(writer)
+    assert not hub.may_write(watcher, b"\x1b[1;1R") and hub.writer is None
+    assert not is_report(b"\x1b[A") and not is_report(b"ls\r")
+    assert hub.may_write(watcher, b"ls\r") and hub.writer is watcher

@@ -1,0 +1,248 @@
+"""The serial session handler with fakes at its boundary: a fake console stream and fake
+WebSocket connections. Sessions attach to one hub per stream, take turns reading, pass
+the writer's input on, and the last one to leave closes the hub."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import anyio
+import anyio.abc
+import pytest
+import structlog
+from broker_serial._control import SUBPROTOCOL
+from broker_serial._serve import Hubs, Settings
+from websockets.exceptions import ConnectionClosed
+
+from broker.service import Endpoint, Session, Traffic, WebSocketChannel
+from broker.tokens import Claims, Rights
+
+pytestmark = pytest.mark.anyio
+UUID = "6695eb01-f6a4-8304-79aa-97f2502e193f"
+
+
+#: Every fake's memory streams, closed after each test.
+_STREAMS: list[Any] = []
+
+
+@pytest.fixture
+def anyio_backend() -> str:
+    return "asyncio"
+
+
+@pytest.fixture(autouse=True)
+def _close_streams() -> Any:
+    yield
+    while _STREAMS:
+        _STREAMS.pop().close()
+
+
+class FakeConsole(anyio.abc.ByteStream):
+    """The guest's side of a console stream: ``output`` is what the guest prints,
+    ``typed`` what reached it. Counts concurrent readers (there must be one at most)."""
+
+    def __init__(self) -> None:
+        self._send, self._receive = anyio.create_memory_object_stream[bytes](1000)
+        _STREAMS.extend((self._send, self._receive))
+        self.typed = bytearray()
+        self.readers = 0
+        self.most_readers = 0
+        self.reads = 0
+        self.closed = False
+
+    def output(self, data: bytes) -> None:
+        self._send.send_nowait(data)
+
+    def hang_up(self) -> None:
+        self._send.close()
+
+    async def receive(self, max_bytes: int = 65536) -> bytes:
+        self.readers += 1
+        self.most_readers = max(self.most_readers, self.readers)
+        try:
+            data = await self._receive.receive()
+        except anyio.EndOfStream:
+            raise
+        finally:
+            self.readers -= 1
+        self.reads += 1
+        return data
+
+    async def send(self, item: bytes) -> None:
+        self.typed += item
+
+    async def send_eof(self) -> None:
+        raise NotImplementedError
+
+    async def aclose(self) -> None:
+        self.closed = True
+
+
+class FakeConnection:
+    """What the handler sees of websockets' ServerConnection."""
+
+    def __init__(self, subprotocol: str | None) -> None:
+        self.subprotocol = subprotocol
+        self.request = None
+        self._send, self._receive = anyio.create_memory_object_stream[bytes | str | None](100)
+        _STREAMS.extend((self._send, self._receive))
+        self.sent: list[bytes | str] = []
+        self.arrived = anyio.Event()
+
+    # the client's side
+    def type(self, data: bytes | str) -> None:
+        self._send.send_nowait(data)
+
+    def leave(self) -> None:
+        self._send.send_nowait(None)
+
+    def output(self) -> bytes:
+        return b"".join(m for m in self.sent if isinstance(m, bytes))
+
+    def controls(self) -> list[dict[str, Any]]:
+        return [json.loads(m) for m in self.sent if isinstance(m, str)]
+
+    # the handler's side
+    async def recv(self) -> bytes | str:
+        item = await self._receive.receive()
+        if item is None:
+            raise ConnectionClosed(None, None)
+        return item
+
+    async def send(self, item: bytes | str) -> None:
+        self.sent.append(item)
+        self.arrived.set()
+        self.arrived = anyio.Event()
+
+
+def make_session(
+    console: FakeConsole, connection: FakeConnection, *, view_only: bool = False
+) -> Session:
+    claims = Claims(
+        domain_uuid=UUID, protocol="serial", node="hv1",
+        rights=Rights.VIEW if view_only else Rights.FULL,
+        issued_at=0, not_before=0, expires_at=60, jti="j",
+    )
+
+    async def no_more() -> Endpoint:
+        raise AssertionError("the serial plugin opens no further endpoints")
+
+    return Session(
+        id="s", protocol="serial", console="serial", claims=claims,
+        client=WebSocketChannel(connection),  # type: ignore[arg-type]
+        endpoint=Endpoint(console, "stream", "fake console"),
+        log=structlog.get_logger("test"), traffic=Traffic(), open_endpoint=no_more,
+        client_address="127.0.0.1", domain_name="web1",
+    )
+
+
+async def until(check: Callable[[], bool], what: str = "") -> None:
+    with anyio.fail_after(5):
+        while not check():
+            await anyio.sleep(0.005)
+
+
+async def run_sessions(
+    hubs: Hubs, sessions: list[Session], body: Callable[[], Awaitable[None]]
+) -> None:
+    async with anyio.create_task_group() as group:
+        for session in sessions:
+            group.start_soon(hubs.serve, session)
+        await body()
+
+
+async def test_sessions_share_one_hub_and_read_the_console_one_at_a_time() -> None:
+    console = FakeConsole()
+    hubs = Hubs(Settings(scrollback=1024))
+    writer, viewer = FakeConnection(SUBPROTOCOL), FakeConnection(SUBPROTOCOL)
+    sessions = [make_session(console, writer), make_session(console, viewer, view_only=True)]
+
+    async def body() -> None:
+        await until(lambda: len(writer.controls()) >= 1 and len(viewer.controls()) >= 1)
+        assert len(hubs) == 1
+        for i in range(50):
+            console.output(f"line {i}\r\n".encode())
+        await until(lambda: writer.output().endswith(b"line 49\r\n"))
+        await until(lambda: viewer.output().endswith(b"line 49\r\n"))
+        assert console.most_readers == 1  # never two reads at once
+        viewer.type(b"rm -rf /\r")  # view-only: dropped
+        writer.type(b"ls\r")
+        writer.type(b"\x1b[A")
+        await until(lambda: bytes(console.typed) == b"ls\r\x1b[A")
+        await until(lambda: any(c.get("error") == "view_only" for c in viewer.controls()))
+        writer.type(json.dumps({"type": "ping", "data": "x"}))
+        await until(lambda: {"type": "pong", "data": "x"} in writer.controls())
+        writer.leave()
+        viewer.leave()
+
+    await run_sessions(hubs, sessions, body)
+    assert bytes(console.typed) == b"ls\r\x1b[A"
+    assert len(hubs) == 0  # the last one to leave closed the hub
+
+
+async def test_the_others_keep_reading_when_one_leaves() -> None:
+    console = FakeConsole()
+    hubs = Hubs(Settings())
+    first, second = FakeConnection(None), FakeConnection(None)
+
+    async def body() -> None:
+        console.output(b"one\r\n")
+        await until(lambda: b"one" in first.output() and b"one" in second.output())
+        first.leave()
+        await until(lambda: len(hubs._hubs[id(console)].clients) == 1)
+        console.output(b"two\r\n")
+        await until(lambda: b"two" in second.output())
+        second.type("typed\r")  # a raw client's text frames are keys (xterm.js' attach addon)
+        await until(lambda: bytes(console.typed) == b"typed\r")
+        second.leave()
+
+    await run_sessions(hubs, [make_session(console, first), make_session(console, second)], body)
+    assert b"two" not in first.output()
+    assert len(hubs) == 0
+
+
+async def test_the_console_ending_ends_every_session_after_its_output() -> None:
+    console = FakeConsole()
+    hubs = Hubs(Settings())
+    a, b = FakeConnection(SUBPROTOCOL), FakeConnection(None)
+
+    async def body() -> None:
+        console.output(b"bye\r\n")
+        console.hang_up()
+
+    with anyio.fail_after(5):
+        await run_sessions(hubs, [make_session(console, a), make_session(console, b)], body)
+    assert a.output() == b"bye\r\n" and b.output() == b"bye\r\n"
+    assert len(hubs) == 0
+
+
+async def test_a_takeover_through_the_control_protocol(tmp_path: Path) -> None:
+    console = FakeConsole()
+    hubs = Hubs(Settings(record=True, recordings_dir=tmp_path, record_input=True))
+    first, second = FakeConnection(SUBPROTOCOL), FakeConnection(SUBPROTOCOL)
+
+    async def body() -> None:
+        await until(lambda: bool(first.controls()) and bool(second.controls()))
+        assert first.controls()[0]["role"] == "writer" and first.controls()[0]["recording"]
+        second.type(b"no\r")
+        await until(lambda: any(c.get("error") == "not_writer" for c in second.controls()))
+        second.type(json.dumps({"type": "takeover"}))
+        await until(lambda: {"type": "role", "role": "watcher", "reason": "taken_over"}
+                    in first.controls())
+        second.type(b"yes\r")
+        first.type(b"late\r")
+        await until(lambda: bytes(console.typed) == b"yes\r")
+        await until(lambda: any(c.get("error") == "not_writer" for c in first.controls()))
+        second.type("{not json")
+        await until(lambda: any(c.get("error") == "bad_message" for c in second.controls()))
+        first.leave()
+        second.leave()
+
+    await run_sessions(hubs, [make_session(console, first), make_session(console, second)], body)
+    assert bytes(console.typed) == b"yes\r"
+    (cast,) = list(tmp_path.glob("*/*.cast"))
+    events = [json.loads(line) for line in cast.read_text().splitlines()[1:]]
+    assert [e[1:] for e in events if e[1] == "i"] == [["i", "yes\r"]]
