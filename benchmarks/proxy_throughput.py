@@ -104,9 +104,20 @@ def broker_main(port: int, console_port: int, key_dir: str) -> None:
         async def ending_for(self, domain_uuid: str) -> None:
             return None
 
-    import broker_vnc
-
+    from broker import Protocol, hookimpl
+    from broker.service import raw_proxy
     from broker.service._logging import configure_logging
+
+    class RawPlugin:
+        """The bytes through the core's pump unchanged (the vnc handler speaks RFB)."""
+
+        @hookimpl
+        def console_broker_protocols(self) -> list[Protocol]:
+            return [Protocol(name="bench", title="Raw bytes (benchmark)")]
+
+        @hookimpl
+        def console_broker_session_handler(self, protocol: str) -> object:
+            return raw_proxy if protocol == "bench" else None
 
     configure_logging("console", "warning")
     config = Config(
@@ -118,7 +129,7 @@ def broker_main(port: int, console_port: int, key_dir: str) -> None:
     verifier = TokenVerifier(
         [load_public_key(Path(key_dir) / "signing-key.pub.pem")], replay_cache=ReplayCache(10_000)
     )
-    plugins = PluginManager(disabled=(), load_entrypoints=False, plugins=[("vnc", broker_vnc)])
+    plugins = PluginManager(disabled=(), load_entrypoints=False, plugins=[("bench", RawPlugin())])
     broker = Broker(config, verifier=verifier, resolver=StaticResolver(), plugins=plugins)  # type: ignore[arg-type]
     anyio.run(broker.serve, backend="asyncio")
 
@@ -155,8 +166,8 @@ async def client_main(args: argparse.Namespace) -> None:
                     await asyncio.sleep(0.1)
 
             def url() -> str:
-                token = issuer.issue("6695eb01-f6a4-8304-79aa-97f2502e193f", "vnc", ttl=60).token
-                return f"ws://127.0.0.1:{broker_port}/ws/vnc?token={token}"
+                token = issuer.issue("6695eb01-f6a4-8304-79aa-97f2502e193f", "bench", ttl=60).token
+                return f"ws://127.0.0.1:{broker_port}/ws/bench?token={token}"
 
             # console -> client
             async with connect(url(), max_size=None, compression=None) as ws:
@@ -174,7 +185,7 @@ async def client_main(args: argparse.Namespace) -> None:
                 while sent < total:
                     await ws.send(block)
                     sent += len(block)
-                await ws.ping()  # the broker has read everything before the pong
+                await (await ws.ping())  # the broker has read everything before the pong
                 report("client -> console", sent, time.perf_counter() - start,
                        cpu_seconds(broker.pid) - cpu)
             if args.sessions:
