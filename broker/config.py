@@ -311,6 +311,40 @@ class VNCSection:
     )
 
 
+_SPICE_CHANNELS = (
+    "main", "display", "inputs", "cursor", "playback", "record", "tunnel", "smartcard",
+    "usbredir", "port", "webdav",
+)
+
+
+def _spice_channels(value: Any) -> str | None:
+    for name in value:
+        if name not in _SPICE_CHANNELS or name == "main":
+            allowed = ", ".join(_SPICE_CHANNELS[1:])
+            return f"{name!r} is not a SPICE channel type one can deny ({allowed})"
+    return None
+
+
+@attrs.frozen
+class SpiceSection:
+    """The SPICE plugin: channel policy and the console page (see docs/spice.md)."""
+
+    deny_channels: tuple[str, ...] = _key(
+        (),
+        "SPICE channel types no session may open, whatever its token grants (for example "
+        "[\"usbredir\", \"webdav\"]); the broker answers them with permission denied. "
+        "View-only sessions get display, cursor and playback only in any case.",
+        _spice_channels,
+    )
+    assets_dir: str = _key(
+        "",
+        "The node_modules directory holding @spice-project/spice-html5 for the console "
+        "page. Empty: the source tree's node_modules when the broker runs from one, else "
+        "/usr/share/console-broker/node_modules.",
+        path=True,
+    )
+
+
 @attrs.frozen
 class SerialSection:
     """The serial plugin: shared sessions, scrollback and recordings (see docs/serial.md)."""
@@ -364,6 +398,7 @@ class Config:
     proxy: ProxySection = attrs.field(factory=ProxySection)
     logging: LoggingSection = attrs.field(factory=LoggingSection)
     vnc: VNCSection = attrs.field(factory=VNCSection)
+    spice: SpiceSection = attrs.field(factory=SpiceSection)
     serial: SerialSection = attrs.field(factory=SerialSection)
     #: The file it was read from (None: the embedded defaults).
     source: Path | None = attrs.field(default=None, eq=False)

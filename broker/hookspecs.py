@@ -82,6 +82,13 @@ class Protocol:
     #: Sessions of view-only tokens for a protocol that does not are refused
     #: (``view_only_unsupported``) rather than given full control.
     view_only: bool = False
+    #: A session of this protocol is several connections with one token (SPICE opens a
+    #: WebSocket per channel, each with the same URL). The first connection uses the
+    #: token up and opens the session; further connections with the same token are
+    #: admitted, while that first connection lives and the token has not expired, as
+    #: sessions of their own that share its :class:`broker.service.SessionGroup`
+    #: (``session.group``, ``session.joined``); the plugin decides what each may do.
+    multi_connection: bool = False
 
     def __attrs_post_init__(self) -> None:
         if not self.console:

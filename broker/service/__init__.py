@@ -19,6 +19,7 @@ from broker.service._refusals import ENDINGS, REFUSALS, Refusal, Refused
 from broker.service._session import (
     Endpoint,
     Session,
+    SessionGroup,
     SessionHandler,
     WebSocketChannel,
     raw_proxy,
@@ -35,6 +36,7 @@ __all__ = [
     "Refusal",
     "Refused",
     "Session",
+    "SessionGroup",
     "SessionHandler",
     "Traffic",
     "WebSocketChannel",

@@ -63,6 +63,8 @@ from broker.service._refusals import (
     IDLE_TIMEOUT,
     INTERNAL_ERROR,
     INVALID_TOKEN,
+    LIMIT_REACHED,
+    REPLAYED_TOKEN,
     SHUTDOWN,
     TOKEN_REFUSALS,
     UNKNOWN_PROTOCOL,
@@ -79,7 +81,13 @@ from broker.service._request import (
     WebSocketRoute,
     route,
 )
-from broker.service._session import Endpoint, Session, SessionHandler, WebSocketChannel
+from broker.service._session import (
+    Endpoint,
+    Session,
+    SessionGroup,
+    SessionHandler,
+    WebSocketChannel,
+)
 from broker.service._shared import SharedEndpoints
 from broker.tokens import Claims, TokenRefused, TokenVerifier
 
@@ -101,6 +109,9 @@ class _Pending:
     target: Target
     client: str
     started: float
+    #: The group a connection of a ``multi_connection`` protocol joins (its token was
+    #: used up by the group's first connection), else None.
+    group: SessionGroup | None = None
 
 
 @attrs.frozen
@@ -202,6 +213,8 @@ class Broker:
         #: Consoles of ``shared_console`` protocols, open while a session uses them.
         self._shared = SharedEndpoints()
         self._sessions: dict[str, set[_Live]] = {}
+        #: Groups of ``multi_connection`` sessions, by token jti, while their first lives.
+        self._groups: dict[str, SessionGroup] = {}
         self._pending: weakref.WeakKeyDictionary[ServerConnection, _Pending | _PendingRefusal] = (
             weakref.WeakKeyDictionary()
         )
@@ -394,16 +407,29 @@ class Broker:
             return self._refuse(connection, Refused(FOREIGN_ORIGIN, why), protocol=found.protocol,
                                 upgrade=False)
         client = str(connection.remote_address[0]) if connection.remote_address else "?"
+        group: SessionGroup | None = None
         try:
             claims = self._verify(found)
             if claims.view_only and not protocol.view_only:
                 raise Refused(VIEW_ONLY_UNSUPPORTED, f"{protocol.name} does not enforce view-only")
-            self._counts.check(claims.domain_uuid, client)
-            target = await self._resolver.target(claims, protocol.console)
-            self._consume(claims)
+            if protocol.multi_connection:
+                group = self._groups.get(claims.jti)
+            if group is not None:
+                # a further connection of a live session: the token was used up by its first
+                if group.connections >= group.max_connections:
+                    raise Refused(LIMIT_REACHED, "too many connections in one session")
+                target = await self._resolver.target(claims, protocol.console)
+                if group.closed:
+                    raise Refused(REPLAYED_TOKEN, "the token's session has ended")
+            else:
+                self._counts.check(claims.domain_uuid, client)
+                target = await self._resolver.target(claims, protocol.console)
+                self._consume(claims)
         except Refused as exc:
             return self._refuse(connection, exc, protocol=found.protocol)
-        self._pending[connection] = _Pending(protocol, handler, claims, target, client, started)
+        self._pending[connection] = _Pending(
+            protocol, handler, claims, target, client, started, group
+        )
         return None
 
     def _verify(self, found: WebSocketRoute) -> Claims:
@@ -519,13 +545,26 @@ class Broker:
         claims, target, protocol = pending.claims, pending.target, pending.protocol
         domain, client = claims.domain_uuid, pending.client
         session_id = secrets.token_hex(6)
+        members = pending.group
+        joined = members is not None
         log = _log.bind(
             session=session_id, domain=domain, domain_name=target.domain_name,
             protocol=protocol.name, client=client, jti=claims.jti,
         )
+        if members is not None:
+            log = log.bind(group=members.session_id)
+            if members.closed:
+                await self._close(connection, REPLAYED_TOKEN)
+                return
+            members.connections += 1
+        elif protocol.multi_connection:
+            members = SessionGroup(claims.jti, session_id)
+            self._groups[claims.jti] = members
         try:
-            self._counts.acquire(domain, client)
+            if not joined:
+                self._counts.acquire(domain, client)
         except Refused as exc:
+            self._end_group(members, joined)
             self.metrics.refusals.labels(exc.refusal.reason).inc()
             log.info("request.refused", reason=exc.refusal.reason, detail=exc.detail,
                      code=exc.refusal.close_code)
@@ -571,6 +610,8 @@ class Broker:
                 domain_handle=target.handle,
                 read_size=self.config.proxy.read_size,
                 handshake_timeout=self.config.limits.handshake_timeout,
+                group=members,
+                joined=joined,
             )
             handshake = time.monotonic() - pending.started
             self.metrics.sessions.labels(protocol.name).inc()
@@ -580,7 +621,7 @@ class Broker:
             log.info(
                 "session.opened", endpoint=endpoint.description, endpoint_kind=endpoint.kind,
                 view_only=claims.view_only, subprotocol=connection.subprotocol,
-                handshake_ms=round(handshake * 1000, 2),
+                joined=joined, handshake_ms=round(handshake * 1000, 2),
             )
             try:
                 with live.scope:
@@ -622,7 +663,19 @@ class Broker:
                 self.metrics.sessions_closed.labels(protocol.name, ending.reason).inc()
             elif ending is INTERNAL_ERROR:
                 await self._close(connection, ending)
-            self._counts.release(domain, client)
+            self._end_group(members, joined)
+            if not joined:
+                self._counts.release(domain, client)
+
+    def _end_group(self, group: SessionGroup | None, joined: bool) -> None:
+        if group is None:
+            return
+        if joined:
+            group.connections -= 1
+        else:
+            group.closed = True
+            if self._groups.get(group.jti) is group:
+                del self._groups[group.jti]
 
     async def _console_ending(self, live: _Live) -> Refusal:
         """Why the console closed: QEMU closes its sockets as it dies, a moment before

@@ -86,6 +86,9 @@ CONSOLE_PROTOCOL_ERROR = _r("console_protocol_error", 0, 4105, "console protocol
 CONSOLE_AUTH_FAILED = _r(
     "console_auth_failed", 0, 4106, "the broker could not log in to the console"
 )
+CHANNEL_REFUSED = _r(
+    "channel_refused", 0, 4107, "the session's policy refuses this channel"
+)
 
 #: Every refusal, in table order (docs/service.md).
 REFUSALS: tuple[Refusal, ...] = (
@@ -120,6 +123,7 @@ ENDINGS: tuple[Refusal, ...] = (
     CLIENT_PROTOCOL_ERROR,
     CONSOLE_PROTOCOL_ERROR,
     CONSOLE_AUTH_FAILED,
+    CHANNEL_REFUSED,
 )
 
 #: :class:`broker.tokens.TokenRefused` reasons -> refusals.

@@ -76,6 +76,32 @@ class WebSocketChannel:
             raise ClientClosed from None
 
 
+class SessionGroup:
+    """The connections of one token of a ``multi_connection`` protocol.
+
+    The first connection (the one that used the token up) opens the group; the core
+    admits further connections bearing the same token into it while that first
+    connection's session lives, at most :attr:`max_connections` at a time. ``data`` is
+    the plugin's: what its connections share (SPICE keeps the session's connection id
+    there).
+    """
+
+    #: Connections of one group open at once (the first included).
+    max_connections = 32
+
+    def __init__(self, jti: str, session_id: str) -> None:
+        #: The token's ``jti``.
+        self.jti = jti
+        #: The id of the first connection's session.
+        self.session_id = session_id
+        #: The plugin's shared state.
+        self.data: dict[str, Any] = {}
+        #: Connections open now.
+        self.connections = 1
+        #: True once the first connection's session ended: no connection joins any more.
+        self.closed = False
+
+
 @attrs.frozen
 class Session:
     """One console session, as a protocol plugin's handler receives it."""
@@ -111,6 +137,10 @@ class Session:
     read_size: int = DEFAULT_READ_SIZE
     #: Time the plugin's own protocol handshake may take (``limits.handshake_timeout``).
     handshake_timeout: float = 10.0
+    #: The group of a ``multi_connection`` protocol's session, else None.
+    group: SessionGroup | None = attrs.field(default=None, eq=False, repr=False)
+    #: True for a connection that joined its group (not the one that used the token up).
+    joined: bool = False
 
     @property
     def view_only(self) -> bool:
@@ -142,6 +172,7 @@ __all__ = [
     "Endpoint",
     "PumpEnd",
     "Session",
+    "SessionGroup",
     "SessionHandler",
     "WebSocketChannel",
     "raw_proxy",

@@ -7,7 +7,8 @@ from typing import TYPE_CHECKING
 from broker import Protocol, hookimpl
 
 if TYPE_CHECKING:
-    from broker.service import SessionHandler
+    from broker.config import Config
+    from broker.service import Session, SessionHandler
     from broker.xml import ConsoleEdit, EditOptions
 
 PROTOCOL = Protocol(
@@ -17,6 +18,8 @@ PROTOCOL = Protocol(
         "The VM's display, input, clipboard, audio and USB over SPICE: spice-html5 in the "
         "browser, or remote-viewer with a .vv file."
     ),
+    view_only=True,
+    multi_connection=True,
 )
 
 
@@ -36,10 +39,17 @@ def console_broker_xml_edit(protocol: str, options: EditOptions) -> ConsoleEdit 
 
 
 @hookimpl
-def console_broker_session_handler(protocol: str) -> SessionHandler | None:
-    """For now the bytes go through unchanged (:func:`broker.service.raw_proxy`)."""
+def console_broker_session_handler(protocol: str, config: Config) -> SessionHandler | None:
+    """One SPICE channel connection per session of the group (see broker_spice._session)."""
     if protocol != PROTOCOL.name:
         return None
-    from broker.service import raw_proxy
+    from ._session import policy_for, run_channel
 
-    return raw_proxy
+    deny = tuple(config.spice.deny_channels)
+
+    async def spice_channel(session: Session) -> None:
+        await run_channel(session, policy_for(session, deny))
+
+    return spice_channel
+
+

@@ -38,6 +38,7 @@ const CLOSE_MESSAGES = {
     4104: 'The session ended: the browser sent a message the broker cannot check.',
     4105: 'The session ended: the VM\'s VNC server broke the protocol.',
     4106: 'The broker could not log in to the VM\'s VNC server (its password or TLS settings).',
+    4107: 'The broker refused a channel of this session (its policy).',
 };
 
 // Key combinations of the "Keys" menu: [keysym name, KeyboardEvent.code] pressed in order,

@@ -1,0 +1,152 @@
+"""The SPICE plugin on the real stack: ``console-broker serve``, CLI tokens, the tiny guest.
+
+Every channel is its own WebSocket with the token's URL, as spice-html5 opens them; the
+test client is the sans-I/O layer's (``spicerelay.TestClient``) over a WebSocket.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+
+import libvirt
+import pytest
+from broker_spice.protocol import (
+    MSGC_DISPLAY_INIT,
+    ChannelType,
+    LinkError,
+    MainInit,
+    Message,
+    build_display_init,
+    build_message,
+)
+from spicebroker import Broker, WebSocketSock, spice_guest, ws_client
+from spicerelay import TestClient
+from websockets.exceptions import InvalidStatus
+
+from broker.testbed import Testbed
+
+pytestmark = pytest.mark.vm
+#: spice-server's display messages (SPICE_MSG_DISPLAY_*) start at 101.
+FIRST_DISPLAY_MSG = 101
+CHANNEL_REFUSED = 4107
+
+
+@pytest.fixture(scope="module")
+def broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Broker]:
+    served = Broker(tmp_path_factory.mktemp("spice-serve"))
+    try:
+        yield served
+    finally:
+        served.stop()
+    served.assert_no_token_logged()
+
+
+def _link_main(client: TestClient) -> int:
+    assert client.link(ChannelType.MAIN, 0) is LinkError.OK
+    init = client.wait_for(lambda e: isinstance(e, MainInit), timeout=20)
+    assert isinstance(init, MainInit) and init.session_id != 0
+    return init.session_id
+
+
+def _display_init(client: TestClient) -> None:
+    client.send(build_message(MSGC_DISPLAY_INIT, build_display_init(), mini_header=True, serial=1))
+
+
+def _close_code(client: TestClient, timeout: float = 5.0) -> int | None:
+    sock = client.sock
+    assert isinstance(sock, WebSocketSock)
+    deadline = time.monotonic() + timeout
+    sock.settimeout(0.5)
+    while sock.close_code is None and time.monotonic() < deadline:
+        try:
+            sock.recv(65536)
+        except TimeoutError:
+            continue
+    return sock.close_code
+
+
+@pytest.mark.parametrize("mode", ["fd", "tcp"])
+def test_channels_link_through_the_broker_and_are_bound_to_their_session(
+    broker: Broker, testbed: Testbed, mode: str
+) -> None:
+    dom = spice_guest(testbed, mode)
+    try:
+        url = broker.token(dom.name())["websocket"]
+        main = ws_client(url)
+        session_id = _link_main(main)
+
+        display = ws_client(url)
+        assert display.link(ChannelType.DISPLAY, session_id) is LinkError.OK
+        _display_init(display)
+        drawn = display.wait_for(
+            lambda e: isinstance(e, Message) and e.type >= FIRST_DISPLAY_MSG, timeout=30
+        )
+        assert isinstance(drawn, Message)
+
+        inputs = ws_client(url)
+        assert inputs.link(ChannelType.INPUTS, session_id) is LinkError.OK
+
+        # a channel naming another session is refused by the broker itself
+        foreign = ws_client(url)
+        assert foreign.link(ChannelType.CURSOR, session_id ^ 0x5A5A) is LinkError.BAD_CONNECTION_ID
+        assert _close_code(foreign) == CHANNEL_REFUSED
+        # a second main channel would start another session with the same token
+        second_main = ws_client(url)
+        assert second_main.link(ChannelType.MAIN, 0) is LinkError.PERMISSION_DENIED
+
+        for client in (inputs, display, main):
+            client.close()
+        # once the session's main channel is gone, its token admits nothing more
+        time.sleep(1.0)
+        with pytest.raises(InvalidStatus) as refused:
+            ws_client(url)
+        assert refused.value.response.status_code == 401
+        assert refused.value.response.body == b"token already used\n"
+        assert dom.state()[0] == libvirt.VIR_DOMAIN_RUNNING
+    finally:
+        testbed.remove(dom)
+    uuid = dom.UUIDString()
+    linked = [e for e in broker.events("spice.channel_linked") if e.get("domain") == uuid]
+    assert {e["channel"] for e in linked} >= {"main", "display", "inputs"}
+
+
+def test_a_view_only_session_gets_no_inputs_channel(broker: Broker, testbed: Testbed) -> None:
+    dom = spice_guest(testbed, "fd")
+    try:
+        url = broker.token(dom.name(), "--view-only")["websocket"]
+        main = ws_client(url)
+        session_id = _link_main(main)
+        display = ws_client(url)
+        assert display.link(ChannelType.DISPLAY, session_id) is LinkError.OK
+        _display_init(display)
+        inputs = ws_client(url)
+        assert inputs.link(ChannelType.INPUTS, session_id) is LinkError.PERMISSION_DENIED
+        assert _close_code(inputs) == CHANNEL_REFUSED
+        display.close()
+        main.close()
+    finally:
+        testbed.remove(dom)
+
+
+def test_a_client_vanishing_before_display_init_leaves_the_vm_running(
+    broker: Broker, testbed: Testbed
+) -> None:
+    dom = spice_guest(testbed, "fd")
+    try:
+        url = broker.token(dom.name())["websocket"]
+        main = ws_client(url)
+        session_id = _link_main(main)
+        display = ws_client(url)
+        assert display.link(ChannelType.DISPLAY, session_id) is LinkError.OK
+        display.close()  # gone before DISPLAY_INIT: the broker's guard completes it
+        time.sleep(1.0)
+        main.close()  # the session ends: without the guard, QEMU 7.2 crashes the VM here
+        deadline = time.monotonic() + 8
+        while time.monotonic() < deadline:
+            state, reason = dom.state()
+            assert state == libvirt.VIR_DOMAIN_RUNNING, (state, reason)
+            time.sleep(0.25)
+    finally:
+        testbed.remove(dom)
+    assert any(e.get("domain") == dom.UUIDString() for e in broker.events("spice.guard_sent"))
