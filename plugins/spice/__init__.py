@@ -8,6 +8,7 @@ from broker import Protocol, hookimpl
 
 if TYPE_CHECKING:
     from broker.config import Config
+    from broker.hookspecs import Page
     from broker.service import Session, SessionHandler
     from broker.xml import ConsoleEdit, EditOptions
 
@@ -53,3 +54,13 @@ def console_broker_session_handler(protocol: str, config: Config) -> SessionHand
     return spice_channel
 
 
+
+
+@hookimpl
+def console_broker_page(protocol: str, path: str, config: Config) -> Page | None:
+    """The spice-html5 console page and its assets (see broker_spice._page)."""
+    if protocol != PROTOCOL.name:
+        return None
+    from ._page import page
+
+    return page(path, config.spice.assets_dir)

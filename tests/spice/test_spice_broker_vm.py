@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterator
+from typing import Any
 
 import libvirt
 import pytest
@@ -150,3 +151,45 @@ def test_a_client_vanishing_before_display_init_leaves_the_vm_running(
     finally:
         testbed.remove(dom)
     assert any(e.get("domain") == dom.UUIDString() for e in broker.events("spice.guard_sent"))
+
+
+_CANVAS_INK = """
+const canvas = document.querySelector('#spice-screen canvas');
+if (!canvas || !canvas.width) { return -1; }
+const data = canvas.getContext('2d').getImageData(0, 0, canvas.width, canvas.height).data;
+let ink = 0;
+for (let i = 0; i < data.length; i += 4) {
+    if (data[i] > 40 || data[i + 1] > 40 || data[i + 2] > 40) { ink++; }
+}
+return ink;
+"""
+
+
+def test_spice_html5_in_a_browser_shows_the_guests_screen(
+    broker: Broker, testbed: Testbed, browser: Any
+) -> None:
+    status, body = broker.get("/console/spice/spice-html5/src/main.js")
+    assert status == 200 and b"SpiceMainConn" in body
+    assert broker.get("/console/spice/spice-html5/../package.json")[0] == 404
+    dom = spice_guest(testbed, "fd")
+    try:
+        browser.get(broker.token(dom.name())["page"])
+        deadline = time.monotonic() + 60
+        ink = -1
+        while time.monotonic() < deadline:
+            ink = browser.execute_script(_CANVAS_INK)
+            if ink > 100:
+                break
+            time.sleep(0.5)
+        state = browser.execute_script("return document.body.dataset.state")
+        assert ink > 100, (ink, state, browser.get_log("browser"))
+        assert state == "connected"
+        browser.get("about:blank")  # closes every channel
+        time.sleep(2.0)
+        assert dom.state()[0] == libvirt.VIR_DOMAIN_RUNNING
+    finally:
+        testbed.remove(dom)
+    uuid = dom.UUIDString()
+    events = broker.events("spice.channel_linked")
+    linked = {e["channel"] for e in events if e.get("domain") == uuid}
+    assert {"main", "display", "inputs", "cursor"} <= linked, linked

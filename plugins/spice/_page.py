@@ -1,0 +1,107 @@
+"""The SPICE console page: spice-html5 from the broker's assets directory.
+
+``/console/spice/`` is the page (``web/console.html``); ``app/console.js`` and
+``app/console.css`` are its own; ``spice-html5/src/...`` are spice-html5's ES modules,
+read from ``@spice-project/spice-html5`` in the assets directory: ``spice.assets_dir``,
+by default the source tree's ``node_modules`` when the broker runs from one
+(``scripts/setup-host`` installs it there with ``npm ci``), else
+:data:`INSTALLED_ASSETS`. Without spice-html5 the page is an error page (503) saying
+what to install. Nothing outside spice-html5's ``src/`` is served, and only ``.js``.
+"""
+
+from __future__ import annotations
+
+import importlib.resources
+from pathlib import Path
+
+import structlog
+
+from broker.hookspecs import Page
+
+#: Where spice-html5 is looked for when the broker does not run from a source tree.
+INSTALLED_ASSETS = Path("/usr/share/console-broker/node_modules")
+#: spice-html5's package inside the assets directory.
+SPICE_HTML5 = Path("@spice-project/spice-html5")
+
+_log = structlog.get_logger("broker.spice")
+_TYPES = {
+    ".js": "text/javascript; charset=utf-8",
+    ".css": "text/css; charset=utf-8",
+    ".html": "text/html; charset=utf-8",
+}
+_APP = {"app/console.js": "console.js", "app/console.css": "console.css"}
+#: Own-origin scripts, styles and WebSockets only; spice-html5 draws images from blobs
+#: and data URLs and sets styles on its canvases; the page may not be framed.
+CSP = (
+    "default-src 'none'; script-src 'self'; style-src 'self' 'unsafe-inline'; "
+    "img-src 'self' data: blob:; media-src 'self' blob:; connect-src 'self'; "
+    "base-uri 'none'; form-action 'none'; frame-ancestors 'none'"
+)
+_HEADERS = (("Content-Security-Policy", CSP), ("X-Frame-Options", "DENY"))
+
+
+def assets_dir(configured: str) -> Path:
+    """The directory holding ``@spice-project/spice-html5``: *configured*, else the default."""
+    if configured:
+        return Path(configured)
+    tree = Path(__file__).resolve().parents[2]
+    if (tree / "pyproject.toml").is_file() and (tree / "plugins" / "spice").is_dir():
+        return tree / "node_modules"
+    return INSTALLED_ASSETS
+
+
+def _web(name: str) -> bytes:
+    return (importlib.resources.files("broker_spice") / "web" / name).read_bytes()
+
+
+def _type(name: str) -> str:
+    return _TYPES.get(Path(name).suffix, "application/octet-stream")
+
+
+def missing_page() -> Page:
+    body = """<!doctype html>
+<html lang="en"><head><meta charset="utf-8"><title>SPICE console unavailable</title></head>
+<body><h1>SPICE console unavailable</h1>
+<p>The broker cannot find spice-html5, which this page is built on.</p>
+<p>An administrator must install spice-html5 (<code>@spice-project/spice-html5</code>): in a
+source tree, <code>scripts/setup-host</code> (or <code>npm ci</code>) does it; elsewhere,
+install it and point the broker's <code>spice.assets_dir</code> setting at the
+<code>node_modules</code> directory holding it (see docs/spice.md).</p>
+</body></html>
+"""
+    return Page(body.encode(), status=503, headers=_HEADERS)
+
+
+def page(path: str, configured_assets: str) -> Page | None:
+    """The page or asset at *path* (below ``/console/spice/``), or None (404)."""
+    spice = assets_dir(configured_assets) / SPICE_HTML5
+    if path == "":
+        if not (spice / "src" / "main.js").is_file():
+            _log.warning("spice.assets_missing", looked_in=str(spice), key="spice.assets_dir")
+            return missing_page()
+        return Page(_web("console.html"), headers=_HEADERS)
+    if path in _APP:
+        return Page(_web(_APP[path]), _type(path), headers=_HEADERS)
+    if path.startswith("spice-html5/src/"):
+        return _spice_file(spice / "src", path.removeprefix("spice-html5/src/"))
+    return None
+
+
+def _spice_file(src: Path, relative: str) -> Page | None:
+    parts = relative.split("/")
+    if Path(relative).suffix != ".js":
+        return None
+    if any(part in ("", ".", "..") or part.startswith(".") for part in parts):
+        return None
+    try:
+        root = src.resolve(strict=True)
+        target = (src / relative).resolve(strict=True)
+    except OSError:
+        return None
+    if not target.is_relative_to(root) or not target.is_file():
+        return None
+    try:
+        body = target.read_bytes()
+    except OSError:
+        return None
+    return Page(body, _type(relative), headers=_HEADERS)
