@@ -14,7 +14,9 @@ session on that console attaches to the same :class:`Hub`:
 * **Reading** is done by the sessions themselves, one at a time: each runs a
   reader that takes :attr:`Hub.read_lock`, reads one chunk and publishes it.
   Whichever sessions remain keep reading when one leaves; no task outlives
-  its session.
+  its session. The console is read as fast as the *fastest* client takes the
+  output (:meth:`Hub.room`): a lone client loses nothing, and the guest's
+  output waits (in libvirt, then in the guest) when every client is behind.
 * **Input**: one client at a time is the *writer*. A client with a full token
   becomes the writer when it attaches or types while nobody is; another full
   client takes the role over explicitly (:meth:`Hub.takeover`), and the
@@ -191,6 +193,7 @@ class Hub:
         #: Held while input is written to the console, so writes never interleave.
         self.write_lock = anyio.Lock()
         self._on_close = on_close
+        self._room = anyio.Event()
         #: Terminal size the writer last reported (cols, rows).
         self.size: tuple[int, int] | None = None
 
@@ -276,6 +279,7 @@ class Hub:
             return
         self.clients.remove(client)
         client._wakeup.set()
+        self._room.set()
         if self.writer is client:
             self._set_writer(None)
         self._presence()
@@ -287,6 +291,7 @@ class Hub:
             return
         self.closed = True
         self.ended = True
+        self._room.set()
         for client in self.clients:
             client._wakeup.set()
         if self.recorder is not None:
@@ -376,6 +381,22 @@ class Hub:
 
     # --- output ------------------------------------------------------------------------
 
+    def room(self) -> int:
+        """Bytes the console may be read now: what the least-behind client's queue has
+        room for (the console is read as fast as the fastest client takes it; slower
+        ones skip). The whole bound when no client is attached or every one is
+        waiting for the screen again."""
+        queued = [c._queued for c in self.clients if not c._resync]
+        return self.client_queue - min(queued, default=0)
+
+    async def wait_for_room(self) -> int:
+        """Wait until the least-behind client's queue is at most half full; return
+        :meth:`room`. Returns at once once the hub has ended."""
+        while not self.ended and self.room() < self.client_queue // 2:
+            self._room = anyio.Event()
+            await self._room.wait()
+        return self.room()
+
     def publish(self, data: bytes) -> None:
         """Output from the console: to the scrollback, the recorder and every client."""
         if not data or self.closed:
@@ -389,6 +410,7 @@ class Hub:
     def end(self) -> None:
         """The console ended: clients get what is queued, then their sessions end."""
         self.ended = True
+        self._room.set()
         for client in self.clients:
             client._wakeup.set()
 
@@ -418,6 +440,7 @@ class Hub:
             if client._items:
                 item = client._items.popleft()
                 client._queued -= len(item)
+                self._room.set()
                 if isinstance(item, bytes):
                     # Coalesce queued output into one message.
                     parts = [item]

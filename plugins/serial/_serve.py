@@ -92,13 +92,15 @@ class WebSocketPeer:
 
 
 async def read_console(hub: Hub, stream: anyio.abc.ByteStream, read_size: int) -> None:
-    """Take turns with the hub's other sessions reading *stream*, until it ends."""
+    """Take turns with the hub's other sessions reading *stream*, until it ends; never
+    more than the least-behind client has room for (:meth:`Hub.room`)."""
     while True:
         async with hub.read_lock:
+            room = await hub.wait_for_room()
             if hub.ended:
                 return
             try:
-                data = await stream.receive(read_size)
+                data = await stream.receive(max(1, min(read_size, room)))
             except _CONSOLE_ERRORS:
                 hub.end()
                 return

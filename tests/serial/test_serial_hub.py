@@ -295,3 +295,24 @@ async def test_terminal_answers_pass_from_the_writer_only_and_claim_nothing() ->
     assert not hub.may_write(watcher, b"\x1b[1;1R") and hub.writer is None
     assert not is_report(b"\x1b[A") and not is_report(b"ls\r")
     assert hub.may_write(watcher, b"ls\r") and hub.writer is watcher
+
+
+async def test_the_console_is_read_as_fast_as_the_fastest_client_takes_it() -> None:
+    hub = Hub(scrollback=0, client_queue=8192)
+    fast = hub.attach(full=True, framed=False)
+    slow = hub.attach(full=False, framed=False)
+    assert hub.room() == 8192
+    hub.publish(b"x" * 6000)
+    assert hub.room() == 8192 - 6000
+    with anyio.move_on_after(0.05) as waited:
+        await hub.wait_for_room()
+    assert waited.cancelled_caught  # both are behind: the console waits
+    assert await hub.next_item(fast) == b"x" * 6000
+    with anyio.fail_after(1):
+        assert await hub.wait_for_room() == 8192  # the fastest has room again
+    hub.publish(b"y" * 6000)  # too much for the slow one: it skips, and is left out
+    assert slow.resyncs == 1 and hub.room() == 8192 - 6000
+    hub.detach(fast)
+    assert hub.room() == 8192  # only a client waiting for the screen is left
+    hub.end()
+    assert await hub.wait_for_room() == 8192
