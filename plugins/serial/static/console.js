@@ -20,6 +20,8 @@
     4005: "token is for another node",
     4006: "token is for another protocol",
     4007: "origin not allowed",
+    4008: "no plugin serves this protocol",
+    4009: "view-only sessions are not available for this protocol",
     4010: "unknown domain",
     4011: "console not enabled on this domain",
     4012: "VM not running",
@@ -30,7 +32,11 @@
     4100: "VM stopped",
     4101: "domain undefined",
     4102: "idle timeout",
-    4103: "hypervisor connection lost"
+    4103: "hypervisor connection lost",
+    4104: "the client sent a message the broker cannot check",
+    4105: "console protocol error",
+    4106: "the broker could not log in to the console",
+    4107: "the session's policy refuses this channel"
   };
 
   var $ = function (id) { return document.getElementById(id); };
