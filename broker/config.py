@@ -304,7 +304,8 @@ class VNCSection:
     )
     assets_dir: str = _key(
         "",
-        "The node_modules directory holding @novnc/novnc for the console page. Empty: "
+        "The node_modules directory holding @novnc/novnc for the console page (the serial "
+        "console page reads @xterm/xterm and @xterm/addon-fit from it too). Empty: "
         "the source tree's node_modules when the broker runs from one, else "
         "/usr/share/console-broker/node_modules.",
         path=True,

@@ -49,9 +49,8 @@ def assets_dir(config: Config) -> Path:
     """Where the browser clients' packages are: the configured directory, else the
     source tree's ``node_modules`` when the broker runs from one, else
     :data:`SYSTEM_ASSETS`."""
-    configured = getattr(getattr(config, "vnc", None), "assets_dir", "")
-    if configured:
-        return Path(configured)
+    if config.vnc.assets_dir:  # the key the console pages share
+        return Path(config.vnc.assets_dir)
     source = Path(broker.__file__).resolve().parent.parent / "node_modules"
     return source if source.is_dir() else SYSTEM_ASSETS
 
