@@ -132,11 +132,12 @@ level = "debug"
         assert not re.search(r"eyJ[A-Za-z0-9_-]{8,}\.", text)
 
 
-def serial_guest(testbed: Testbed) -> Any:
-    """A running tiny guest whose serial console ``console-broker xml enable`` enabled."""
+def serial_guest(testbed: Testbed, devices: str = "") -> Any:
+    """A running tiny guest whose serial console ``console-broker xml enable`` enabled
+    (*devices*: more XML in its ``<devices>``)."""
     enabled = subprocess.run(
         [*CLI, "xml", "enable", "--consoles", "serial"],
-        input=testbed.guest_xml(),
+        input=testbed.guest_xml(devices=devices),
         check=True,
         capture_output=True,
         text=True,

@@ -17,7 +17,7 @@ from typing import Any
 
 import pytest
 from serialkit import Client, Served, serial_guest
-from websockets.exceptions import ConnectionClosed
+from websockets.exceptions import ConnectionClosed, InvalidStatus
 
 from broker.testbed import Testbed
 
@@ -184,3 +184,31 @@ def test_a_session_is_recorded_as_asciicast_v2(served: Served, guest: Any) -> No
     assert b"recorded-42" in played
     # By domain UUID too, and the plain listing names the file.
     assert str(path) in served.cli("recordings", "--domain", guest.UUIDString())
+
+
+def test_a_token_chooses_the_console_device(served: Served, testbed: Testbed) -> None:
+    dom = serial_guest(testbed, devices="    <serial type='pty'><target port='1'/></serial>\n")
+    try:
+        name = dom.name()
+        with (
+            served.connect(name) as ws_shell,
+            served.connect(name, "--device", "serial1") as ws_second,
+            served.connect(name, "--device", "1", "--view-only") as ws_same,
+        ):
+            shell, second, same = Client(ws_shell), Client(ws_second), Client(ws_same)
+            assert second.wait_control("hello")["device"] == "serial1"
+            # "1" names the same port: its session shares serial1's stream.
+            assert same.wait_control("hello")["clients"] == 2
+            shell.shell_ready()
+            shell.send(b"echo via-$((6*7)) > /dev/ttyS1\n")
+            second.wait_for(b"via-42")
+            same.wait_for(b"via-42")
+            assert b"via-42" not in bytes(shell.output).replace(b"via-$((6*7))", b"")
+        # Refused before the upgrade (http.refusals = "status"): the token is not used up.
+        with pytest.raises(InvalidStatus) as info:
+            served.connect(name, "--device", "serial7")
+        response = info.value.response
+        assert response.status_code == 404
+        assert response.body == b"console not enabled on this domain\n"
+    finally:
+        testbed.remove(dom)
