@@ -140,6 +140,15 @@ class ListenSection:
 
     host: str = _key("127.0.0.1", "Address to listen on.", _not_empty)
     port: int = _key(6080, "TCP port to listen on.", _port)
+    connect_port: int = _key(
+        0,
+        "TCP port of the HTTP CONNECT listener for native clients (remote-viewer with a "
+        ".vv file; docs/spice.md), for protocols that serve them. 0: no such listener.",
+        _at_least(0),
+    )
+    connect_host: str = _key(
+        "127.0.0.1", "Address the HTTP CONNECT listener listens on.", _not_empty
+    )
 
 
 @attrs.frozen

@@ -89,6 +89,11 @@ class Protocol:
     #: sessions of their own that share its :class:`broker.service.SessionGroup`
     #: (``session.group``, ``session.joined``); the plugin decides what each may do.
     multi_connection: bool = False
+    #: Native clients may reach sessions of this protocol through the broker's HTTP
+    #: CONNECT listener (``listen.connect_port``): the CONNECT target's host is the
+    #: token's session handle, and the tunnel is the session's client
+    #: (a :class:`broker.service.TunnelChannel`).
+    native_clients: bool = False
 
     def __attrs_post_init__(self) -> None:
         if not self.console:
@@ -195,6 +200,38 @@ def console_broker_page(protocol: str, path: str, config: Config) -> Page | None
 
     :param config: the broker's :class:`broker.config.Config`.
     :return: a :class:`Page`, or None.
+    """
+
+
+@attrs.frozen
+class ClientFile:
+    """A connection file for a native client (a virt-viewer ``.vv`` file, say)."""
+
+    #: A short name: the ``--json`` key of ``console-broker token`` (``vv``).
+    name: str
+    #: The file's text; it holds the token (or what stands for it): treat it as secret.
+    body: str
+    #: The ``Content-Type`` the broker serves it with.
+    content_type: str = "text/plain; charset=utf-8"
+    #: The file name suffix (``.vv``).
+    suffix: str = ""
+
+
+@hookspec(firstresult=True)
+def console_broker_client_file(
+    protocol: str, token: str, title: str, config: Config
+) -> ClientFile | None:
+    """Build a native client's connection file for a session of *protocol* with *token*.
+
+    Called by ``console-broker token`` (the ``--json`` output gets the file under its
+    ``name``; ``--client-file FILE`` writes it) and by plugins that serve the file over
+    HTTP. Return None for protocols the plugin does not serve, or when the broker's
+    configuration offers native clients no way in; the first non-None result wins.
+
+    :param token: the token, as issued.
+    :param title: a human title for the client's window (the domain's name).
+    :param config: the broker's :class:`broker.config.Config`.
+    :return: a :class:`ClientFile`, or None.
     """
 
 

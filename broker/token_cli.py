@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import uuid
 from collections.abc import Callable
@@ -167,6 +168,23 @@ def _token_command(args: argparse.Namespace) -> int:
     except ValueError as exc:
         raise CommandError(f"--device: {exc}", EXIT_USAGE) from None
     links = console_links(config, issued)
+    client_file = None
+    if args.json or args.client_file:
+        client_file = PluginManager().hook.console_broker_client_file(
+            protocol=args.protocol, token=issued.token, title=domain.name or domain.uuid,
+            config=config,
+        )
+        if args.client_file and client_file is None:
+            raise CommandError(
+                f"--client-file: no connection file for {args.protocol} with this "
+                "configuration (a native client's listener, listen.connect_port, must be set)",
+                EXIT_USAGE,
+            )
+    if args.client_file and client_file is not None:
+        path = Path(args.client_file)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as out:
+            out.write(client_file.body)
     if args.json:
         doc = {
             "page": links.page,
@@ -180,6 +198,8 @@ def _token_command(args: argparse.Namespace) -> int:
             "device": issued.claims.device,
             "jti": issued.claims.jti,
         }
+        if client_file is not None:
+            doc[client_file.name] = client_file.body
         json.dump(doc, sys.stdout, indent=2)
         sys.stdout.write("\n")
         return 0
@@ -228,6 +248,11 @@ def register_token(subparsers: Subparsers) -> None:
         "record names",
     )
     parser.add_argument("--json", action="store_true", help="print a JSON object instead")
+    parser.add_argument(
+        "--client-file", "--vv", metavar="FILE",
+        help="write the native client's connection file (SPICE: a virt-viewer .vv file for "
+        "remote-viewer) to FILE, mode 0600",
+    )
     _add_config_option(parser)
     parser.add_argument("--connect", "-c", metavar="URI", help="libvirt URI (default: libvirt.uri)")
     parser.add_argument(

@@ -24,6 +24,7 @@ by target, and websockets' own request logging is silenced (see ``_logging``).
 
 from __future__ import annotations
 
+import contextlib
 import email.utils
 import http
 import json
@@ -50,6 +51,13 @@ import broker
 from broker.config import Config
 from broker.hookspecs import Page, Protocol
 from broker.plugins import PluginError, PluginManager
+from broker.service._connect import (
+    MAX_HEAD,
+    ConnectError,
+    ConnectParser,
+    ConnectRequest,
+    token_for_handle,
+)
 from broker.service._libvirt import Resolver, Target
 from broker.service._limits import Limits, SessionCounts
 from broker.service._metrics import CONTENT_TYPE, Metrics
@@ -86,6 +94,7 @@ from broker.service._session import (
     Session,
     SessionGroup,
     SessionHandler,
+    TunnelChannel,
     WebSocketChannel,
 )
 from broker.service._shared import SharedEndpoints
@@ -170,6 +179,10 @@ def _plugin_refusal(exc: Exception) -> Refused | None:
     return None
 
 
+def _host_port(address: Any) -> tuple[str, int]:
+    return (str(address[0]), int(address[1]))
+
+
 def _text(status: int, text: str, headers: Iterable[tuple[str, str]] = ()) -> Response:
     return _response(status, (text + "\n").encode(), headers=headers)
 
@@ -224,6 +237,8 @@ class Broker:
         self._group: anyio.abc.TaskGroup | None = None
         #: The (host, port) pairs listened on, once serving.
         self.addresses: list[tuple[str, int]] = []
+        #: The HTTP CONNECT listener's (host, port) pairs, once serving (``listen.connect_port``).
+        self.connect_addresses: list[tuple[str, int]] = []
 
     @staticmethod
     def _load_handlers(
@@ -290,11 +305,27 @@ class Broker:
                 node=self._node,
                 protocols=sorted(self._handlers),
             )
+            tunnels = None
+            if config.listen.connect_port:
+                tunnels = await anyio.create_tcp_listener(
+                    local_host=config.listen.connect_host, local_port=config.listen.connect_port
+                )
+                self.connect_addresses = [
+                    _host_port(listener.extra(anyio.abc.SocketAttribute.local_address))  # noqa: S610
+                    for listener in tunnels.listeners
+                ]
+                group.start_soon(tunnels.serve, self._handle_connect)
+                _log.info(
+                    "broker.connect_listening",
+                    addresses=[f"{host}:{port}" for host, port in self.connect_addresses],
+                )
             task_status.started(self.port)
             try:
                 await self._stop.wait()
             finally:
                 with anyio.CancelScope(shield=True):
+                    if tunnels is not None:
+                        await tunnels.aclose()
                     await self._shutdown(server)
                 group.cancel_scope.cancel()
 
@@ -407,36 +438,41 @@ class Broker:
             return self._refuse(connection, Refused(FOREIGN_ORIGIN, why), protocol=found.protocol,
                                 upgrade=False)
         client = str(connection.remote_address[0]) if connection.remote_address else "?"
-        group: SessionGroup | None = None
         try:
-            claims = self._verify(found)
-            if claims.view_only and not protocol.view_only:
-                raise Refused(VIEW_ONLY_UNSUPPORTED, f"{protocol.name} does not enforce view-only")
-            if protocol.multi_connection:
-                group = self._groups.get(claims.jti)
-            if group is not None:
-                # a further connection of a live session: the token was used up by its first
-                if group.connections >= group.max_connections:
-                    raise Refused(LIMIT_REACHED, "too many connections in one session")
-                target = await self._resolver.target(claims, protocol.console)
-                if group.closed:
-                    raise Refused(REPLAYED_TOKEN, "the token's session has ended")
-            else:
-                self._counts.check(claims.domain_uuid, client)
-                target = await self._resolver.target(claims, protocol.console)
-                self._consume(claims)
+            pending = await self._admit(protocol, handler, found.token, client, started)
         except Refused as exc:
             return self._refuse(connection, exc, protocol=found.protocol)
-        self._pending[connection] = _Pending(
-            protocol, handler, claims, target, client, started, group
-        )
+        self._pending[connection] = pending
         return None
 
-    def _verify(self, found: WebSocketRoute) -> Claims:
+    async def _admit(
+        self, protocol: Protocol, handler: SessionHandler, token: str, client: str, started: float
+    ) -> _Pending:
+        """The token, view-only, group, limits and resolver checks; Refused if one fails."""
+        group: SessionGroup | None = None
+        claims = self._verify(token, protocol.name)
+        if claims.view_only and not protocol.view_only:
+            raise Refused(VIEW_ONLY_UNSUPPORTED, f"{protocol.name} does not enforce view-only")
+        if protocol.multi_connection:
+            group = self._groups.get(claims.jti)
+        if group is not None:
+            # a further connection of a live session: the token was used up by its first
+            if group.connections >= group.max_connections:
+                raise Refused(LIMIT_REACHED, "too many connections in one session")
+            target = await self._resolver.target(claims, protocol.console)
+            if group.closed:
+                raise Refused(REPLAYED_TOKEN, "the token's session has ended")
+        else:
+            self._counts.check(claims.domain_uuid, client)
+            target = await self._resolver.target(claims, protocol.console)
+            self._consume(claims)
+        return _Pending(protocol, handler, claims, target, client, started, group)
+
+    def _verify(self, token: str, protocol: str | None) -> Claims:
         """Check the token; it is used up by :meth:`_consume` once every check passed."""
         try:
             return self._verifier.verify(
-                found.token, protocol=found.protocol, node=self._node, consume=False
+                token, protocol=protocol, node=self._node, consume=False
             )
         except TokenRefused as exc:
             raise Refused(TOKEN_REFUSALS.get(exc.reason, INVALID_TOKEN), exc.detail) from None
@@ -507,9 +543,94 @@ class Broker:
             return _text(500, "internal error")
         return _response(page.status, page.body, page.content_type, page.headers)
 
+    # --- HTTP CONNECT (native clients) ---------------------------------------------------
+
+    async def _handle_connect(self, stream: anyio.abc.SocketStream) -> None:
+        """One tunnel: read the CONNECT head, admit its token like a WebSocket's, answer
+        200 and run the session on the tunnel (or answer the refusal's status and close)."""
+        started = time.monotonic()
+        address = stream.extra(anyio.abc.SocketAttribute.remote_address, ("?",))  # noqa: S610
+        client = str(address[0]) if isinstance(address, tuple) else "?"
+        parser = ConnectParser()
+        try:
+            with anyio.fail_after(self.config.limits.handshake_timeout):
+                while True:
+                    event = parser.next_event()
+                    if isinstance(event, ConnectRequest):
+                        break
+                    parser.receive_data(await stream.receive(MAX_HEAD))
+        except ConnectError as exc:
+            _log.info("connect.refused", reason="bad_request", detail=exc.detail, client=client,
+                      status=exc.status)
+            await self._answer_tunnel(stream, exc.status, "bad request", close=True)
+            return
+        except (TimeoutError, anyio.EndOfStream, anyio.BrokenResourceError, OSError):
+            await self._answer_tunnel(stream, 0, "", close=True)
+            return
+        try:
+            pending = await self._admit_tunnel(event.host, client, started)
+        except Refused as exc:
+            refusal = exc.refusal
+            self.metrics.refusals.labels(refusal.reason).inc()
+            _log.info("request.refused", reason=refusal.reason, detail=exc.detail, client=client,
+                      status=refusal.status, route="connect")
+            await self._answer_tunnel(stream, refusal.status or 403, refusal.text, close=True)
+            return
+        if not await self._answer_tunnel(stream, 200, "Connection established", close=False):
+            return
+        tunnel = TunnelChannel(stream, event.rest, self.config.proxy.read_size)
+        await self._run_session(tunnel, pending)
+
+    async def _admit_tunnel(self, handle: str, client: str, started: float) -> _Pending:
+        if self._closing:
+            raise Refused(SHUTDOWN)
+        try:
+            token = token_for_handle(handle)
+        except ValueError:
+            raise Refused(INVALID_TOKEN, "the CONNECT target is not a session handle") from None
+        claims = self._verify(token, None)
+        entry = self._handlers.get(claims.protocol)
+        if entry is None or not entry[0].native_clients:
+            raise Refused(UNKNOWN_PROTOCOL, f"no native clients for {claims.protocol!r}")
+        protocol, handler = entry
+        return await self._admit(protocol, handler, token, client, started)
+
+    @staticmethod
+    async def _answer_tunnel(
+        stream: anyio.abc.SocketStream, status: int, text: str, *, close: bool
+    ) -> bool:
+        try:
+            if status:
+                phrase = "Connection established" if status == 200 else (
+                    http.HTTPStatus(status).phrase
+                )
+                body = b"" if status == 200 else (text + "\n").encode()
+                head = f"HTTP/1.1 {status} {phrase}\r\n"
+                if status != 200:
+                    head += (
+                        f"Content-Type: text/plain; charset=utf-8\r\n"
+                        f"Content-Length: {len(body)}\r\nConnection: close\r\n"
+                    )
+                await stream.send(head.encode() + b"\r\n" + body)
+        except (anyio.BrokenResourceError, anyio.ClosedResourceError, OSError):
+            close = True
+        if close:
+            with anyio.CancelScope(shield=True), contextlib.suppress(OSError):
+                await stream.aclose()
+            return False
+        return True
+
     # --- sessions -----------------------------------------------------------------------
 
-    async def _close(self, connection: ServerConnection, refusal: Refusal) -> None:
+    async def _close(
+        self, connection: ServerConnection | TunnelChannel, refusal: Refusal
+    ) -> None:
+        if isinstance(connection, TunnelChannel):  # a tunnel has no close code: just close
+            with anyio.CancelScope(shield=True), contextlib.suppress(
+                OSError, anyio.BrokenResourceError, anyio.ClosedResourceError
+            ):
+                await connection.stream.aclose()
+            return
         with anyio.move_on_after(self._close_timeout, shield=True):
             await connection.close(refusal.close_code, refusal.text)
 
@@ -541,7 +662,9 @@ class Broker:
         except TimeoutError:
             raise Refused(CONSOLE_UNREACHABLE, "opening the console timed out") from None
 
-    async def _run_session(self, connection: ServerConnection, pending: _Pending) -> None:
+    async def _run_session(
+        self, connection: ServerConnection | TunnelChannel, pending: _Pending
+    ) -> None:
         claims, target, protocol = pending.claims, pending.target, pending.protocol
         domain, client = claims.domain_uuid, pending.client
         session_id = secrets.token_hex(6)
@@ -600,7 +723,11 @@ class Broker:
                 protocol=protocol.name,
                 console=protocol.console,
                 claims=claims,
-                client=WebSocketChannel(connection),
+                client=(
+                    connection
+                    if isinstance(connection, TunnelChannel)
+                    else WebSocketChannel(connection)
+                ),
                 endpoint=endpoint,
                 log=log,
                 traffic=traffic,
@@ -648,7 +775,11 @@ class Broker:
                         await opened.aclose()
             if live is not None:
                 if live.ending is None and ending is None:
-                    if connection.state is State.OPEN:
+                    if (
+                        not connection.closed
+                        if isinstance(connection, TunnelChannel)
+                        else connection.state is State.OPEN
+                    ):
                         ending = await self._console_ending(live)
                     else:
                         ending = CLIENT_CLOSED

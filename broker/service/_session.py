@@ -76,6 +76,46 @@ class WebSocketChannel:
             raise ClientClosed from None
 
 
+class TunnelChannel(WebSocketChannel):
+    """The client side of a session reached through the HTTP CONNECT listener: the
+    tunnel's byte stream, read in chunks of at most *read_size* bytes (``connection``
+    is None, ``subprotocol`` None, ``request_headers`` empty)."""
+
+    def __init__(self, stream: anyio.abc.ByteStream, first: bytes, read_size: int) -> None:
+        self.connection = None  # type: ignore[assignment]
+        self.stream = stream
+        self._first = first
+        self._read_size = read_size
+        #: True once the client's side of the tunnel has ended.
+        self.closed = False
+
+    @property
+    def subprotocol(self) -> str | None:
+        return None
+
+    @property
+    def request_headers(self) -> Mapping[str, str]:
+        return {}
+
+    async def receive(self) -> bytes:
+        if self._first:
+            first, self._first = self._first, b""
+            return first
+        try:
+            return await self.stream.receive(self._read_size)
+        except (anyio.EndOfStream, anyio.BrokenResourceError, anyio.ClosedResourceError,
+                OSError):
+            self.closed = True
+            raise ClientClosed from None
+
+    async def send(self, data: bytes) -> None:
+        try:
+            await self.stream.send(data)
+        except (anyio.BrokenResourceError, anyio.ClosedResourceError, OSError):
+            self.closed = True
+            raise ClientClosed from None
+
+
 class SessionGroup:
     """The connections of one token of a ``multi_connection`` protocol.
 
@@ -114,7 +154,7 @@ class Session:
     console: str
     #: The token's verified claims (domain UUID, rights, jti, ...).
     claims: Claims
-    #: The client: a WebSocket.
+    #: The client: a WebSocket (or a :class:`TunnelChannel` through HTTP CONNECT).
     client: WebSocketChannel
     #: The console endpoint, connected before the handler is called.
     endpoint: Endpoint
@@ -174,6 +214,7 @@ __all__ = [
     "Session",
     "SessionGroup",
     "SessionHandler",
+    "TunnelChannel",
     "WebSocketChannel",
     "raw_proxy",
 ]

@@ -8,7 +8,7 @@ from broker import Protocol, hookimpl
 
 if TYPE_CHECKING:
     from broker.config import Config
-    from broker.hookspecs import Page
+    from broker.hookspecs import ClientFile, Page
     from broker.service import Session, SessionHandler
     from broker.xml import ConsoleEdit, EditOptions
 
@@ -21,6 +21,7 @@ PROTOCOL = Protocol(
     ),
     view_only=True,
     multi_connection=True,
+    native_clients=True,
 )
 
 
@@ -61,6 +62,37 @@ def console_broker_page(protocol: str, path: str, config: Config) -> Page | None
     """The spice-html5 console page and its assets (see broker_spice._page)."""
     if protocol != PROTOCOL.name:
         return None
+    if path.startswith("vv/"):  # /console/spice/vv/TOKEN: the .vv file for remote-viewer
+        return _vv_page(path.removeprefix("vv/"), config)
     from ._page import page
 
     return page(path, config.spice.assets_dir)
+
+
+def _vv_page(token: str, config: Config) -> Page | None:
+    from broker.hookspecs import Page
+
+    from ._vv import vv_file
+
+    if not token or len(token) > 4096 or not token.isascii() or "/" in token:
+        return None
+    made = vv_file(token, "SPICE console", config)
+    if made is None:
+        return Page(b"this broker has no CONNECT listener (listen.connect_port)\n",
+                    "text/plain; charset=utf-8", status=404)
+    return Page(
+        made.body.encode(), made.content_type,
+        headers=[("Content-Disposition", 'attachment; filename="console.vv"')],
+    )
+
+
+@hookimpl
+def console_broker_client_file(
+    protocol: str, token: str, title: str, config: Config
+) -> ClientFile | None:
+    """A virt-viewer ``.vv`` file for remote-viewer (see broker_spice._vv)."""
+    if protocol != PROTOCOL.name:
+        return None
+    from ._vv import vv_file
+
+    return vv_file(token, title, config)

@@ -225,6 +225,7 @@ class ChannelProxy:
     async def _client_to_server(self, scope: anyio.CancelScope) -> None:
         session = self.session
         events, self._pending = self._pending, []
+        events += _drain(self.client)  # what the client sent right after its ticket
         try:
             while True:
                 for event in events:
@@ -250,13 +251,8 @@ class ChannelProxy:
     async def _server_to_client(self, scope: anyio.CancelScope) -> None:
         session = self.session
         try:
+            events = _drain(self.server)  # what came with the link result
             while True:
-                try:
-                    data = await self.stream.receive(session.read_size)
-                except _CONSOLE_ERRORS:
-                    data = b""
-                self.server.receive_data(data)
-                events = _drain(self.server)
                 for event in events:  # act before forwarding (the session binding)
                     if isinstance(event, MainInit) and not session.joined:
                         self.group_data[SESSION_ID] = event.session_id
@@ -268,6 +264,12 @@ class ChannelProxy:
                         await session.client.send(out)
                     elif isinstance(event, ConnectionClosed):
                         return
+                try:
+                    data = await self.stream.receive(session.read_size)
+                except _CONSOLE_ERRORS:
+                    data = b""
+                self.server.receive_data(data)
+                events = _drain(self.server)
         except ClientClosed:
             return
         except SpiceProtocolError as exc:

@@ -8,6 +8,7 @@ the broker.
 
 from __future__ import annotations
 
+import configparser
 import json
 import os
 import signal
@@ -19,6 +20,7 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 from spicerelay import TestClient
 from websockets.exceptions import ConnectionClosed
@@ -42,6 +44,7 @@ class Broker:
 
     def __init__(self, directory: Path, extra: str = "") -> None:
         self.port = free_port()
+        self.connect_port = free_port()
         self.config = directory / "broker.toml"
         self.config.write_text(
             f"""[broker]
@@ -50,6 +53,7 @@ state_dir = "state"
 [listen]
 host = "127.0.0.1"
 port = {self.port}
+connect_port = {self.connect_port}
 [http]
 allow_missing_origin = true
 [limits]
@@ -170,6 +174,31 @@ class WebSocketSock:
 
     def close(self) -> None:
         self.ws.close()
+
+
+def connect_client(vv: str) -> TestClient:
+    """A SPICE test client whose channel goes through the CONNECT proxy a .vv file names,
+    using only what the file says."""
+    parser = configparser.ConfigParser(interpolation=None)
+    parser.read_string(vv)
+    section = parser["virt-viewer"]
+    proxy = urlsplit(section["proxy"])
+    assert proxy.scheme == "http" and proxy.hostname and proxy.port
+    sock = socket.create_connection((proxy.hostname, proxy.port), timeout=10)
+    target = f"{section['host']}:{section['port']}"
+    sock.sendall(f"CONNECT {target} HTTP/1.0\r\nHost: {target}\r\n\r\n".encode())
+    head = b""
+    while not head.endswith(b"\r\n\r\n"):
+        byte = sock.recv(1)
+        if not byte:
+            sock.close()
+            raise ConnectionError(f"the proxy closed: {head!r}")
+        head += byte
+    status = head.split(b" ", 2)[1]
+    if status != b"200":
+        sock.close()
+        raise ConnectionRefusedError(head.decode(errors="replace"))
+    return TestClient(sock)
 
 
 def ws_client(url: str) -> TestClient:

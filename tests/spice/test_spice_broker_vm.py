@@ -21,7 +21,7 @@ from broker_spice.protocol import (
     build_display_init,
     build_message,
 )
-from spicebroker import Broker, WebSocketSock, spice_guest, ws_client
+from spicebroker import Broker, WebSocketSock, connect_client, spice_guest, ws_client
 from spicerelay import TestClient
 from websockets.exceptions import InvalidStatus
 
@@ -193,3 +193,38 @@ def test_spice_html5_in_a_browser_shows_the_guests_screen(
     events = broker.events("spice.channel_linked")
     linked = {e["channel"] for e in events if e.get("domain") == uuid}
     assert {"main", "display", "inputs", "cursor"} <= linked, linked
+
+
+def test_native_channels_link_through_connect_with_what_the_vv_file_says(
+    broker: Broker, testbed: Testbed
+) -> None:
+    dom = spice_guest(testbed, "fd")
+    try:
+        vv = broker.token(dom.name())["vv"]
+        assert "type=spice" in vv and f"proxy=http://127.0.0.1:{broker.connect_port}" in vv
+        assert "delete-this-file=1" in vv and "127.0.0.1:59" not in vv
+        main = connect_client(vv)
+        session_id = _link_main(main)
+        display = connect_client(vv)
+        assert display.link(ChannelType.DISPLAY, session_id) is LinkError.OK
+        _display_init(display)
+        drawn = display.wait_for(
+            lambda e: isinstance(e, Message) and e.type >= FIRST_DISPLAY_MSG, timeout=30
+        )
+        assert isinstance(drawn, Message)
+        inputs = connect_client(vv)
+        assert inputs.link(ChannelType.INPUTS, session_id) is LinkError.OK
+        foreign = connect_client(vv)
+        assert foreign.link(ChannelType.CURSOR, session_id ^ 0x5A5A) is LinkError.BAD_CONNECTION_ID
+        for client in (foreign, inputs, display, main):
+            client.close()
+        time.sleep(1.0)
+        with pytest.raises(ConnectionRefusedError, match="401"):
+            connect_client(vv)  # the session is over: its token admits nothing more
+        # a handle that stands for no token
+        bogus = vv.replace("host=", "host=x")
+        with pytest.raises(ConnectionRefusedError, match="401"):
+            connect_client(bogus)
+        assert dom.state()[0] == libvirt.VIR_DOMAIN_RUNNING
+    finally:
+        testbed.remove(dom)
