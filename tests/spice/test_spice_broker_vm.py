@@ -6,8 +6,14 @@ test client is the sans-I/O layer's (``spicerelay.TestClient``) over a WebSocket
 
 from __future__ import annotations
 
+import collections
+import os
+import shutil
+import struct
+import subprocess
 import time
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import libvirt
@@ -228,3 +234,83 @@ def test_native_channels_link_through_connect_with_what_the_vv_file_says(
         assert dom.state()[0] == libvirt.VIR_DOMAIN_RUNNING
     finally:
         testbed.remove(dom)
+
+
+def _free_display() -> int:
+    for number in range(90, 200):
+        if not Path(f"/tmp/.X11-unix/X{number}").exists() and not Path(
+            f"/tmp/.X{number}-lock"
+        ).exists():
+            return number
+    raise AssertionError("no free X display number")
+
+
+def _xwd_pixels(path: Path) -> tuple[int, int, bytes]:
+    """Width, height and the 32-bit pixels of Xvfb's screen dump (XWD, -fbdir)."""
+    data = path.read_bytes()
+    fields = struct.unpack(">25I", data[:100])
+    header_size, width, height = fields[0], fields[4], fields[5]
+    bits_per_pixel, bytes_per_line, ncolors = fields[11], fields[12], fields[19]
+    assert bits_per_pixel == 32, bits_per_pixel
+    start = header_size + ncolors * 12
+    pixels = data[start : start + bytes_per_line * height]
+    return width, height, pixels
+
+
+@pytest.mark.skipif(not shutil.which("remote-viewer") or not shutil.which("Xvfb"),
+                    reason="remote-viewer and Xvfb are needed")
+def test_remote_viewer_shows_the_guests_screen_with_the_vv_file(
+    broker: Broker, testbed: Testbed, tmp_path: Path
+) -> None:
+    number = _free_display()
+    xvfb = subprocess.Popen(
+        ["Xvfb", f":{number}", "-screen", "0", "1024x768x24", "-wr", "-nolisten", "tcp",
+         "-fbdir", str(tmp_path)],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )
+    dom = spice_guest(testbed, "fd")
+    viewer = None
+    try:
+        vv = tmp_path / "console.vv"
+        broker.token(dom.name(), "--vv", str(vv))
+        assert vv.stat().st_mode & 0o777 == 0o600
+        deadline = time.monotonic() + 10
+        while not Path(f"/tmp/.X11-unix/X{number}").exists():
+            assert time.monotonic() < deadline, "Xvfb did not start"
+            time.sleep(0.1)
+        env = {**os.environ, "DISPLAY": f":{number}"}
+        viewer = subprocess.Popen(
+            ["remote-viewer", str(vv)], env=env,
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        )
+        colors: collections.Counter[bytes] = collections.Counter()
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            time.sleep(1.0)
+            _width, _height, pixels = _xwd_pixels(tmp_path / "Xvfb_screen0")
+            colors = collections.Counter(pixels[i : i + 3] for i in range(0, len(pixels), 4))
+            # the root is white (-wr), GTK's chrome light; the guest's VGA text console is
+            # black with text in VGA grey (0xA8A8A8: the 6-bit palette)
+            if colors[b"\0\0\0"] > 100_000 and colors[b"\xa8\xa8\xa8"] > 500:
+                break
+        assert colors[b"\0\0\0"] > 100_000, colors.most_common(8)
+        assert colors[b"\xa8\xa8\xa8"] > 500, colors.most_common(8)
+        assert not vv.exists()  # delete-this-file=1: remote-viewer removed it
+        assert viewer.poll() is None
+    finally:
+        if viewer is not None:
+            viewer.terminate()
+            viewer.wait(timeout=10)
+        time.sleep(1.0)
+        try:
+            assert dom.state()[0] == libvirt.VIR_DOMAIN_RUNNING
+        finally:
+            testbed.remove(dom)
+            xvfb.terminate()
+            xvfb.wait(timeout=10)
+    uuid = dom.UUIDString()
+    events = broker.events("spice.channel_linked")
+    linked = {e["channel"] for e in events if e.get("domain") == uuid}
+    assert {"main", "display", "inputs", "cursor"} <= linked, linked
+    opened = [e for e in broker.events("session.opened") if e.get("domain") == uuid]
+    assert opened and all(e.get("subprotocol") is None for e in opened)  # CONNECT tunnels
