@@ -9,6 +9,7 @@ from __future__ import annotations
 import collections
 import os
 import shutil
+import socket
 import struct
 import subprocess
 import time
@@ -27,8 +28,8 @@ from broker_spice.protocol import (
     build_display_init,
     build_message,
 )
-from spicebroker import Broker, WebSocketSock, connect_client, spice_guest, ws_client
-from spicerelay import TestClient
+from spicebroker import CLI, Broker, WebSocketSock, connect_client, spice_guest, ws_client
+from spicerelay import TestClient, spice_port
 from websockets.exceptions import InvalidStatus
 
 from broker.testbed import Testbed
@@ -314,3 +315,47 @@ def test_remote_viewer_shows_the_guests_screen_with_the_vv_file(
     assert {"main", "display", "inputs", "cursor"} <= linked, linked
     opened = [e for e in broker.events("session.opened") if e.get("domain") == uuid]
     assert opened and all(e.get("subprotocol") is None for e in opened)  # CONNECT tunnels
+
+
+def test_tcp_mode_with_a_spice_password_the_broker_logs_in_and_the_client_never_knows(
+    broker: Broker, testbed: Testbed
+) -> None:
+    from lxml import etree
+
+    enabled = subprocess.run(
+        [*CLI, "xml", "enable", "--consoles", "spice", "--mode", "tcp"],
+        input=testbed.guest_xml(), check=True, capture_output=True, text=True,
+    ).stdout
+    root = etree.fromstring(enabled.encode())
+    graphics = root.find("devices/graphics[@type='spice']")
+    assert graphics is not None
+    graphics.set("passwd", "s3cret-spice")
+    dom = testbed.define(etree.tostring(root).decode())
+    testbed.boot(dom, console=False)
+    try:
+        assert "s3cret-spice" not in dom.XMLDesc(0)  # only the secure XML holds it
+        direct = TestClient(socket.create_connection(("127.0.0.1", spice_port(dom)), timeout=10))
+        # QEMU does want the password: without it, it refuses
+        assert direct.link(ChannelType.MAIN, 0) is LinkError.PERMISSION_DENIED
+        direct.close()
+        url = broker.token(dom.name())["websocket"]
+        main = ws_client(url)
+        # the client's ticket is the wrong password: the broker drops it and sends its own
+        session_id = _link_main(main)
+        display = ws_client(url)
+        assert display.link(ChannelType.DISPLAY, session_id, ticket=bytes(128)) is LinkError.OK
+        _display_init(display)
+        display.wait_for(lambda e: isinstance(e, Message) and e.type >= FIRST_DISPLAY_MSG, 30)
+        display.close()
+        main.close()
+    finally:
+        testbed.remove(dom)
+    assert "s3cret-spice" not in broker.log_text()
+
+
+def test_the_vv_file_over_http(broker: Broker) -> None:
+    status, body = broker.get("/console/spice/vv/" + "abc.def-ghi")
+    assert status == 200
+    text = body.decode()
+    assert "[virt-viewer]" in text and f"proxy=http://127.0.0.1:{broker.connect_port}" in text
+    assert "host=mfrggltemvtc2z3ine\n" in text  # base32 of the token, lower case
