@@ -3,12 +3,14 @@ connected through a real ``console-broker serve`` to the tiny guest's serial con
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections.abc import Iterator
 from typing import Any
 
 import pytest
 from serialkit import Client, Served, serial_guest
+from websockets.exceptions import ConnectionClosed
 
 from broker.testbed import Testbed
 
@@ -47,7 +49,10 @@ def wait_until(browser: Any, what: str, check: Any, timeout: float = 60.0) -> An
         if value:
             return value
         if time.monotonic() > deadline:
-            state = browser.execute_script("return window.consoleBroker || null")
+            state = browser.execute_script(
+                "const cb = window.consoleBroker || {}; return [cb.state, cb.role, "
+                "cb.closeCode, cb.closeReason, document.getElementById('notice').textContent]"
+            )
             raise AssertionError(f"{what}: not seen; state {state}; screen:\n{screen(browser)}")
         time.sleep(0.2)
 
@@ -63,6 +68,7 @@ def test_the_page_shows_the_guest_and_takes_keys(
 ) -> None:
     dom = serial_guest(testbed)
     try:
+        stack = contextlib.ExitStack()
         name = dom.name()
         # The guest's shell is up (another client presses Enter until the prompt shows).
         with served.connect(name) as ws:
@@ -90,6 +96,28 @@ def test_the_page_shows_the_guest_and_takes_keys(
             "return [window.consoleBroker.term.cols, window.consoleBroker.term.rows]"
         )
         assert cols > 80 and rows > 24
+        # A token that fails closes the page's session; a pasted link reconnects it. (A
+        # watcher stays attached meanwhile, so the console's scrollback lives on.)
+        watcher = stack.enter_context(served.connect(name, "--view-only"))
+        Client(watcher).wait_for(b"page-42")
+        browser.execute_script("window.location.hash = '#token=not-a-token'")
+        wait_until(
+            browser, "the failed reconnect",
+            lambda: browser.execute_script("return window.consoleBroker.state") == "closed",
+            timeout=15,
+        )
+        assert browser.find_element(By.ID, "reconnect").is_displayed()
+        assert "token=" not in browser.current_url
+        field = browser.find_element(By.ID, "link")
+        field.send_keys(served.token(name)["page"])
+        browser.find_element(By.ID, "reconnect-button").click()
+        wait_until(
+            browser, "connected again",
+            lambda: browser.execute_script("return window.consoleBroker.state") == "connected",
+        )
+        wait_until(browser, "the screen again", lambda: "\npage-42" in screen(browser))
+        type_into(browser, "echo again-$((6*7))\n")
+        wait_until(browser, "typing again", lambda: "\nagain-42" in screen(browser))
         # Stopping the VM: the page shows the reason and offers to reconnect.
         dom.destroy()
         wait_until(
@@ -99,6 +127,11 @@ def test_the_page_shows_the_guest_and_takes_keys(
         )
         assert "VM stopped" in browser.find_element(By.ID, "state").text
         assert browser.find_element(By.ID, "reconnect").is_displayed()
+        with pytest.raises(ConnectionClosed):
+            while True:
+                watcher.recv(timeout=5)
+        assert watcher.close_code == 4100
+        stack.close()
     finally:
         testbed.remove(dom)
 
