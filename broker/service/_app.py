@@ -306,6 +306,7 @@ class Broker:
                 protocols=sorted(self._handlers),
             )
             tunnels = None
+            tunnel_scope = anyio.CancelScope()
             if config.listen.connect_port:
                 tunnels = await anyio.create_tcp_listener(
                     local_host=config.listen.connect_host, local_port=config.listen.connect_port
@@ -314,7 +315,7 @@ class Broker:
                     _host_port(listener.extra(anyio.abc.SocketAttribute.local_address))  # noqa: S610
                     for listener in tunnels.listeners
                 ]
-                group.start_soon(tunnels.serve, self._handle_connect)
+                group.start_soon(self._serve_tunnels, tunnels, tunnel_scope)
                 _log.info(
                     "broker.connect_listening",
                     addresses=[f"{host}:{port}" for host, port in self.connect_addresses],
@@ -324,9 +325,8 @@ class Broker:
                 await self._stop.wait()
             finally:
                 with anyio.CancelScope(shield=True):
-                    if tunnels is not None:
-                        await tunnels.aclose()
                     await self._shutdown(server)
+                tunnel_scope.cancel()
                 group.cancel_scope.cancel()
 
     def shutdown(self) -> None:
@@ -544,6 +544,13 @@ class Broker:
         return _response(page.status, page.body, page.content_type, page.headers)
 
     # --- HTTP CONNECT (native clients) ---------------------------------------------------
+
+    async def _serve_tunnels(
+        self, tunnels: anyio.abc.Listener[anyio.abc.SocketStream], scope: anyio.CancelScope
+    ) -> None:
+        with scope:
+            async with tunnels:
+                await tunnels.serve(self._handle_connect)
 
     async def _handle_connect(self, stream: anyio.abc.SocketStream) -> None:
         """One tunnel: read the CONNECT head, admit its token like a WebSocket's, answer
