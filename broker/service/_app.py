@@ -708,6 +708,8 @@ class Broker:
         )
         ending: Refusal | None = None
         opened_at = time.monotonic()
+        if members is not None:
+            members.traffic.append(traffic)
         try:
             try:
                 endpoint = await self._open_first(pending, endpoints)
@@ -761,7 +763,7 @@ class Broker:
                 with live.scope:
                     async with anyio.create_task_group() as group:
                         if self.config.limits.idle_timeout > 0:
-                            group.start_soon(self._idle_watch, live, traffic)
+                            group.start_soon(self._idle_watch, live, traffic, members)
                         await pending.handler(session)
                         group.cancel_scope.cancel()
             finally:
@@ -802,6 +804,8 @@ class Broker:
             elif ending is INTERNAL_ERROR:
                 await self._close(connection, ending)
             self._end_group(members, joined)
+            if members is not None:
+                members.traffic = [t for t in members.traffic if t is not traffic]
             if not joined:
                 self._counts.release(domain, client)
 
@@ -833,10 +837,17 @@ class Broker:
             if not lives:
                 del self._sessions[live.domain]
 
-    async def _idle_watch(self, live: _Live, traffic: Traffic) -> None:
+    async def _idle_watch(
+        self, live: _Live, traffic: Traffic, members: SessionGroup | None = None
+    ) -> None:
+        """End *live* once idle; a group's connections are idle only when all of them are
+        (a SPICE cursor channel is quiet while the display channel streams)."""
         idle = self.config.limits.idle_timeout
         while True:
-            remaining = traffic.last_activity + idle - time.monotonic()
+            last = traffic.last_activity
+            if members is not None:
+                last = max([last, *(t.last_activity for t in members.traffic)])
+            remaining = last + idle - time.monotonic()
             if remaining <= 0:
                 live.end(IDLE_TIMEOUT)
                 return

@@ -140,6 +140,8 @@ class SessionGroup:
         self.connections = 1
         #: True once the first connection's session ended: no connection joins any more.
         self.closed = False
+        #: The byte counts of the open connections (the idle timeout reads them all).
+        self.traffic: list[Traffic] = []
 
 
 @attrs.frozen

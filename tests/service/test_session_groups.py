@@ -3,16 +3,18 @@
 
 from __future__ import annotations
 
+import asyncio
+
 import anyio
 import anyio.abc
 import pytest
 from brokerkit import FakeDomain, FakeResolver, make_config, running_broker
 from conftest import DOMAIN
 from websockets.asyncio.client import connect
-from websockets.exceptions import InvalidStatus
+from websockets.exceptions import ConnectionClosed, InvalidStatus
 
 from broker import Protocol, hookimpl
-from broker.config import Config, ListenSection
+from broker.config import Config, LimitsSection, ListenSection
 from broker.plugins import PluginManager
 from broker.service import ClientClosed, Session, SessionHandler
 from broker.service._connect import handle_for_token
@@ -28,6 +30,7 @@ async def _handler(session: Session) -> None:
     try:
         while True:
             data = await session.client.receive()
+            session.traffic.count_to_console(len(data))
             await session.client.send(data)
     except ClientClosed:
         pass
@@ -145,3 +148,32 @@ async def test_connect_tunnels_join_the_session_by_handle(
         head, fifth = await _tunnel(port, "not-a-handle!:5900")
         assert head.startswith(b"HTTP/1.1 401 ")
         await fifth.aclose()
+
+
+@pytest.mark.anyio
+async def test_a_quiet_connection_of_a_busy_group_is_not_idle(
+    issuer: TokenIssuer, verifier: TokenVerifier
+) -> None:
+    base = make_config()
+    limits = LimitsSection(idle_timeout=0.5)
+    config = Config(broker=base.broker, listen=base.listen, http=base.http, limits=limits,
+                    proxy=base.proxy)
+    resolver = FakeResolver(FakeDomain(DOMAIN, name="web1"))
+    async with running_broker(config, verifier, resolver, _plugins()) as running:
+        url = running.url("multi", issuer.issue(DOMAIN, "multi", ttl=60).token)
+        async with connect(url) as first, connect(url) as quiet:
+            assert await first.recv() == b"first"
+            assert await quiet.recv() == b"joined"
+            for _ in range(8):  # 1.2 s of traffic on the first connection only
+                await first.send(b"x")
+                assert await first.recv() == b"x"
+                await anyio.sleep(0.15)
+            await quiet.send(b"still here")
+            assert await quiet.recv() == b"still here"
+        async with connect(
+            running.url("multi", issuer.issue(DOMAIN, "multi", ttl=60).token)
+        ) as alone:
+            assert await alone.recv() == b"first"
+            with pytest.raises(ConnectionClosed):
+                await asyncio.wait_for(alone.recv(), 3)
+            assert alone.close_code == 4102
