@@ -38,6 +38,7 @@ const CLOSE_MESSAGES = {
     4104: 'The session ended: the browser sent a message the broker cannot check.',
     4105: 'The session ended: the VM\'s VNC server broke the protocol.',
     4106: 'The broker could not log in to the VM\'s VNC server (its password or TLS settings).',
+    4107: 'The broker refused a connection of this session (its policy).',
     4107: 'The broker refused a channel of this session (its policy).',
 };
 
@@ -146,6 +147,13 @@ function start() {
     });
     rfb.addEventListener('securityfailure', (event) => {
         securityReason = event.detail.reason || '';
+    });
+    // Only in websocket mode, where the browser speaks to QEMU's own VNC server: the
+    // page never asks for a VM's password (a client holds no VM secret).
+    rfb.addEventListener('credentialsrequired', () => {
+        securityReason = 'the VM\'s VNC server asks for a password, which this page does ' +
+                         'not handle: use the broker\'s fd or tcp mode for this VM';
+        rfb.disconnect();
     });
     rfb.addEventListener('disconnect', () => {
         // The socket's close event carries the broker's reason; let it arrive first.
