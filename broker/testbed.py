@@ -22,6 +22,7 @@ import hashlib
 import io
 import os
 import re
+import signal
 import socket
 import subprocess
 import sys
@@ -46,6 +47,7 @@ READY_LINE = "console-broker-guest: ready"
 PROMPT = "guest# "
 
 _LIBVIRT_SOCK = Path("/run/libvirt/libvirt-sock")
+_LIBVIRTD_PID = Path("/run/libvirtd.pid")
 _VIRTLOGD_SOCK = Path("/run/libvirt/virtlogd-sock")
 _LOG_DIR = Path("/var/log/libvirt")
 _BUSYBOX = Path("/bin/busybox")
@@ -116,6 +118,24 @@ def ensure_daemons(timeout: float = 30.0) -> None:
     """Start virtlogd, then libvirtd, unless they already answer on their sockets."""
     _start_daemon("virtlogd", _VIRTLOGD_SOCK, timeout)
     _start_daemon("libvirtd", _LIBVIRT_SOCK, timeout)
+
+
+def restart_libvirtd(timeout: float = 30.0) -> None:
+    """Stop libvirtd (SIGTERM to the process its pid file names) and start it again, so
+    that it reads qemu.conf anew. Running domains survive; every client connection
+    breaks (:meth:`Testbed.reconnect`)."""
+    try:
+        pid = int(_LIBVIRTD_PID.read_text().strip())
+    except (OSError, ValueError):
+        pid = 0
+    if pid and _running(pid):
+        os.kill(pid, signal.SIGTERM)
+        deadline = time.monotonic() + timeout
+        while _running(pid):
+            if time.monotonic() > deadline:
+                raise TestbedError(f"libvirtd (pid {pid}) did not stop within {timeout:.0f} s")
+            time.sleep(0.05)
+    ensure_daemons(timeout)
 
 
 # --- the guest's initramfs -------------------------------------------------
@@ -348,6 +368,18 @@ class Testbed:
             raise TestbedError(f"cannot connect to {uri}: {exc}") from exc
         self._domains: list[Any] = []
 
+    def reconnect(self) -> None:
+        """Open the connection again (after :func:`restart_libvirtd`); the domains this
+        test bed made are looked up on the new one."""
+        uuids = [dom.UUIDString() for dom in self._domains]
+        with suppress(libvirt.libvirtError):
+            self.conn.close()
+        self.conn = libvirt.open(self.uri)
+        self._domains = []
+        for domain_uuid in uuids:
+            with suppress(libvirt.libvirtError):
+                self._domains.append(self.conn.lookupByUUIDString(domain_uuid))
+
     def unique_name(self, label: str = "vm") -> str:
         self._count += 1
         return f"{self.prefix}-{label}-{self._count}"
@@ -403,6 +435,15 @@ class Testbed:
         self.cleanup()
         with suppress(libvirt.libvirtError):
             self.conn.close()
+
+
+def _running(pid: int) -> bool:
+    """Whether *pid* runs (a zombie waiting for a parent that never reaps it does not)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat.rsplit(")", 1)[1].split()[0] != "Z"
 
 
 def _pid_alive(pid: int) -> bool:

@@ -31,6 +31,9 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
             raise pytest.UsageError(
                 f"{item.nodeid} uses the test bed: mark it with @pytest.mark.vm"
             )
+    # Tests that switch QEMU's TLS on in the global qemu.conf (restarting libvirtd) run
+    # last, so that no other test's domain starts or its connection breaks meanwhile.
+    items.sort(key=lambda item: item.get_closest_marker("qemu_tls") is not None)
 
 
 @pytest.fixture(scope="session")
