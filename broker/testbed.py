@@ -258,11 +258,23 @@ class SerialConsole:
     A reader thread collects output; :meth:`expect` waits for a pattern in
     what arrived since the last match. Open it before resuming a domain started
     paused, so nothing the guest prints is missed.
+
+    It reads over a libvirt connection of its own: with a thread blocked reading a
+    console stream on the test bed's shared connection, other calls on that
+    connection were seen to hang now and then (virDomainCreate, openConsole,
+    openGraphicsFD, each for minutes).
     """
 
     def __init__(self, conn: Any, dom: Any, device: str | None = None) -> None:
-        self._stream = conn.newStream(0)
-        dom.openConsole(device, self._stream, libvirt.VIR_DOMAIN_CONSOLE_FORCE)
+        self._conn = libvirt.open(conn.getURI())
+        try:
+            own = self._conn.lookupByUUIDString(dom.UUIDString())
+            self._stream = self._conn.newStream(0)
+            own.openConsole(device, self._stream, libvirt.VIR_DOMAIN_CONSOLE_FORCE)
+        except libvirt.libvirtError:
+            with suppress(libvirt.libvirtError):
+                self._conn.close()
+            raise
         self._buffer = bytearray()
         self._pos = 0
         self._cond = threading.Condition()
@@ -338,6 +350,8 @@ class SerialConsole:
         with suppress(libvirt.libvirtError):
             self._stream.abort()
         self._thread.join(timeout=5)
+        with suppress(libvirt.libvirtError):
+            self._conn.close()
 
 
 # --- domains -------------------------------------------------------------------

@@ -47,7 +47,7 @@ def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
 
 class Guests(dict[str, tuple[Any, SerialConsole | None]]):
     """Guests by mode, booted when first asked for; only the fd guest has its serial
-    console open (the key test reads it; see ``enabled_guest``)."""
+    console open (the key test reads it)."""
 
     def __init__(self, testbed: Testbed) -> None:
         super().__init__()

@@ -146,11 +146,8 @@ def enabled_guest(
     testbed: Testbed, mode: str, devices: str = GRAPHICS, *, serial: bool = False
 ) -> tuple[Any, SerialConsole | None]:
     """A guest with *devices*, its consoles enabled by ``xml enable`` in *mode*, booted;
-    with *serial*, its serial console (open from the first instruction on).
-
-    Keep at most one serial console of the test bed open at a time: with several
-    libvirt console streams blocked in reads on the test bed's one connection, other
-    calls on it were seen to hang (openConsole, createWithFlags, openGraphicsFD)."""
+    with *serial*, its serial console (open from the first instruction on; without it,
+    the guest may still be booting on return)."""
     xml = testbed.guest_xml(testbed.unique_name(f"vnc-{mode}"), devices=devices)
     enabled = subprocess.run(
         [*CLI, "xml", "enable", "--consoles", "vnc,serial", "--mode", mode],
