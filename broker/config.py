@@ -314,7 +314,8 @@ class VNCSection:
     assets_dir: str = _key(
         "",
         "The node_modules directory holding @novnc/novnc for the console page (the serial "
-        "console page reads @xterm/xterm and @xterm/addon-fit from it too). Empty: "
+        "console page reads @xterm/xterm and @xterm/addon-fit from it too, the SPICE page "
+        "@spice-project/spice-html5). Empty: "
         "the source tree's node_modules when the broker runs from one, else "
         "/usr/share/console-broker/node_modules.",
         path=True,
@@ -345,13 +346,6 @@ class SpiceSection:
         "[\"usbredir\", \"webdav\"]); the broker answers them with permission denied. "
         "View-only sessions get display, cursor and playback only in any case.",
         _spice_channels,
-    )
-    assets_dir: str = _key(
-        "",
-        "The node_modules directory holding @spice-project/spice-html5 for the console "
-        "page. Empty: the source tree's node_modules when the broker runs from one, else "
-        "/usr/share/console-broker/node_modules.",
-        path=True,
     )
 
 

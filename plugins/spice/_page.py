@@ -2,9 +2,9 @@
 
 ``/console/spice/`` is the page (``web/console.html``); ``app/console.js`` and
 ``app/console.css`` are its own; ``spice-html5/src/...`` are spice-html5's ES modules,
-read from ``@spice-project/spice-html5`` in the assets directory: ``spice.assets_dir``,
-by default the source tree's ``node_modules`` when the broker runs from one
-(``scripts/setup-host`` installs it there with ``npm ci``), else
+read from ``@spice-project/spice-html5`` in the assets directory the console pages
+share: ``vnc.assets_dir``, by default the source tree's ``node_modules`` when the
+broker runs from one (``scripts/setup-host`` installs it there with ``npm ci``), else
 :data:`INSTALLED_ASSETS`. Without spice-html5 the page is an error page (503) saying
 what to install. Nothing outside spice-html5's ``src/`` is served, and only ``.js``.
 """
@@ -65,7 +65,7 @@ def missing_page() -> Page:
 <p>The broker cannot find spice-html5, which this page is built on.</p>
 <p>An administrator must install spice-html5 (<code>@spice-project/spice-html5</code>): in a
 source tree, <code>scripts/setup-host</code> (or <code>npm ci</code>) does it; elsewhere,
-install it and point the broker's <code>spice.assets_dir</code> setting at the
+install it and point the broker's <code>vnc.assets_dir</code> setting at the
 <code>node_modules</code> directory holding it (see docs/spice.md).</p>
 </body></html>
 """
@@ -77,7 +77,7 @@ def page(path: str, configured_assets: str) -> Page | None:
     spice = assets_dir(configured_assets) / SPICE_HTML5
     if path == "":
         if not (spice / "src" / "main.js").is_file():
-            _log.warning("spice.assets_missing", looked_in=str(spice), key="spice.assets_dir")
+            _log.warning("spice.assets_missing", looked_in=str(spice), key="vnc.assets_dir")
             return missing_page()
         return Page(_web("console.html"), headers=_HEADERS)
     if path in _APP:
