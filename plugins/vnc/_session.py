@@ -364,6 +364,8 @@ class VNCSessionHandler:
             if forward:
                 traffic.count_to_console(len(forward))
                 await upstream.send(forward)
+            elif data:  # dropped input (view-only) is still the user at work: not idle
+                traffic.last_activity = time.monotonic()
 
         async def console_to_client(scope: anyio.CancelScope) -> None:
             try:
