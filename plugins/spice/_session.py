@@ -19,7 +19,12 @@ ticket is read and dropped: it never reaches QEMU and the client never learns th
 password.
 
 Then both directions are forwarded unchanged, through the layer's side objects (which
-bound headers and track ``DISPLAY_INIT``). However the connection ends, the backend is
+bound headers and track ``DISPLAY_INIT``), with one exception: on a view-only
+session's main channel the client's agent and mouse-mode messages
+(:data:`~broker_spice.protocol.VIEW_ONLY_MAIN_DROPPED`) are dropped whole by a
+:class:`~broker_spice.protocol.MessageFilter` (clipboard, file transfer and monitor
+configuration never reach the guest). Every other connection forwards its chunks as
+they come. However the connection ends, the backend is
 closed through the guard: a display channel whose client never sent ``DISPLAY_INIT``
 gets the broker's own, and the broker waits (at most :data:`GUARD_TIMEOUT`) for QEMU to
 confirm it before closing, so a vanished client cannot crash the VM.
@@ -28,6 +33,7 @@ confirm it before closing, so a vanished client cannot crash the VM.
 from __future__ import annotations
 
 import contextlib
+import time
 from typing import Any
 
 import anyio
@@ -45,6 +51,7 @@ from broker.service._refusals import (
 from .protocol import (
     NEED_DATA,
     PAUSED,
+    VIEW_ONLY_MAIN_DROPPED,
     ChannelPolicy,
     ChannelType,
     ClientSide,
@@ -57,6 +64,7 @@ from .protocol import (
     LinkReply,
     LinkResult,
     MainInit,
+    MessageFilter,
     Peer,
     ServerSide,
     SpiceProtocolError,
@@ -222,15 +230,37 @@ class ChannelProxy:
 
     # --- messages -------------------------------------------------------------------
 
+    def _view_only_filter(self) -> MessageFilter | None:
+        """The filter of a view-only session's main channel; ``None`` elsewhere."""
+        if not self.policy.view_only or self.client.channel_type is not ChannelType.MAIN:
+            return None
+        assert self.client.mini_header is not None
+        return MessageFilter(VIEW_ONLY_MAIN_DROPPED, mini_header=self.client.mini_header)
+
+    def _filtered(self, drop: MessageFilter, event: Data) -> Data | None:
+        known = len(drop.dropped)
+        out = drop.feed(event.data)
+        if len(drop.dropped) > known:  # logged once per message type
+            for msg_type in list(drop.dropped)[known:]:
+                self.log.info("spice.view_only_dropped", message_type=msg_type)
+        if not out:  # dropped messages are still the user at work: not idle
+            self.session.traffic.last_activity = time.monotonic()
+            return None
+        return event if out is event.data else Data(out)
+
     async def _client_to_server(self, scope: anyio.CancelScope) -> None:
         session = self.session
         events, self._pending = self._pending, []
         events += _drain(self.client)  # what the client sent right after its ticket
+        drop = self._view_only_filter()
         try:
             while True:
                 for event in events:
                     if isinstance(event, Data):
-                        out = _bytes(self.server.send(event))
+                        kept = event if drop is None else self._filtered(drop, event)
+                        if kept is None:
+                            continue
+                        out = _bytes(self.server.send(kept))
                         session.traffic.count_to_console(len(out))
                         await self.stream.send(out)
                     elif isinstance(event, ConnectionClosed):

@@ -38,6 +38,11 @@ from ._constants import (
     MSGC_ACK,
     MSGC_ACK_SYNC,
     MSGC_DISPLAY_INIT,
+    MSGC_MAIN_AGENT_DATA,
+    MSGC_MAIN_AGENT_START,
+    MSGC_MAIN_AGENT_TOKEN,
+    MSGC_MAIN_ATTACH_CHANNELS,
+    MSGC_MAIN_MOUSE_MODE_REQUEST,
     MSGC_PONG,
     AuthMechanism,
     ChannelType,
@@ -63,6 +68,7 @@ from ._events import (
     caps_with,
     has_cap,
 )
+from ._filter import VIEW_ONLY_MAIN_DROPPED, MessageFilter
 from ._framing import MessageScanner
 from ._policy import VIEW_ONLY_CHANNELS, ChannelPolicy
 from ._state import State
@@ -87,6 +93,11 @@ __all__ = [
     "MSGC_ACK",
     "MSGC_ACK_SYNC",
     "MSGC_DISPLAY_INIT",
+    "MSGC_MAIN_AGENT_DATA",
+    "MSGC_MAIN_AGENT_START",
+    "MSGC_MAIN_AGENT_TOKEN",
+    "MSGC_MAIN_ATTACH_CHANNELS",
+    "MSGC_MAIN_MOUSE_MODE_REQUEST",
     "MSGC_PONG",
     "MSG_MAIN_INIT",
     "MSG_PING",
@@ -94,6 +105,7 @@ __all__ = [
     "NEED_DATA",
     "PAUSED",
     "VIEW_ONLY_CHANNELS",
+    "VIEW_ONLY_MAIN_DROPPED",
     "AuthMechanism",
     "ChannelPolicy",
     "ChannelType",
@@ -110,6 +122,7 @@ __all__ = [
     "LinkResult",
     "MainInit",
     "Message",
+    "MessageFilter",
     "MessageScanner",
     "Peer",
     "ServerSide",
