@@ -21,6 +21,11 @@ import libvirt
 import pytest
 from broker_spice.protocol import (
     MSGC_DISPLAY_INIT,
+    MSGC_MAIN_AGENT_DATA,
+    MSGC_MAIN_AGENT_START,
+    MSGC_MAIN_AGENT_TOKEN,
+    MSGC_MAIN_ATTACH_CHANNELS,
+    MSGC_MAIN_MOUSE_MODE_REQUEST,
     ChannelType,
     LinkError,
     MainInit,
@@ -38,6 +43,8 @@ pytestmark = pytest.mark.vm
 #: spice-server's display messages (SPICE_MSG_DISPLAY_*) start at 101.
 FIRST_DISPLAY_MSG = 101
 CHANNEL_REFUSED = 4107
+#: SPICE_MSG_MAIN_CHANNELS_LIST: QEMU's answer to ATTACH_CHANNELS.
+MSG_MAIN_CHANNELS_LIST = 104
 
 
 @pytest.fixture(scope="module")
@@ -135,6 +142,46 @@ def test_a_view_only_session_gets_no_inputs_channel(broker: Broker, testbed: Tes
         main.close()
     finally:
         testbed.remove(dom)
+
+
+def test_a_view_only_main_channel_drops_agent_messages_and_stays_up(
+    broker: Broker, testbed: Testbed
+) -> None:
+    """Agent and mouse-mode messages are dropped by the broker; what follows them still
+    reaches QEMU (ATTACH_CHANNELS is answered with the channel list) and the session
+    carries on (a display channel links after them)."""
+    dom = spice_guest(testbed, "fd")
+    try:
+        url = broker.token(dom.name(), "--view-only")["websocket"]
+        main = ws_client(url)
+        session_id = _link_main(main)
+        main.send(
+            build_message(MSGC_MAIN_AGENT_START, struct.pack("<I", 10), mini_header=True)
+            + build_message(MSGC_MAIN_MOUSE_MODE_REQUEST, struct.pack("<H", 2), mini_header=True)
+            + build_message(MSGC_MAIN_AGENT_DATA, bytes(64), mini_header=True)
+            + build_message(MSGC_MAIN_AGENT_TOKEN, struct.pack("<I", 5), mini_header=True)
+            + build_message(MSGC_MAIN_ATTACH_CHANNELS, mini_header=True)
+        )
+        listed = main.wait_for(
+            lambda e: isinstance(e, Message) and e.type == MSG_MAIN_CHANNELS_LIST, timeout=20
+        )
+        assert isinstance(listed, Message)
+        display = ws_client(url)
+        assert display.link(ChannelType.DISPLAY, session_id) is LinkError.OK
+        _display_init(display)
+        drawn = display.wait_for(
+            lambda e: isinstance(e, Message) and e.type >= FIRST_DISPLAY_MSG, timeout=30
+        )
+        assert isinstance(drawn, Message)
+        display.close()
+        main.close()
+        time.sleep(1.0)
+        assert dom.state()[0] == libvirt.VIR_DOMAIN_RUNNING
+    finally:
+        testbed.remove(dom)
+    uuid = dom.UUIDString()
+    dropped = [e for e in broker.events("spice.view_only_dropped") if e.get("domain") == uuid]
+    assert {e["message_type"] for e in dropped} == {105, 106, 107, 108}
 
 
 def test_a_client_vanishing_before_display_init_leaves_the_vm_running(
