@@ -10,126 +10,38 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
-import re
-import signal
-import socket
 import subprocess
-import sys
 import time
-import urllib.error
-import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
+from servedbroker import CLI, ServedBroker
 from websockets.exceptions import ConnectionClosed
-from websockets.sync.client import ClientConnection, connect
+from websockets.sync.client import ClientConnection
 
-from broker.plugins import DISABLE_ENV
 from broker.testbed import Testbed
 
 pytestmark = pytest.mark.vm
-CLI = [sys.executable, "-m", "broker.cli"]
 RFB_BANNER = b"RFB 003.008\n"
 GRACE = 3.0
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-class Served:
+class Served(ServedBroker):
     """A ``console-broker serve`` subprocess and the tokens issued for it."""
 
     def __init__(self, directory: Path) -> None:
-        self.port = _free_port()
-        self.config = directory / "broker.toml"
-        self.config.write_text(
-            f"""[broker]
-node = "testnode"
-state_dir = "state"
-[listen]
-host = "127.0.0.1"
-port = {self.port}
-[http]
-allow_missing_origin = true
-[limits]
-shutdown_grace = {GRACE}
-[logging]
-format = "json"
-level = "debug"
-"""
-        )
-        self.log_path = directory / "broker.log"
-        self.env = {k: v for k, v in os.environ.items() if k != DISABLE_ENV}
-        self._log = self.log_path.open("wb")
-        self.process = subprocess.Popen(
-            [*CLI, "serve", "--config", str(self.config)],
-            stdout=self._log,
-            stderr=subprocess.STDOUT,
-            env=self.env,
-        )
-        self.tokens: list[str] = []
-        deadline = time.monotonic() + 30
-        while True:
-            try:
-                status, _ = self.get("/healthz")
-            except OSError:
-                status = 0
-            if status == 200:
-                break
-            if self.process.poll() is not None or time.monotonic() > deadline:
-                raise AssertionError(f"the broker did not come up:\n{self.log_text()}")
-            time.sleep(0.1)
+        super().__init__(directory, grace=GRACE)
 
-    def get(self, path: str) -> tuple[int, bytes]:
-        try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{self.port}{path}", timeout=5) as reply:
-                return reply.status, reply.read()
-        except urllib.error.HTTPError as exc:
-            return exc.code, exc.read()
+    def token(self, domain: str, protocol: str) -> dict[str, Any]:  # type: ignore[override]
+        return super().token(domain, protocol=protocol)
 
-    def token(self, domain: str, protocol: str) -> dict[str, Any]:
-        out = subprocess.run(
-            [*CLI, "token", domain, "--protocol", protocol, "--json", "--config", str(self.config)],
-            check=True,
-            capture_output=True,
-            text=True,
-            env=self.env,
-        )
-        doc: dict[str, Any] = json.loads(out.stdout)
-        self.tokens.append(doc["token"])
-        return doc
+    def connect(self, domain: str, protocol: str) -> ClientConnection:  # type: ignore[override]
+        return super().connect(domain, protocol=protocol)
 
-    def connect(self, domain: str, protocol: str) -> ClientConnection:
-        url = self.token(domain, protocol)["websocket"]
-        return connect(url, subprotocols=["binary"], open_timeout=10)  # type: ignore[list-item]
-
-    def log_text(self) -> str:
-        if not self._log.closed:
-            self._log.flush()
-        return self.log_path.read_text(errors="replace")
-
-    def stop(self) -> float:
-        """SIGTERM; the seconds until the process exited."""
-        started = time.monotonic()
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-            self.process.wait(timeout=GRACE + 10)
-        self._log.close()
-        return time.monotonic() - started
-
-    def assert_no_token_logged(self) -> None:
-        text = self.log_text()
-        assert self.tokens, "no token was issued"
-        for token in self.tokens:
-            assert token not in text
-            assert token.split(".")[2] not in text  # not even the signature
-        assert not re.search(r"eyJ[A-Za-z0-9_-]{8,}\.", text)
+    def assert_no_token_logged(self) -> None:  # type: ignore[override]
+        super().assert_no_token_logged(require_tokens=True)
 
 
 @pytest.fixture(scope="module")

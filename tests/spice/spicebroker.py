@@ -9,131 +9,29 @@ the broker.
 from __future__ import annotations
 
 import configparser
-import json
-import os
-import signal
 import socket
 import subprocess
-import sys
-import time
-import urllib.error
-import urllib.request
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
+from servedbroker import CLI, ServedBroker
 from spicerelay import TestClient
 from websockets.exceptions import ConnectionClosed
 from websockets.sync.client import ClientConnection, connect
 
-from broker.plugins import DISABLE_ENV
 from broker.testbed import Testbed
 
-CLI = [sys.executable, "-m", "broker.cli"]
-GRACE = 3.0
 
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-class Broker:
-    """A ``console-broker serve`` subprocess logging JSON at debug level into a file."""
+class Broker(ServedBroker):
+    """A ``console-broker serve`` subprocess logging JSON at debug level into a file,
+    with a CONNECT listener; *extra*: more configuration."""
 
     def __init__(self, directory: Path, extra: str = "") -> None:
-        self.port = free_port()
-        self.connect_port = free_port()
-        self.config = directory / "broker.toml"
-        self.config.write_text(
-            f"""[broker]
-node = "testnode"
-state_dir = "state"
-[listen]
-host = "127.0.0.1"
-port = {self.port}
-connect_port = {self.connect_port}
-[http]
-allow_missing_origin = true
-[limits]
-shutdown_grace = {GRACE}
-[logging]
-format = "json"
-level = "debug"
-{extra}
-"""
-        )
-        self.log_path = directory / "broker.log"
-        self.env = {k: v for k, v in os.environ.items() if k != DISABLE_ENV}
-        self._log = self.log_path.open("wb")
-        self.process = subprocess.Popen(
-            [*CLI, "serve", "--config", str(self.config)],
-            stdout=self._log,
-            stderr=subprocess.STDOUT,
-            env=self.env,
-        )
-        self.tokens: list[str] = []
-        deadline = time.monotonic() + 30
-        while True:
-            try:
-                status, _ = self.get("/healthz")
-            except OSError:
-                status = 0
-            if status == 200:
-                break
-            if self.process.poll() is not None or time.monotonic() > deadline:
-                raise AssertionError(f"the broker did not come up:\n{self.log_text()}")
-            time.sleep(0.1)
+        super().__init__(directory, protocol="spice", extra_config=extra, connect_port=True)
 
-    def get(self, path: str) -> tuple[int, bytes]:
-        try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{self.port}{path}", timeout=5) as reply:
-                return reply.status, reply.read()
-        except urllib.error.HTTPError as exc:
-            return exc.code, exc.read()
-
-    def token(self, domain: str, *extra: str) -> dict[str, Any]:
-        out = subprocess.run(
-            [*CLI, "token", domain, "--protocol", "spice", "--json", "--config",
-             str(self.config), *extra],
-            check=True,
-            capture_output=True,
-            text=True,
-            env=self.env,
-        )
-        doc: dict[str, Any] = json.loads(out.stdout)
-        self.tokens.append(doc["token"])
-        return doc
-
-    def log_text(self) -> str:
-        if not self._log.closed:
-            self._log.flush()
-        return self.log_path.read_text(errors="replace")
-
-    def events(self, name: str) -> list[dict[str, Any]]:
-        found = []
-        for line in self.log_text().splitlines():
-            if f'"{name}"' in line:
-                try:
-                    doc = json.loads(line)
-                except ValueError:
-                    continue
-                if doc.get("event") == name:
-                    found.append(doc)
-        return found
-
-    def stop(self) -> None:
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-            self.process.wait(timeout=GRACE + 10)
-        self._log.close()
-
-    def assert_no_token_logged(self) -> None:
-        text = self.log_text()
-        for token in self.tokens:
-            assert token not in text
-            assert token.split(".")[2] not in text
+    def assert_no_token_logged(self) -> None:  # type: ignore[override]
+        super().assert_no_token_logged(jwt_shape=False)
 
 
 def spice_guest(testbed: Testbed, mode: str) -> Any:

@@ -4,29 +4,20 @@ client (the sans-I/O layer) over a blocking WebSocket."""
 
 from __future__ import annotations
 
-import ctypes
-import json
-import os
-import re
-import signal
 import socket
 import struct
 import subprocess
-import sys
 import time
-import urllib.error
-import urllib.request
 from pathlib import Path
 from typing import Any
 
 import libvirt
 from broker_vnc.rfb import NEED_DATA, Event, RFBClient, ServerInit
-from websockets.sync.client import ClientConnection, connect
+from servedbroker import CLI, ServedBroker
+from websockets.sync.client import ClientConnection
 
-from broker.plugins import DISABLE_ENV
 from broker.testbed import SerialConsole, Testbed
 
-CLI = [sys.executable, "-m", "broker.cli"]
 #: A VGA display and a VNC display with a password; `xml enable` switches how it listens.
 GRAPHICS = (
     "<graphics type='vnc' passwd='secret'/>\n"
@@ -34,112 +25,41 @@ GRAPHICS = (
 )
 GRAPHICS_NO_PASSWORD = "<graphics type='vnc'/>\n    <video><model type='vga'/></video>\n"
 RAW = 0
-_PR_SET_PDEATHSIG = 1
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-def _end_with_parent() -> None:
-    """In the child: SIGTERM when the test process dies (a test timeout ends it at once)."""
-    ctypes.CDLL("libc.so.6", use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
-
-
-class Served:
+class Served(ServedBroker):
     """A ``console-broker serve`` subprocess (debug logs in a file) and its tokens."""
 
     def __init__(self, directory: Path, extra_config: str = "") -> None:
-        self.directory = directory
-        self.port = _free_port()
-        self.config = directory / "broker.toml"
-        self.config.write_text(
-            f"""[broker]
-node = "testnode"
-state_dir = "state"
-[listen]
-host = "127.0.0.1"
-port = {self.port}
-[http]
-allow_missing_origin = true
-refusals = "close"
-[limits]
-shutdown_grace = 2.0
-[logging]
-format = "json"
-level = "debug"
-{extra_config}"""
+        super().__init__(
+            directory,
+            protocol="vnc",
+            extra_config=extra_config,
+            http_config='refusals = "close"\n',
+            grace=2.0,
+            stop_timeout=15,
         )
-        self.log_path = directory / "broker.log"
-        self.env = {k: v for k, v in os.environ.items() if k != DISABLE_ENV}
-        self._log = self.log_path.open("wb")
-        self.process = subprocess.Popen(
-            [*CLI, "serve", "--config", str(self.config)],
-            stdout=self._log,
-            stderr=subprocess.STDOUT,
-            env=self.env,
-            preexec_fn=_end_with_parent,
-        )
-        self.tokens: list[str] = []
-        deadline = time.monotonic() + 30
-        while self.get("/healthz")[0] != 200:
-            if self.process.poll() is not None or time.monotonic() > deadline:
-                raise AssertionError(f"the broker did not come up:\n{self.log_text()}")
-            time.sleep(0.1)
 
     def get(self, path: str) -> tuple[int, bytes]:
         try:
-            url = f"http://127.0.0.1:{self.port}{path}"
-            with urllib.request.urlopen(url, timeout=5) as reply:
-                return reply.status, reply.read()
-        except urllib.error.HTTPError as exc:
-            return exc.code, exc.read()
+            return super().get(path)
         except OSError:
             return 0, b""
 
-    def token(self, domain: str, *, view_only: bool = False) -> dict[str, Any]:
-        args = [*CLI, "token", domain, "--protocol", "vnc", "--json", "--config", str(self.config)]
-        if view_only:
-            args.append("--view-only")
-        out = subprocess.run(args, check=True, capture_output=True, text=True, env=self.env)
-        doc: dict[str, Any] = json.loads(out.stdout)
-        self.tokens.append(doc["token"])
-        return doc
+    def token(  # type: ignore[override]
+        self, domain: str, *, view_only: bool = False
+    ) -> dict[str, Any]:
+        return super().token(domain, *(["--view-only"] if view_only else []))
 
-    def connect(self, domain: str, *, view_only: bool = False) -> ClientConnection:
-        url = self.token(domain, view_only=view_only)["websocket"]
-        return connect(url, subprotocols=["binary"], open_timeout=10)  # type: ignore[list-item]
+    def connect(  # type: ignore[override]
+        self, domain: str, *, view_only: bool = False
+    ) -> ClientConnection:
+        return super().connect(domain, *(["--view-only"] if view_only else []))
 
-    def log_text(self) -> str:
-        if not self._log.closed:
-            self._log.flush()
-        return self.log_path.read_text(errors="replace")
-
-    def log_events(self, name: str) -> list[dict[str, Any]]:
-        events = []
-        for line in self.log_text().splitlines():
-            if f'"{name}"' in line:
-                try:
-                    events.append(json.loads(line))
-                except ValueError:
-                    continue
-        return [e for e in events if e.get("event") == name]
-
-    def stop(self) -> None:
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-            self.process.wait(timeout=15)
-        self._log.close()
+    log_events = ServedBroker.events
 
     def assert_no_secret_logged(self, *secrets: str) -> None:
-        text = self.log_text()
-        for token in self.tokens:
-            assert token.split(".")[2] not in text
-        assert not re.search(r"eyJ[A-Za-z0-9_-]{8,}\.", text)
-        for secret in secrets:
-            assert secret not in text
+        self.assert_no_token_logged(*secrets)
 
 
 def enabled_guest(
