@@ -28,6 +28,7 @@ from websockets.sync.client import ClientConnection, connect
 from websockets.typing import Origin, Subprotocol
 
 from broker.plugins import DISABLE_ENV
+from broker.testbed import Testbed
 
 CLI = [sys.executable, "-m", "broker.cli"]
 #: A JWT's first part (``{"`` in base64url) followed by its dot.
@@ -213,3 +214,18 @@ level = "debug"
             assert not JWT_SHAPE.search(text)
         for secret in secrets:
             assert secret not in text
+
+
+def enabled_guest(testbed: Testbed, *enable_args: str, devices: str = "") -> Any:
+    """A booted tiny guest (its serial console closed; *devices*: more XML in its
+    ``<devices>``) provisioned with ``console-broker xml enable ENABLE_ARGS``."""
+    enabled = subprocess.run(
+        [*CLI, "xml", "enable", *enable_args],
+        input=testbed.guest_xml(devices=devices),
+        check=True,
+        capture_output=True,
+        text=True,
+    ).stdout
+    dom = testbed.define(enabled)
+    testbed.boot(dom, console=False)
+    return dom

@@ -5,13 +5,12 @@ speak the serial console's framed protocol."""
 from __future__ import annotations
 
 import json
-import subprocess
 import time
 from pathlib import Path
 from typing import Any
 
 from broker_serial._control import SUBPROTOCOL
-from servedbroker import CLI, ServedBroker
+from servedbroker import ServedBroker, enabled_guest
 from websockets.sync.client import ClientConnection
 
 from broker.testbed import Testbed
@@ -38,16 +37,7 @@ class Served(ServedBroker):
 def serial_guest(testbed: Testbed, devices: str = "") -> Any:
     """A running tiny guest whose serial console ``console-broker xml enable`` enabled
     (*devices*: more XML in its ``<devices>``)."""
-    enabled = subprocess.run(
-        [*CLI, "xml", "enable", "--consoles", "serial"],
-        input=testbed.guest_xml(devices=devices),
-        check=True,
-        capture_output=True,
-        text=True,
-    ).stdout
-    dom = testbed.define(enabled)
-    testbed.boot(dom, console=False)
-    return dom
+    return enabled_guest(testbed, "--consoles", "serial", devices=devices)
 
 
 class Client:

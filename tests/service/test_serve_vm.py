@@ -10,14 +10,13 @@ from __future__ import annotations
 
 import contextlib
 import json
-import subprocess
 import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
-from servedbroker import CLI, ServedBroker
+from servedbroker import ServedBroker, enabled_guest
 from websockets.exceptions import ConnectionClosed
 from websockets.sync.client import ClientConnection
 
@@ -55,17 +54,7 @@ def served(example_installed: None, tmp_path_factory: pytest.TempPathFactory) ->
 
 
 def _guest(testbed: Testbed, mode: str, consoles: str = "vnc,serial") -> Any:
-    xml = testbed.guest_xml()
-    enabled = subprocess.run(
-        [*CLI, "xml", "enable", "--consoles", consoles, "--mode", mode],
-        input=xml,
-        check=True,
-        capture_output=True,
-        text=True,
-    ).stdout
-    dom = testbed.define(enabled)
-    testbed.boot(dom, console=False)
-    return dom
+    return enabled_guest(testbed, "--consoles", consoles, "--mode", mode)
 
 
 def _read(ws: ClientConnection, size: int, timeout: float = 30.0) -> bytes:

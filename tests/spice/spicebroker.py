@@ -10,12 +10,11 @@ from __future__ import annotations
 
 import configparser
 import socket
-import subprocess
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
-from servedbroker import CLI, ServedBroker
+from servedbroker import ServedBroker, enabled_guest
 from spicerelay import TestClient
 from websockets.exceptions import ConnectionClosed
 from websockets.sync.client import ClientConnection, connect
@@ -36,16 +35,7 @@ class Broker(ServedBroker):
 
 def spice_guest(testbed: Testbed, mode: str) -> Any:
     """A booted tiny guest with SPICE enabled by ``console-broker xml enable``."""
-    enabled = subprocess.run(
-        [*CLI, "xml", "enable", "--consoles", "spice", "--mode", mode],
-        input=testbed.guest_xml(),
-        check=True,
-        capture_output=True,
-        text=True,
-    ).stdout
-    dom = testbed.define(enabled)
-    testbed.boot(dom, console=False)
-    return dom
+    return enabled_guest(testbed, "--consoles", "spice", "--mode", mode)
 
 
 class WebSocketSock:

@@ -33,7 +33,8 @@ from broker_spice.protocol import (
     build_display_init,
     build_message,
 )
-from spicebroker import CLI, Broker, WebSocketSock, connect_client, spice_guest, ws_client
+from servedbroker import CLI
+from spicebroker import Broker, WebSocketSock, connect_client, spice_guest, ws_client
 from spicerelay import TestClient, spice_port
 from websockets.exceptions import InvalidStatus
 
