@@ -161,7 +161,7 @@ class TLSSection:
 
 @attrs.frozen
 class HTTPSection:
-    """Browser request checks."""
+    """Browser request checks and the console pages' assets."""
 
     allowed_origins: tuple[str, ...] = _key(
         (),
@@ -178,6 +178,15 @@ class HTTPSection:
         "upgrade; 'close' completes the upgrade and closes with the reason's close code, "
         "which browser pages can read (a foreign Origin is always refused with a status).",
         _one_of("status", "close"),
+    )
+    assets_dir: str = _key(
+        "",
+        "The node_modules directory the console pages' browser clients are read from: "
+        "@novnc/novnc for the VNC page, @spice-project/spice-html5 for the SPICE page, "
+        "@xterm/xterm and @xterm/addon-fit for the serial page. Empty: the source tree's "
+        "node_modules when the broker runs from one, else "
+        "/usr/share/console-broker/node_modules.",
+        path=True,
     )
 
 
@@ -310,15 +319,6 @@ class VNCSection:
         "Name (DNS name or IP address) QEMU's certificate must carry. Empty: the address "
         "connected to (tcp mode); on a UNIX socket or a socket from libvirt, where no "
         "network lies between broker and QEMU, only the certificate chain is verified.",
-    )
-    assets_dir: str = _key(
-        "",
-        "The node_modules directory holding @novnc/novnc for the console page (the serial "
-        "console page reads @xterm/xterm and @xterm/addon-fit from it too, the SPICE page "
-        "@spice-project/spice-html5). Empty: "
-        "the source tree's node_modules when the broker runs from one, else "
-        "/usr/share/console-broker/node_modules.",
-        path=True,
     )
 
 
@@ -559,6 +559,11 @@ def _resolve_path(value: str, base: Path | None) -> str:
     return str(base / value)
 
 
+#: Keys that moved: old ``table.name`` -> new. A file still setting the old key is an
+#: error that names the new one.
+MOVED_KEYS = {"vnc.assets_dir": "http.assets_dir"}
+
+
 def config_from_dict(data: dict[str, Any], source: Path | None = None) -> Config:
     """Build a :class:`Config` from parsed TOML; :class:`ConfigError` lists every problem."""
     where = str(source) if source is not None else "<config>"
@@ -581,6 +586,13 @@ def config_from_dict(data: dict[str, Any], source: Path | None = None) -> Config
         kwargs: dict[str, Any] = {}
         for name, raw in value.items():
             found = specs[table].get(name)
+            if found is None and f"{table}.{name}" in MOVED_KEYS:
+                moved = MOVED_KEYS[f"{table}.{name}"]
+                problems.append(
+                    f"{where}: {table}.{name}: unknown key: it is now {moved} "
+                    f"(set {moved.split('.', 1)[1]} in the [{moved.split('.', 1)[0]}] table)"
+                )
+                continue
             if found is None:
                 problems.append(
                     f"{where}: {table}.{name}: unknown key "

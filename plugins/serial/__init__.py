@@ -66,7 +66,7 @@ def console_broker_page(protocol: str, path: str, config: Config) -> Page | None
         return None
     from ._page import page
 
-    return page(path, config)
+    return page(path, config.http.assets_dir)
 
 
 @hookimpl

@@ -66,7 +66,7 @@ def console_broker_page(protocol: str, path: str, config: Config) -> Page | None
         return _vv_page(path.removeprefix("vv/"), config)
     from ._page import page
 
-    return page(path, config.vnc.assets_dir)  # the key the console pages share
+    return page(path, config.http.assets_dir)  # the key the console pages share
 
 
 def _vv_page(token: str, config: Config) -> Page | None:

@@ -3,10 +3,11 @@
 ``/console/spice/`` is the page (``web/console.html``); ``app/console.js`` and
 ``app/console.css`` are its own; ``spice-html5/src/...`` are spice-html5's ES modules,
 read from ``@spice-project/spice-html5`` in the assets directory the console pages
-share: ``vnc.assets_dir``, by default the source tree's ``node_modules`` when the
-broker runs from one (``scripts/setup-host`` installs it there with ``npm ci``), else
-:data:`INSTALLED_ASSETS`. Without spice-html5 the page is an error page (503) saying
-what to install. Nothing outside spice-html5's ``src/`` is served, and only ``.js``.
+share: ``http.assets_dir`` (:func:`broker.assets.assets_dir`: by default the source
+tree's ``node_modules`` when the broker runs from one, where ``scripts/setup-host``
+installs it with ``npm ci``). Without spice-html5 the page is an error page (503)
+saying what to install. Nothing outside spice-html5's ``src/`` is served, and only
+``.js`` (:func:`broker.assets.package_file`).
 """
 
 from __future__ import annotations
@@ -16,19 +17,13 @@ from pathlib import Path
 
 import structlog
 
+from broker.assets import assets_dir, content_type, package_file
 from broker.hookspecs import Page
 
-#: Where spice-html5 is looked for when the broker does not run from a source tree.
-INSTALLED_ASSETS = Path("/usr/share/console-broker/node_modules")
 #: spice-html5's package inside the assets directory.
 SPICE_HTML5 = Path("@spice-project/spice-html5")
 
 _log = structlog.get_logger("broker.spice")
-_TYPES = {
-    ".js": "text/javascript; charset=utf-8",
-    ".css": "text/css; charset=utf-8",
-    ".html": "text/html; charset=utf-8",
-}
 _APP = {"app/console.js": "console.js", "app/console.css": "console.css"}
 #: Own-origin scripts, styles and WebSockets only; spice-html5 draws images from blobs
 #: and data URLs and sets styles on its canvases; the page may not be framed.
@@ -40,22 +35,8 @@ CSP = (
 _HEADERS = (("Content-Security-Policy", CSP), ("X-Frame-Options", "DENY"))
 
 
-def assets_dir(configured: str) -> Path:
-    """The directory holding ``@spice-project/spice-html5``: *configured*, else the default."""
-    if configured:
-        return Path(configured)
-    tree = Path(__file__).resolve().parents[2]
-    if (tree / "pyproject.toml").is_file() and (tree / "plugins" / "spice").is_dir():
-        return tree / "node_modules"
-    return INSTALLED_ASSETS
-
-
 def _web(name: str) -> bytes:
     return (importlib.resources.files("broker_spice") / "web" / name).read_bytes()
-
-
-def _type(name: str) -> str:
-    return _TYPES.get(Path(name).suffix, "application/octet-stream")
 
 
 def missing_page() -> Page:
@@ -65,7 +46,7 @@ def missing_page() -> Page:
 <p>The broker cannot find spice-html5, which this page is built on.</p>
 <p>An administrator must install spice-html5 (<code>@spice-project/spice-html5</code>): in a
 source tree, <code>scripts/setup-host</code> (or <code>npm ci</code>) does it; elsewhere,
-install it and point the broker's <code>vnc.assets_dir</code> setting at the
+install it and point the broker's <code>http.assets_dir</code> setting at the
 <code>node_modules</code> directory holding it (see docs/spice.md).</p>
 </body></html>
 """
@@ -73,35 +54,16 @@ install it and point the broker's <code>vnc.assets_dir</code> setting at the
 
 
 def page(path: str, configured_assets: str) -> Page | None:
-    """The page or asset at *path* (below ``/console/spice/``), or None (404)."""
+    """The page or asset at *path* (below ``/console/spice/``), or None (404);
+    *configured_assets* is ``http.assets_dir``."""
     spice = assets_dir(configured_assets) / SPICE_HTML5
     if path == "":
         if not (spice / "src" / "main.js").is_file():
-            _log.warning("spice.assets_missing", looked_in=str(spice), key="vnc.assets_dir")
+            _log.warning("spice.assets_missing", looked_in=str(spice), key="http.assets_dir")
             return missing_page()
         return Page(_web("console.html"), headers=_HEADERS)
     if path in _APP:
-        return Page(_web(_APP[path]), _type(path), headers=_HEADERS)
+        return Page(_web(_APP[path]), content_type(path), headers=_HEADERS)
     if path.startswith("spice-html5/src/"):
-        return _spice_file(spice / "src", path.removeprefix("spice-html5/src/"))
+        return package_file(spice / "src", path.removeprefix("spice-html5/src/"), headers=_HEADERS)
     return None
-
-
-def _spice_file(src: Path, relative: str) -> Page | None:
-    parts = relative.split("/")
-    if Path(relative).suffix != ".js":
-        return None
-    if any(part in ("", ".", "..") or part.startswith(".") for part in parts):
-        return None
-    try:
-        root = src.resolve(strict=True)
-        target = (src / relative).resolve(strict=True)
-    except OSError:
-        return None
-    if not target.is_relative_to(root) or not target.is_file():
-        return None
-    try:
-        body = target.read_bytes()
-    except OSError:
-        return None
-    return Page(body, _type(relative), headers=_HEADERS)

@@ -68,4 +68,4 @@ def console_broker_page(protocol: str, path: str, config: Config) -> Page | None
         return None
     from ._page import page
 
-    return page(path, config.vnc.assets_dir)
+    return page(path, config.http.assets_dir)

@@ -5,12 +5,13 @@
 * ``novnc/core/...``, ``novnc/vendor/...``: noVNC's ES modules, from
   ``@novnc/novnc`` in the assets directory.
 
-The assets directory is ``vnc.assets_dir``, by default the source tree's
-``node_modules`` when the broker runs from one (``scripts/setup-host`` installs
-noVNC there with ``npm ci``), else :data:`INSTALLED_ASSETS`. Without noVNC the
-page is an error page (503) saying what to install; the path is only logged.
-Files are read per request (noVNC's modules are small and the page cache
-holds them); nothing outside ``core/`` and ``vendor/`` of noVNC is served.
+The assets directory is ``http.assets_dir``, the one all console pages share
+(:func:`broker.assets.assets_dir`: by default the source tree's ``node_modules``
+when the broker runs from one, where ``scripts/setup-host`` installs noVNC with
+``npm ci``). Without noVNC the page is an error page (503) saying what to install;
+the path is only logged. Files are read per request (noVNC's modules are small and
+the page cache holds them); nothing but ``.js`` files below ``core/`` and
+``vendor/`` of noVNC is served (:func:`broker.assets.package_file`).
 """
 
 from __future__ import annotations
@@ -21,19 +22,13 @@ from pathlib import Path
 
 import structlog
 
+from broker.assets import assets_dir, content_type, package_file
 from broker.hookspecs import Page
 
-#: Where noVNC is looked for when the broker does not run from a source tree.
-INSTALLED_ASSETS = Path("/usr/share/console-broker/node_modules")
 #: noVNC's package inside the assets directory.
 NOVNC = Path("@novnc/novnc")
 
 _log = structlog.get_logger("broker.vnc")
-_TYPES = {
-    ".js": "text/javascript; charset=utf-8",
-    ".css": "text/css; charset=utf-8",
-    ".html": "text/html; charset=utf-8",
-}
 _APP = {"app/console.js": "console.js", "app/console.css": "console.css"}
 #: The page loads nothing but its own origin's scripts and styles, talks to its
 #: own origin only (the console's WebSocket), and may not be framed.
@@ -44,22 +39,8 @@ CSP = (
 _HEADERS = (("Content-Security-Policy", CSP), ("X-Frame-Options", "DENY"))
 
 
-def assets_dir(configured: str) -> Path:
-    """The directory holding ``@novnc/novnc``: *configured*, else the default."""
-    if configured:
-        return Path(configured)
-    tree = Path(__file__).resolve().parents[2]
-    if (tree / "pyproject.toml").is_file() and (tree / "plugins" / "vnc").is_dir():
-        return tree / "node_modules"
-    return INSTALLED_ASSETS
-
-
 def _web(name: str) -> bytes:
     return (importlib.resources.files("broker_vnc") / "web" / name).read_bytes()
-
-
-def _type(name: str) -> str:
-    return _TYPES.get(Path(name).suffix, "application/octet-stream")
 
 
 def missing_page(why: str) -> Page:
@@ -70,7 +51,7 @@ def missing_page(why: str) -> Page:
 <p>{html.escape(why)}</p>
 <p>An administrator must install noVNC (<code>@novnc/novnc</code>): in a source tree,
 <code>scripts/setup-host</code> (or <code>npm ci</code>) does it; elsewhere, install it and
-point the broker's <code>vnc.assets_dir</code> setting at the <code>node_modules</code>
+point the broker's <code>http.assets_dir</code> setting at the <code>node_modules</code>
 directory holding it (see docs/vnc.md).</p>
 </body></html>
 """
@@ -78,35 +59,17 @@ directory holding it (see docs/vnc.md).</p>
 
 
 def page(path: str, configured_assets: str) -> Page | None:
-    """The page or asset at *path* (below ``/console/vnc/``), or None (404)."""
+    """The page or asset at *path* (below ``/console/vnc/``), or None (404);
+    *configured_assets* is ``http.assets_dir``."""
     novnc = assets_dir(configured_assets) / NOVNC
     if path == "":
         if not (novnc / "core" / "rfb.js").is_file():
-            _log.warning("vnc.assets_missing", looked_in=str(novnc), key="vnc.assets_dir")
+            _log.warning("vnc.assets_missing", looked_in=str(novnc), key="http.assets_dir")
             return missing_page("The broker cannot find noVNC, which this page is built on.")
         return Page(_web("console.html"), headers=_HEADERS)
     if path in _APP:
-        return Page(_web(_APP[path]), _type(path), headers=_HEADERS)
-    if path.startswith("novnc/"):
-        return _novnc_file(novnc, path.removeprefix("novnc/"))
+        return Page(_web(_APP[path]), content_type(path), headers=_HEADERS)
+    relative = path.removeprefix("novnc/")
+    if relative != path and relative.split("/", 1)[0] in ("core", "vendor"):
+        return package_file(novnc, relative, headers=_HEADERS)
     return None
-
-
-def _novnc_file(novnc: Path, relative: str) -> Page | None:
-    parts = relative.split("/")
-    if parts[0] not in ("core", "vendor") or Path(relative).suffix != ".js":
-        return None
-    if any(part in ("", ".", "..") or part.startswith(".") for part in parts):
-        return None
-    try:
-        root = novnc.resolve(strict=True)
-        target = (novnc / relative).resolve(strict=True)
-    except OSError:
-        return None
-    if not target.is_relative_to(root) or not target.is_file():
-        return None
-    try:
-        body = target.read_bytes()
-    except OSError:
-        return None
-    return Page(body, _type(relative), headers=_HEADERS)

@@ -6,15 +6,13 @@ from pathlib import Path
 
 import pytest
 from broker_serial import console_broker_page
-from broker_serial._page import ASSETS, CSP, assets_dir
+from broker_serial._page import ASSETS, CSP
 
-from broker.config import Config, VNCSection
-
-REPO = Path(__file__).resolve().parents[2]
+from broker.config import Config, HTTPSection
 
 
 def config(assets: Path | str = "") -> Config:
-    return Config(vnc=VNCSection(assets_dir=str(assets)))
+    return Config(http=HTTPSection(assets_dir=str(assets)))
 
 
 def test_the_page_carries_a_content_security_policy() -> None:
@@ -31,21 +29,42 @@ def test_the_pages_own_files(path: str) -> None:
     assert page is not None and page.status == 200 and page.body
 
 
-def test_xterm_comes_from_the_assets_directory(tmp_path: Path) -> None:
-    for name, _ in ASSETS.values():
-        target = tmp_path / name
+def xterm(assets: Path) -> None:
+    """A stand-in xterm.js and fit addon in *assets*."""
+    for package, name in ASSETS.values():
+        target = assets / package / name
         target.parent.mkdir(parents=True, exist_ok=True)
         target.write_bytes(b"/* " + name.encode() + b" */")
-    for path, (name, content_type) in ASSETS.items():
+
+
+def test_xterm_comes_from_the_assets_directory(tmp_path: Path) -> None:
+    xterm(tmp_path)
+    types = {
+        "xterm/xterm.js": "text/javascript; charset=utf-8",
+        "xterm/xterm.css": "text/css; charset=utf-8",
+        "xterm/addon-fit.js": "text/javascript; charset=utf-8",
+    }
+    for path, (_, name) in ASSETS.items():
         page = console_broker_page(protocol="serial", path=path, config=config(tmp_path))
         assert page is not None and page.body == b"/* " + name.encode() + b" */"
-        assert page.content_type == content_type
+        assert page.content_type == types[path]
+
+
+def test_a_link_out_of_the_package_is_not_served(tmp_path: Path) -> None:
+    xterm(tmp_path / "node_modules")
+    (tmp_path / "secret.js").write_text("// outside xterm\n")
+    linked = tmp_path / "node_modules" / "@xterm" / "xterm" / "lib" / "xterm.js"
+    linked.unlink()
+    linked.symlink_to(tmp_path / "secret.js")
+    assets = config(tmp_path / "node_modules")
+    page = console_broker_page(protocol="serial", path="xterm/xterm.js", config=assets)
+    assert page is not None and page.status == 503 and b"outside" not in page.body
 
 
 def test_a_missing_asset_says_where_it_was_looked_for(tmp_path: Path) -> None:
     page = console_broker_page(protocol="serial", path="xterm/xterm.js", config=config(tmp_path))
     assert page is not None and page.status == 503
-    assert str(tmp_path).encode() in page.body and b"vnc.assets_dir" in page.body
+    assert str(tmp_path).encode() in page.body and b"http.assets_dir" in page.body
 
 
 @pytest.mark.parametrize(
@@ -57,8 +76,3 @@ def test_nothing_else_is_served(path: str) -> None:
 
 def test_other_protocols_are_not_ours() -> None:
     assert console_broker_page(protocol="vnc", path="", config=config()) is None
-
-
-def test_the_default_assets_directory_is_the_source_trees() -> None:
-    assert assets_dir(config()) == REPO / "node_modules"
-    assert assets_dir(config("/srv/web")) == Path("/srv/web")

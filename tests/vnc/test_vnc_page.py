@@ -13,7 +13,8 @@ import pytest
 from broker_vnc import _page
 from vnckit import FakeQEMU, in_process_broker
 
-from broker.config import Config, ConfigError, VNCSection, config_from_dict
+import broker.assets
+from broker.config import Config, ConfigError, HTTPSection, VNCSection, config_from_dict
 from broker.hookspecs import Page
 from broker.plugins import PluginError
 from broker.service import ENDINGS, REFUSALS
@@ -36,7 +37,7 @@ def assets(tmp_path: Path) -> Path:
 
 def page(path: str, assets: Path) -> Page | None:
     return broker_vnc.console_broker_page(
-        protocol="vnc", path=path, config=Config(vnc=VNCSection(assets_dir=str(assets)))
+        protocol="vnc", path=path, config=Config(http=HTTPSection(assets_dir=str(assets)))
     )
 
 
@@ -68,6 +69,9 @@ def test_novnc_modules_are_served_and_nothing_else(assets: Path) -> None:
         "novnc/docs/API.js",
         "novnc//core/rfb.js",
         "novnc/core/.hidden.js",
+        "novnc/core/rfb.js\0.js",
+        "novnc/vendor/../core/rfb.js",
+        "novnc/core/rfb.css",
         "elsewhere.js",
     ):
         assert page(path, assets) is None, path
@@ -77,17 +81,12 @@ def test_without_novnc_the_page_says_what_to_install(tmp_path: Path) -> None:
     served = page("", tmp_path / "nothing-here")
     assert served is not None and served.status == 503
     text = served.body.decode()
-    assert "noVNC" in text and "vnc.assets_dir" in text
+    assert "noVNC" in text and "http.assets_dir" in text
     assert str(tmp_path) not in text  # the path is logged, not shown
 
 
-def test_the_default_assets_are_the_source_trees_node_modules() -> None:
-    assert _page.assets_dir("") == REPO / "node_modules"
-    assert _page.assets_dir("/srv/web") == Path("/srv/web")
-
-
 def test_other_protocols_are_not_served(assets: Path) -> None:
-    config = Config(vnc=VNCSection(assets_dir=str(assets)))
+    config = Config(http=HTTPSection(assets_dir=str(assets)))
     assert broker_vnc.console_broker_page(protocol="spice", path="", config=config) is None
     assert broker_vnc.console_broker_session_handler(protocol="spice", config=config) is None
 
@@ -98,9 +97,13 @@ def test_every_close_code_has_a_message_on_the_page() -> None:
     assert sorted(code for code in codes if str(code) not in messages) == []
 
 
-def test_the_page_through_the_broker(assets: Path) -> None:
+def test_the_page_through_the_broker(assets: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # http.assets_dir is left empty: the broker runs from a "source tree" whose
+    # node_modules is the stand-in.
+    monkeypatch.setattr(broker.assets, "source_tree", lambda: assets.parent)
+
     async def main() -> None:
-        async with in_process_broker(FakeQEMU(), vnc=VNCSection(assets_dir=str(assets))) as b:
+        async with in_process_broker(FakeQEMU()) as b:
             def get(path: str) -> tuple[int, dict[str, str], bytes]:
                 url = f"http://127.0.0.1:{b.port}{path}"
                 with urllib.request.urlopen(url, timeout=5) as reply:
@@ -137,8 +140,8 @@ def test_vnc_configuration_checks(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match=r"needs vnc.tls_ca"):
         config_from_dict({"vnc": {"tls_cert": "c.pem", "tls_key": "k.pem"}})
     config = config_from_dict(
-        {"vnc": {"tls_ca": "ca.pem", "shared": False, "assets_dir": "web"}},
+        {"vnc": {"tls_ca": "ca.pem", "shared": False}, "http": {"assets_dir": "web"}},
         source=tmp_path / "broker.toml",
     )
     assert config.vnc.tls_ca == str(tmp_path / "ca.pem")  # relative to the file
-    assert config.vnc.assets_dir == str(tmp_path / "web") and config.vnc.shared is False
+    assert config.http.assets_dir == str(tmp_path / "web") and config.vnc.shared is False

@@ -65,7 +65,7 @@
   if (typeof window.Terminal !== "function" || !window.FitAddon) {
     setState("closed", "not loaded");
     showNotice("xterm.js could not be loaded from the broker: its assets directory " +
-               "(vnc.assets_dir) lacks @xterm/xterm or @xterm/addon-fit.");
+               "(http.assets_dir) lacks @xterm/xterm or @xterm/addon-fit.");
     return;
   }
 
