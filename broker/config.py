@@ -386,6 +386,25 @@ class SerialSection:
         "Size in bytes past which a recording is continued in a new file (the next part).",
         _at_least(4096),
     )
+    recordings_keep_days: int = _key(
+        0,
+        "Days a recording file is kept after its last write; older files are deleted "
+        "(never the part being written). 0: kept forever.",
+        _at_least(0),
+    )
+    recordings_max_total: int = _key(
+        0,
+        "Bytes all files in serial.recordings_dir may take together; past it, the files "
+        "written longest ago are deleted first (never a part being written). 0: no limit.",
+        _at_least(0),
+    )
+    recordings_prune_interval: float = _key(
+        3600.0,
+        "Seconds between two retention passes while the broker runs (it also prunes on "
+        "start and after a recording moves on to its next part), when "
+        "serial.recordings_keep_days or serial.recordings_max_total is set.",
+        _at_least(1),
+    )
 
 
 @attrs.frozen

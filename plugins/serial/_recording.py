@@ -11,6 +11,9 @@ two reads stays whole; invalid bytes become U+FFFD). Past ``max_size`` bytes
 the file is closed and the recording goes on in a new part, a file with its
 own header and clock, so each part plays alone. Files are created 0600 in a
 0700 directory per domain UUID: ``{dir}/{uuid}/{start}-{id}-{part}.cast``.
+The part being written is held (:func:`broker_serial._retention.hold`) so
+that retention never deletes it; it is created as ``....cast.new`` and
+renamed once held.
 
 Writes are small appends on the event loop's thread; a recording that cannot
 be written (a full disk) logs ``serial.recording_failed`` once and stops,
@@ -33,6 +36,8 @@ from typing import IO, Any
 
 import attrs
 import structlog
+
+from ._retention import hold, is_being_written
 
 _log = structlog.get_logger("broker_serial.recording")
 #: The header key holding console-broker's own facts (players ignore it).
@@ -61,6 +66,7 @@ class Recording:
         size: tuple[int, int] = (80, 24),
         clock: Callable[[], float] = time.time,
         monotonic: Callable[[], float] = time.monotonic,
+        on_rotate: Callable[[Path], None] | None = None,
     ) -> None:
         self.directory = directory / domain_uuid
         self.domain_uuid = domain_uuid
@@ -75,7 +81,9 @@ class Recording:
         self.failed = False
         self._clock = clock
         self._monotonic = monotonic
+        self._on_rotate = on_rotate
         self._file: IO[str] | None = None
+        self._release: Callable[[], None] | None = None
         self._written = 0
         self._part_start = 0.0
         self._decoders = {
@@ -108,7 +116,17 @@ class Recording:
         now = self._clock()
         part = len(self.paths) + 1
         path = self.directory / f"{_stamp(self.started)}-{self.id}-{part:03d}.cast"
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+        new = path.with_name(path.name + ".new")  # not *.cast: unseen by retention till held
+        fd = os.open(new, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+        try:
+            self._release = hold(fd)
+            os.rename(new, path)
+        except OSError:
+            os.close(fd)
+            self._unhold()
+            with contextlib.suppress(OSError):
+                os.unlink(new)
+            raise
         self._file = os.fdopen(fd, "w", encoding="utf-8", newline="\n")
         self.paths.append(path)
         self._part_start = self._monotonic()
@@ -144,6 +162,8 @@ class Recording:
         if self._written >= self.max_size:
             self._close_file()
             self._open_part()
+            if self._on_rotate is not None:
+                self._on_rotate(self.paths[-2])
         elapsed = round(self._monotonic() - self._part_start, 6)
         self._line(json.dumps([elapsed, kind, data], ensure_ascii=False))
 
@@ -163,11 +183,17 @@ class Recording:
         self.size = (cols, rows)
         self._guard(lambda: self._event("r", f"{cols}x{rows}"))
 
+    def _unhold(self) -> None:
+        release, self._release = self._release, None
+        if release is not None:
+            release()
+
     def _close_file(self) -> None:
         file, self._file = self._file, None
         if file is not None:
             with contextlib.suppress(OSError):
                 file.close()
+        self._unhold()
 
     def close(self) -> None:
         for kind, decoder in self._decoders.items():
@@ -197,6 +223,8 @@ class RecordingFile:
     #: Seconds from the part's start to its last event.
     duration: float
     input: bool
+    #: Whether some process is writing this part right now (retention keeps it).
+    live: bool = False
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -213,6 +241,7 @@ class RecordingFile:
             "size": self.size,
             "duration": self.duration,
             "input": self.input,
+            "live": self.live,
         }
 
 
@@ -249,17 +278,18 @@ def read_recording(path: Path) -> RecordingFile | None:
                 size=size,
                 duration=_last_time(handle, size),
                 input=bool(meta.get("input")),
+                live=is_being_written(path),
             )
     except (OSError, ValueError, TypeError, KeyError, AttributeError):
         return None
 
 
 def _files(directory: Path) -> Iterator[Path]:
-    if not directory.is_dir():
-        return
-    for sub in directory.iterdir():
-        if sub.is_dir():
-            yield from sub.glob("*.cast")
+    if not directory.exists():
+        return  # nothing recorded yet; anything else that is no directory raises
+    for sub in directory.iterdir():  # symbolic links are not followed out of the directory
+        if not sub.is_symlink() and sub.is_dir():
+            yield from (path for path in sub.glob("*.cast") if not path.is_symlink())
 
 
 def list_recordings(directory: Path, domain: str | None = None) -> list[RecordingFile]:

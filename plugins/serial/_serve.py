@@ -12,10 +12,16 @@ console (``Protocol.shared_console``), and runs three tasks in one group:
 The client leaving, or the console ending once the client has been sent what
 was queued, ends the group; the session detaches from the hub in any case
 (the last one closes it and its recording).
+
+:class:`Hubs` also runs the retention of the recordings
+(:class:`broker_serial._retention.Pruner`) when a policy is set: a pass on
+start, every ``serial.recordings_prune_interval`` seconds and after a
+recording moves on to its next part, in a thread that ends with the Hubs.
 """
 
 from __future__ import annotations
 
+import weakref
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +36,7 @@ from broker.service import ClientClosed, Session
 from . import _control as control
 from ._hub import Attached, Hub
 from ._recording import Recording
+from ._retention import Policy, Pruner
 
 _CONSOLE_ERRORS = (
     anyio.EndOfStream,
@@ -50,6 +57,8 @@ class Settings:
     record_input: bool = False
     recordings_dir: Path = Path("recordings")
     recording_max_size: int = 10 * 1024 * 1024
+    retention: Policy = attrs.field(factory=Policy)
+    prune_interval: float = 3600.0
 
     @classmethod
     def from_config(cls, config: Config) -> Settings:
@@ -62,6 +71,8 @@ class Settings:
             record_input=serial.record_input,
             recordings_dir=config.recordings_dir,
             recording_max_size=serial.recording_max_size,
+            retention=Policy(serial.recordings_keep_days, serial.recordings_max_total),
+            prune_interval=serial.recordings_prune_interval,
         )
 
     def records(self, domain_name: str, domain_uuid: str) -> bool:
@@ -131,6 +142,13 @@ class Hubs:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self._hubs: dict[int, Hub] = {}
+        self.pruner: Pruner | None = None
+        if settings.retention.active:
+            self.pruner = Pruner(
+                settings.recordings_dir, settings.retention, settings.prune_interval
+            )
+            weakref.finalize(self, self.pruner.stop)
+            self.pruner.start()
 
     def __len__(self) -> int:
         return len(self._hubs)
@@ -153,6 +171,7 @@ class Hubs:
                 device=device,
                 record_input=settings.record_input,
                 max_size=settings.recording_max_size,
+                on_rotate=self._rotated,
             )
 
         def forget(closed: Hub) -> None:
@@ -170,6 +189,10 @@ class Hubs:
         )
         self._hubs[key] = hub
         return hub
+
+    def _rotated(self, _path: Path) -> None:
+        if self.pruner is not None:
+            self.pruner.wake("rotation")
 
     async def serve(self, session: Session) -> None:
         """The session handler: attach the client, serve it, detach it."""
