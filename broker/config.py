@@ -157,6 +157,13 @@ class TLSSection:
 
     cert: str = _key("", "PEM certificate chain file. Empty: no TLS.", path=True)
     key: str = _key("", "PEM private key file of the certificate. Empty: no TLS.", path=True)
+    ca: str = _key(
+        "",
+        "PEM file of the CA that signed tls.cert. Native clients' connection files (.vv) "
+        "carry it, so remote-viewer can verify the broker; empty: the files carry no CA "
+        "and clients rely on their own trust store.",
+        path=True,
+    )
 
 
 @attrs.frozen
@@ -346,6 +353,26 @@ class SpiceSection:
         "[\"usbredir\", \"webdav\"]); the broker answers them with permission denied. "
         "View-only sessions get display, cursor and playback only in any case.",
         _spice_channels,
+    )
+    tls_ca: str = _key(
+        "",
+        "PEM file of the CA that signed QEMU's SPICE server certificates (QEMU's "
+        "spice_tls_x509_cert_dir/ca-cert.pem). Set: in tcp mode the broker connects to "
+        "the SPICE server's TLS port (tlsPort) where it has one, verifying its "
+        "certificate. Empty: the plain port; a server listening for TLS only is refused.",
+        path=True,
+    )
+    tls_cert: str = _key(
+        "",
+        "PEM client certificate the broker shows QEMU's SPICE server, for servers that "
+        "verify their clients. Empty: none.",
+        path=True,
+    )
+    tls_key: str = _key("", "PEM private key of spice.tls_cert.", path=True)
+    tls_server_name: str = _key(
+        "",
+        "Name (DNS name or IP address) QEMU's SPICE certificate must carry. Empty: the "
+        "address connected to.",
     )
 
 
@@ -654,6 +681,14 @@ def _cross_checks(config: Config) -> list[str]:
         problems.append("vnc.tls_cert, vnc.tls_key: set both (a client certificate) or neither")
     if config.vnc.tls_cert and not config.vnc.tls_ca:
         problems.append("vnc.tls_cert: a client certificate needs vnc.tls_ca (TLS to QEMU)")
+    if bool(config.spice.tls_cert) != bool(config.spice.tls_key):
+        problems.append(
+            "spice.tls_cert, spice.tls_key: set both (a client certificate) or neither"
+        )
+    if config.spice.tls_cert and not config.spice.tls_ca:
+        problems.append("spice.tls_cert: a client certificate needs spice.tls_ca (TLS to QEMU)")
+    if config.tls.ca and not config.tls.cert:
+        problems.append("tls.ca: names the CA of tls.cert, which is not set")
     if config.tokens.default_ttl > config.tokens.max_ttl:
         problems.append(
             f"tokens.default_ttl: {config.tokens.default_ttl} exceeds "

@@ -26,7 +26,7 @@ if TYPE_CHECKING:
     import argparse
 
     from broker.config import Config
-    from broker.service import SessionHandler
+    from broker.service import ConsoleTLS, SessionHandler
     from broker.xml import ConsoleEdit, EditOptions
 
 #: The pluggy project name and the entry-point group plugins register under.
@@ -185,6 +185,29 @@ def console_broker_session_handler(protocol: str, config: Config) -> SessionHand
 
 
 @hookspec(firstresult=True)
+def console_broker_console_tls(protocol: str, config: Config) -> ConsoleTLS | None:
+    """Return how the broker verifies consoles of *protocol* that listen for TLS on a
+    port of their own (QEMU's SPICE ``tlsPort``), or None.
+
+    Called once per declared protocol when the broker starts; the first non-None
+    result wins. With one, the core prefers a console's TLS port (the live graphics
+    element's ``tlsPort``, tcp mode): it connects there and completes the TLS
+    handshake, verifying the certificate, before the session handler runs; the
+    endpoint's ``kind`` is then ``tls``. Without one, a console listening for TLS
+    only is refused (``console_unreachable``) with a message naming
+    ``{protocol}.tls_ca``. Protocols that start TLS inside their own protocol (VNC's
+    VeNCrypt) wrap ``session.endpoint.stream`` themselves instead and return None here.
+
+    Raise :class:`broker.plugins.PluginError` when the configured files cannot be
+    loaded: the broker refuses to start and says why.
+
+    :param protocol: a protocol name declared by ``console_broker_protocols``.
+    :param config: the broker's :class:`broker.config.Config`.
+    :return: a :class:`broker.service.ConsoleTLS` (see ``ConsoleTLS.from_files``), or None.
+    """
+
+
+@hookspec(firstresult=True)
 def console_broker_page(protocol: str, path: str, config: Config) -> Page | None:
     """Serve the console page of *protocol*, or one of its assets.
 
@@ -224,9 +247,11 @@ def console_broker_client_file(
     """Build a native client's connection file for a session of *protocol* with *token*.
 
     Called by ``console-broker token`` (the ``--json`` output gets the file under its
-    ``name``; ``--client-file FILE`` writes it) and by plugins that serve the file over
-    HTTP. Return None for protocols the plugin does not serve, or when the broker's
-    configuration offers native clients no way in; the first non-None result wins.
+    ``name``; ``--client-file FILE`` writes it) and by the broker for
+    ``GET /file/{protocol}?token=TOKEN``, once it has checked the token (without using
+    it up) and that its console can be reached. Return None for protocols the plugin
+    does not serve, or when the broker's configuration offers native clients no way
+    in; the first non-None result wins.
 
     :param token: the token, as issued.
     :param title: a human title for the client's window (the domain's name).

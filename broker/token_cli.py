@@ -127,6 +127,9 @@ class ConsoleLinks:
 
     page: str = attrs.field(repr=False)
     websocket: str = attrs.field(repr=False)
+    #: Where the broker serves a native client's connection file for the token (only
+    #: useful for protocols whose plugin makes one).
+    file: str = attrs.field(repr=False)
 
 
 def console_links(config: Config, issued: IssuedToken) -> ConsoleLinks:
@@ -135,6 +138,7 @@ def console_links(config: Config, issued: IssuedToken) -> ConsoleLinks:
     return ConsoleLinks(
         page=f"{config.public_url}/console/{protocol}/?{query}",
         websocket=f"{config.ws_url}/ws/{protocol}?{query}",
+        file=f"{config.public_url}/file/{protocol}?{query}",
     )
 
 
@@ -168,18 +172,16 @@ def _token_command(args: argparse.Namespace) -> int:
     except ValueError as exc:
         raise CommandError(f"--device: {exc}", EXIT_USAGE) from None
     links = console_links(config, issued)
-    client_file = None
-    if args.json or args.client_file:
-        client_file = PluginManager().hook.console_broker_client_file(
-            protocol=args.protocol, token=issued.token, title=domain.name or domain.uuid,
-            config=config,
+    client_file = PluginManager().hook.console_broker_client_file(
+        protocol=args.protocol, token=issued.token, title=domain.name or domain.uuid,
+        config=config,
+    )
+    if args.client_file and client_file is None:
+        raise CommandError(
+            f"--client-file: no connection file for {args.protocol} with this "
+            "configuration (a native client's listener, listen.connect_port, must be set)",
+            EXIT_USAGE,
         )
-        if args.client_file and client_file is None:
-            raise CommandError(
-                f"--client-file: no connection file for {args.protocol} with this "
-                "configuration (a native client's listener, listen.connect_port, must be set)",
-                EXIT_USAGE,
-            )
     if args.client_file and client_file is not None:
         path = Path(args.client_file)
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
@@ -200,6 +202,7 @@ def _token_command(args: argparse.Namespace) -> int:
         }
         if client_file is not None:
             doc[client_file.name] = client_file.body
+            doc["file"] = links.file
         json.dump(doc, sys.stdout, indent=2)
         sys.stdout.write("\n")
         return 0
@@ -212,6 +215,8 @@ def _token_command(args: argparse.Namespace) -> int:
     print(f"expires:   {_iso(issued.expires_at)} (in {ttl} s, single use)")
     print(f"page:      {links.page}")
     print(f"websocket: {links.websocket}")
+    if client_file is not None:
+        print(f"file:      {links.file} ({client_file.suffix or client_file.name} file)")
     return 0
 
 

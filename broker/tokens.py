@@ -495,6 +495,10 @@ class TokenVerifier:
         )
         return claims
 
+    def used(self, claims: Claims) -> bool:
+        """Whether the token of *claims* (verified) has been used up already."""
+        return claims.jti in self._cache
+
     def consume(self, claims: Claims) -> None:
         """Use up a token checked with ``verify(..., consume=False)``.
 

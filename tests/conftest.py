@@ -49,6 +49,24 @@ def testbed() -> Iterator[Testbed]:
     bed.close()
 
 
+@pytest.fixture(scope="session")
+def qemu_tls(testbed: Testbed, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
+    """A VNC and a SPICE guest whose servers use TLS (tests/qemutls.py), started once per
+    session in one short window of TLS in qemu.conf; tests using it are marked
+    ``qemu_tls``."""
+    from certs import make_certificates
+    from qemutls import start_tls_guests
+
+    directory = tmp_path_factory.mktemp("qemu-tls")
+    directory.chmod(0o755)
+    guests = start_tls_guests(testbed, make_certificates(directory, client=True))
+    try:
+        yield guests
+    finally:
+        testbed.remove(guests.vnc)
+        testbed.remove(guests.spice)
+
+
 @pytest.fixture(scope="module")
 def example_installed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
     """Install the third-party example distribution into this environment (per module)."""

@@ -15,6 +15,7 @@ import os
 import re
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import time
@@ -53,7 +54,9 @@ class ServedBroker:
     *protocol*: what :meth:`token` asks for unless told otherwise; *extra_config*: more
     TOML after the common tables; *http_config*: more keys in ``[http]``; *connect_port*:
     also listen for HTTP CONNECT on a free port; *subprotocols*: what :meth:`connect`
-    offers; *stop_timeout*: how long :meth:`stop` waits (default: the grace plus 10 s).
+    offers; *stop_timeout*: how long :meth:`stop` waits (default: the grace plus 10 s);
+    *tls*: serve TLS (``[tls]``) with these files of ``certs.make_certificates``
+    (``server``, ``server-key``, ``ca``), the CA also in ``tls.ca``.
     """
 
     def __init__(
@@ -67,6 +70,7 @@ class ServedBroker:
         connect_port: bool = False,
         subprotocols: Sequence[str] = ("binary",),
         stop_timeout: float | None = None,
+        tls: dict[str, Path] | None = None,
     ) -> None:
         self.directory = directory
         self.protocol = protocol
@@ -78,6 +82,12 @@ class ServedBroker:
         listen = f"port = {self.port}\n"
         if self.connect_port is not None:
             listen += f"connect_port = {self.connect_port}\n"
+        self.tls = tls
+        if tls is not None:
+            extra_config += (
+                f'[tls]\ncert = "{tls["server"]}"\nkey = "{tls["server-key"]}"\n'
+                f'ca = "{tls["ca"]}"\n'
+            )
         self.config = directory / "broker.toml"
         self.config.write_text(
             f"""[broker]
@@ -120,11 +130,16 @@ level = "debug"
 
     @property
     def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
+        scheme = "http" if self.tls is None else "https"
+        return f"{scheme}://127.0.0.1:{self.port}"
 
     def get(self, path: str) -> tuple[int, bytes]:
+        context = None
+        if self.tls is not None:
+            context = ssl.create_default_context(cafile=str(self.tls["ca"]))
+            context.check_hostname = False  # the broker's certificate names no address
         try:
-            with urllib.request.urlopen(f"{self.url}{path}", timeout=5) as reply:
+            with urllib.request.urlopen(f"{self.url}{path}", timeout=5, context=context) as reply:
                 return reply.status, reply.read()
         except urllib.error.HTTPError as exc:
             return exc.code, exc.read()

@@ -24,12 +24,14 @@ from broker.service._session import (
     WebSocketChannel,
     raw_proxy,
 )
+from broker.service._tls import ConsoleTLS
 
 __all__ = [
     "DEFAULT_READ_SIZE",
     "ENDINGS",
     "REFUSALS",
     "ClientClosed",
+    "ConsoleTLS",
     "Endpoint",
     "MessageChannel",
     "PumpEnd",

@@ -41,6 +41,7 @@ import anyio
 import anyio.abc
 import attrs
 import structlog
+from anyio.streams.tls import TLSStream
 from websockets.asyncio.server import Server, ServerConnection, serve
 from websockets.datastructures import Headers
 from websockets.http11 import Request, Response
@@ -49,10 +50,11 @@ from websockets.typing import Subprotocol
 
 import broker
 from broker.config import Config
-from broker.hookspecs import Page, Protocol
+from broker.hookspecs import ClientFile, Page, Protocol
 from broker.plugins import PluginError, PluginManager
 from broker.service._connect import (
     MAX_HEAD,
+    TLS_PORT,
     ConnectError,
     ConnectParser,
     ConnectRequest,
@@ -81,6 +83,7 @@ from broker.service._refusals import (
     Refused,
 )
 from broker.service._request import (
+    FileRoute,
     NotFound,
     OriginPolicy,
     PageRoute,
@@ -98,6 +101,7 @@ from broker.service._session import (
     WebSocketChannel,
 )
 from broker.service._shared import SharedEndpoints
+from broker.service._tls import ConsoleTLS, tls_error
 from broker.tokens import Claims, TokenRefused, TokenVerifier
 
 _log = structlog.get_logger("broker.service")
@@ -223,6 +227,8 @@ class Broker:
             )
         )
         self._handlers = self._load_handlers(plugins, config)
+        #: TLS to consoles with a TLS port of their own, by protocol.
+        self._console_tls = self._load_console_tls(plugins, config, self._handlers)
         #: Consoles of ``shared_console`` protocols, open while a session uses them.
         self._shared = SharedEndpoints()
         self._sessions: dict[str, set[_Live]] = {}
@@ -257,6 +263,22 @@ class Broker:
                 )
             handlers[name] = (protocol, handler)
         return handlers
+
+    @staticmethod
+    def _load_console_tls(
+        plugins: PluginManager, config: Config, handlers: dict[str, Any]
+    ) -> dict[str, ConsoleTLS]:
+        found: dict[str, ConsoleTLS] = {}
+        for name in handlers:
+            tls = plugins.hook.console_broker_console_tls(protocol=name, config=config)
+            if tls is None:
+                continue
+            if not isinstance(tls, ConsoleTLS):
+                raise PluginError(
+                    f"console_broker_console_tls({name!r}) returned {tls!r}, not a ConsoleTLS"
+                )
+            found[name] = tls
+        return found
 
     @property
     def port(self) -> int:
@@ -411,6 +433,8 @@ class Broker:
             return self._healthz() if found.name == "healthz" else self._metrics()
         if isinstance(found, PageRoute):
             return self._page(found)
+        if isinstance(found, FileRoute):
+            return await self._client_file(connection, found)
         if isinstance(found, RedirectRoute):
             return _text(301, "moved", headers=[("Location", found.location)])
         if isinstance(found, NotFound):
@@ -459,14 +483,20 @@ class Broker:
             # a further connection of a live session: the token was used up by its first
             if group.connections >= group.max_connections:
                 raise Refused(LIMIT_REACHED, "too many connections in one session")
-            target = await self._resolver.target(claims, protocol.console)
+            target = await self._target(claims, protocol)
             if group.closed:
                 raise Refused(REPLAYED_TOKEN, "the token's session has ended")
         else:
             self._counts.check(claims.domain_uuid, client)
-            target = await self._resolver.target(claims, protocol.console)
+            target = await self._target(claims, protocol)
             self._consume(claims)
         return _Pending(protocol, handler, claims, target, client, started, group)
+
+    async def _target(self, claims: Claims, protocol: Protocol) -> Target:
+        tls = self._console_tls.get(protocol.name)
+        if tls is None:
+            return await self._resolver.target(claims, protocol.console)
+        return await self._resolver.target(claims, protocol.console, tls)
 
     def _verify(self, token: str, protocol: str | None) -> Claims:
         """Check the token; it is used up by :meth:`_consume` once every check passed."""
@@ -504,6 +534,14 @@ class Broker:
             self._pending[connection] = _PendingRefusal(refusal)
             return None
         return _text(refusal.status, refusal.text)
+
+    def _refuse_plainly(
+        self, connection: ServerConnection, exc: Refused, protocol: str
+    ) -> Response:
+        """:meth:`_refuse` for a plain HTTP request: always a status."""
+        response = self._refuse(connection, exc, protocol=protocol, upgrade=False)
+        assert response is not None  # upgrade=False always answers
+        return response
 
     def _healthz(self) -> Response:
         available = self._resolver.available
@@ -543,6 +581,43 @@ class Broker:
             return _text(500, "internal error")
         return _response(page.status, page.body, page.content_type, page.headers)
 
+    async def _client_file(self, connection: ServerConnection, found: FileRoute) -> Response:
+        """``GET /file/{protocol}?token=...``: the token and its console checked (the
+        token is not used up), then the plugin's ``console_broker_client_file``."""
+        entry = self._handlers.get(found.protocol)
+        if entry is None or not entry[0].native_clients:
+            refused = Refused(UNKNOWN_PROTOCOL, f"no native clients for {found.protocol!r}")
+            return self._refuse_plainly(connection, refused, found.protocol)
+        protocol = entry[0]
+        try:
+            claims = self._verify(found.token, protocol.name)
+            if self._verifier.used(claims):
+                raise Refused(REPLAYED_TOKEN, "the token was already used")
+            target = await self._target(claims, protocol)
+        except Refused as exc:
+            return self._refuse_plainly(connection, exc, found.protocol)
+        try:
+            made = self._plugins.hook.console_broker_client_file(
+                protocol=protocol.name, token=found.token,
+                title=target.domain_name or claims.domain_uuid, config=self.config,
+            )
+        except Exception:
+            _log.exception("client_file.failed", protocol=protocol.name)
+            return _text(500, "internal error")
+        if made is None:
+            return _text(
+                404, f"this broker offers {protocol.name} clients no way in "
+                "(an HTTP CONNECT listener: listen.connect_port)",
+            )
+        if not isinstance(made, ClientFile):
+            _log.error("client_file.invalid", protocol=protocol.name, type=type(made).__name__)
+            return _text(500, "internal error")
+        _log.info("client_file.served", protocol=protocol.name, domain=claims.domain_uuid,
+                  jti=claims.jti, file=made.name)
+        disposition = f'attachment; filename="console{made.suffix}"'
+        return _response(200, made.body.encode(), made.content_type,
+                         [("Content-Disposition", disposition)])
+
     # --- HTTP CONNECT (native clients) ---------------------------------------------------
 
     async def _serve_tunnels(
@@ -574,6 +649,12 @@ class Broker:
         except (TimeoutError, anyio.EndOfStream, anyio.BrokenResourceError, OSError):
             await self._answer_tunnel(stream, 0, "", close=True)
             return
+        why = self._tunnel_mismatch(event)
+        if why is not None:
+            _log.info("connect.refused", reason="bad_request", detail=why, client=client,
+                      status=400)
+            await self._answer_tunnel(stream, 400, why, close=True)
+            return
         try:
             pending = await self._admit_tunnel(event.host, client, started)
         except Refused as exc:
@@ -585,8 +666,49 @@ class Broker:
             return
         if not await self._answer_tunnel(stream, 200, "Connection established", close=False):
             return
-        tunnel = TunnelChannel(stream, event.rest, self.config.proxy.read_size)
+        inner: anyio.abc.ByteStream = stream
+        if self._ssl is not None:
+            tls = await self._start_tunnel_tls(stream, event, client)
+            if tls is None:
+                return
+            inner = tls
+        tunnel = TunnelChannel(inner, event.rest, self.config.proxy.read_size)
         await self._run_session(tunnel, pending)
+
+    def _tunnel_mismatch(self, event: ConnectRequest) -> str | None:
+        """Why the target's port does not fit this broker's TLS, or None.
+
+        The port says what the tunnel carries: :data:`TLS_PORT` TLS with the broker's
+        certificate (``[tls]`` set), any other the protocol in the clear (``[tls]``
+        unset); client files name the right one."""
+        if self._ssl is not None and event.port != TLS_PORT:
+            return (f"this broker tunnels TLS only: CONNECT to port {TLS_PORT} "
+                    "(the tls-port of a connection file it made)")
+        if self._ssl is None and event.port == TLS_PORT:
+            return f"this broker has no TLS ([tls]); port {TLS_PORT} means TLS in the tunnel"
+        if self._ssl is not None and event.rest:
+            return "send nothing before the 200 answer (the TLS handshake follows it)"
+        return None
+
+    async def _start_tunnel_tls(
+        self, stream: anyio.abc.SocketStream, event: ConnectRequest, client: str
+    ) -> anyio.abc.ByteStream | None:
+        """TLS inside the tunnel, with the broker's certificate; None (the tunnel
+        closed) if the handshake fails."""
+        assert self._ssl is not None
+        try:
+            with anyio.fail_after(self.config.limits.handshake_timeout):
+                return await TLSStream.wrap(
+                    stream, server_side=True, ssl_context=self._ssl,
+                    standard_compatible=False,
+                )
+        except ssl.SSLError as exc:
+            _log.info("connect.tls_failed", client=client, detail=tls_error(exc))
+        except (TimeoutError, anyio.EndOfStream, anyio.BrokenResourceError, OSError):
+            _log.info("connect.tls_failed", client=client, detail="the client left")
+        with anyio.CancelScope(shield=True), contextlib.suppress(OSError):
+            await stream.aclose()
+        return None
 
     async def _admit_tunnel(self, handle: str, client: str, started: float) -> _Pending:
         if self._closing:

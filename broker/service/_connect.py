@@ -3,7 +3,8 @@
 Native SPICE clients (remote-viewer, anything built on libspice) reach the broker
 through an HTTP proxy: one ``CONNECT host:port HTTP/1.x`` per channel connection. The
 broker is that proxy; the *host* field carries a **session handle** derived from the
-token, never a VM address: :func:`handle_for_token` encodes the token in lower-case
+token, never a VM address, and the *port* says whether TLS runs inside the tunnel
+(:data:`TLS_PORT`): :func:`handle_for_token` encodes the token in lower-case
 base32 (GLib lower-cases the host it sends), split into DNS-sized labels;
 :func:`token_for_handle` undoes it. The handle is as secret as the token.
 
@@ -25,6 +26,12 @@ import attrs
 MAX_HEAD = 8192
 #: The most header lines read.
 MAX_HEADERS = 32
+#: The target port that means "TLS inside the tunnel": the broker answers the client's
+#: TLS handshake with its own certificate (``[tls]``). A broker with TLS tunnels only
+#: this port; one without, only the others (their number is not used).
+TLS_PORT: Final = 443
+#: The port client files of a broker without TLS name (any but :data:`TLS_PORT`).
+PLAIN_PORT: Final = 5900
 #: The characters of one handle label (DNS labels are at most 63).
 _LABEL = 60
 

@@ -33,6 +33,7 @@ import asyncio
 import contextlib
 import functools
 import socket
+import ssl
 import threading
 import time
 from collections.abc import Callable
@@ -49,6 +50,7 @@ from broker.service._eventloop import register_event_loop
 from broker.service._lvstream import LibvirtByteStream
 from broker.service._plan import EndpointPlan, plan_endpoint
 from broker.service._refusals import (
+    CONSOLE_AUTH_FAILED,
     CONSOLE_BUSY,
     CONSOLE_UNREACHABLE,
     DOMAIN_UNDEFINED,
@@ -60,6 +62,7 @@ from broker.service._refusals import (
     Refused,
 )
 from broker.service._session import Endpoint
+from broker.service._tls import ConsoleTLS, tls_error
 from broker.service._wsendpoint import connect_websocket_endpoint
 from broker.tokens import Claims
 
@@ -82,6 +85,8 @@ class Target:
     plan: EndpointPlan
     #: The libvirt domain object (None for resolvers that are not libvirt).
     handle: Any = attrs.field(default=None, eq=False, repr=False)
+    #: TLS to the console (a ``tls`` plan), from the protocol's plugin.
+    tls: ConsoleTLS | None = attrs.field(default=None, eq=False, repr=False)
 
 
 class ResolverEvents(Protocol):
@@ -115,8 +120,11 @@ class Resolver(Protocol):
         """Keep the hypervisor connection up until cancelled."""
         ...
 
-    async def target(self, claims: Claims, console: str) -> Target:
-        """Resolve *console* of the token's domain, or raise :class:`Refused`."""
+    async def target(
+        self, claims: Claims, console: str, tls: ConsoleTLS | None = None
+    ) -> Target:
+        """Resolve *console* of the token's domain, or raise :class:`Refused`; *tls*:
+        the protocol's TLS to consoles with a TLS port of their own."""
         ...
 
     async def open(self, target: Target) -> Endpoint:
@@ -159,6 +167,23 @@ def _unless_unsupported(function: Callable[..., Any], *args: Any) -> None:
 
 def _message(exc: libvirt.libvirtError) -> str:
     return str(exc.get_error_message() or exc)
+
+
+async def _connect_tls(target: Target) -> anyio.abc.ByteStream:
+    """A TLS connection to a ``tls`` plan's port, the console's certificate verified."""
+    plan, tls = target.plan, target.tls
+    assert plan.host is not None and plan.port is not None and tls is not None
+    context, name = tls.for_address(plan.host)
+    try:
+        return await anyio.connect_tcp(
+            plan.host, plan.port, ssl_context=context, tls_hostname=name,
+            tls_standard_compatible=False,
+        )
+    except ssl.SSLError as exc:
+        reason = CONSOLE_AUTH_FAILED if isinstance(exc, ssl.SSLCertVerificationError) else (
+            CONSOLE_UNREACHABLE
+        )
+        raise Refused(reason, f"{plan.describe()}: TLS: {tls_error(exc)}") from None
 
 
 class LibvirtResolver:
@@ -313,7 +338,9 @@ class LibvirtResolver:
                 raise Refused(UNKNOWN_DOMAIN, f"no domain {domain_uuid}") from None
             raise Refused(HYPERVISOR_UNAVAILABLE, _message(exc)) from None
 
-    async def target(self, claims: Claims, console: str) -> Target:
+    async def target(
+        self, claims: Claims, console: str, tls: ConsoleTLS | None = None
+    ) -> Target:
         dom = await self._lookup(claims.domain_uuid)
         try:
             active, xml, name = await self._call(_state, dom)
@@ -326,8 +353,8 @@ class LibvirtResolver:
         root = etree.fromstring(
             xml.encode(), etree.XMLParser(resolve_entities=False, no_network=True, huge_tree=False)
         )
-        plan = plan_endpoint(root, console, claims.device)
-        return Target(claims.domain_uuid, name, plan, handle=dom)
+        plan = plan_endpoint(root, console, claims.device, tls=tls is not None)
+        return Target(claims.domain_uuid, name, plan, handle=dom, tls=tls)
 
     async def open(self, target: Target) -> Endpoint:
         plan = target.plan
@@ -339,6 +366,8 @@ class LibvirtResolver:
             if plan.kind == "tcp":
                 assert plan.host is not None and plan.port is not None
                 stream: anyio.abc.ByteStream = await anyio.connect_tcp(plan.host, plan.port)
+            elif plan.kind == "tls":
+                stream = await _connect_tls(target)
             elif plan.kind == "unix":
                 assert plan.path is not None
                 stream = await anyio.connect_unix(plan.path)

@@ -15,6 +15,12 @@ Modes recorded, and what they become:
               (a wildcard address is reached on loopback); a graphics
               element listening on a UNIX socket is reached there
 ``websocket`` QEMU's own WebSocket port (the live ``websocket`` attribute)
+``tls``       tcp mode where the graphics listens for TLS on a port of its own
+              (SPICE's live ``tlsPort``) and the protocol's plugin configured
+              TLS to it (``console_broker_console_tls``): a TCP connection to
+              that port, then the TLS handshake. With TLS configured the broker
+              prefers that port; without, it uses the plain ``port``, and a
+              graphics with a TLS port only is refused with what to set
 ``stream``    ``openConsole(alias)``: a libvirt stream on the serial device;
               a token's ``dev`` claim may choose another of the domain's
               console devices (:func:`console_device`)
@@ -28,7 +34,7 @@ from lxml import etree
 from broker.service._refusals import CONSOLE_NOT_ENABLED, CONSOLE_UNREACHABLE, Refused
 
 #: The ways an endpoint is opened.
-KINDS = ("fd", "tcp", "unix", "websocket", "stream")
+KINDS = ("fd", "tcp", "tls", "unix", "websocket", "stream")
 
 _WILDCARDS = {"0.0.0.0": "127.0.0.1", "::": "::1", "": "127.0.0.1"}  # noqa: S104
 
@@ -43,7 +49,7 @@ class EndpointPlan:
     console: str
     #: ``fd``: the graphics index for virDomainOpenGraphicsFD.
     index: int | None = None
-    #: ``tcp``/``websocket``: where to connect.
+    #: ``tcp``/``tls``/``websocket``: where to connect.
     host: str | None = None
     port: int | None = None
     #: ``unix``: the socket path.
@@ -55,7 +61,7 @@ class EndpointPlan:
         """For the log: where the endpoint is, without secrets."""
         if self.kind == "fd":
             return f"graphics #{self.index} (fd)"
-        if self.kind in ("tcp", "websocket"):
+        if self.kind in ("tcp", "tls", "websocket"):
             host = f"[{self.host}]" if self.host and ":" in self.host else self.host
             return f"{self.kind} {host}:{self.port}"
         if self.kind == "unix":
@@ -128,11 +134,15 @@ def console_device(devices: etree._Element, choice: str) -> str:
     return name
 
 
-def plan_endpoint(root: etree._Element, console: str, device: str | None = None) -> EndpointPlan:
+def plan_endpoint(
+    root: etree._Element, console: str, device: str | None = None, *, tls: bool = False
+) -> EndpointPlan:
     """How to reach *console* of the running domain whose live XML is *root*.
 
     *device* (a token's ``dev`` claim) chooses another console device than
     the one the record names: see :func:`console_device`; only for ``stream``.
+    *tls*: the broker has TLS to this console configured, so a TLS port is
+    preferred (kind ``tls``).
 
     Raises :class:`Refused`: ``console_not_enabled`` when the metadata records
     no such console (or names a device the domain does not have, or a mode
@@ -192,11 +202,23 @@ def plan_endpoint(root: etree._Element, console: str, device: str | None = None)
         return EndpointPlan("unix", console, path=where)
     if listen_kind != "address":
         raise Refused(CONSOLE_UNREACHABLE, f"the {console} graphics listens on no address")
-    port = _port(element, "websocket" if mode == "websocket" else "port")
+    if mode == "websocket":
+        port = _port(element, "websocket")
+        if port is None:
+            raise Refused(
+                CONSOLE_UNREACHABLE, f"the live XML gives the {console} graphics no WebSocket port"
+            )
+        return EndpointPlan(mode, console, host=_loopback(where), port=port)
+    port, tls_port = _port(element, "port"), _port(element, "tlsPort")
+    if tls_port is not None and (tls or port is None):
+        if not tls:
+            raise Refused(
+                CONSOLE_UNREACHABLE,
+                f"the {console} graphics listens for TLS only (tlsPort {tls_port}) and the "
+                f"broker has no TLS to it configured (set {console}.tls_ca to the CA of "
+                "QEMU's certificates)",
+            )
+        return EndpointPlan("tls", console, host=_loopback(where), port=tls_port)
     if port is None:
-        raise Refused(
-            CONSOLE_UNREACHABLE,
-            f"the live XML gives the {console} graphics no "
-            f"{'WebSocket ' if mode == 'websocket' else ''}port",
-        )
+        raise Refused(CONSOLE_UNREACHABLE, f"the live XML gives the {console} graphics no port")
     return EndpointPlan(mode, console, host=_loopback(where), port=port)

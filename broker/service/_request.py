@@ -7,6 +7,7 @@ Routes (see docs/service.md)::
 
     /ws/{protocol}?token=T       the WebSocket endpoint of a console
     /console/{protocol}/{path}   the console page ("" is the page itself) and its assets
+    /file/{protocol}?token=T     a native client's connection file (a .vv for SPICE)
     /healthz                     liveness and libvirt reachability (JSON)
     /metrics                     Prometheus text format
 
@@ -32,6 +33,14 @@ _DEFAULT_PORTS = {"http": 80, "https": 443, "ws": 80, "wss": 443}
 @attrs.frozen
 class WebSocketRoute:
     """``/ws/{protocol}?token=...``; ``repr`` leaves the token out."""
+
+    protocol: str
+    token: str = attrs.field(repr=False)
+
+
+@attrs.frozen
+class FileRoute:
+    """``/file/{protocol}?token=...``: a native client's connection file."""
 
     protocol: str
     token: str = attrs.field(repr=False)
@@ -66,7 +75,7 @@ class NotFound:
     path: str
 
 
-Route = WebSocketRoute | PageRoute | RedirectRoute | PlainRoute | NotFound
+Route = WebSocketRoute | FileRoute | PageRoute | RedirectRoute | PlainRoute | NotFound
 
 
 def strip_prefix(path: str, prefix: str) -> str:
@@ -81,7 +90,7 @@ def route(target: str, prefix: str = "") -> Route:
     """The route a request *target* (path and query) names.
 
     Raises :class:`Refused` (``bad_request`` or ``invalid_token``) for a
-    WebSocket target that is malformed or carries no single token. Error
+    WebSocket or file target that is malformed or carries no single token. Error
     details never quote the query (it holds the token).
     """
     if len(target) > MAX_TARGET:
@@ -93,6 +102,8 @@ def route(target: str, prefix: str = "") -> Route:
     segments = path.split("/")
     if len(segments) == 3 and segments[1] == "ws" and _PROTOCOL.match(segments[2]):
         return WebSocketRoute(segments[2], _token(parts.query))
+    if len(segments) == 3 and segments[1] == "file" and _PROTOCOL.match(segments[2]):
+        return FileRoute(segments[2], _token(parts.query))
     if len(segments) >= 3 and segments[1] == "console" and _PROTOCOL.match(segments[2]):
         if len(segments) == 3:
             query = f"?{parts.query}" if parts.query else ""

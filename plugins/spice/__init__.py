@@ -9,7 +9,7 @@ from broker import Protocol, hookimpl
 if TYPE_CHECKING:
     from broker.config import Config
     from broker.hookspecs import ClientFile, Page
-    from broker.service import Session, SessionHandler
+    from broker.service import ConsoleTLS, Session, SessionHandler
     from broker.xml import ConsoleEdit, EditOptions
 
 PROTOCOL = Protocol(
@@ -55,6 +55,25 @@ def console_broker_session_handler(protocol: str, config: Config) -> SessionHand
     return spice_channel
 
 
+@hookimpl
+def console_broker_console_tls(protocol: str, config: Config) -> ConsoleTLS | None:
+    """TLS to QEMU's SPICE ``tlsPort`` when ``spice.tls_ca`` is set."""
+    if protocol != PROTOCOL.name or not config.spice.tls_ca:
+        return None
+    import ssl
+
+    from broker.plugins import PluginError
+    from broker.service import ConsoleTLS
+
+    section = config.spice
+    try:
+        return ConsoleTLS.from_files(
+            section.tls_ca, section.tls_cert, section.tls_key, section.tls_server_name
+        )
+    except (OSError, ssl.SSLError) as exc:
+        raise PluginError(
+            f"spice.tls_ca, spice.tls_cert, spice.tls_key: cannot load the TLS files: {exc}"
+        ) from None
 
 
 @hookimpl
@@ -62,28 +81,9 @@ def console_broker_page(protocol: str, path: str, config: Config) -> Page | None
     """The spice-html5 console page and its assets (see broker_spice._page)."""
     if protocol != PROTOCOL.name:
         return None
-    if path.startswith("vv/"):  # /console/spice/vv/TOKEN: the .vv file for remote-viewer
-        return _vv_page(path.removeprefix("vv/"), config)
     from ._page import page
 
     return page(path, config.http.assets_dir)  # the key the console pages share
-
-
-def _vv_page(token: str, config: Config) -> Page | None:
-    from broker.hookspecs import Page
-
-    from ._vv import vv_file
-
-    if not token or len(token) > 4096 or not token.isascii() or "/" in token:
-        return None
-    made = vv_file(token, "SPICE console", config)
-    if made is None:
-        return Page(b"this broker has no CONNECT listener (listen.connect_port)\n",
-                    "text/plain; charset=utf-8", status=404)
-    return Page(
-        made.body.encode(), made.content_type,
-        headers=[("Content-Disposition", 'attachment; filename="console.vv"')],
-    )
 
 
 @hookimpl

@@ -40,7 +40,7 @@ import attrs
 from anyio.streams.tls import TLSStream
 from lxml import etree
 
-from broker.service import ClientClosed, Refused, Session, pump
+from broker.service import ClientClosed, ConsoleTLS, Refused, Session, pump
 from broker.service._refusals import (
     CLIENT_PROTOCOL_ERROR,
     CONSOLE_AUTH_FAILED,
@@ -48,6 +48,7 @@ from broker.service._refusals import (
     CONSOLE_UNREACHABLE,
     VIEW_ONLY_UNSUPPORTED,
 )
+from broker.service._tls import tls_error
 
 from .rfb import (
     NEED_DATA,
@@ -83,12 +84,8 @@ class VNCSettings:
 
     #: The ClientInit shared flag sent to QEMU.
     shared: bool = True
-    #: TLS toward QEMU (VeNCrypt X509*) verifying the server's name; None: no TLS.
-    tls: ssl.SSLContext | None = None
-    #: The same, verifying the certificate chain only (a socket with no network behind).
-    tls_chain_only: ssl.SSLContext | None = None
-    #: The name QEMU's certificate must carry ("": the address connected to).
-    tls_server_name: str = ""
+    #: TLS toward QEMU (VeNCrypt X509*); None: no TLS.
+    tls: ConsoleTLS | None = None
 
     @classmethod
     def from_config(cls, section: Any) -> VNCSettings:
@@ -96,20 +93,10 @@ class VNCSettings:
         when a certificate file cannot be loaded."""
         if not section.tls_ca:
             return cls(shared=section.shared)
-        contexts = []
-        for check_hostname in (True, False):
-            context = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=section.tls_ca)
-            context.minimum_version = ssl.TLSVersion.TLSv1_2
-            context.check_hostname = check_hostname
-            if section.tls_cert:
-                context.load_cert_chain(section.tls_cert, section.tls_key)
-            contexts.append(context)
-        return cls(
-            shared=section.shared,
-            tls=contexts[0],
-            tls_chain_only=contexts[1],
-            tls_server_name=section.tls_server_name,
+        tls = ConsoleTLS.from_files(
+            section.tls_ca, section.tls_cert, section.tls_key, section.tls_server_name
         )
+        return cls(shared=section.shared, tls=tls)
 
 
 def graphics_password(xml: str, console: str = "vnc") -> bytes | None:
@@ -219,7 +206,7 @@ class VNCSessionHandler:
                 await self._refuse_client(session, downstream, exc.reason)
                 raise Refused(CONSOLE_AUTH_FAILED, exc.reason) from None
             except ssl.SSLError as exc:
-                why = f"TLS with the VNC server failed: {_tls_error(exc)}"
+                why = f"TLS with the VNC server failed: {tls_error(exc)}"
                 await self._refuse_client(session, downstream, why)
                 raise Refused(CONSOLE_AUTH_FAILED, why) from None
             except RFBProtocolError as exc:
@@ -291,19 +278,19 @@ class VNCSessionHandler:
     async def _start_tls(
         self, session: Session, stream: anyio.abc.ByteStream
     ) -> anyio.abc.ByteStream:
-        settings = self.settings
-        name = settings.tls_server_name
-        if not name and session.endpoint.kind == "tcp":
-            address = stream.extra(anyio.abc.SocketAttribute.remote_address, None)  # noqa: S610
-            if isinstance(address, tuple):
-                name = str(address[0])
-        context = settings.tls if name else settings.tls_chain_only
-        assert context is not None  # RFBClient(tls=True) only with a context
+        tls = self.settings.tls
+        assert tls is not None  # RFBClient(tls=True) only with TLS configured
+        address = None
+        if session.endpoint.kind == "tcp":
+            remote = stream.extra(anyio.abc.SocketAttribute.remote_address, None)  # noqa: S610
+            if isinstance(remote, tuple):
+                address = str(remote[0])
+        context, name = tls.for_address(address)
         try:
             return await TLSStream.wrap(
                 stream,
                 server_side=False,
-                hostname=name or None,
+                hostname=name,
                 ssl_context=context,
                 standard_compatible=False,
             )
@@ -393,12 +380,6 @@ class VNCSessionHandler:
             group.start_soon(client_to_console, group.cancel_scope)
         if failure:
             raise Refused(CLIENT_PROTOCOL_ERROR, failure[0].detail)
-
-
-def _tls_error(exc: ssl.SSLError) -> str:
-    if isinstance(exc, ssl.SSLCertVerificationError):
-        return f"certificate verify failed ({exc.verify_message})"
-    return str(exc.reason or exc)
 
 
 def _version_text(version: tuple[int, int] | None) -> str | None:

@@ -2,13 +2,10 @@
 
 from __future__ import annotations
 
-import configparser
-
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from broker.config import Config, ListenSection
 from broker.service._connect import (
     MAX_HEAD,
     NEED_DATA,
@@ -116,21 +113,3 @@ def test_fuzz_only_documented_errors(data: bytes, bytewise: bool) -> None:
                min_size=1, max_size=600))
 def test_handles_round_trip(token: str) -> None:
     assert token_for_handle(handle_for_token(token).lower()) == token
-
-
-def test_the_vv_file_names_only_the_broker() -> None:
-    from broker_spice._vv import vv_file
-
-    assert vv_file(TOKEN, "guest", Config()) is None  # no CONNECT listener configured
-    config = Config(listen=ListenSection(connect_port=6081))
-    made = vv_file(TOKEN, "guest\r\nproxy=http://evil", config)
-    assert made is not None and made.name == "vv" and made.suffix == ".vv"
-    parser = configparser.ConfigParser(interpolation=None)
-    parser.read_string(made.body)
-    section = parser["virt-viewer"]
-    assert section["type"] == "spice"
-    assert section["proxy"] == "http://127.0.0.1:6081"
-    assert token_for_handle(section["host"]) == TOKEN
-    assert section["delete-this-file"] == "1"
-    assert section["title"].startswith("guestproxy=")  # no line injection
-    assert {"release-cursor", "secure-attention", "toggle-fullscreen"} <= set(section)

@@ -18,6 +18,7 @@ from broker.service._logging import configure_logging, scrub
 from broker.service._plan import EndpointPlan, plan_endpoint
 from broker.service._refusals import Refused, markdown_table
 from broker.service._request import (
+    FileRoute,
     NotFound,
     OriginPolicy,
     PageRoute,
@@ -44,6 +45,7 @@ def test_routes() -> None:
     assert route("/console/vnc?token=abc") == RedirectRoute("vnc/?token=abc")
     assert route("/healthz") == PlainRoute("healthz")
     assert route("/metrics?x") == PlainRoute("metrics")
+    assert route(f"/file/spice?token={TOKEN}") == FileRoute("spice", TOKEN)
     for path in (
         "/",
         "/ws/VNC?token=a",
@@ -68,6 +70,7 @@ def test_routes_under_the_public_urls_prefix() -> None:
     [
         ("/ws/vnc", R.INVALID_TOKEN),
         ("/ws/vnc?token=", R.INVALID_TOKEN),
+        ("/file/spice", R.INVALID_TOKEN),
         ("/ws/vnc?token=a&token=b", R.BAD_REQUEST),
         ("/ws/vnc?" + "&".join(f"p{i}=1" for i in range(40)), R.BAD_REQUEST),
         ("/ws/vnc?token=" + "a" * 9000, R.BAD_REQUEST),
@@ -262,6 +265,38 @@ def test_websocket_mode_uses_qemus_websocket_port() -> None:
     graphics = "<graphics type='vnc' port='5900' websocket='5700' listen='127.0.0.1'/>"
     plan = plan_endpoint(_live(graphics, VNC_RECORD.format(mode="websocket")), "vnc")
     assert (plan.kind, plan.host, plan.port) == ("websocket", "127.0.0.1", 5700)
+
+
+SPICE_RECORD = (
+    "<cb:console protocol='spice' mode='tcp' device='graphics' device-type='spice'/>"
+)
+
+
+@pytest.mark.parametrize(
+    ("ports", "tls", "expected"),
+    [
+        ("port='5900' tlsPort='5901'", True, ("tls", 5901)),  # TLS configured: its port
+        ("port='5900' tlsPort='5901'", False, ("tcp", 5900)),  # not configured: the plain one
+        ("port='-1' tlsPort='5901'", True, ("tls", 5901)),  # defaultMode='secure'
+        ("port='5900'", True, ("tcp", 5900)),  # no TLS port: plain, TLS configured or not
+    ],
+)
+def test_a_tls_port_is_used_where_tls_is_configured(
+    ports: str, tls: bool, expected: tuple[str, int]
+) -> None:
+    graphics = (
+        f"<graphics type='spice' {ports} autoport='yes' listen='0.0.0.0'>"
+        "<listen type='address' address='0.0.0.0'/></graphics>"
+    )
+    plan = plan_endpoint(_live(graphics, SPICE_RECORD), "spice", tls=tls)
+    assert (plan.kind, plan.port, plan.host) == (*expected, "127.0.0.1")
+    assert plan.describe() == f"{expected[0]} 127.0.0.1:{expected[1]}"
+
+
+def test_a_console_listening_for_tls_only_needs_tls_configured() -> None:
+    graphics = "<graphics type='spice' port='-1' tlsPort='5901' listen='127.0.0.1'/>"
+    with pytest.raises(Refused, match=r"listens for TLS only \(tlsPort 5901\).*spice.tls_ca"):
+        plan_endpoint(_live(graphics, SPICE_RECORD), "spice")
 
 
 def test_serial_uses_the_devices_alias() -> None:

@@ -4,20 +4,28 @@
 from __future__ import annotations
 
 import asyncio
+import ssl
+import urllib.error
+import urllib.request
+import uuid
+from pathlib import Path
 
 import anyio
 import anyio.abc
 import pytest
+from anyio.streams.tls import TLSStream
 from brokerkit import FakeDomain, FakeResolver, make_config, running_broker
+from certs import make_certificates
 from conftest import DOMAIN
 from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 
 from broker import Protocol, hookimpl
 from broker.config import Config, LimitsSection, ListenSection
+from broker.hookspecs import ClientFile
 from broker.plugins import PluginManager
 from broker.service import ClientClosed, Session, SessionHandler
-from broker.service._connect import handle_for_token
+from broker.service._connect import PLAIN_PORT, TLS_PORT, handle_for_token
 from broker.tokens import TokenIssuer, TokenVerifier
 
 SEEN: list[tuple[bool, str | None, str]] = []
@@ -177,3 +185,116 @@ async def test_a_quiet_connection_of_a_busy_group_is_not_idle(
             with pytest.raises(ConnectionClosed):
                 await asyncio.wait_for(alone.recv(), 3)
             assert alone.close_code == 4102
+
+
+# --- TLS inside the tunnels, and the client file over HTTP ---------------------------------
+
+
+def _server_tls(directory: Path) -> tuple[ssl.SSLContext, ssl.SSLContext]:
+    """The broker's server context and a client context trusting its CA (no name check:
+    the CONNECT host is a session handle, clients verify the subject)."""
+    paths = make_certificates(directory, names=("broker.example",))
+    server = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    server.load_cert_chain(paths["server"], paths["server-key"])
+    client = ssl.create_default_context(cafile=str(paths["ca"]))
+    client.check_hostname = False
+    return server, client
+
+
+@pytest.mark.anyio
+async def test_a_broker_with_tls_answers_the_tunnels_tls_handshake(
+    issuer: TokenIssuer, verifier: TokenVerifier, tmp_path: Path
+) -> None:
+    server, client = _server_tls(tmp_path)
+    resolver = FakeResolver(FakeDomain(DOMAIN, name="web1"))
+    async with running_broker(
+        _config(), verifier, resolver, _plugins(), ssl_context=server
+    ) as running:
+        port = running.broker.connect_addresses[0][1]
+        handle = handle_for_token(issuer.issue(DOMAIN, "multi", ttl=60).token)
+        # the plain port is refused before the token is looked at (it stays usable)
+        head, plain = await _tunnel(port, f"{handle}:{PLAIN_PORT}")
+        assert head.startswith(b"HTTP/1.1 400 ") and b"TLS only" in head + await plain.receive()
+        await plain.aclose()
+        head, stream = await _tunnel(port, f"{handle}:{TLS_PORT}")
+        assert head.startswith(b"HTTP/1.1 200 ")
+        tls = await TLSStream.wrap(stream, hostname="ignored", ssl_context=client,
+                                   standard_compatible=False)
+        assert await tls.receive() == b"first"
+        head, second = await _tunnel(port, f"{handle}:{TLS_PORT}")
+        joined = await TLSStream.wrap(second, hostname="x", ssl_context=client,
+                                      standard_compatible=False)
+        assert await joined.receive() == b"joined"
+        await joined.send(b"over tls")
+        assert await joined.receive() == b"over tls"
+        # a client that speaks no TLS after the 200 is closed, and the broker goes on
+        head, broken = await _tunnel(port, f"{handle}:{TLS_PORT}")
+        assert head.startswith(b"HTTP/1.1 200 ")
+        await broken.send(b"REDQ" + bytes(60))
+        with pytest.raises((anyio.EndOfStream, anyio.BrokenResourceError)):
+            while True:
+                await broken.receive()
+        await broken.aclose()
+        await joined.aclose()
+        await tls.aclose()
+
+
+@pytest.mark.anyio
+async def test_a_broker_without_tls_refuses_the_tls_port(
+    issuer: TokenIssuer, verifier: TokenVerifier
+) -> None:
+    resolver = FakeResolver(FakeDomain(DOMAIN, name="web1"))
+    async with running_broker(_config(), verifier, resolver, _plugins()) as running:
+        port = running.broker.connect_addresses[0][1]
+        handle = handle_for_token(issuer.issue(DOMAIN, "multi", ttl=60).token)
+        head, stream = await _tunnel(port, f"{handle}:{TLS_PORT}")
+        assert head.startswith(b"HTTP/1.1 400 ")
+        assert b"no TLS" in await stream.receive()
+        await stream.aclose()
+
+
+class Files(Multi):
+    @hookimpl
+    def console_broker_client_file(self, protocol: str, token: str, title: str) -> ClientFile:
+        return ClientFile(name="conn", body=f"title={title}\ntoken={token}\n",
+                          content_type="application/x-test", suffix=".conn")
+
+
+@pytest.mark.anyio
+async def test_the_client_file_over_http_checks_the_token_first(
+    issuer: TokenIssuer, verifier: TokenVerifier
+) -> None:
+    resolver = FakeResolver(FakeDomain(DOMAIN, name="web1"))
+    plugins = PluginManager(disabled=(), load_entrypoints=False, plugins=[("files", Files())])
+    async with running_broker(_config(), verifier, resolver, plugins) as running:
+
+        def get(path: str) -> tuple[int, dict[str, str], bytes]:
+            try:
+                with urllib.request.urlopen(running.http + path, timeout=5) as reply:
+                    return reply.status, dict(reply.headers), reply.read()
+            except urllib.error.HTTPError as exc:
+                return exc.code, dict(exc.headers), exc.read()
+
+        token = issuer.issue(DOMAIN, "multi", ttl=60).token
+        status, headers, body = await anyio.to_thread.run_sync(get, f"/file/multi?token={token}")
+        assert status == 200, body
+        assert body == f"title=web1\ntoken={token}\n".encode()
+        assert headers["Content-Type"] == "application/x-test"
+        assert headers["Content-Disposition"] == 'attachment; filename="console.conn"'
+        assert headers["Cache-Control"] == "no-store"
+        # the file did not use the token up: a session still opens with it
+        async with connect(running.url("multi", token)) as ws:
+            assert await ws.recv() == b"first"
+        for path, expected in [
+            (f"/file/multi?token={token}x", 401),  # a bad signature
+            ("/file/multi", 401),  # no token
+            (f"/file/single?token={issuer.issue(DOMAIN, 'single', ttl=60).token}", 404),
+            (f"/file/multi?token={issuer.issue(DOMAIN, 'single', ttl=60).token}", 403),
+            (f"/file/multi?token={issuer.issue(str(uuid.uuid4()), 'multi', ttl=60).token}", 404),
+        ]:
+            status, _headers, body = await anyio.to_thread.run_sync(get, path)
+            assert status == expected, (path, body)
+            assert token.encode() not in body
+        await anyio.sleep(0.3)
+        status, _headers, _body = await anyio.to_thread.run_sync(get, f"/file/multi?token={token}")
+        assert status == 401  # its session has ended: the token is used up

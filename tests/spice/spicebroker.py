@@ -8,12 +8,26 @@ the broker.
 
 from __future__ import annotations
 
+import collections
 import configparser
+import os
 import socket
+import ssl
+import struct
+import subprocess
+import time
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
+from broker_spice.protocol import (
+    MSGC_DISPLAY_INIT,
+    ChannelType,
+    LinkError,
+    MainInit,
+    build_display_init,
+    build_message,
+)
 from servedbroker import ServedBroker, enabled_guest
 from spicerelay import TestClient
 from websockets.exceptions import ConnectionClosed
@@ -24,10 +38,15 @@ from broker.testbed import Testbed
 
 class Broker(ServedBroker):
     """A ``console-broker serve`` subprocess logging JSON at debug level into a file,
-    with a CONNECT listener; *extra*: more configuration."""
+    with a CONNECT listener; *extra*: more configuration; *tls*: TLS of its own
+    (:class:`servedbroker.ServedBroker`)."""
 
-    def __init__(self, directory: Path, extra: str = "") -> None:
-        super().__init__(directory, protocol="spice", extra_config=extra, connect_port=True)
+    def __init__(
+        self, directory: Path, extra: str = "", tls: dict[str, Path] | None = None
+    ) -> None:
+        super().__init__(
+            directory, protocol="spice", extra_config=extra, connect_port=True, tls=tls
+        )
 
     def assert_no_token_logged(self) -> None:  # type: ignore[override]
         super().assert_no_token_logged(jwt_shape=False)
@@ -64,16 +83,40 @@ class WebSocketSock:
         self.ws.close()
 
 
+#: ssl's names of subject attributes, as a host-subject spells them.
+_SUBJECT_KEYS = {"commonName": "CN", "organizationName": "O", "organizationalUnitName": "OU",
+                 "countryName": "C", "localityName": "L", "stateOrProvinceName": "ST"}
+
+
+def _tls_tunnel(sock: socket.socket, section: configparser.SectionProxy) -> ssl.SSLSocket:
+    """TLS inside the tunnel as spice-gtk does it with a .vv file's ``ca`` and
+    ``host-subject``: the chain verified against that CA, the subject compared whole
+    (the host is a session handle, not a name the certificate could carry)."""
+    context = ssl.create_default_context(cadata=section["ca"].replace("\\n", "\n"))
+    context.check_hostname = False
+    tls = context.wrap_socket(sock)
+    cert = tls.getpeercert()
+    assert cert is not None
+    subject = ",".join(
+        f"{_SUBJECT_KEYS[key]}={value}" for rdn in cert["subject"] for key, value in rdn
+    )
+    if subject != section["host-subject"]:
+        tls.close()
+        raise ssl.SSLError(f"subject {subject!r} is not {section['host-subject']!r}")
+    return tls
+
+
 def connect_client(vv: str) -> TestClient:
     """A SPICE test client whose channel goes through the CONNECT proxy a .vv file names,
-    using only what the file says."""
+    using only what the file says (TLS inside the tunnel where it gives a ``tls-port``)."""
     parser = configparser.ConfigParser(interpolation=None)
     parser.read_string(vv)
     section = parser["virt-viewer"]
     proxy = urlsplit(section["proxy"])
     assert proxy.scheme == "http" and proxy.hostname and proxy.port
     sock = socket.create_connection((proxy.hostname, proxy.port), timeout=10)
-    target = f"{section['host']}:{section['port']}"
+    tls = "tls-port" in section
+    target = f"{section['host']}:{section['tls-port' if tls else 'port']}"
     sock.sendall(f"CONNECT {target} HTTP/1.0\r\nHost: {target}\r\n\r\n".encode())
     head = b""
     while not head.endswith(b"\r\n\r\n"):
@@ -86,10 +129,106 @@ def connect_client(vv: str) -> TestClient:
     if status != b"200":
         sock.close()
         raise ConnectionRefusedError(head.decode(errors="replace"))
-    return TestClient(sock)
+    return TestClient(_tls_tunnel(sock, section) if tls else sock)
+
+
+def link_main(client: TestClient) -> int:
+    """Link a session's main channel; QEMU's connection id for the session (MAIN_INIT)."""
+    assert client.link(ChannelType.MAIN, 0) is LinkError.OK
+    init = client.wait_for(lambda e: isinstance(e, MainInit), timeout=20)
+    assert isinstance(init, MainInit) and init.session_id != 0
+    return init.session_id
+
+
+def display_init(client: TestClient) -> None:
+    """Send SPICE_MSGC_DISPLAY_INIT, as every well-behaved client does first."""
+    client.send(build_message(MSGC_DISPLAY_INIT, build_display_init(), mini_header=True, serial=1))
 
 
 def ws_client(url: str) -> TestClient:
     """A SPICE test client whose channel goes over a WebSocket to *url*."""
     ws = connect(url, subprotocols=["binary"], open_timeout=10, legacy=True)  # type: ignore[list-item]
     return TestClient(WebSocketSock(ws))  # type: ignore[arg-type]
+
+
+def _free_display() -> int:
+    for number in range(90, 200):
+        if not Path(f"/tmp/.X11-unix/X{number}").exists() and not Path(
+            f"/tmp/.X{number}-lock"
+        ).exists():
+            return number
+    raise AssertionError("no free X display number")
+
+
+def _xwd_pixels(path: Path) -> tuple[int, int, bytes]:
+    """Width, height and the 32-bit pixels of Xvfb's screen dump (XWD, -fbdir)."""
+    data = path.read_bytes()
+    fields = struct.unpack(">25I", data[:100])
+    header_size, width, height = fields[0], fields[4], fields[5]
+    bits_per_pixel, bytes_per_line, ncolors = fields[11], fields[12], fields[19]
+    assert bits_per_pixel == 32, bits_per_pixel
+    start = header_size + ncolors * 12
+    pixels = data[start : start + bytes_per_line * height]
+    return width, height, pixels
+
+
+class RemoteViewer:
+    """remote-viewer (Debian virt-viewer) opening a .vv file on its own Xvfb screen, whose
+    frame buffer is dumped into *directory* (``Xvfb_screen0``)."""
+
+    def __init__(self, vv: Path, directory: Path) -> None:
+        self.vv = vv
+        self.directory = directory
+        number = _free_display()
+        self.xvfb = subprocess.Popen(
+            ["Xvfb", f":{number}", "-screen", "0", "1024x768x24", "-wr", "-nolisten", "tcp",
+             "-fbdir", str(directory)],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        )
+        self.viewer: subprocess.Popen[bytes] | None = None
+        self.log = directory / "remote-viewer.log"
+        try:
+            deadline = time.monotonic() + 10
+            while not Path(f"/tmp/.X11-unix/X{number}").exists():
+                assert time.monotonic() < deadline, "Xvfb did not start"
+                time.sleep(0.1)
+            env = {**os.environ, "DISPLAY": f":{number}", "SPICE_DEBUG": "1"}
+            with self.log.open("wb") as log:
+                self.viewer = subprocess.Popen(
+                    ["remote-viewer", str(vv)], env=env, stdout=log, stderr=subprocess.STDOUT
+                )
+        except BaseException:
+            self.close()
+            raise
+
+    def wait_for_the_guests_screen(self, timeout: float = 60.0) -> None:
+        """Until the screen shows the guest's VGA text console: black with text in VGA grey
+        (0xA8A8A8: the 6-bit palette); the root is white (-wr), GTK's chrome light."""
+        colors: collections.Counter[bytes] = collections.Counter()
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            time.sleep(1.0)
+            _width, _height, pixels = _xwd_pixels(self.directory / "Xvfb_screen0")
+            colors = collections.Counter(pixels[i : i + 3] for i in range(0, len(pixels), 4))
+            if colors[b"\0\0\0"] > 100_000 and colors[b"\xa8\xa8\xa8"] > 500:
+                break
+        detail = f"{colors.most_common(8)}\n{self.log_tail()}"
+        assert colors[b"\0\0\0"] > 100_000, detail
+        assert colors[b"\xa8\xa8\xa8"] > 500, detail
+        assert self.viewer is not None and self.viewer.poll() is None, self.log_tail()
+
+    def log_tail(self) -> str:
+        return self.log.read_text(errors="replace")[-4000:] if self.log.exists() else ""
+
+    def close(self) -> None:
+        if self.viewer is not None:
+            self.viewer.terminate()
+            self.viewer.wait(timeout=10)
+        self.xvfb.terminate()
+        self.xvfb.wait(timeout=10)
+
+    def __enter__(self) -> RemoteViewer:
+        return self
+
+    def __exit__(self, *_exc: object) -> None:
+        self.close()

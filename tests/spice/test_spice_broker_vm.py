@@ -6,8 +6,6 @@ test client is the sans-I/O layer's (``spicerelay.TestClient``) over a WebSocket
 
 from __future__ import annotations
 
-import collections
-import os
 import shutil
 import socket
 import struct
@@ -20,7 +18,6 @@ from typing import Any
 import libvirt
 import pytest
 from broker_spice.protocol import (
-    MSGC_DISPLAY_INIT,
     MSGC_MAIN_AGENT_DATA,
     MSGC_MAIN_AGENT_START,
     MSGC_MAIN_AGENT_TOKEN,
@@ -28,13 +25,20 @@ from broker_spice.protocol import (
     MSGC_MAIN_MOUSE_MODE_REQUEST,
     ChannelType,
     LinkError,
-    MainInit,
     Message,
-    build_display_init,
     build_message,
 )
 from servedbroker import CLI
-from spicebroker import Broker, WebSocketSock, connect_client, spice_guest, ws_client
+from spicebroker import (
+    Broker,
+    RemoteViewer,
+    WebSocketSock,
+    connect_client,
+    display_init,
+    link_main,
+    spice_guest,
+    ws_client,
+)
 from spicerelay import TestClient, spice_port
 from websockets.exceptions import InvalidStatus
 
@@ -58,17 +62,6 @@ def broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Broker]:
     served.assert_no_token_logged()
 
 
-def _link_main(client: TestClient) -> int:
-    assert client.link(ChannelType.MAIN, 0) is LinkError.OK
-    init = client.wait_for(lambda e: isinstance(e, MainInit), timeout=20)
-    assert isinstance(init, MainInit) and init.session_id != 0
-    return init.session_id
-
-
-def _display_init(client: TestClient) -> None:
-    client.send(build_message(MSGC_DISPLAY_INIT, build_display_init(), mini_header=True, serial=1))
-
-
 def _close_code(client: TestClient, timeout: float = 5.0) -> int | None:
     sock = client.sock
     assert isinstance(sock, WebSocketSock)
@@ -90,11 +83,11 @@ def test_channels_link_through_the_broker_and_are_bound_to_their_session(
     try:
         url = broker.token(dom.name())["websocket"]
         main = ws_client(url)
-        session_id = _link_main(main)
+        session_id = link_main(main)
 
         display = ws_client(url)
         assert display.link(ChannelType.DISPLAY, session_id) is LinkError.OK
-        _display_init(display)
+        display_init(display)
         drawn = display.wait_for(
             lambda e: isinstance(e, Message) and e.type >= FIRST_DISPLAY_MSG, timeout=30
         )
@@ -132,10 +125,10 @@ def test_a_view_only_session_gets_no_inputs_channel(broker: Broker, testbed: Tes
     try:
         url = broker.token(dom.name(), "--view-only")["websocket"]
         main = ws_client(url)
-        session_id = _link_main(main)
+        session_id = link_main(main)
         display = ws_client(url)
         assert display.link(ChannelType.DISPLAY, session_id) is LinkError.OK
-        _display_init(display)
+        display_init(display)
         inputs = ws_client(url)
         assert inputs.link(ChannelType.INPUTS, session_id) is LinkError.PERMISSION_DENIED
         assert _close_code(inputs) == CHANNEL_REFUSED
@@ -155,7 +148,7 @@ def test_a_view_only_main_channel_drops_agent_messages_and_stays_up(
     try:
         url = broker.token(dom.name(), "--view-only")["websocket"]
         main = ws_client(url)
-        session_id = _link_main(main)
+        session_id = link_main(main)
         main.send(
             build_message(MSGC_MAIN_AGENT_START, struct.pack("<I", 10), mini_header=True)
             + build_message(MSGC_MAIN_MOUSE_MODE_REQUEST, struct.pack("<H", 2), mini_header=True)
@@ -169,7 +162,7 @@ def test_a_view_only_main_channel_drops_agent_messages_and_stays_up(
         assert isinstance(listed, Message)
         display = ws_client(url)
         assert display.link(ChannelType.DISPLAY, session_id) is LinkError.OK
-        _display_init(display)
+        display_init(display)
         drawn = display.wait_for(
             lambda e: isinstance(e, Message) and e.type >= FIRST_DISPLAY_MSG, timeout=30
         )
@@ -192,7 +185,7 @@ def test_a_client_vanishing_before_display_init_leaves_the_vm_running(
     try:
         url = broker.token(dom.name())["websocket"]
         main = ws_client(url)
-        session_id = _link_main(main)
+        session_id = link_main(main)
         display = ws_client(url)
         assert display.link(ChannelType.DISPLAY, session_id) is LinkError.OK
         display.close()  # gone before DISPLAY_INIT: the broker's guard completes it
@@ -255,14 +248,18 @@ def test_native_channels_link_through_connect_with_what_the_vv_file_says(
 ) -> None:
     dom = spice_guest(testbed, "fd")
     try:
-        vv = broker.token(dom.name())["vv"]
+        doc = broker.token(dom.name())
+        # the broker serves the same file for the token, which it does not use up
+        status, served = broker.get(doc["file"].removeprefix(broker.url))
+        assert status == 200 and served.decode() == doc["vv"]
+        vv = doc["vv"]
         assert "type=spice" in vv and f"proxy=http://127.0.0.1:{broker.connect_port}" in vv
         assert "delete-this-file=1" in vv and "127.0.0.1:59" not in vv
         main = connect_client(vv)
-        session_id = _link_main(main)
+        session_id = link_main(main)
         display = connect_client(vv)
         assert display.link(ChannelType.DISPLAY, session_id) is LinkError.OK
-        _display_init(display)
+        display_init(display)
         drawn = display.wait_for(
             lambda e: isinstance(e, Message) and e.type >= FIRST_DISPLAY_MSG, timeout=30
         )
@@ -285,78 +282,23 @@ def test_native_channels_link_through_connect_with_what_the_vv_file_says(
         testbed.remove(dom)
 
 
-def _free_display() -> int:
-    for number in range(90, 200):
-        if not Path(f"/tmp/.X11-unix/X{number}").exists() and not Path(
-            f"/tmp/.X{number}-lock"
-        ).exists():
-            return number
-    raise AssertionError("no free X display number")
-
-
-def _xwd_pixels(path: Path) -> tuple[int, int, bytes]:
-    """Width, height and the 32-bit pixels of Xvfb's screen dump (XWD, -fbdir)."""
-    data = path.read_bytes()
-    fields = struct.unpack(">25I", data[:100])
-    header_size, width, height = fields[0], fields[4], fields[5]
-    bits_per_pixel, bytes_per_line, ncolors = fields[11], fields[12], fields[19]
-    assert bits_per_pixel == 32, bits_per_pixel
-    start = header_size + ncolors * 12
-    pixels = data[start : start + bytes_per_line * height]
-    return width, height, pixels
-
-
 @pytest.mark.skipif(not shutil.which("remote-viewer") or not shutil.which("Xvfb"),
                     reason="remote-viewer and Xvfb are needed")
 def test_remote_viewer_shows_the_guests_screen_with_the_vv_file(
     broker: Broker, testbed: Testbed, tmp_path: Path
 ) -> None:
-    number = _free_display()
-    xvfb = subprocess.Popen(
-        ["Xvfb", f":{number}", "-screen", "0", "1024x768x24", "-wr", "-nolisten", "tcp",
-         "-fbdir", str(tmp_path)],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-    )
     dom = spice_guest(testbed, "fd")
-    viewer = None
     try:
         vv = tmp_path / "console.vv"
         broker.token(dom.name(), "--vv", str(vv))
         assert vv.stat().st_mode & 0o777 == 0o600
-        deadline = time.monotonic() + 10
-        while not Path(f"/tmp/.X11-unix/X{number}").exists():
-            assert time.monotonic() < deadline, "Xvfb did not start"
-            time.sleep(0.1)
-        env = {**os.environ, "DISPLAY": f":{number}"}
-        viewer = subprocess.Popen(
-            ["remote-viewer", str(vv)], env=env,
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-        )
-        colors: collections.Counter[bytes] = collections.Counter()
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:
-            time.sleep(1.0)
-            _width, _height, pixels = _xwd_pixels(tmp_path / "Xvfb_screen0")
-            colors = collections.Counter(pixels[i : i + 3] for i in range(0, len(pixels), 4))
-            # the root is white (-wr), GTK's chrome light; the guest's VGA text console is
-            # black with text in VGA grey (0xA8A8A8: the 6-bit palette)
-            if colors[b"\0\0\0"] > 100_000 and colors[b"\xa8\xa8\xa8"] > 500:
-                break
-        assert colors[b"\0\0\0"] > 100_000, colors.most_common(8)
-        assert colors[b"\xa8\xa8\xa8"] > 500, colors.most_common(8)
-        assert not vv.exists()  # delete-this-file=1: remote-viewer removed it
-        assert viewer.poll() is None
-    finally:
-        if viewer is not None:
-            viewer.terminate()
-            viewer.wait(timeout=10)
+        with RemoteViewer(vv, tmp_path) as viewer:
+            viewer.wait_for_the_guests_screen()
+            assert not vv.exists()  # delete-this-file=1: remote-viewer removed it
         time.sleep(1.0)
-        try:
-            assert dom.state()[0] == libvirt.VIR_DOMAIN_RUNNING
-        finally:
-            testbed.remove(dom)
-            xvfb.terminate()
-            xvfb.wait(timeout=10)
+        assert dom.state()[0] == libvirt.VIR_DOMAIN_RUNNING
+    finally:
+        testbed.remove(dom)
     uuid = dom.UUIDString()
     events = broker.events("spice.channel_linked")
     linked = {e["channel"] for e in events if e.get("domain") == uuid}
@@ -389,10 +331,10 @@ def test_tcp_mode_with_a_spice_password_the_broker_logs_in_and_the_client_never_
         url = broker.token(dom.name())["websocket"]
         main = ws_client(url)
         # the client's ticket is the wrong password: the broker drops it and sends its own
-        session_id = _link_main(main)
+        session_id = link_main(main)
         display = ws_client(url)
         assert display.link(ChannelType.DISPLAY, session_id, ticket=bytes(128)) is LinkError.OK
-        _display_init(display)
+        display_init(display)
         display.wait_for(lambda e: isinstance(e, Message) and e.type >= FIRST_DISPLAY_MSG, 30)
         display.close()
         main.close()
@@ -401,9 +343,8 @@ def test_tcp_mode_with_a_spice_password_the_broker_logs_in_and_the_client_never_
     assert "s3cret-spice" not in broker.log_text()
 
 
-def test_the_vv_file_over_http(broker: Broker) -> None:
-    status, body = broker.get("/console/spice/vv/" + "abc.def-ghi")
-    assert status == 200
-    text = body.decode()
-    assert "[virt-viewer]" in text and f"proxy=http://127.0.0.1:{broker.connect_port}" in text
-    assert "host=mfrggltemvtc2z3ine\n" in text  # base32 of the token, lower case
+def test_the_vv_file_over_http_needs_a_valid_token(broker: Broker) -> None:
+    status, body = broker.get("/file/spice?token=abc.def-ghi")
+    assert status == 401 and b"invalid token" in body
+    status, _body = broker.get("/file/serial?token=abc.def-ghi")
+    assert status == 404  # the serial console has no native clients

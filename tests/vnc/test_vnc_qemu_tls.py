@@ -1,73 +1,34 @@
 """VeNCrypt toward QEMU on the real stack: QEMU's VNC server with TLS and a password.
 
-QEMU's VNC TLS is switched on only by the global qemu.conf (``vnc_tls``), read when
-libvirtd starts, and then applies to every domain started afterwards. So this test
-keeps the window short and puts everything back: with a CA, a server certificate
-for 127.0.0.1 and a client certificate made here (in a temporary directory), it
-writes qemu.conf with ``vnc_tls = 1`` and ``vnc_tls_x509_verify = 1``, restarts
-libvirtd, starts its guest, then restores qemu.conf and restarts libvirtd again, in
-a ``finally``. The guest keeps its TLS-only VNC server; the broker is tested against
-it afterwards. The ``qemu_tls`` marker makes it run last in a test session
-(tests/conftest.py); other test sessions on the machine lose their libvirt
-connection twice for a moment.
+The guest is started in the short window of TLS in qemu.conf that tests/qemutls.py
+opens (``vnc_tls = 1``, ``vnc_tls_x509_verify = 1``, the session's ``qemu_tls``
+fixture); it keeps its TLS-only VNC server, and the broker is tested against it.
 """
 
 from __future__ import annotations
 
-import subprocess
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 from broker_vnc.rfb import RFBSecurityError, SecurityTypeSelected
-from vnckit import make_certificates
-from vncstack import CLI, GRAPHICS, RFBSocket, Served, distinct_pixels
+from certs import make_certificates
+from qemutls import TLSGuests
+from vncstack import RFBSocket, Served, distinct_pixels
 from websockets.exceptions import ConnectionClosed
 
-from broker.testbed import Testbed, restart_libvirtd
-
 pytestmark = [pytest.mark.vm, pytest.mark.qemu_tls]
-QEMU_CONF = Path("/etc/libvirt/qemu.conf")
 
 
 @pytest.fixture(scope="module")
-def certificates(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    directory = tmp_path_factory.mktemp("qemu-tls")
-    directory.chmod(0o755)
-    return make_certificates(directory, names=("127.0.0.1",), client=True)
+def certificates(qemu_tls: TLSGuests) -> dict[str, Path]:
+    return qemu_tls.certificates
 
 
 @pytest.fixture(scope="module")
-def tls_guest(testbed: Testbed, certificates: dict[str, Path]) -> Iterator[Any]:
+def tls_guest(qemu_tls: TLSGuests) -> Any:
     """A guest (tcp mode, VNC password ``secret``) started while qemu.conf had TLS on."""
-    xml = testbed.guest_xml(testbed.unique_name("vnc-tls"), devices=GRAPHICS)
-    enabled = subprocess.run(
-        [*CLI, "xml", "enable", "--consoles", "vnc", "--mode", "tcp"],
-        input=xml, check=True, capture_output=True, text=True,
-    ).stdout
-    original = QEMU_CONF.read_bytes()
-    directory = certificates["ca"].parent
-    try:
-        QEMU_CONF.write_bytes(
-            original
-            + b"\n# console-broker VNC TLS test (removed again at once)\n"
-            + f'vnc_tls = 1\nvnc_tls_x509_cert_dir = "{directory}"\n'.encode()
-            + b"vnc_tls_x509_verify = 1\n"
-        )
-        restart_libvirtd()
-        testbed.reconnect()
-        dom = testbed.define(enabled)
-        dom.create()
-    finally:
-        QEMU_CONF.write_bytes(original)
-        restart_libvirtd()
-        testbed.reconnect()
-    dom = testbed.conn.lookupByUUIDString(dom.UUIDString())
-    try:
-        yield dom
-    finally:
-        testbed.remove(dom)
+    return qemu_tls.vnc
 
 
 def _served(directory: Path, **vnc: str) -> Served:

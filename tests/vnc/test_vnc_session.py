@@ -21,12 +21,12 @@ from broker_vnc.rfb import (
     SecurityTypeSelected,
     VersionNegotiated,
 )
+from certs import make_certificates
 from rfb_transcripts import V33, V37, V38, server_init
 from vnckit import (
     FRAMEBUFFER_UPDATE,
     FakeQEMU,
     echo_console,
-    make_certificates,
     vnc_client,
 )
 from vnckit import rfb_login as login
