@@ -16,107 +16,70 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import os
 import socket
-import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
+
+import anyio
+import anyio.abc
+from _kit import (
+    BenchResolver,
+    Children,
+    Tokens,
+    cpu_seconds,
+    free_port,
+    rss_mib,
+    run_broker,
+    wait_listening,
+)
 
 LINE = b"guest# " + b"0123456789abcdef" * 4 + b"\r\n"
-DOMAIN = "6695eb01-f6a4-8304-79aa-97f2502e193f"
-
-
-def cpu_seconds(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
-def rss_mib(pid: int) -> float:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 1024
-    return 0.0
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 # --- the broker process ------------------------------------------------------------------
 
 
-async def broker_main(port: int, public_key: Path) -> None:
-    import anyio
-    import anyio.abc
+class PouringResolver(BenchResolver):
+    """Every console is one end of a socket pair whose other end pours terminal lines."""
+
+    def plan(self, console: str) -> Any:
+        from broker.service._plan import EndpointPlan
+
+        return EndpointPlan("stream", console, device="serial0")
+
+    async def open(self, target: Any) -> Any:
+        from broker.service._session import Endpoint
+
+        assert self.group is not None
+        ours, theirs = socket.socketpair()
+        stream = await anyio.abc.SocketStream.from_socket(ours)
+        console = await anyio.abc.SocketStream.from_socket(theirs)
+        block = LINE * (16384 // len(LINE))
+
+        async def pour() -> None:
+            try:
+                while True:
+                    await console.send(block)
+            except (anyio.BrokenResourceError, anyio.ClosedResourceError, OSError):
+                pass
+
+        self.group.start_soon(pour)
+        return Endpoint(stream, "stream", "bench console")
+
+
+def broker_main(port: int, public_key: Path) -> None:
     import broker_serial
 
-    from broker.config import (
-        BrokerSection,
-        Config,
-        HTTPSection,
-        LimitsSection,
-        ListenSection,
-        SerialSection,
-    )
-    from broker.keys import load_public_keys
-    from broker.plugins import PluginManager
-    from broker.service._app import Broker
-    from broker.service._libvirt import Target
-    from broker.service._plan import EndpointPlan
-    from broker.service._session import Endpoint
-    from broker.tokens import ReplayCache, TokenVerifier
+    from broker.config import LimitsSection, SerialSection
 
-    class PouringResolver:
-        available = True
-
-        def health(self) -> dict[str, object]:
-            return {"uri": "bench:///", "connected": True}
-
-        async def run(self, events: object, *, task_status: anyio.abc.TaskStatus[None]) -> None:
-            async with anyio.create_task_group() as group:
-                self._group = group
-                task_status.started()
-                await anyio.sleep_forever()
-
-        async def target(self, claims: object, console: str) -> Target:
-            return Target(DOMAIN, "bench", EndpointPlan("stream", console, device="serial0"))
-
-        async def open(self, target: Target) -> Endpoint:
-            ours, theirs = socket.socketpair()
-            stream = await anyio.abc.SocketStream.from_socket(ours)
-            console = await anyio.abc.SocketStream.from_socket(theirs)
-            block = LINE * (16384 // len(LINE))
-
-            async def pour() -> None:
-                try:
-                    while True:
-                        await console.send(block)
-                except (anyio.BrokenResourceError, anyio.ClosedResourceError, OSError):
-                    pass
-
-            self._group.start_soon(pour)
-            return Endpoint(stream, "stream", "bench console")
-
-        async def ending_for(self, domain_uuid: str) -> None:
-            return None
-
-    config = Config(
-        broker=BrokerSection(node="bench", state_dir="/nonexistent"),
-        listen=ListenSection(host="127.0.0.1", port=port),
-        http=HTTPSection(allow_missing_origin=True),
+    run_broker(
+        port, public_key, PouringResolver(), [("serial", broker_serial)],
+        replay=100_000, log_level="error",
         limits=LimitsSection(max_sessions_per_domain=1000, max_sessions_per_client=1000),
         serial=SerialSection(scrollback=65536, client_queue=262144),
     )
-    verifier = TokenVerifier(load_public_keys([public_key]), replay_cache=ReplayCache(100_000))
-    plugins = PluginManager(disabled=(), load_entrypoints=False,
-                            plugins=[("serial", broker_serial)])
-    service = Broker(config, verifier=verifier, resolver=PouringResolver(),  # type: ignore[arg-type]
-                     plugins=plugins)
-    await service.serve()
 
 
 # --- the clients (this process) ----------------------------------------------------------
@@ -194,38 +157,18 @@ def main() -> None:
     parser.add_argument("--broker", nargs=2, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.broker:
-        asyncio.run(broker_main(int(args.broker[0]), Path(args.broker[1])))
+        broker_main(int(args.broker[0]), Path(args.broker[1]))
         return
 
-    import logging
+    with tempfile.TemporaryDirectory(prefix="serial-bench-") as tmp, Children() as children:
+        tokens = Tokens(Path(tmp))
 
-    import structlog
+        def issue() -> str:
+            return tokens.token("serial", ttl=300)
 
-    from broker.keys import generate_keypair, load_private_key
-    from broker.tokens import TokenIssuer
-
-    structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(logging.WARNING))
-
-    state = Path(tempfile.mkdtemp(prefix="serial-bench-"))
-    files = generate_keypair(state)
-    issuer = TokenIssuer(load_private_key(files.private_key), "bench")
-
-    def issue() -> str:
-        return issuer.issue(DOMAIN, "serial", ttl=300).token
-
-    port = free_port()
-    broker = subprocess.Popen([sys.executable, __file__, "--broker", str(port),
-                               str(files.public_key)], stdout=subprocess.DEVNULL)
-    try:
-        deadline = time.monotonic() + 20
-        while True:
-            try:
-                socket.create_connection(("127.0.0.1", port), timeout=1).close()
-                break
-            except OSError:
-                if time.monotonic() > deadline:
-                    raise
-                time.sleep(0.1)
+        port = free_port()
+        broker = children.start([__file__, "--broker", str(port), str(tokens.public_key)])
+        wait_listening(port, broker)
         results: dict[str, object] = {}
         for count in (1, 10, 100):
             mib = args.mib if count < 100 else max(1, args.mib // 10)
@@ -241,9 +184,6 @@ def main() -> None:
               f"RSS {stall['rss_first_mib']:.0f} -> {stall['rss_last_mib']:.0f} MiB "
               f"(max {stall['rss_max_mib']:.0f})")
         print(json.dumps(results))
-    finally:
-        broker.terminate()
-        broker.wait(timeout=10)
 
 
 if __name__ == "__main__":

@@ -41,7 +41,6 @@ import os
 import platform
 import re
 import resource
-import socket
 import statistics
 import subprocess
 import sys
@@ -51,143 +50,46 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-CHUNK = 256 * 1024  # the console's writes when pouring
+from _kit import (
+    ACK_UNIT,
+    CHUNK,
+    DOMAIN,
+    RAW_PROTOCOL,
+    BenchResolver,
+    Children,
+    RawPlugin,
+    Tokens,
+    console_main,
+    free_port,
+    nofile_note,
+    raise_nofile,
+    role_arguments,
+    run_broker,
+    tcp_round_trips,
+    wait_listening,
+    ws_round_trips,
+)
+
 MESSAGE = 64 * 1024  # the client's messages toward the console
-ACK_UNIT = 16 * 1024 * 1024  # the console acknowledges every this many bytes taken in
-NOFILE = 131_072  # open-file limit wanted in every process of the benchmark
-DOMAIN = "6695eb01-f6a4-8304-79aa-97f2502e193f"
-PROTOCOL = "bench"
-
-
-def raise_nofile() -> int:
-    """Raise RLIMIT_NOFILE as far as allowed (past the hard limit when privileged)."""
-    _soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    want = max(hard, NOFILE) if hard != resource.RLIM_INFINITY else NOFILE
-    for limits in ((want, want), (hard, hard)):
-        with contextlib.suppress(ValueError, OSError):
-            resource.setrlimit(resource.RLIMIT_NOFILE, limits)
-            break
-    return resource.getrlimit(resource.RLIMIT_NOFILE)[0]
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-# --- the console process -----------------------------------------------------------------
-
-
-async def console_main(ports: list[int]) -> None:
-    raise_nofile()
-    block = b"\x55" * CHUNK
-
-    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        try:
-            mode = await reader.readexactly(1)
-            if mode == b"P":  # pour
-                while True:
-                    writer.write(block)
-                    await writer.drain()
-            elif mode == b"S":  # sink: one b"K" back per ACK_UNIT taken in
-                pending = 0
-                while data := await reader.read(1 << 20):
-                    pending += len(data)
-                    if pending >= ACK_UNIT:
-                        writer.write(b"K" * (pending // ACK_UNIT))
-                        pending %= ACK_UNIT
-            else:  # echo
-                while data := await reader.read(65536):
-                    writer.write(data)
-                    await writer.drain()
-        except (ConnectionError, asyncio.IncompleteReadError):
-            pass
-        finally:
-            writer.close()
-
-    servers = [await asyncio.start_server(serve, "127.0.0.1", port, backlog=1024)
-               for port in ports]
-    await asyncio.gather(*(server.serve_forever() for server in servers))
+PROTOCOL = RAW_PROTOCOL
 
 
 # --- the broker process ------------------------------------------------------------------
 
 
-def broker_main(port: int, console_port: int, key_dir: str, sessions: int, ping: float) -> None:
-    raise_nofile()
-    import anyio
+def broker_main(port: int, console_port: int, public_key: Path, sessions: int,
+                ping: float) -> None:
+    from broker.config import LimitsSection, ProxySection
 
-    from broker import Protocol, hookimpl
-    from broker.config import (
-        BrokerSection,
-        Config,
-        HTTPSection,
-        LimitsSection,
-        ListenSection,
-        ProxySection,
-    )
-    from broker.keys import load_public_key
-    from broker.plugins import PluginManager
-    from broker.service import raw_proxy
-    from broker.service._app import Broker
-    from broker.service._libvirt import Target
-    from broker.service._logging import configure_logging
-    from broker.service._plan import EndpointPlan
-    from broker.service._session import Endpoint
-    from broker.tokens import ReplayCache, TokenVerifier
-
-    class BenchPlugin:
-        """A protocol served by the core's raw proxy, as a third-party plugin would."""
-
-        @hookimpl
-        def console_broker_protocols(self) -> list[Protocol]:
-            return [Protocol(name=PROTOCOL, title="Raw bytes (benchmark)")]
-
-        @hookimpl
-        def console_broker_session_handler(self, protocol: str) -> object:
-            return raw_proxy if protocol == PROTOCOL else None
-
-    class StaticResolver:
-        available = True
-
-        def health(self) -> dict[str, object]:
-            return {"connected": True}
-
-        async def run(self, events: object, *, task_status: anyio.abc.TaskStatus[None]) -> None:
-            task_status.started()
-            await anyio.sleep_forever()
-
-        async def target(self, claims: object, console: str) -> Target:
-            plan = EndpointPlan("tcp", console, host="127.0.0.1", port=console_port)
-            return Target(DOMAIN, "bench", plan)
-
-        async def open(self, target: Target) -> Endpoint:
-            stream = await anyio.connect_tcp("127.0.0.1", console_port)
-            return Endpoint(stream, "tcp", f"127.0.0.1:{console_port}")
-
-        async def ending_for(self, domain_uuid: str) -> None:
-            return None
-
-    config = Config(
-        broker=BrokerSection(node="bench", state_dir=key_dir),
-        listen=ListenSection(host="127.0.0.1", port=port),
-        http=HTTPSection(allow_missing_origin=True),
+    room = sessions + 100
+    run_broker(
+        port, public_key, BenchResolver(console_port), [("bench", RawPlugin())],
+        replay=sessions + 100_000, log_level=None,  # the defaults: json, info
         limits=LimitsSection(
-            max_sessions=sessions + 100,
-            max_sessions_per_domain=sessions + 100,
-            max_sessions_per_client=sessions + 100,
+            max_sessions=room, max_sessions_per_domain=room, max_sessions_per_client=room
         ),
         proxy=ProxySection(ping_interval=ping),
     )
-    configure_logging(config.logging.format, config.logging.level)  # the defaults: json, info
-    verifier = TokenVerifier(
-        [load_public_key(Path(key_dir) / "signing-key.pub.pem")],
-        replay_cache=ReplayCache(sessions + 100_000),
-    )
-    plugins = PluginManager(disabled=(), load_entrypoints=False, plugins=[("bench", BenchPlugin())])
-    broker = Broker(config, verifier=verifier, resolver=StaticResolver(), plugins=plugins)  # type: ignore[arg-type]
-    anyio.run(broker.serve, backend="asyncio")
 
 
 # --- measuring a process and its children --------------------------------------------------
@@ -291,12 +193,6 @@ class Proxy:
         return self.process.pid
 
 
-def broker_url(issuer: Any, port: int) -> str:
-    """A fresh token for every session: the broker checks one and uses it up."""
-    token = issuer.issue(DOMAIN, PROTOCOL, ttl=120).token
-    return f"ws://127.0.0.1:{port}/ws/{PROTOCOL}?token={token}"
-
-
 def plain_url(port: int) -> str:
     return f"ws://127.0.0.1:{port}/"
 
@@ -365,30 +261,6 @@ async def client_to_console(proxy: Proxy, total: int, cap: float) -> dict[str, f
             wall, cpu = time.perf_counter() - start, tree_cpu(proxy.pid) - cpu
         reader.cancel()
     return {"bytes": sent, "wall": wall, "cpu": cpu, "peak_mib": peak.mib}
-
-
-async def ws_round_trips(ws: Any, count: int, payload: bytes) -> list[float]:
-    times = []
-    for _ in range(count):
-        start = time.perf_counter()
-        await ws.send(payload)
-        got = 0
-        while got < len(payload):
-            got += len(await ws.recv())
-        times.append(time.perf_counter() - start)
-    return times
-
-
-async def tcp_round_trips(
-    reader: asyncio.StreamReader, writer: asyncio.StreamWriter, count: int, payload: bytes
-) -> list[float]:
-    times = []
-    for _ in range(count):
-        start = time.perf_counter()
-        writer.write(payload)
-        await reader.readexactly(len(payload))
-        times.append(time.perf_counter() - start)
-    return times
 
 
 def percentile(values: list[float], share: float) -> float:
@@ -516,38 +388,7 @@ def token_check_cost(issuer: Any, public_key: Any, count: int = 2000) -> float:
     return (time.process_time() - start) / count
 
 
-def wait_listening(port: int, process: subprocess.Popen[bytes], log: Path) -> None:
-    for _ in range(300):
-        if process.poll() is not None:
-            raise SystemExit(f"exited early ({process.returncode}):\n{log.read_text()[-2000:]}")
-        with contextlib.suppress(OSError):
-            socket.create_connection(("127.0.0.1", port), timeout=1).close()
-            return
-        time.sleep(0.1)
-    raise SystemExit(f"not listening on {port}")
-
-
-def stop(process: subprocess.Popen[bytes]) -> None:
-    """SIGTERM, then SIGKILL; then any descendant left behind, by its pid."""
-    import psutil
-
-    try:
-        children = psutil.Process(process.pid).children(recursive=True)
-    except psutil.Error:
-        children = []
-    process.terminate()
-    try:
-        process.wait(20)
-    except subprocess.TimeoutExpired:
-        process.kill()
-        process.wait()
-    _, alive = psutil.wait_procs(children, timeout=10)
-    for child in alive:
-        with contextlib.suppress(psutil.Error):
-            child.kill()
-
-
-def facts(nofile: int) -> dict[str, str]:
+def facts(nofile: str) -> dict[str, str]:
     model = next((line.split(":", 1)[1].strip()
                   for line in Path("/proc/cpuinfo").read_text().splitlines()
                   if line.startswith("model name")), platform.machine())
@@ -563,114 +404,96 @@ def facts(nofile: int) -> dict[str, str]:
         "os": f"{os_name}, Linux {platform.release()}",
         "python": f"{platform.python_implementation()} {platform.python_version()}",
         "versions": ", ".join(f"{name} {version}" for name, version in versions.items()),
-        "open-file limit": str(nofile),
+        "open-file limit": nofile,
         "load average at the start": " ".join(f"{x:.1f}" for x in os.getloadavg()),
     }
 
 
 async def client_main(args: argparse.Namespace) -> None:
-    import structlog
-
-    from broker.keys import generate_keypair, load_private_key
-    from broker.tokens import TokenIssuer
-
-    structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(30))  # warnings
-    nofile = raise_nofile()
+    limits = raise_nofile()
+    print(nofile_note(limits), file=sys.stderr)
+    if limits[1] < 2 * args.sessions + 64:
+        print(f"the open-file limit caps every proxy below {args.sessions} sessions (two "
+              f"descriptors each): it is {limits[1]} and may not be raised here", file=sys.stderr)
     total = args.mib * 2**20
     wanted = [name.strip() for name in args.proxies.split(",")]
-    with tempfile.TemporaryDirectory() as tmp:
-        state = Path(tmp) / "state"
+    with tempfile.TemporaryDirectory() as tmp, Children() as children:
+        tokens = Tokens(Path(tmp))
         logs = Path(args.logs) if args.logs else Path(tmp)
         logs.mkdir(parents=True, exist_ok=True)
-        generate_keypair(state)
-        private_key = load_private_key(state / "signing-key.pem")
-        issuer = TokenIssuer(private_key, "bench")
         ports = {key: free_port() for key in ("broker", "websockify", "websockify-libserver")}
         consoles = {key: free_port() for key in ports}
-        me = [sys.executable, __file__]
-        processes: list[subprocess.Popen[bytes]] = []
+        console_log = logs / "console.log"
+        console = children.start([__file__, "--role", "console", "--ports",
+                                  ",".join(map(str, consoles.values()))], console_log)
+        for port in consoles.values():
+            wait_listening(port, console, console_log)
+        proxies: list[Proxy] = []
+        for key in wanted:
+            log = logs / f"{key}.log"
+            port, target = ports[key], f"127.0.0.1:{consoles[key]}"
+            if key == "broker":
+                argv = [__file__, "--role", "broker", "--port", str(port),
+                        "--console-port", str(consoles[key]),
+                        "--public-key", str(tokens.public_key),
+                        "--sessions", str(args.sessions),
+                        "--broker-ping", str(args.broker_ping)]
+                title, mode = "console-broker", (
+                    "one process, asyncio; a token checked per session; "
+                    f"proxy.ping_interval={args.broker_ping:g}")
+                url = functools.partial(tokens.url, port)
+            elif key == "websockify":
+                argv = [sys.executable, "-m", "websockify", f"127.0.0.1:{port}", target]
+                title = "websockify"
+                mode = "its default server: a process forked per connection (multiprocessing)"
+                url = functools.partial(plain_url, port)
+            else:
+                patched = libserver_needs_patch()
+                start_argv = ["-c", LIBSERVER_SHIM] if patched else ["-m", "websockify"]
+                argv = [sys.executable, *start_argv, "--libserver", f"127.0.0.1:{port}", target]
+                title = "websockify --libserver"
+                mode = "one process, a thread per connection (SocketServer engine)" + (
+                    "; run with LibProxyServer.unix_listen = None set first: without it this "
+                    "version fails every connection (AttributeError)" if patched else "")
+                url = functools.partial(plain_url, port)
+            process = children.start(argv, log)
+            wait_listening(port, process, log)
+            proxies.append(Proxy(key, title, mode, process, url, log))
+            print(f"{title}: {mode}", file=sys.stderr)
+        for proxy in proxies:
+            await settle(proxy.pid)
 
-        def start(argv: list[str], log: Path) -> subprocess.Popen[bytes]:
-            with log.open("wb") as out:
-                process = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT,
-                                           stdin=subprocess.DEVNULL, start_new_session=True)
-            processes.append(process)
-            return process
-
-        try:
-            console_log = logs / "console.log"
-            console = start([*me, "--role", "console", "--ports",
-                             ",".join(map(str, consoles.values()))], console_log)
-            for port in consoles.values():
-                wait_listening(port, console, console_log)
-            proxies: list[Proxy] = []
-            for key in wanted:
-                log = logs / f"{key}.log"
-                port, target = ports[key], f"127.0.0.1:{consoles[key]}"
-                if key == "broker":
-                    argv = [*me, "--role", "broker", "--port", str(port),
-                            "--console-port", str(consoles[key]), "--key-dir", str(state),
-                            "--sessions", str(args.sessions),
-                            "--broker-ping", str(args.broker_ping)]
-                    title, mode = "console-broker", (
-                        "one process, asyncio; a token checked per session; "
-                        f"proxy.ping_interval={args.broker_ping:g}")
-                    url = functools.partial(broker_url, issuer, port)
-                elif key == "websockify":
-                    argv = [sys.executable, "-m", "websockify", f"127.0.0.1:{port}", target]
-                    title = "websockify"
-                    mode = "its default server: a process forked per connection (multiprocessing)"
-                    url = functools.partial(plain_url, port)
-                else:
-                    patched = libserver_needs_patch()
-                    start_argv = ["-c", LIBSERVER_SHIM] if patched else ["-m", "websockify"]
-                    argv = [sys.executable, *start_argv, "--libserver", f"127.0.0.1:{port}", target]
-                    title = "websockify --libserver"
-                    mode = "one process, a thread per connection (SocketServer engine)" + (
-                        "; run with LibProxyServer.unix_listen = None set first: without it this "
-                        "version fails every connection (AttributeError)" if patched else "")
-                    url = functools.partial(plain_url, port)
-                process = start(argv, log)
-                wait_listening(port, process, log)
-                proxies.append(Proxy(key, title, mode, process, url, log))
-                print(f"{title}: {mode}", file=sys.stderr)
+        machine = facts(nofile_note(limits).split(": ", 1)[1])
+        results: dict[str, dict[str, Any]] = {proxy.key: {} for proxy in proxies}
+        for _ in range(args.repeat):  # rounds over the proxies, so a busy moment hits all
             for proxy in proxies:
-                await settle(proxy.pid)
-
-            machine = facts(nofile)
-            results: dict[str, dict[str, Any]] = {proxy.key: {} for proxy in proxies}
-            for _ in range(args.repeat):  # rounds over the proxies, so a busy moment hits all
-                for proxy in proxies:
-                    for name, move in TRANSFERS:
-                        figures = await move(proxy, total, args.seconds)
-                        results[proxy.key].setdefault(name, []).append(figures)
-                        print(f"{proxy.title}: {name}: {figures['bytes'] / 2**20:.0f} MiB in "
-                              f"{figures['wall']:.1f} s, CPU {figures['cpu']:.2f} s",
-                              file=sys.stderr)
-            samples = await latency(proxies, consoles["broker"], args.round_trips)
-            for key, values in samples.items():
-                print(f"{key}: round trip median {statistics.median(values) * 1e6:.0f} us",
-                      file=sys.stderr)
-            if args.sessions:
-                for proxy in proxies:
-                    held = await hold_sessions(proxy, args.sessions, args.session_seconds)
-                    results[proxy.key]["sessions"] = held
-                    print(f"{proxy.title}: sessions {held}", file=sys.stderr)
-                    await settle(proxy.pid, 60)
-            check = token_check_cost(issuer, private_key.public_key())
-            machine = {**machine, "load average at the end":
-                       " ".join(f"{x:.1f}" for x in os.getloadavg())}
-            table = render(proxies, results, samples, machine, args, check)
-            print(table)
-            if args.json:
-                Path(args.json).write_text(json.dumps(
-                    {"machine": machine, "results": results,
-                     "round_trips": {k: [statistics.median(v), percentile(v, 0.99)]
-                                     for k, v in samples.items()},
-                     "token_check_s": check}, indent=2))
-        finally:
-            for process in reversed(processes):
-                stop(process)
+                for name, move in TRANSFERS:
+                    figures = await move(proxy, total, args.seconds)
+                    results[proxy.key].setdefault(name, []).append(figures)
+                    print(f"{proxy.title}: {name}: {figures['bytes'] / 2**20:.0f} MiB in "
+                          f"{figures['wall']:.1f} s, CPU {figures['cpu']:.2f} s",
+                          file=sys.stderr)
+        samples = await latency(proxies, consoles["broker"], args.round_trips)
+        for key, values in samples.items():
+            print(f"{key}: round trip median {statistics.median(values) * 1e6:.0f} us",
+                  file=sys.stderr)
+        if args.sessions:
+            for proxy in proxies:
+                held = await hold_sessions(proxy, args.sessions, args.session_seconds)
+                results[proxy.key]["sessions"] = held
+                print(f"{proxy.title}: sessions {held}", file=sys.stderr)
+                await settle(proxy.pid, 60)
+        check = token_check_cost(tokens.issuer, tokens.private_key.public_key())
+        machine = {**machine, "load average at the end":
+                   " ".join(f"{x:.1f}" for x in os.getloadavg())}
+        table = render(proxies, results, samples, machine, args, check)
+        print(table)
+        if args.json:
+            Path(args.json).write_text(json.dumps(
+                {"machine": machine, "results": results,
+                 "round_trips": {k: [statistics.median(v), percentile(v, 0.99)]
+                                 for k, v in samples.items()},
+                 "token_check_s": check}, indent=2))
 
 
 def render(
@@ -766,16 +589,14 @@ def main() -> None:
                         help="the broker's proxy.ping_interval (default 0, like websockify's)")
     parser.add_argument("--json", help="also write the figures to this file")
     parser.add_argument("--logs", help="keep the proxies' logs in this directory")
-    parser.add_argument("--role", choices=("client", "console", "broker"), default="client")
-    parser.add_argument("--port", type=int)
-    parser.add_argument("--ports")
-    parser.add_argument("--console-port", type=int)
-    parser.add_argument("--key-dir")
+    role_arguments(parser)
+    parser.add_argument("--ports", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.role == "console":
         asyncio.run(console_main([int(port) for port in args.ports.split(",")]))
     elif args.role == "broker":
-        broker_main(args.port, args.console_port, args.key_dir, args.sessions, args.broker_ping)
+        broker_main(args.port, args.console_port, args.public_key, args.sessions,
+                    args.broker_ping)
     else:
         asyncio.run(client_main(args))
 
