@@ -31,9 +31,12 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
             raise pytest.UsageError(
                 f"{item.nodeid} uses the test bed: mark it with @pytest.mark.vm"
             )
-    # Tests that switch QEMU's TLS on in the global qemu.conf (restarting libvirtd) run
-    # last, so that no other test's domain starts or its connection breaks meanwhile.
-    items.sort(key=lambda item: item.get_closest_marker("qemu_tls") is not None)
+    # Tests that restart libvirtd (switching QEMU's TLS on in the global qemu.conf, or
+    # losing the connection on purpose) run last, so that no other test's domain starts
+    # or its connection breaks meanwhile.
+    items.sort(key=lambda item: any(
+        item.get_closest_marker(name) is not None for name in ("qemu_tls", "libvirtd_restart")
+    ))
 
 
 @pytest.fixture(scope="session")
