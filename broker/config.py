@@ -17,6 +17,7 @@ paths in a file are taken relative to that file's directory.
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import os
 import socket
@@ -106,6 +107,15 @@ def _origins(value: Any) -> str | None:
     return None
 
 
+def _networks(value: Any) -> str | None:
+    for network in value:
+        try:
+            ipaddress.ip_network(network, strict=False)
+        except ValueError:
+            return f"{network!r} is not an IP address or network (192.0.2.0/24, 2001:db8::/32)"
+    return None
+
+
 # --- the tables -------------------------------------------------------------------------
 
 
@@ -185,6 +195,15 @@ class HTTPSection:
         "upgrade; 'close' completes the upgrade and closes with the reason's close code, "
         "which browser pages can read (a foreign Origin is always refused with a status).",
         _one_of("status", "close"),
+    )
+    trusted_proxies: tuple[str, ...] = _key(
+        (),
+        "Addresses or networks (\"10.0.0.5\", \"10.0.0.0/24\", \"::1\") of reverse proxies "
+        "in front of the broker whose X-Forwarded-For header is believed: a request from one "
+        "of them counts as coming from the nearest address in that header that is not a "
+        "trusted proxy (for limits.max_sessions_per_client and the logs). Empty: the "
+        "header is ignored and the peer's address is the client's.",
+        _networks,
     )
     assets_dir: str = _key(
         "",

@@ -89,6 +89,7 @@ from broker.service._request import (
     PageRoute,
     PlainRoute,
     RedirectRoute,
+    TrustedProxies,
     WebSocketRoute,
     route,
 )
@@ -219,6 +220,7 @@ class Broker:
         self._node = config.node_name
         self._prefix = urlsplit(config.public_url).path
         self._origin = OriginPolicy(config.http.allowed_origins, config.http.allow_missing_origin)
+        self._proxies = TrustedProxies(config.http.trusted_proxies)
         self._refuse_by_close = config.http.refusals == "close"
         limits = config.limits
         self._counts = SessionCounts(
@@ -417,10 +419,25 @@ class Broker:
     ) -> Response | None:
         started = time.monotonic()
         try:
-            return await self._answer(connection, request, started)
+            response = await self._answer(connection, request, started)
         except Exception:
             _log.exception("request.failed")
-            return _text(500, "internal error")
+            response = _text(500, "internal error")
+        if response is not None:  # a plain HTTP request (an upgrade logs its session)
+            path = urlsplit(request.path).path  # never the query: it may hold a token
+            log = _log.debug if path in ("/healthz", "/metrics") else _log.info
+            log("http.request", method="GET", path=path[:200], status=response.status_code,
+                client=self._client(connection),
+                duration_ms=round((time.monotonic() - started) * 1000, 2))
+        return response
+
+    def _client(self, connection: ServerConnection) -> str:
+        """The client's address: the peer's, or the one a trusted proxy forwarded."""
+        peer = str(connection.remote_address[0]) if connection.remote_address else "?"
+        request = connection.request
+        if request is None:
+            return peer
+        return self._proxies.client(peer, request.headers.get_all("X-Forwarded-For"))
 
     async def _answer(
         self, connection: ServerConnection, request: Request, started: float
@@ -461,7 +478,7 @@ class Broker:
         if why is not None:
             return self._refuse(connection, Refused(FOREIGN_ORIGIN, why), protocol=found.protocol,
                                 upgrade=False)
-        client = str(connection.remote_address[0]) if connection.remote_address else "?"
+        client = self._client(connection)
         try:
             pending = await self._admit(protocol, handler, found.token, client, started)
         except Refused as exc:
@@ -525,7 +542,7 @@ class Broker:
     ) -> Response | None:
         refusal = exc.refusal
         self.metrics.refusals.labels(refusal.reason).inc()
-        client = connection.remote_address[0] if connection.remote_address else "?"
+        client = self._client(connection)
         _log.info(
             "request.refused", reason=refusal.reason, detail=exc.detail, protocol=protocol,
             client=client, status=refusal.status, code=refusal.close_code,

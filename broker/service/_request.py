@@ -17,7 +17,9 @@ under a prefix), requests may arrive with or without that prefix.
 
 from __future__ import annotations
 
+import ipaddress
 import re
+from collections.abc import Iterable
 from urllib.parse import parse_qs, unquote, urlsplit
 
 import attrs
@@ -202,3 +204,46 @@ class OriginPolicy:
         if origin_host != own_host or origin_port != (own_port or _DEFAULT_PORTS[scheme]):
             return "Origin is not this broker's host"
         return None
+
+
+# --- the client's address -----------------------------------------------------------------
+
+
+class TrustedProxies:
+    """Whose ``X-Forwarded-For`` is believed (``http.trusted_proxies``).
+
+    A request from a trusted proxy counts as coming from the nearest address in its
+    ``X-Forwarded-For`` list that is not itself a trusted proxy: the list is read from
+    the right (each proxy appends the address it received from), trusted addresses are
+    skipped, and the first other one is the client. An entry that is not an IP address
+    stops the walk (the last trusted hop is then the client): whatever a client wrote
+    into the header itself lies to the left of what the trusted proxies added.
+    """
+
+    def __init__(self, networks: Iterable[str] = ()) -> None:
+        self.networks = tuple(ipaddress.ip_network(n, strict=False) for n in networks)
+
+    def trusts(self, address: str) -> bool:
+        try:
+            ip = ipaddress.ip_address(address)
+        except ValueError:
+            return False
+        if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+            ip = ip.ipv4_mapped
+        return any(ip in network for network in self.networks)
+
+    def client(self, peer: str, forwarded_for: Iterable[str]) -> str:
+        """The client's address for a request from *peer* with these header values."""
+        if not self.networks or not self.trusts(peer):
+            return peer
+        hops = [hop.strip() for value in forwarded_for for hop in value.split(",")]
+        client = peer
+        for hop in reversed(hops):
+            try:
+                ipaddress.ip_address(hop)
+            except ValueError:
+                break
+            client = hop
+            if not self.trusts(hop):
+                break
+        return client

@@ -301,6 +301,55 @@ async def test_limits_per_domain_client_and_total(
             assert await again.recv() == BANNER
 
 
+@pytest.mark.parametrize("trusted", [True, False])
+async def test_a_trusted_proxys_forwarded_address_is_the_client(
+    verifier: TokenVerifier, issuer: TokenIssuer, trusted: bool
+) -> None:
+    limits = LimitsSection(max_sessions_per_client=1)
+    http = HTTPSection(allow_missing_origin=True,
+                       trusted_proxies=("127.0.0.0/8",) if trusted else ())
+    resolver = FakeResolver(FakeDomain(DOMAIN))
+    async with running_broker(make_config(limits=limits, http=http), verifier, resolver) as running:
+
+        def url() -> str:
+            return running.url("vnc", issuer.issue(DOMAIN, "vnc", ttl=60).token)
+
+        def via(client: str) -> dict[str, Any]:
+            # what the client wrote itself comes first; the proxy appends who it saw
+            return {"additional_headers": {"X-Forwarded-For": f"203.0.113.66, {client}"}}
+
+        with structlog.testing.capture_logs() as logs:
+            async with connect(url(), **via("192.0.2.1")) as first:
+                await first.recv()
+                if trusted:  # another client behind the same proxy gets its own limit
+                    async with connect(url(), **via("192.0.2.2")) as second:
+                        assert await second.recv() == BANNER
+                    assert await refused_status(url(), **via("192.0.2.1")) == (
+                        429, "session limit reached\n"
+                    )
+                else:  # the header is not believed: all of it is one client, the proxy
+                    assert (await refused_status(url(), **via("192.0.2.2")))[0] == 429
+        opened = [e for e in logs if e["event"] == "session.opened"]
+        refused = [e for e in logs if e["event"] == "request.refused"]
+        if trusted:
+            assert {e["client"] for e in opened} == {"192.0.2.1", "192.0.2.2"}
+            assert refused[0]["client"] == "192.0.2.1"
+        else:
+            assert {e["client"] for e in opened + refused} == {"127.0.0.1"}
+
+
+async def test_plain_http_requests_are_logged_without_their_query(broker: Running) -> None:
+    with structlog.testing.capture_logs() as logs:
+        await http_get(broker, "/console/vnc/?token=secret-looking")
+        await http_get(broker, "/healthz")
+    requests = [e for e in logs if e["event"] == "http.request"]
+    assert [(e["path"], e["status"], e["log_level"]) for e in requests] == [
+        ("/console/vnc/", 404, "info"), ("/healthz", 200, "debug"),
+    ]
+    assert all(e["client"] == "127.0.0.1" and e["duration_ms"] >= 0 for e in requests)
+    assert "secret-looking" not in repr(logs)
+
+
 # --- refusals after the upgrade (http.refusals = "close") ---------------------------------
 
 

@@ -24,6 +24,7 @@ from broker.service._request import (
     PageRoute,
     PlainRoute,
     RedirectRoute,
+    TrustedProxies,
     WebSocketRoute,
     route,
 )
@@ -85,6 +86,33 @@ def test_malformed_websocket_requests(target: str, refusal: R.Refusal) -> None:
 
 def test_a_route_never_shows_its_token() -> None:
     assert TOKEN not in repr(route(f"/ws/vnc?token={TOKEN}"))
+
+
+# --- the client's address behind proxies --------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("peer", "forwarded", "client"),
+    [
+        ("10.0.0.5", ["192.0.2.1"], "192.0.2.1"),  # one trusted proxy
+        ("10.0.0.5", ["192.0.2.9, 192.0.2.1"], "192.0.2.1"),  # the client's own entry ignored
+        ("10.0.0.5", ["192.0.2.1, 10.0.0.7"], "192.0.2.1"),  # two trusted proxies
+        ("10.0.0.5", ["192.0.2.1", "10.0.0.7"], "192.0.2.1"),  # as two header lines
+        ("10.0.0.5", ["not-an-ip, 10.0.0.7"], "10.0.0.7"),  # garbage stops the walk
+        ("10.0.0.5", ["10.0.0.6, 10.0.0.7"], "10.0.0.6"),  # all trusted: the farthest
+        ("10.0.0.5", [], "10.0.0.5"),  # no header: the proxy itself
+        ("::ffff:10.0.0.5", ["2001:db8::1"], "2001:db8::1"),  # an IPv4-mapped peer
+        ("192.0.2.50", ["192.0.2.1"], "192.0.2.50"),  # not a trusted peer: header ignored
+    ],
+)
+def test_trusted_proxies_forward_the_nearest_untrusted_address(
+    peer: str, forwarded: list[str], client: str
+) -> None:
+    assert TrustedProxies(["10.0.0.0/24"]).client(peer, forwarded) == client
+
+
+def test_without_trusted_proxies_the_peer_is_the_client() -> None:
+    assert TrustedProxies().client("127.0.0.1", ["192.0.2.1"]) == "127.0.0.1"
 
 
 # --- origins ------------------------------------------------------------------------------
