@@ -9,6 +9,7 @@ goes to a file that must never hold a token.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import json
 import os
@@ -244,3 +245,30 @@ def enabled_guest(testbed: Testbed, *enable_args: str, devices: str = "") -> Any
     dom = testbed.define(enabled)
     testbed.boot(dom, console=False)
     return dom
+
+
+def read_at_least(ws: ClientConnection, size: int, timeout: float = 30.0) -> bytes:
+    """Binary messages from *ws* until at least *size* bytes came (all of them)."""
+    data = b""
+    deadline = time.monotonic() + timeout
+    while len(data) < size:
+        message = ws.recv(timeout=max(0.1, deadline - time.monotonic()))
+        assert isinstance(message, bytes)
+        data += message
+    return data
+
+
+def serial_answers(ws: ClientConnection, timeout: float = 60.0) -> None:
+    """Type ``echo hello-$((6*7))`` on a raw serial session until the guest's shell answers
+    ``hello-42`` (the guest may still be booting)."""
+    seen = b""
+    deadline = time.monotonic() + timeout
+    while b"hello-42" not in seen:
+        assert time.monotonic() < deadline, seen[-400:]
+        ws.send(b"echo hello-$((6*7))\n")
+        end = time.monotonic() + 2
+        while time.monotonic() < end and b"hello-42" not in seen:
+            with contextlib.suppress(TimeoutError):
+                message = ws.recv(timeout=0.5)
+                assert isinstance(message, bytes)
+                seen += message

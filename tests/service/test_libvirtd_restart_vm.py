@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 
 import pytest
-from servedbroker import ServedBroker, enabled_guest
+from servedbroker import ServedBroker, enabled_guest, read_at_least, serial_answers
 from websockets.exceptions import ConnectionClosed
 from websockets.sync.client import ClientConnection
 
@@ -26,16 +26,6 @@ from broker.testbed import Testbed, restart_libvirtd
 
 pytestmark = [pytest.mark.vm, pytest.mark.libvirtd_restart]
 RFB_BANNER = b"RFB 003.008\n"
-
-
-def _read(ws: ClientConnection, size: int, timeout: float = 30.0) -> bytes:
-    data = b""
-    deadline = time.monotonic() + timeout
-    while len(data) < size:
-        message = ws.recv(timeout=max(0.1, deadline - time.monotonic()))
-        assert isinstance(message, bytes)
-        data += message
-    return data
 
 
 def _close_code(ws: ClientConnection, timeout: float = 15.0) -> int | None:
@@ -48,32 +38,18 @@ def _close_code(ws: ClientConnection, timeout: float = 15.0) -> int | None:
 
 def _rfb_login(ws: ClientConnection) -> tuple[int, int]:
     """RFB 3.8 through the broker, which offers security None: the screen's size."""
-    assert _read(ws, len(RFB_BANNER)) == RFB_BANNER
+    assert read_at_least(ws, len(RFB_BANNER)) == RFB_BANNER
     ws.send(RFB_BANNER)
-    types = _read(ws, 2)
+    types = read_at_least(ws, 2)
     assert types == b"\x01\x01"
     ws.send(b"\x01")
-    assert _read(ws, 4) == bytes(4)  # SecurityResult OK
+    assert read_at_least(ws, 4) == bytes(4)  # SecurityResult OK
     ws.send(b"\x01")  # ClientInit, shared
-    init = _read(ws, 24)  # ServerInit, and the name (in one message or more)
+    init = read_at_least(ws, 24)  # ServerInit, and the name (in one message or more)
     width, height, name_length = struct.unpack(">HH16xI", init[:24])
     if len(init) < 24 + name_length:
-        _read(ws, 24 + name_length - len(init))
+        read_at_least(ws, 24 + name_length - len(init))
     return width, height
-
-
-def _serial_answers(ws: ClientConnection, timeout: float = 60.0) -> None:
-    seen = b""
-    deadline = time.monotonic() + timeout
-    while b"hello-42" not in seen:
-        assert time.monotonic() < deadline, seen[-400:]
-        ws.send(b"echo hello-$((6*7))\n")
-        end = time.monotonic() + 2
-        while time.monotonic() < end and b"hello-42" not in seen:
-            with contextlib.suppress(TimeoutError):
-                message = ws.recv(timeout=0.5)
-                assert isinstance(message, bytes)
-                seen += message
 
 
 def test_sessions_across_a_libvirtd_restart(testbed: Testbed, tmp_path: Path) -> None:
@@ -85,7 +61,7 @@ def test_sessions_across_a_libvirtd_restart(testbed: Testbed, tmp_path: Path) ->
             served.connect(dom.name(), protocol="serial") as serial,
         ):
             width, height = _rfb_login(vnc)
-            _serial_answers(serial)
+            serial_answers(serial)
 
             restart_libvirtd()
             testbed.reconnect()
@@ -101,10 +77,10 @@ def test_sessions_across_a_libvirtd_restart(testbed: Testbed, tmp_path: Path) ->
             # the VNC session's socket came from QEMU and never depended on the
             # connection: the screen still comes (FramebufferUpdateRequest, whole screen)
             vnc.send(struct.pack(">BBHHHH", 3, 0, 0, 0, width, height))
-            assert _read(vnc, 1)[0] == 0  # FramebufferUpdate
+            assert read_at_least(vnc, 1)[0] == 0  # FramebufferUpdate
             # new sessions open on the new connection
             with served.connect(dom.name(), protocol="serial") as again:
-                _serial_answers(again)
+                serial_answers(again)
             # the lifecycle events are registered again: stopping the VM ends the session
             dom = testbed.conn.lookupByUUIDString(dom.UUIDString())
             dom.destroy()

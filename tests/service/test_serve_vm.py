@@ -8,7 +8,6 @@ never hold a token.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import time
 from collections.abc import Iterator
@@ -16,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from servedbroker import ServedBroker, enabled_guest
+from servedbroker import ServedBroker, enabled_guest, read_at_least, serial_answers
 from websockets.exceptions import ConnectionClosed
 from websockets.sync.client import ClientConnection
 
@@ -57,16 +56,6 @@ def _guest(testbed: Testbed, mode: str, consoles: str = "vnc,serial") -> Any:
     return enabled_guest(testbed, "--consoles", consoles, "--mode", mode)
 
 
-def _read(ws: ClientConnection, size: int, timeout: float = 30.0) -> bytes:
-    data = b""
-    deadline = time.monotonic() + timeout
-    while len(data) < size:
-        message = ws.recv(timeout=max(0.1, deadline - time.monotonic()))
-        assert isinstance(message, bytes)
-        data += message
-    return data
-
-
 @pytest.mark.parametrize("mode", ["fd", "tcp", "websocket"])
 def test_a_cli_token_reaches_the_guests_vnc_server(
     served: Served, testbed: Testbed, mode: str
@@ -75,9 +64,9 @@ def test_a_cli_token_reaches_the_guests_vnc_server(
     try:
         with served.connect(dom.name(), "vnc") as ws:
             assert ws.subprotocol == "binary"
-            assert _read(ws, len(RFB_BANNER))[: len(RFB_BANNER)] == RFB_BANNER
+            assert read_at_least(ws, len(RFB_BANNER))[: len(RFB_BANNER)] == RFB_BANNER
             ws.send(RFB_BANNER)  # the client's version: QEMU answers with its security types
-            types = _read(ws, 2)
+            types = read_at_least(ws, 2)
             assert types[0] >= 1 and 1 in types[1 : 1 + types[0]]  # None offered
     finally:
         testbed.remove(dom)
@@ -89,7 +78,7 @@ def test_a_stopping_vm_closes_the_session_within_a_second(served: Served, testbe
     dom = _guest(testbed, "fd")
     try:
         with served.connect(dom.name(), "vnc") as ws:
-            _read(ws, len(RFB_BANNER))
+            read_at_least(ws, len(RFB_BANNER))
             dom.destroy()  # returns once libvirt has stopped the VM (about 1 s under TCG)
             stopped = time.monotonic()
             with pytest.raises(ConnectionClosed):
@@ -109,15 +98,7 @@ def test_the_serial_console_through_the_broker(served: Served, testbed: Testbed)
     dom = _guest(testbed, "fd", consoles="serial")
     try:
         with served.connect(dom.name(), "serial") as ws:
-            seen = b""
-            deadline = time.monotonic() + 60
-            while b"hello-42" not in seen:
-                assert time.monotonic() < deadline, seen[-400:]
-                ws.send(b"echo hello-$((6*7))\n")
-                end = time.monotonic() + 2
-                while time.monotonic() < end and b"hello-42" not in seen:
-                    with contextlib.suppress(TimeoutError):
-                        seen += ws.recv(timeout=0.5)  # type: ignore[operator]
+            serial_answers(ws)
             # Serial sessions share the console's one libvirt stream (tests/serial); a
             # session of another protocol on that console cannot open a second one.
             with served.connect(dom.name(), "raw-serial") as second:
@@ -134,7 +115,7 @@ def test_a_third_party_plugin_serves_sessions_through_the_same_hooks(
     dom = _guest(testbed, "fd")
     try:
         with served.connect(dom.name(), "raw-vnc") as ws:
-            assert _read(ws, len(RFB_BANNER))[: len(RFB_BANNER)] == RFB_BANNER
+            assert read_at_least(ws, len(RFB_BANNER))[: len(RFB_BANNER)] == RFB_BANNER
     finally:
         testbed.remove(dom)
     assert '"event": "example.session"' in served.log_text()
@@ -159,7 +140,7 @@ def test_sigterm_closes_sessions_and_exits_within_the_grace(
     dom = _guest(testbed, "fd")
     try:
         with served.connect(dom.name(), "vnc") as ws:
-            _read(ws, len(RFB_BANNER))
+            read_at_least(ws, len(RFB_BANNER))
             took = served.stop()
             with pytest.raises(ConnectionClosed):
                 ws.recv(timeout=5)

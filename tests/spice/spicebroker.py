@@ -16,15 +16,18 @@ import ssl
 import struct
 import subprocess
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
+import attrs
 from broker_spice.protocol import (
     MSGC_DISPLAY_INIT,
     ChannelType,
     LinkError,
     MainInit,
+    Message,
     build_display_init,
     build_message,
 )
@@ -143,6 +146,42 @@ def link_main(client: TestClient) -> int:
 def display_init(client: TestClient) -> None:
     """Send SPICE_MSGC_DISPLAY_INIT, as every well-behaved client does first."""
     client.send(build_message(MSGC_DISPLAY_INIT, build_display_init(), mini_header=True, serial=1))
+
+
+#: spice-server's display messages (SPICE_MSG_DISPLAY_*) start at 101.
+FIRST_DISPLAY_MSG = 101
+
+
+@attrs.frozen
+class Channels:
+    """A session's main, display and inputs channels, linked (see :func:`link_session`)."""
+
+    session_id: int
+    main: TestClient
+    display: TestClient
+    inputs: TestClient
+
+    def close(self) -> None:
+        for client in (self.inputs, self.display, self.main):
+            client.close()
+
+
+def link_session(connect: Callable[[], TestClient]) -> Channels:
+    """Link main, display and inputs, each on a new connection from *connect*, as
+    remote-viewer and spice-html5 do: every link ``OK`` and the display drawing (its
+    first display message arrived after ``DISPLAY_INIT``)."""
+    main = connect()
+    session_id = link_main(main)
+    display = connect()
+    assert display.link(ChannelType.DISPLAY, session_id) is LinkError.OK
+    display_init(display)
+    drawn = display.wait_for(
+        lambda e: isinstance(e, Message) and e.type >= FIRST_DISPLAY_MSG, timeout=30
+    )
+    assert isinstance(drawn, Message)
+    inputs = connect()
+    assert inputs.link(ChannelType.INPUTS, session_id) is LinkError.OK
+    return Channels(session_id, main, display, inputs)
 
 
 def ws_client(url: str) -> TestClient:

@@ -30,12 +30,14 @@ from broker_spice.protocol import (
 )
 from servedbroker import CLI
 from spicebroker import (
+    FIRST_DISPLAY_MSG,
     Broker,
     RemoteViewer,
     WebSocketSock,
     connect_client,
     display_init,
     link_main,
+    link_session,
     spice_guest,
     ws_client,
 )
@@ -45,8 +47,6 @@ from websockets.exceptions import InvalidStatus
 from broker.testbed import Testbed
 
 pytestmark = pytest.mark.vm
-#: spice-server's display messages (SPICE_MSG_DISPLAY_*) start at 101.
-FIRST_DISPLAY_MSG = 101
 CHANNEL_REFUSED = 4107
 #: SPICE_MSG_MAIN_CHANNELS_LIST: QEMU's answer to ATTACH_CHANNELS.
 MSG_MAIN_CHANNELS_LIST = 104
@@ -82,19 +82,9 @@ def test_channels_link_through_the_broker_and_are_bound_to_their_session(
     dom = spice_guest(testbed, mode)
     try:
         url = broker.token(dom.name())["websocket"]
-        main = ws_client(url)
-        session_id = link_main(main)
-
-        display = ws_client(url)
-        assert display.link(ChannelType.DISPLAY, session_id) is LinkError.OK
-        display_init(display)
-        drawn = display.wait_for(
-            lambda e: isinstance(e, Message) and e.type >= FIRST_DISPLAY_MSG, timeout=30
-        )
-        assert isinstance(drawn, Message)
-
-        inputs = ws_client(url)
-        assert inputs.link(ChannelType.INPUTS, session_id) is LinkError.OK
+        channels = link_session(lambda: ws_client(url))
+        main, display, inputs = channels.main, channels.display, channels.inputs
+        session_id = channels.session_id
 
         # a channel naming another session is refused by the broker itself
         foreign = ws_client(url)
@@ -255,17 +245,9 @@ def test_native_channels_link_through_connect_with_what_the_vv_file_says(
         vv = doc["vv"]
         assert "type=spice" in vv and f"proxy=http://127.0.0.1:{broker.connect_port}" in vv
         assert "delete-this-file=1" in vv and "127.0.0.1:59" not in vv
-        main = connect_client(vv)
-        session_id = link_main(main)
-        display = connect_client(vv)
-        assert display.link(ChannelType.DISPLAY, session_id) is LinkError.OK
-        display_init(display)
-        drawn = display.wait_for(
-            lambda e: isinstance(e, Message) and e.type >= FIRST_DISPLAY_MSG, timeout=30
-        )
-        assert isinstance(drawn, Message)
-        inputs = connect_client(vv)
-        assert inputs.link(ChannelType.INPUTS, session_id) is LinkError.OK
+        channels = link_session(lambda: connect_client(vv))
+        main, display, inputs = channels.main, channels.display, channels.inputs
+        session_id = channels.session_id
         foreign = connect_client(vv)
         assert foreign.link(ChannelType.CURSOR, session_id ^ 0x5A5A) is LinkError.BAD_CONNECTION_ID
         for client in (foreign, inputs, display, main):

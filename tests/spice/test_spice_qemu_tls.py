@@ -22,7 +22,6 @@ from xml.etree import ElementTree
 
 import libvirt
 import pytest
-from broker_spice.protocol import ChannelType, LinkError, Message
 from certs import make_certificates
 from qemutls import TLSGuests
 from spicebroker import (
@@ -30,15 +29,12 @@ from spicebroker import (
     RemoteViewer,
     WebSocketSock,
     connect_client,
-    display_init,
-    link_main,
+    link_session,
     ws_client,
 )
 from websockets.exceptions import InvalidStatus
 
 pytestmark = [pytest.mark.vm, pytest.mark.qemu_tls]
-#: spice-server's display messages (SPICE_MSG_DISPLAY_*) start at 101.
-FIRST_DISPLAY_MSG = 101
 
 
 @pytest.fixture(scope="module")
@@ -76,19 +72,7 @@ def test_channels_link_over_tls_to_qemu(
     broker = _broker(tmp_path, f'tls_ca = "{qemu_tls.certificates["ca"]}"\n')
     try:
         url = broker.token(guest.name())["websocket"]
-        main = ws_client(url)
-        session_id = link_main(main)
-        display = ws_client(url)
-        assert display.link(ChannelType.DISPLAY, session_id) is LinkError.OK
-        display_init(display)
-        drawn = display.wait_for(
-            lambda e: isinstance(e, Message) and e.type >= FIRST_DISPLAY_MSG, timeout=30
-        )
-        assert isinstance(drawn, Message)
-        inputs = ws_client(url)
-        assert inputs.link(ChannelType.INPUTS, session_id) is LinkError.OK
-        for client in (inputs, display, main):
-            client.close()
+        link_session(lambda: ws_client(url)).close()
     finally:
         broker.stop()
     opened = broker.events("session.opened")
@@ -147,17 +131,7 @@ def test_native_channels_link_with_tls_on_both_legs(tls_broker: Broker, guest: A
     vv = section["virt-viewer"]
     assert vv["tls-port"] == "443" and "port" not in vv and vv["host-subject"] == "CN=server"
     assert doc["file"].startswith("https://")
-    main = connect_client(doc["vv"])
-    session_id = link_main(main)
-    display = connect_client(doc["vv"])
-    assert display.link(ChannelType.DISPLAY, session_id) is LinkError.OK
-    display_init(display)
-    drawn = display.wait_for(
-        lambda e: isinstance(e, Message) and e.type >= FIRST_DISPLAY_MSG, timeout=30
-    )
-    assert isinstance(drawn, Message)
-    inputs = connect_client(doc["vv"])
-    assert inputs.link(ChannelType.INPUTS, session_id) is LinkError.OK
+    channels = link_session(lambda: connect_client(doc["vv"]))
     # a client that trusts another CA does not get through (while the session lives, the
     # tunnel is admitted and its TLS handshake fails)
     stranger = make_certificates(Path(tls_broker.directory) / "stranger")["ca"]
@@ -166,8 +140,7 @@ def test_native_channels_link_with_tls_on_both_legs(tls_broker: Broker, guest: A
     )
     with pytest.raises(ssl.SSLCertVerificationError):
         connect_client(other)
-    for client in (inputs, display, main):
-        client.close()
+    channels.close()
 
 
 @pytest.mark.skipif(not shutil.which("remote-viewer") or not shutil.which("Xvfb"),

@@ -5,8 +5,6 @@ qemu.conf, which the shared test bed does not switch on.)"""
 
 from __future__ import annotations
 
-import datetime
-import ipaddress
 import socket
 import ssl
 import threading
@@ -20,59 +18,9 @@ from broker_vnc.rfb import (
     ServerInit,
     StartTLS,
 )
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import NameOID
+from certs import make_certificates
 from rfb_reference_des import reference_vnc_response
 from rfb_transcripts import CHALLENGE, V38, server_init, u8, u32
-
-
-def _certificates(directory: Path) -> tuple[Path, Path, Path]:
-    """A CA, and a server certificate for 127.0.0.1 signed by it."""
-    now = datetime.datetime.now(datetime.UTC)
-    ca_key, key = ec.generate_private_key(ec.SECP256R1()), ec.generate_private_key(ec.SECP256R1())
-    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "test CA")])
-    ca = (
-        x509.CertificateBuilder()
-        .subject_name(ca_name)
-        .issuer_name(ca_name)
-        .public_key(ca_key.public_key())
-        .serial_number(1)
-        .not_valid_before(now - datetime.timedelta(minutes=5))
-        .not_valid_after(now + datetime.timedelta(hours=1))
-        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-        .add_extension(
-            x509.KeyUsage(False, False, False, False, False, True, True, False, False),
-            critical=True,
-        )
-        .sign(ca_key, hashes.SHA256())
-    )
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "qemu")]))
-        .issuer_name(ca_name)
-        .public_key(key.public_key())
-        .serial_number(2)
-        .not_valid_before(now - datetime.timedelta(minutes=5))
-        .not_valid_after(now + datetime.timedelta(hours=1))
-        .add_extension(
-            x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
-            critical=False,
-        )
-        .sign(ca_key, hashes.SHA256())
-    )
-    paths = directory / "ca.pem", directory / "server.pem", directory / "server-key.pem"
-    paths[0].write_bytes(ca.public_bytes(serialization.Encoding.PEM))
-    paths[1].write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    paths[2].write_bytes(
-        key.private_bytes(
-            serialization.Encoding.PEM,
-            serialization.PrivateFormat.PKCS8,
-            serialization.NoEncryption(),
-        )
-    )
-    return paths
 
 
 def _recv(sock: socket.socket, size: int) -> bytes:
@@ -111,7 +59,8 @@ def _vencrypt_server(sock: socket.socket, context: ssl.SSLContext, seen: dict[st
 
 
 def test_vencrypt_x509vnc_with_real_tls(tmp_path: Path) -> None:
-    ca, cert, key = _certificates(tmp_path)
+    paths = make_certificates(tmp_path)
+    ca, cert, key = paths["ca"], paths["server"], paths["server-key"]
     server_context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     server_context.load_cert_chain(cert, key)
     client_context = ssl.create_default_context(cafile=str(ca))
@@ -159,9 +108,10 @@ def test_vencrypt_x509vnc_with_real_tls(tmp_path: Path) -> None:
 def test_tls_layer_refuses_an_unverifiable_server(tmp_path: Path) -> None:
     """The point of X509*: the I/O layer verifies the certificate (here against
     a CA that did not sign it), and the session never gets past StartTLS."""
-    _, cert, key = _certificates(tmp_path)
+    paths = make_certificates(tmp_path)
+    cert, key = paths["server"], paths["server-key"]
     (tmp_path / "other").mkdir()
-    wrong_ca, _, _ = _certificates(tmp_path / "other")  # a fresh, unrelated CA
+    wrong_ca = make_certificates(tmp_path / "other")["ca"]  # a fresh, unrelated CA
     server_context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     server_context.load_cert_chain(cert, key)
     ours, theirs = socket.socketpair()
