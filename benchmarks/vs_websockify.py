@@ -22,7 +22,8 @@ children included, per GiB moved each way; the round trip of 100-byte echoes
 through it against straight to the console over TCP; and how many idle sessions
 it holds at once (opened one after the other until the target, the open-file limit,
 a time budget, the memory guard or repeated failures), with the memory (PSS) and
-CPU each one costs.
+CPU each one costs. Every process of the benchmark raises its open-file limit as far
+as it may, and the output says how far that was.
 
     .venv/bin/pip install -e '.[bench]'
     .venv/bin/python benchmarks/vs_websockify.py [--mib 1024] [--sessions 10000]
