@@ -38,7 +38,6 @@ const CLOSE_MESSAGES = {
     4104: 'The session ended: the browser sent a message the broker cannot check.',
     4105: 'The session ended: the VM\'s VNC server broke the protocol.',
     4106: 'The broker could not log in to the VM\'s VNC server (its password or TLS settings).',
-    4107: 'The broker refused a connection of this session (its policy).',
     4107: 'The broker refused a channel of this session (its policy).',
 };
 
@@ -121,6 +120,12 @@ function start() {
     const claims = tokenClaims(token);
     status.viewOnly = claims.rights === 'view';
     $('view-only').hidden = !status.viewOnly;
+    if (status.viewOnly) {
+        // noVNC in view-only mode ignores the VM's clipboard, and the broker drops what
+        // the page would send: the clipboard box could only mislead.
+        $('clipboard-toggle').disabled = true;
+        $('clipboard-toggle').title = 'The clipboard is not available in view-only sessions';
+    }
 
     let closeEvent = null;
     let securityReason = '';
@@ -183,9 +188,12 @@ function start() {
         event.target.value = '';
         if (combo) sendCombo(combo);
     });
+    // The bar's controls hand the keyboard back to the VM's screen, or the next key
+    // would go to the control (Space would toggle it again) instead of the VM.
     $('scale').addEventListener('change', (event) => {
         rfb.scaleViewport = event.target.checked;
         rfb.clipViewport = false;
+        rfb.focus();
     });
     $('clipboard-toggle').addEventListener('click', (event) => {
         const panel = $('clipboard');
@@ -202,6 +210,7 @@ function start() {
         } else {
             document.documentElement.requestFullscreen().catch(() => {});
         }
+        rfb.focus();
     });
     document.addEventListener('fullscreenchange', () => {
         $('fullscreen').textContent = document.fullscreenElement ? 'Leave full screen' : 'Full screen';
