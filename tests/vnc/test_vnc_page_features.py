@@ -30,6 +30,7 @@ What each feature does is proven where it lands, not in the page:
 from __future__ import annotations
 
 import re
+import tempfile
 import time
 from collections.abc import Iterator
 from contextlib import suppress
@@ -149,6 +150,17 @@ def _serial_has(serial: SerialConsole, text: str, timeout: float) -> bool:
     return False
 
 
+def _expect_serial(browser: Any, serial: SerialConsole, text: str) -> None:
+    """*text* arrives on the guest's serial port; if not, the page is saved as a
+    screenshot (the guest's screen shows what its shell got)."""
+    if _serial_has(serial, text, 60):
+        return
+    shot = Path(tempfile.mkdtemp(prefix="vnc-page-")) / "screen.png"
+    browser.save_screenshot(str(shot))
+    raise AssertionError(f"{text!r} never reached the serial port (the page: {shot}); "
+                         f"its last output: {serial.output[-300:]!r}")
+
+
 #: Characters typed with Shift held, and the key that carries them (US layout).
 SHIFTED = {">": ".", "$": "4", "(": "9", ")": "0", "*": "8", "|": "\\", "_": "-"} | {
     chr(c): chr(c + 32) for c in range(ord("A"), ord("Z") + 1)
@@ -179,9 +191,9 @@ def _type(browser: Any, text: str, *, focus: bool = True) -> None:
 
 
 def _choose_key(browser: Any, value: str) -> None:
-    from selenium.webdriver.support.ui import Select
-
-    Select(browser.find_element("id", "keys")).select_by_value(value)
+    """Open the Keys menu and choose *value* (its button's ``data-combo``)."""
+    browser.find_element("id", "keys").click()
+    browser.find_element("css selector", f"#keys-menu button[data-combo='{value}']").click()
 
 
 #: What QEMU's input layer receives for each entry of the page's key menu (QEMU's key
@@ -254,7 +266,7 @@ def test_typed_and_menu_keys_reach_the_guest(
     _open(window, served.token(dom.name())["page"])
     # Typed on the canvas: the VGA console's shell runs it.
     _type(window, "echo page-typed >/dev/ttyS0\n")
-    assert _serial_has(serial, "page-typed", 60), serial.output[-500:]
+    _expect_serial(window, serial, "page-typed")
 
     # Every entry of the menu reaches QEMU as the keys it names, in order.
     trace = KeyTrace(dom)
@@ -262,9 +274,22 @@ def test_typed_and_menu_keys_reach_the_guest(
     for value, codes in MENU_KEYS.items():
         _choose_key(window, value)
         expected += _pressed_and_released(codes)
-        # The menu is a command, not a setting: it returns to its title.
-        assert window.find_element("id", "keys").get_attribute("value") == ""
+        assert window.find_element("id", "keys-menu").is_displayed() is False  # closed
     assert trace.wait_for(len(expected)) == expected
+
+    # From the keyboard: moving onto the menu sends nothing (a <select> sent a
+    # combination per arrow key); Enter opens it, Enter sends the first entry.
+    trace = KeyTrace(dom)
+    window.execute_script("document.getElementById('keys').focus()")
+    ActionChains(window).send_keys(Keys.ARROW_DOWN).send_keys(Keys.ARROW_DOWN).perform()
+    time.sleep(1)
+    assert trace.keys() == []
+    ActionChains(window).send_keys(Keys.RETURN).perform()
+    assert window.find_element("id", "keys-menu").is_displayed()
+    ActionChains(window).send_keys(Keys.RETURN).perform()
+    first = _pressed_and_released(next(iter(MENU_KEYS.values())))
+    assert trace.wait_for(len(first)) == first
+    assert window.find_element("id", "keys-menu").is_displayed() is False
 
     # And the guest acts on them: Ctrl+Alt+Fn (and Alt+Fn) switch its virtual terminal
     # (to one that exists: opening a VT allocates it).
@@ -286,7 +311,7 @@ def test_typed_and_menu_keys_reach_the_guest(
     # drops what Esc and Tab left on the shell's line).
     ActionChains(window).key_down(Keys.CONTROL).send_keys("c").key_up(Keys.CONTROL).perform()
     _type(window, "echo after-menu >/dev/ttyS0\n", focus=False)
-    assert _serial_has(serial, "after-menu", 60), serial.output[-500:]
+    _expect_serial(window, serial, "after-menu")
 
 
 def _message(browser: Any) -> tuple[int, str]:
@@ -366,7 +391,7 @@ def test_a_view_only_page_sends_no_input_and_the_broker_drops_it_anyway(
     _open(window, served.token(dom.name())["page"])
     assert trace.keys() == []
     _type(window, "echo full-typed >/dev/ttyS0\n")
-    assert _serial_has(serial, "full-typed", 60), serial.output[-500:]
+    _expect_serial(window, serial, "full-typed")
     assert trace.keys()
     assert b"view-typed" not in serial.output and b"view-leak" not in serial.output
 
@@ -475,4 +500,4 @@ def test_scale_and_full_screen(
     # Each of these controls hands the keyboard back to the VM's screen: typing goes on
     # without a click on it (a key would otherwise press the control again).
     _type(window, "echo after-controls >/dev/ttyS0\n", focus=False)
-    assert _serial_has(serial, "after-controls", 60), serial.output[-500:]
+    _expect_serial(window, serial, "after-controls")

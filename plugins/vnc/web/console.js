@@ -41,8 +41,8 @@ const CLOSE_MESSAGES = {
     4107: 'The broker refused a channel of this session (its policy).',
 };
 
-// Key combinations of the "Keys" menu: [keysym name, KeyboardEvent.code] pressed in order,
-// released in reverse.
+// Key combinations of the "Keys" menu (its buttons' data-combo) and the Ctrl+Alt+Del
+// button: [keysym name, KeyboardEvent.code] pressed in order, released in reverse.
 const COMBOS = {
     'ctrl-alt-del': [['XK_Control_L', 'ControlLeft'], ['XK_Alt_L', 'AltLeft'], ['XK_Delete', 'Delete']],
     'ctrl-alt-backspace': [['XK_Control_L', 'ControlLeft'], ['XK_Alt_L', 'AltLeft'],
@@ -74,12 +74,20 @@ function setState(state, text) {
     $('state').textContent = text;
 }
 
+const keysMenu = $('keys-menu');
+
+function setKeysMenu(open) {
+    keysMenu.hidden = !open;
+    $('keys').setAttribute('aria-expanded', String(open));
+}
+
 function showEnd(message, detail) {
     status.message = message;
     $('message-text').textContent = message;
     $('message-detail').textContent = detail || '';
     $('message').hidden = false;
     for (const id of controls) $(id).disabled = true;
+    setKeysMenu(false);
 }
 
 // The token's claims, for the page's own display only (the broker enforces them).
@@ -183,11 +191,28 @@ function start() {
         rfb.focus();
     };
     $('ctrl-alt-del').addEventListener('click', () => sendCombo(COMBOS['ctrl-alt-del']));
-    $('keys').addEventListener('change', (event) => {
-        const combo = COMBOS[event.target.value];
-        event.target.value = '';
-        if (combo) sendCombo(combo);
+    // The Keys menu: a button opening a list of buttons, so that a combination is sent
+    // only when chosen (a <select> sends one per arrow key: Chrome fires its change
+    // event as the keyboard moves through the options).
+    $('keys').addEventListener('click', () => {
+        const open = keysMenu.hidden;
+        setKeysMenu(open);
+        if (open) keysMenu.querySelector('button').focus();
     });
+    keysMenu.addEventListener('click', (event) => {
+        const combo = COMBOS[event.target.dataset.combo];
+        if (!combo) return;
+        setKeysMenu(false);
+        sendCombo(combo);
+    });
+    keysMenu.addEventListener('keydown', (event) => {
+        if (event.key !== 'Escape') return;
+        setKeysMenu(false);
+        $('keys').focus();
+    });
+    document.addEventListener('pointerdown', (event) => {
+        if (!event.target.closest('.menu')) setKeysMenu(false);
+    }, true);
     // The bar's controls hand the keyboard back to the VM's screen, or the next key
     // would go to the control (Space would toggle it again) instead of the VM.
     $('scale').addEventListener('change', (event) => {
