@@ -137,8 +137,10 @@ class BenchResolver:
 
     async def open(self, target: Any) -> Any:
         from broker.service._session import Endpoint
+        from broker.service._sockstream import open_tcp
 
-        stream = await anyio.connect_tcp("127.0.0.1", self.console_port)
+        # the console socket stream the broker's own resolver opens in tcp mode
+        stream = await open_tcp("127.0.0.1", self.console_port)
         return Endpoint(stream, "tcp", f"127.0.0.1:{self.console_port}")
 
     async def ending_for(self, domain_uuid: str) -> None:

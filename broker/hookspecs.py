@@ -174,7 +174,10 @@ def console_broker_session_handler(protocol: str, config: Config) -> SessionHand
     :func:`broker.service.raw_proxy` is a complete handler that does just that.
 
     A handler ends its session with a reason of the core's table (a close code,
-    docs/service.md) by raising :class:`broker.service.Refused`; any other
+    docs/service.md) by raising :class:`broker.service.Refused`. An error of the
+    console's stream that escapes (``anyio.EndOfStream``, ``BrokenResourceError``,
+    ``ClosedResourceError``, a ``ConnectionError``, alone or in a task group) ends it as
+    if the handler had returned: the console closed, or the VM stopped. Any other
     exception ends it as ``internal_error``.
 
     :param protocol: a protocol name declared by ``console_broker_protocols``.

@@ -184,6 +184,20 @@ def _plugin_refusal(exc: Exception) -> Refused | None:
     return None
 
 
+#: What a console's stream raises once its other end has gone.
+_CONSOLE_GONE = (anyio.EndOfStream, anyio.BrokenResourceError, anyio.ClosedResourceError,
+                 ConnectionError)
+
+
+def _console_gone(exc: BaseException) -> bool:
+    """Whether *exc* (or every exception of a group) says the console's end went away: a
+    handler that let it escape ends its session as if it had returned (the core then
+    tells a stopped VM from a closed console)."""
+    if isinstance(exc, BaseExceptionGroup):
+        return all(_console_gone(inner) for inner in exc.exceptions)
+    return isinstance(exc, _CONSOLE_GONE)
+
+
 def _host_port(address: Any) -> tuple[str, int]:
     return (str(address[0]), int(address[1]))
 
@@ -909,7 +923,10 @@ class Broker:
                 self.metrics.sessions_active.labels(protocol.name).dec()
         except Exception as exc:
             refused = _plugin_refusal(exc)
-            if refused is None:
+            if refused is None and _console_gone(exc):
+                # the console's end broke under the handler: as if it had returned
+                log.debug("session.console_gone", error=type(exc).__name__)
+            elif refused is None:
                 log.exception("session.failed")
                 ending = INTERNAL_ERROR
             else:

@@ -62,6 +62,7 @@ from broker.service._refusals import (
     Refused,
 )
 from broker.service._session import Endpoint
+from broker.service._sockstream import open_socket, open_tcp, open_unix
 from broker.service._tls import ConsoleTLS, tls_error
 from broker.service._wsendpoint import connect_websocket_endpoint
 from broker.tokens import Claims
@@ -175,10 +176,7 @@ async def _connect_tls(target: Target) -> anyio.abc.ByteStream:
     assert plan.host is not None and plan.port is not None and tls is not None
     context, name = tls.for_address(plan.host)
     try:
-        return await anyio.connect_tcp(
-            plan.host, plan.port, ssl_context=context, tls_hostname=name,
-            tls_standard_compatible=False,
-        )
+        return await open_tcp(plan.host, plan.port, ssl_context=context, server_hostname=name)
     except ssl.SSLError as exc:
         reason = CONSOLE_AUTH_FAILED if isinstance(exc, ssl.SSLCertVerificationError) else (
             CONSOLE_UNREACHABLE
@@ -365,12 +363,12 @@ class LibvirtResolver:
         try:
             if plan.kind == "tcp":
                 assert plan.host is not None and plan.port is not None
-                stream: anyio.abc.ByteStream = await anyio.connect_tcp(plan.host, plan.port)
+                stream: anyio.abc.ByteStream = await open_tcp(plan.host, plan.port)
             elif plan.kind == "tls":
                 stream = await _connect_tls(target)
             elif plan.kind == "unix":
                 assert plan.path is not None
-                stream = await anyio.connect_unix(plan.path)
+                stream = await open_unix(plan.path)
             else:
                 assert plan.host is not None and plan.port is not None
                 stream = await connect_websocket_endpoint(plan.host, plan.port)
@@ -391,7 +389,7 @@ class LibvirtResolver:
             raise Refused(CONSOLE_UNREACHABLE, _message(exc)) from None
         sock = socket.socket(fileno=fd)
         try:
-            stream = await anyio.abc.SocketStream.from_socket(sock)
+            stream = await open_socket(sock)
         except BaseException:
             sock.close()
             raise

@@ -254,7 +254,10 @@ class VNCSessionHandler:
             out = client.data_to_send()
             if out:
                 session.traffic.count_to_console(len(out))
-                await stream.send(out)
+                try:
+                    await stream.send(out)
+                except _CONSOLE_ERRORS:
+                    raise _ConsoleGone from None
             if event is NEED_DATA:
                 try:
                     data: bytes | None = await stream.receive(_HANDSHAKE_READ)

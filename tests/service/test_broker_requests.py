@@ -527,11 +527,12 @@ class _HookPlugin:
         return [
             Protocol(name="two-vnc", title="two", console="vnc", view_only=True),
             Protocol(name="broken", title="broken", console="vnc"),
+            Protocol(name="gone", title="gone", console="vnc"),
         ]
 
     @hookimpl
     def console_broker_session_handler(self, protocol: str) -> SessionHandler | None:
-        return {"two-vnc": self.two, "broken": self.broken}.get(protocol)
+        return {"two-vnc": self.two, "broken": self.broken, "gone": self.gone}.get(protocol)
 
     async def two(self, session: Session) -> None:
         self.seen.append(session)
@@ -541,6 +542,14 @@ class _HookPlugin:
 
     async def broken(self, session: Session) -> None:
         raise RuntimeError("plugin bug")
+
+    async def gone(self, session: Session) -> None:
+        async with anyio.create_task_group() as group:  # as a plugin's two directions would
+            group.start_soon(self._console_breaks, session)
+
+    @staticmethod
+    async def _console_breaks(session: Session) -> None:
+        raise anyio.BrokenResourceError  # what a console's stream raises once it is gone
 
 
 async def test_the_session_hook_gets_a_session_and_the_core_closes_everything(
@@ -567,3 +576,9 @@ async def test_the_session_hook_gets_a_session_and_the_core_closes_everything(
         with structlog.testing.capture_logs() as logs:
             assert await closed_with(running.url("broken", token)) == (1011, "internal error")
         assert any(entry["event"] == "session.failed" for entry in logs)
+
+        # a console error a handler lets escape is the console closing, not a plugin bug
+        token = issuer.issue(DOMAIN, "gone", ttl=60).token
+        with structlog.testing.capture_logs() as logs:
+            assert await closed_with(running.url("gone", token)) == (1000, "console closed")
+        assert not any(entry["event"] == "session.failed" for entry in logs)
