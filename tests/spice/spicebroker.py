@@ -184,6 +184,21 @@ def link_session(connect: Callable[[], TestClient]) -> Channels:
     return Channels(session_id, main, display, inputs)
 
 
+def close_code(client: TestClient, timeout: float = 5.0) -> int | None:
+    """The close code of a channel over a WebSocket (reading on until it closes)."""
+    sock = client.sock
+    assert isinstance(sock, WebSocketSock)
+    deadline = time.monotonic() + timeout
+    sock.settimeout(0.5)
+    while sock.close_code is None and time.monotonic() < deadline:
+        try:
+            if not sock.recv(65536) and sock.close_code is None:
+                break
+        except TimeoutError:
+            continue
+    return sock.close_code
+
+
 def ws_client(url: str) -> TestClient:
     """A SPICE test client whose channel goes over a WebSocket to *url*."""
     ws = connect(url, subprotocols=["binary"], open_timeout=10, legacy=True)  # type: ignore[list-item]

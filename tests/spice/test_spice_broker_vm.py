@@ -33,7 +33,7 @@ from spicebroker import (
     FIRST_DISPLAY_MSG,
     Broker,
     RemoteViewer,
-    WebSocketSock,
+    close_code,
     connect_client,
     display_init,
     link_main,
@@ -62,19 +62,6 @@ def broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Broker]:
     served.assert_no_token_logged()
 
 
-def _close_code(client: TestClient, timeout: float = 5.0) -> int | None:
-    sock = client.sock
-    assert isinstance(sock, WebSocketSock)
-    deadline = time.monotonic() + timeout
-    sock.settimeout(0.5)
-    while sock.close_code is None and time.monotonic() < deadline:
-        try:
-            sock.recv(65536)
-        except TimeoutError:
-            continue
-    return sock.close_code
-
-
 @pytest.mark.parametrize("mode", ["fd", "tcp"])
 def test_channels_link_through_the_broker_and_are_bound_to_their_session(
     broker: Broker, testbed: Testbed, mode: str
@@ -89,7 +76,7 @@ def test_channels_link_through_the_broker_and_are_bound_to_their_session(
         # a channel naming another session is refused by the broker itself
         foreign = ws_client(url)
         assert foreign.link(ChannelType.CURSOR, session_id ^ 0x5A5A) is LinkError.BAD_CONNECTION_ID
-        assert _close_code(foreign) == CHANNEL_REFUSED
+        assert close_code(foreign) == CHANNEL_REFUSED
         # a second main channel would start another session with the same token
         second_main = ws_client(url)
         assert second_main.link(ChannelType.MAIN, 0) is LinkError.PERMISSION_DENIED
@@ -121,7 +108,7 @@ def test_a_view_only_session_gets_no_inputs_channel(broker: Broker, testbed: Tes
         display_init(display)
         inputs = ws_client(url)
         assert inputs.link(ChannelType.INPUTS, session_id) is LinkError.PERMISSION_DENIED
-        assert _close_code(inputs) == CHANNEL_REFUSED
+        assert close_code(inputs) == CHANNEL_REFUSED
         display.close()
         main.close()
     finally:
@@ -166,6 +153,24 @@ def test_a_view_only_main_channel_drops_agent_messages_and_stays_up(
     uuid = dom.UUIDString()
     dropped = [e for e in broker.events("spice.view_only_dropped") if e.get("domain") == uuid]
     assert {e["message_type"] for e in dropped} == {105, 106, 107, 108}
+
+
+def test_every_channel_closes_with_4100_when_the_vm_stops(
+    broker: Broker, testbed: Testbed
+) -> None:
+    dom = spice_guest(testbed, "fd")
+    try:
+        url = broker.token(dom.name())["websocket"]
+        channels = link_session(lambda: ws_client(url))
+        dom.destroy()
+        codes = [close_code(c, timeout=10) for c in (channels.main, channels.display,
+                                                     channels.inputs)]
+        assert codes == [4100, 4100, 4100]
+        with pytest.raises(InvalidStatus) as refused:
+            ws_client(broker.token(dom.name())["websocket"])
+        assert refused.value.response.status_code == 409  # vm_not_running
+    finally:
+        testbed.remove(dom)
 
 
 def test_a_client_vanishing_before_display_init_leaves_the_vm_running(

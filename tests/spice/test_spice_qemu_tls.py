@@ -15,7 +15,6 @@ from __future__ import annotations
 import configparser
 import shutil
 import ssl
-import time
 from pathlib import Path
 from typing import Any
 from xml.etree import ElementTree
@@ -27,7 +26,7 @@ from qemutls import TLSGuests
 from spicebroker import (
     Broker,
     RemoteViewer,
-    WebSocketSock,
+    close_code,
     connect_client,
     link_session,
     ws_client,
@@ -51,19 +50,6 @@ def guest(qemu_tls: TLSGuests) -> Any:
 def _broker(directory: Path, spice: str = "", **kwargs: Any) -> Broker:
     directory.mkdir(parents=True, exist_ok=True)
     return Broker(directory, extra=f"[spice]\n{spice}", **kwargs)
-
-
-def _close_code(client: Any, timeout: float = 10.0) -> int | None:
-    sock = client.sock
-    assert isinstance(sock, WebSocketSock)
-    deadline = time.monotonic() + timeout
-    while sock.close_code is None and time.monotonic() < deadline:
-        try:
-            if not sock.recv(65536):
-                break
-        except TimeoutError:
-            continue
-    return sock.close_code
 
 
 def test_channels_link_over_tls_to_qemu(
@@ -101,7 +87,7 @@ def test_a_certificate_from_another_ca_is_refused(guest: Any, tmp_path: Path) ->
     broker = _broker(tmp_path / "broker", f'tls_ca = "{other["ca"]}"\n')
     try:
         main = ws_client(broker.token(guest.name())["websocket"])
-        assert _close_code(main) == 4106  # console_auth_failed
+        assert close_code(main, timeout=10) == 4106  # console_auth_failed
     finally:
         broker.stop()
     ended = broker.events("request.refused")
