@@ -3,7 +3,8 @@
 Theory of operation. websockets' asyncio server accepts connections; for
 each request, :meth:`Broker._process_request` decides before any upgrade:
 
-1. plain HTTP (``/healthz``, ``/metrics``, console pages) is answered at once;
+1. plain HTTP (``/healthz``, ``/metrics``, console pages, client files) is answered
+   at once;
 2. a WebSocket request is checked, cheapest first and without touching the
    token until it must: a real upgrade, a known protocol, the Origin, then the
    token (verified and used up), the session limits, and the resolver (domain
@@ -16,7 +17,9 @@ the console endpoint and awaits the protocol plugin's session handler inside
 a cancel scope the broker holds. The broker ends a session by cancelling
 that scope with a reason (VM stopped, idle, shutting down); whichever way the
 handler ends, the broker closes the WebSocket with the reason's close code,
-closes the endpoints and releases the slot.
+closes the endpoints and releases the slot. Native clients come in through the
+HTTP CONNECT listener (:mod:`broker.service._tunnels`), which has the broker admit
+each tunnel's token the same way and run its session on the tunnel.
 
 No log line holds a token: requests are logged by route and reason, never
 by target, and websockets' own request logging is silenced (see ``_logging``).
@@ -41,7 +44,6 @@ import anyio
 import anyio.abc
 import attrs
 import structlog
-from anyio.streams.tls import TLSStream
 from websockets.asyncio.server import Server, ServerConnection, serve
 from websockets.datastructures import Headers
 from websockets.http11 import Request, Response
@@ -52,14 +54,7 @@ import broker
 from broker.config import Config
 from broker.hookspecs import ClientFile, Page, Protocol
 from broker.plugins import PluginError, PluginManager
-from broker.service._connect import (
-    MAX_HEAD,
-    TLS_PORT,
-    ConnectError,
-    ConnectParser,
-    ConnectRequest,
-    token_for_handle,
-)
+from broker.service._connect import token_for_handle
 from broker.service._libvirt import Resolver, Target
 from broker.service._limits import Limits, SessionCounts
 from broker.service._metrics import CONTENT_TYPE, Metrics
@@ -102,7 +97,8 @@ from broker.service._session import (
     WebSocketChannel,
 )
 from broker.service._shared import SharedEndpoints
-from broker.service._tls import ConsoleTLS, tls_error
+from broker.service._tls import ConsoleTLS
+from broker.service._tunnels import TunnelListener
 from broker.tokens import Claims, TokenRefused, TokenVerifier
 
 _log = structlog.get_logger("broker.service")
@@ -353,7 +349,15 @@ class Broker:
                     _host_port(listener.extra(anyio.abc.SocketAttribute.local_address))  # noqa: S610
                     for listener in tunnels.listeners
                 ]
-                group.start_soon(self._serve_tunnels, tunnels, tunnel_scope)
+                listener = TunnelListener(
+                    admit=self._admit_tunnel,
+                    run=self._run_session,
+                    count_refusal=lambda reason: self.metrics.refusals.labels(reason).inc(),
+                    ssl_context=self._ssl,
+                    handshake_timeout=config.limits.handshake_timeout,
+                    read_size=config.proxy.read_size,
+                )
+                group.start_soon(listener.serve, tunnels, tunnel_scope)
                 _log.info(
                     "broker.connect_listening",
                     addresses=[f"{host}:{port}" for host, port in self.connect_addresses],
@@ -651,96 +655,6 @@ class Broker:
 
     # --- HTTP CONNECT (native clients) ---------------------------------------------------
 
-    async def _serve_tunnels(
-        self, tunnels: anyio.abc.Listener[anyio.abc.SocketStream], scope: anyio.CancelScope
-    ) -> None:
-        with scope:
-            async with tunnels:
-                await tunnels.serve(self._handle_connect)
-
-    async def _handle_connect(self, stream: anyio.abc.SocketStream) -> None:
-        """One tunnel: read the CONNECT head, admit its token like a WebSocket's, answer
-        200 and run the session on the tunnel (or answer the refusal's status and close)."""
-        started = time.monotonic()
-        address = stream.extra(anyio.abc.SocketAttribute.remote_address, ("?",))  # noqa: S610
-        client = str(address[0]) if isinstance(address, tuple) else "?"
-        parser = ConnectParser()
-        try:
-            with anyio.fail_after(self.config.limits.handshake_timeout):
-                while True:
-                    event = parser.next_event()
-                    if isinstance(event, ConnectRequest):
-                        break
-                    parser.receive_data(await stream.receive(MAX_HEAD))
-        except ConnectError as exc:
-            _log.info("connect.refused", reason="bad_request", detail=exc.detail, client=client,
-                      status=exc.status)
-            await self._answer_tunnel(stream, exc.status, "bad request", close=True)
-            return
-        except (TimeoutError, anyio.EndOfStream, anyio.BrokenResourceError, OSError):
-            await self._answer_tunnel(stream, 0, "", close=True)
-            return
-        why = self._tunnel_mismatch(event)
-        if why is not None:
-            _log.info("connect.refused", reason="bad_request", detail=why, client=client,
-                      status=400)
-            await self._answer_tunnel(stream, 400, why, close=True)
-            return
-        try:
-            pending = await self._admit_tunnel(event.host, client, started)
-        except Refused as exc:
-            refusal = exc.refusal
-            self.metrics.refusals.labels(refusal.reason).inc()
-            _log.info("request.refused", reason=refusal.reason, detail=exc.detail, client=client,
-                      status=refusal.status, route="connect")
-            await self._answer_tunnel(stream, refusal.status or 403, refusal.text, close=True)
-            return
-        if not await self._answer_tunnel(stream, 200, "Connection established", close=False):
-            return
-        inner: anyio.abc.ByteStream = stream
-        if self._ssl is not None:
-            tls = await self._start_tunnel_tls(stream, event, client)
-            if tls is None:
-                return
-            inner = tls
-        tunnel = TunnelChannel(inner, event.rest, self.config.proxy.read_size)
-        await self._run_session(tunnel, pending)
-
-    def _tunnel_mismatch(self, event: ConnectRequest) -> str | None:
-        """Why the target's port does not fit this broker's TLS, or None.
-
-        The port says what the tunnel carries: :data:`TLS_PORT` TLS with the broker's
-        certificate (``[tls]`` set), any other the protocol in the clear (``[tls]``
-        unset); client files name the right one."""
-        if self._ssl is not None and event.port != TLS_PORT:
-            return (f"this broker tunnels TLS only: CONNECT to port {TLS_PORT} "
-                    "(the tls-port of a connection file it made)")
-        if self._ssl is None and event.port == TLS_PORT:
-            return f"this broker has no TLS ([tls]); port {TLS_PORT} means TLS in the tunnel"
-        if self._ssl is not None and event.rest:
-            return "send nothing before the 200 answer (the TLS handshake follows it)"
-        return None
-
-    async def _start_tunnel_tls(
-        self, stream: anyio.abc.SocketStream, event: ConnectRequest, client: str
-    ) -> anyio.abc.ByteStream | None:
-        """TLS inside the tunnel, with the broker's certificate; None (the tunnel
-        closed) if the handshake fails."""
-        assert self._ssl is not None
-        try:
-            with anyio.fail_after(self.config.limits.handshake_timeout):
-                return await TLSStream.wrap(
-                    stream, server_side=True, ssl_context=self._ssl,
-                    standard_compatible=False,
-                )
-        except ssl.SSLError as exc:
-            _log.info("connect.tls_failed", client=client, detail=tls_error(exc))
-        except (TimeoutError, anyio.EndOfStream, anyio.BrokenResourceError, OSError):
-            _log.info("connect.tls_failed", client=client, detail="the client left")
-        with anyio.CancelScope(shield=True), contextlib.suppress(OSError):
-            await stream.aclose()
-        return None
-
     async def _admit_tunnel(self, handle: str, client: str, started: float) -> _Pending:
         if self._closing:
             raise Refused(SHUTDOWN)
@@ -754,31 +668,6 @@ class Broker:
             raise Refused(UNKNOWN_PROTOCOL, f"no native clients for {claims.protocol!r}")
         protocol, handler = entry
         return await self._admit(protocol, handler, token, client, started)
-
-    @staticmethod
-    async def _answer_tunnel(
-        stream: anyio.abc.SocketStream, status: int, text: str, *, close: bool
-    ) -> bool:
-        try:
-            if status:
-                phrase = "Connection established" if status == 200 else (
-                    http.HTTPStatus(status).phrase
-                )
-                body = b"" if status == 200 else (text + "\n").encode()
-                head = f"HTTP/1.1 {status} {phrase}\r\n"
-                if status != 200:
-                    head += (
-                        f"Content-Type: text/plain; charset=utf-8\r\n"
-                        f"Content-Length: {len(body)}\r\nConnection: close\r\n"
-                    )
-                await stream.send(head.encode() + b"\r\n" + body)
-        except (anyio.BrokenResourceError, anyio.ClosedResourceError, OSError):
-            close = True
-        if close:
-            with anyio.CancelScope(shield=True), contextlib.suppress(OSError):
-                await stream.aclose()
-            return False
-        return True
 
     # --- sessions -----------------------------------------------------------------------
 

@@ -1,0 +1,181 @@
+"""The HTTP CONNECT listener for native clients: one tunnel per connection.
+
+Each connection sends one ``CONNECT HANDLE:PORT`` head (parsed by
+:mod:`broker.service._connect`). The listener checks that the port fits the broker's
+TLS (:data:`~broker.service._connect.TLS_PORT` exactly when ``[tls]`` is set), has the
+broker admit the handle's token as it would a WebSocket's, answers ``200`` (or the
+refusal's status, and closes), does the TLS handshake inside the tunnel where the broker
+has TLS, and hands the tunnel to the broker as the session's client
+(:class:`~broker.service._session.TunnelChannel`). The broker owns admission and
+sessions; this module only speaks the listener's side of HTTP and TLS.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import http
+import ssl
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import anyio
+import anyio.abc
+import structlog
+from anyio.streams.tls import TLSStream
+
+from broker.service._connect import (
+    MAX_HEAD,
+    TLS_PORT,
+    ConnectError,
+    ConnectParser,
+    ConnectRequest,
+)
+from broker.service._refusals import Refused
+from broker.service._session import TunnelChannel
+from broker.service._tls import tls_error
+
+_log = structlog.get_logger("broker.service")
+
+#: Admits a tunnel: (session handle, client address, start time) -> the broker's pending
+#: session, or :class:`Refused`.
+Admit = Callable[[str, str, float], Awaitable[Any]]
+#: Runs an admitted session on its tunnel.
+Run = Callable[[TunnelChannel, Any], Awaitable[None]]
+#: Counts a refusal (its reason) in the broker's metrics.
+Count = Callable[[str], None]
+
+
+class TunnelListener:
+    """Serves CONNECT tunnels for a broker (see the module's notes)."""
+
+    def __init__(
+        self,
+        *,
+        admit: Admit,
+        run: Run,
+        count_refusal: Count,
+        ssl_context: ssl.SSLContext | None,
+        handshake_timeout: float,
+        read_size: int,
+    ) -> None:
+        self._admit = admit
+        self._run = run
+        self._count_refusal = count_refusal
+        self._ssl = ssl_context
+        self._timeout = handshake_timeout
+        self._read_size = read_size
+
+    async def serve(
+        self, listener: anyio.abc.Listener[anyio.abc.SocketStream], scope: anyio.CancelScope
+    ) -> None:
+        """Serve *listener* until *scope* is cancelled."""
+        with scope:
+            async with listener:
+                await listener.serve(self.handle)
+
+    async def handle(self, stream: anyio.abc.SocketStream) -> None:
+        """One tunnel: read the CONNECT head, admit its token like a WebSocket's, answer
+        200 and run the session on the tunnel (or answer the refusal's status and close)."""
+        started = time.monotonic()
+        address = stream.extra(anyio.abc.SocketAttribute.remote_address, ("?",))  # noqa: S610
+        client = str(address[0]) if isinstance(address, tuple) else "?"
+        parser = ConnectParser()
+        try:
+            with anyio.fail_after(self._timeout):
+                while True:
+                    event = parser.next_event()
+                    if isinstance(event, ConnectRequest):
+                        break
+                    parser.receive_data(await stream.receive(MAX_HEAD))
+        except ConnectError as exc:
+            _log.info("connect.refused", reason="bad_request", detail=exc.detail, client=client,
+                      status=exc.status)
+            await _answer(stream, exc.status, "bad request", close=True)
+            return
+        except (TimeoutError, anyio.EndOfStream, anyio.BrokenResourceError, OSError):
+            await _answer(stream, 0, "", close=True)
+            return
+        why = self.mismatch(event)
+        if why is not None:
+            _log.info("connect.refused", reason="bad_request", detail=why, client=client,
+                      status=400)
+            await _answer(stream, 400, why, close=True)
+            return
+        try:
+            pending = await self._admit(event.host, client, started)
+        except Refused as exc:
+            refusal = exc.refusal
+            self._count_refusal(refusal.reason)
+            _log.info("request.refused", reason=refusal.reason, detail=exc.detail, client=client,
+                      status=refusal.status, route="connect")
+            await _answer(stream, refusal.status or 403, refusal.text, close=True)
+            return
+        if not await _answer(stream, 200, "Connection established", close=False):
+            return
+        inner: anyio.abc.ByteStream = stream
+        if self._ssl is not None:
+            tls = await self._start_tls(stream, client)
+            if tls is None:
+                return
+            inner = tls
+        await self._run(TunnelChannel(inner, event.rest, self._read_size), pending)
+
+    def mismatch(self, event: ConnectRequest) -> str | None:
+        """Why the target's port does not fit this broker's TLS, or None.
+
+        The port says what the tunnel carries: :data:`TLS_PORT` TLS with the broker's
+        certificate (``[tls]`` set), any other the protocol in the clear (``[tls]``
+        unset); client files name the right one."""
+        if self._ssl is not None and event.port != TLS_PORT:
+            return (f"this broker tunnels TLS only: CONNECT to port {TLS_PORT} "
+                    "(the tls-port of a connection file it made)")
+        if self._ssl is None and event.port == TLS_PORT:
+            return f"this broker has no TLS ([tls]); port {TLS_PORT} means TLS in the tunnel"
+        if self._ssl is not None and event.rest:
+            return "send nothing before the 200 answer (the TLS handshake follows it)"
+        return None
+
+    async def _start_tls(
+        self, stream: anyio.abc.SocketStream, client: str
+    ) -> anyio.abc.ByteStream | None:
+        """TLS inside the tunnel, with the broker's certificate; None (the tunnel
+        closed) if the handshake fails."""
+        assert self._ssl is not None
+        try:
+            with anyio.fail_after(self._timeout):
+                return await TLSStream.wrap(
+                    stream, server_side=True, ssl_context=self._ssl,
+                    standard_compatible=False,
+                )
+        except ssl.SSLError as exc:
+            _log.info("connect.tls_failed", client=client, detail=tls_error(exc))
+        except (TimeoutError, anyio.EndOfStream, anyio.BrokenResourceError, OSError):
+            _log.info("connect.tls_failed", client=client, detail="the client left")
+        with anyio.CancelScope(shield=True), contextlib.suppress(OSError):
+            await stream.aclose()
+        return None
+
+
+async def _answer(stream: anyio.abc.SocketStream, status: int, text: str, *, close: bool) -> bool:
+    """Answer the CONNECT (nothing for *status* 0); False once the tunnel is closed."""
+    try:
+        if status:
+            phrase = "Connection established" if status == 200 else (
+                http.HTTPStatus(status).phrase
+            )
+            body = b"" if status == 200 else (text + "\n").encode()
+            head = f"HTTP/1.1 {status} {phrase}\r\n"
+            if status != 200:
+                head += (
+                    f"Content-Type: text/plain; charset=utf-8\r\n"
+                    f"Content-Length: {len(body)}\r\nConnection: close\r\n"
+                )
+            await stream.send(head.encode() + b"\r\n" + body)
+    except (anyio.BrokenResourceError, anyio.ClosedResourceError, OSError):
+        close = True
+    if close:
+        with anyio.CancelScope(shield=True), contextlib.suppress(OSError):
+            await stream.aclose()
+        return False
+    return True
