@@ -12,7 +12,8 @@ each request, :meth:`Broker._process_request` decides before any upgrade:
    with ``http.refusals = "close"``, upgrades and closes with the reason's
    close code so a browser page can tell the user why.
 
-After the upgrade, :meth:`Broker._handle` takes a slot in the limits, opens
+After the upgrade, :meth:`Broker._handle` hands the session to the
+:class:`~broker.service._sessions.SessionRunner`, which takes a slot in the limits, opens
 the console endpoint and awaits the protocol plugin's session handler inside
 a cancel scope the broker holds. The broker ends a session by cancelling
 that scope with a reason (VM stopped, idle, shutting down); whichever way the
@@ -27,12 +28,10 @@ by target, and websockets' own request logging is silenced (see ``_logging``).
 
 from __future__ import annotations
 
-import contextlib
 import email.utils
 import http
 import json
 import logging
-import secrets
 import ssl
 import time
 import weakref
@@ -47,7 +46,6 @@ import structlog
 from websockets.asyncio.server import Server, ServerConnection, serve
 from websockets.datastructures import Headers
 from websockets.http11 import Request, Response
-from websockets.protocol import State
 from websockets.typing import Subprotocol
 
 import broker
@@ -58,14 +56,9 @@ from broker.service._connect import token_for_handle
 from broker.service._libvirt import Resolver, Target
 from broker.service._limits import Limits, SessionCounts
 from broker.service._metrics import CONTENT_TYPE, Metrics
-from broker.service._pump import Traffic
 from broker.service._refusals import (
-    CLIENT_CLOSED,
-    CONSOLE_CLOSED,
-    CONSOLE_UNREACHABLE,
     FOREIGN_ORIGIN,
     HYPERVISOR_LOST,
-    IDLE_TIMEOUT,
     INTERNAL_ERROR,
     INVALID_TOKEN,
     LIMIT_REACHED,
@@ -89,39 +82,16 @@ from broker.service._request import (
     route,
 )
 from broker.service._session import (
-    Endpoint,
-    Session,
     SessionGroup,
     SessionHandler,
-    TunnelChannel,
-    WebSocketChannel,
 )
-from broker.service._shared import SharedEndpoints
+from broker.service._sessions import Pending, SessionRunner
 from broker.service._tls import ConsoleTLS
 from broker.service._tunnels import TunnelListener
 from broker.tokens import Claims, TokenRefused, TokenVerifier
 
 _log = structlog.get_logger("broker.service")
 _SERVER = f"console-broker/{broker.__version__}"
-#: How long a session whose console closed waits for libvirt to report a stop (QEMU
-#: closes its sockets as it dies; libvirt reports the stop when it has cleaned up,
-#: measured 1.2 s after ``virDomainDestroy`` began on the test bed).
-_STOP_SETTLE = 2.0
-
-
-@attrs.frozen
-class _Pending:
-    """A checked WebSocket request waiting for its upgrade."""
-
-    protocol: Protocol
-    handler: SessionHandler
-    claims: Claims
-    target: Target
-    client: str
-    started: float
-    #: The group a connection of a ``multi_connection`` protocol joins (its token was
-    #: used up by the group's first connection), else None.
-    group: SessionGroup | None = None
 
 
 @attrs.frozen
@@ -129,24 +99,6 @@ class _PendingRefusal:
     """A request to refuse after the upgrade (``http.refusals = "close"``)."""
 
     refusal: Refusal
-
-
-class _Live:
-    """An open session as the broker tracks it: how to end it, and why it ended."""
-
-    def __init__(self, session_id: str, domain: str, kind: str) -> None:
-        self.session_id = session_id
-        self.domain = domain
-        self.kind = kind
-        self.scope = anyio.CancelScope()
-        self.ending: Refusal | None = None
-        self.ended = anyio.Event()
-
-    def end(self, ending: Refusal) -> None:
-        if self.ending is None:
-            self.ending = ending
-        self.ended.set()
-        self.scope.cancel()
 
 
 def _response(
@@ -166,32 +118,6 @@ def _response(
         ]
     )
     return Response(status, http.HTTPStatus(status).phrase, all_headers, body)
-
-
-def _plugin_refusal(exc: Exception) -> Refused | None:
-    """The :class:`Refused` a session handler raised to end its session with a reason
-    (also from inside task groups), or None for any other error."""
-    if isinstance(exc, Refused):
-        return exc
-    if isinstance(exc, ExceptionGroup):
-        matched, rest = exc.split(Refused)
-        if matched is not None and rest is None:
-            return _plugin_refusal(matched.exceptions[0])
-    return None
-
-
-#: What a console's stream raises once its other end has gone.
-_CONSOLE_GONE = (anyio.EndOfStream, anyio.BrokenResourceError, anyio.ClosedResourceError,
-                 ConnectionError)
-
-
-def _console_gone(exc: BaseException) -> bool:
-    """Whether *exc* (or every exception of a group) says the console's end went away: a
-    handler that let it escape ends its session as if it had returned (the core then
-    tells a stopped VM from a closed console)."""
-    if isinstance(exc, BaseExceptionGroup):
-        return all(_console_gone(inner) for inner in exc.exceptions)
-    return isinstance(exc, _CONSOLE_GONE)
 
 
 def _host_port(address: Any) -> tuple[str, int]:
@@ -241,16 +167,10 @@ class Broker:
         self._handlers = self._load_handlers(plugins, config)
         #: TLS to consoles with a TLS port of their own, by protocol.
         self._console_tls = self._load_console_tls(plugins, config, self._handlers)
-        #: Consoles of ``shared_console`` protocols, open while a session uses them.
-        self._shared = SharedEndpoints()
-        self._sessions: dict[str, set[_Live]] = {}
-        #: Groups of ``multi_connection`` sessions, by token jti, while their first lives.
-        self._groups: dict[str, SessionGroup] = {}
-        self._pending: weakref.WeakKeyDictionary[ServerConnection, _Pending | _PendingRefusal] = (
+        self._runner = SessionRunner(config, self.metrics, resolver, self._counts)
+        self._pending: weakref.WeakKeyDictionary[ServerConnection, Pending | _PendingRefusal] = (
             weakref.WeakKeyDictionary()
         )
-        self._close_timeout = max(0.1, min(5.0, limits.shutdown_grace))
-        self._closing = False
         self._stop: anyio.Event | None = None
         self._group: anyio.abc.TaskGroup | None = None
         #: The (host, port) pairs listened on, once serving.
@@ -299,7 +219,7 @@ class Broker:
 
     @property
     def session_count(self) -> int:
-        return sum(len(lives) for lives in self._sessions.values())
+        return self._runner.count
 
     # --- running ------------------------------------------------------------------------
 
@@ -324,7 +244,7 @@ class Broker:
                 open_timeout=config.limits.handshake_timeout,
                 ping_interval=ping,
                 ping_timeout=ping,
-                close_timeout=self._close_timeout,
+                close_timeout=self._runner.close_timeout,
                 max_size=config.proxy.max_message,
                 max_queue=config.proxy.max_queue,
                 write_limit=config.proxy.write_buffer,
@@ -351,7 +271,7 @@ class Broker:
                 ]
                 listener = TunnelListener(
                     admit=self._admit_tunnel,
-                    run=self._run_session,
+                    run=self._runner.run,
                     count_refusal=lambda reason: self.metrics.refusals.labels(reason).inc(),
                     ssl_context=self._ssl,
                     handshake_timeout=config.limits.handshake_timeout,
@@ -377,13 +297,11 @@ class Broker:
             self._stop.set()
 
     async def _shutdown(self, server: Server) -> None:
-        self._closing = True
+        self._runner.closing = True
         grace = self.config.limits.shutdown_grace
         _log.info("broker.stopping", sessions=self.session_count, grace=grace)
         server.close(close_connections=False)
-        for lives in list(self._sessions.values()):
-            for live in list(lives):
-                live.end(SHUTDOWN)
+        self._runner.end_all(SHUTDOWN)
         with anyio.move_on_after(grace) as scope:
             await server.wait_closed()
         if scope.cancelled_caught:
@@ -398,24 +316,19 @@ class Broker:
     # --- resolver events ----------------------------------------------------------------
 
     def domain_gone(self, domain_uuid: str, ending: Refusal) -> None:
-        lives = self._sessions.get(domain_uuid, ())
-        if lives:
-            _log.info("domain.gone", domain=domain_uuid, reason=ending.reason, sessions=len(lives))
-        for live in list(lives):
-            live.end(ending)
+        ended = self._runner.end_domain(domain_uuid, ending)
+        if ended:
+            _log.info("domain.gone", domain=domain_uuid, reason=ending.reason, sessions=ended)
 
     def connection_lost(self) -> None:
-        for lives in list(self._sessions.values()):
-            for live in list(lives):
-                if live.kind == "stream":
-                    live.end(HYPERVISOR_LOST)
+        self._runner.end_all(HYPERVISOR_LOST, kind="stream")
 
     def connection_restored(self) -> None:
-        if self._group is not None and self._sessions:
+        if self._group is not None and self._runner.lives:
             self._group.start_soon(self._recheck_domains)
 
     async def _recheck_domains(self) -> None:
-        for domain in list(self._sessions):
+        for domain in list(self._runner.lives):
             ending = await self._resolver.ending_for(domain)
             if ending is not None:
                 self.domain_gone(domain, ending)
@@ -426,7 +339,7 @@ class Broker:
         self, connection: ServerConnection, offered: Any
     ) -> Subprotocol | None:
         pending = self._pending.get(connection)
-        wanted = pending.protocol.subprotocols if isinstance(pending, _Pending) else ("binary",)
+        wanted = pending.protocol.subprotocols if isinstance(pending, Pending) else ("binary",)
         for name in wanted:
             if name in offered:
                 return Subprotocol(name)
@@ -485,7 +398,7 @@ class Broker:
                 f"/ws/{found.protocol} is a WebSocket endpoint; open the console page instead",
                 headers=[("Upgrade", "websocket")],
             )
-        if self._closing:
+        if self._runner.closing:
             return _text(SHUTDOWN.status, SHUTDOWN.text)
         entry = self._handlers.get(found.protocol)
         if entry is None:
@@ -506,14 +419,14 @@ class Broker:
 
     async def _admit(
         self, protocol: Protocol, handler: SessionHandler, token: str, client: str, started: float
-    ) -> _Pending:
+    ) -> Pending:
         """The token, view-only, group, limits and resolver checks; Refused if one fails."""
         group: SessionGroup | None = None
         claims = self._verify(token, protocol.name)
         if claims.view_only and not protocol.view_only:
             raise Refused(VIEW_ONLY_UNSUPPORTED, f"{protocol.name} does not enforce view-only")
         if protocol.multi_connection:
-            group = self._groups.get(claims.jti)
+            group = self._runner.groups.get(claims.jti)
         if group is not None:
             # a further connection of a live session: the token was used up by its first
             if group.connections >= group.max_connections:
@@ -525,7 +438,7 @@ class Broker:
             self._counts.check(claims.domain_uuid, client)
             target = await self._target(claims, protocol)
             self._consume(claims)
-        return _Pending(protocol, handler, claims, target, client, started, group)
+        return Pending(protocol, handler, claims, target, client, started, group)
 
     async def _target(self, claims: Claims, protocol: Protocol) -> Target:
         tls = self._console_tls.get(protocol.name)
@@ -655,8 +568,8 @@ class Broker:
 
     # --- HTTP CONNECT (native clients) ---------------------------------------------------
 
-    async def _admit_tunnel(self, handle: str, client: str, started: float) -> _Pending:
-        if self._closing:
+    async def _admit_tunnel(self, handle: str, client: str, started: float) -> Pending:
+        if self._runner.closing:
             raise Refused(SHUTDOWN)
         try:
             token = token_for_handle(handle)
@@ -671,229 +584,12 @@ class Broker:
 
     # --- sessions -----------------------------------------------------------------------
 
-    async def _close(
-        self, connection: ServerConnection | TunnelChannel, refusal: Refusal
-    ) -> None:
-        if isinstance(connection, TunnelChannel):  # a tunnel has no close code: just close
-            with anyio.CancelScope(shield=True), contextlib.suppress(
-                OSError, anyio.BrokenResourceError, anyio.ClosedResourceError
-            ):
-                await connection.stream.aclose()
-            return
-        with anyio.move_on_after(self._close_timeout, shield=True):
-            await connection.close(refusal.close_code, refusal.text)
-
     async def _handle(self, connection: ServerConnection) -> None:
         pending = self._pending.pop(connection, None)
         if isinstance(pending, _PendingRefusal):
-            await self._close(connection, pending.refusal)
+            await self._runner.close(connection, pending.refusal)
             return
         if pending is None:  # cannot happen: every upgrade passed _check_websocket
-            await self._close(connection, INTERNAL_ERROR)
+            await self._runner.close(connection, INTERNAL_ERROR)
             return
-        await self._run_session(connection, pending)
-
-    async def _open(self, pending: _Pending, endpoints: list[Endpoint]) -> Endpoint:
-        endpoint = await self._resolver.open(pending.target)
-        endpoints.append(endpoint)
-        return endpoint
-
-    async def _open_first(self, pending: _Pending, endpoints: list[Endpoint]) -> Endpoint:
-        try:
-            with anyio.fail_after(self.config.limits.handshake_timeout):
-                if pending.protocol.shared_console:
-                    target = pending.target
-                    key = (pending.protocol.name, target.domain_uuid, target.plan)
-                    endpoint = await self._shared.acquire(key, lambda: self._resolver.open(target))
-                    endpoints.append(endpoint)
-                    return endpoint
-                return await self._open(pending, endpoints)
-        except TimeoutError:
-            raise Refused(CONSOLE_UNREACHABLE, "opening the console timed out") from None
-
-    async def _run_session(
-        self, connection: ServerConnection | TunnelChannel, pending: _Pending
-    ) -> None:
-        claims, target, protocol = pending.claims, pending.target, pending.protocol
-        domain, client = claims.domain_uuid, pending.client
-        session_id = secrets.token_hex(6)
-        members = pending.group
-        joined = members is not None
-        log = _log.bind(
-            session=session_id, domain=domain, domain_name=target.domain_name,
-            protocol=protocol.name, client=client, jti=claims.jti,
-        )
-        if members is not None:
-            log = log.bind(group=members.session_id)
-            if members.closed:
-                await self._close(connection, REPLAYED_TOKEN)
-                return
-            members.connections += 1
-        elif protocol.multi_connection:
-            members = SessionGroup(claims.jti, session_id)
-            self._groups[claims.jti] = members
-        try:
-            if not joined:
-                self._counts.acquire(domain, client)
-        except Refused as exc:
-            self._end_group(members, joined)
-            self.metrics.refusals.labels(exc.refusal.reason).inc()
-            log.info("request.refused", reason=exc.refusal.reason, detail=exc.detail,
-                     code=exc.refusal.close_code)
-            await self._close(connection, exc.refusal)
-            return
-        endpoints: list[Endpoint] = []
-        live: _Live | None = None
-        traffic = Traffic(
-            client_counter=self.metrics.bytes.labels(protocol.name, "to_client"),
-            console_counter=self.metrics.bytes.labels(protocol.name, "to_console"),
-        )
-        ending: Refusal | None = None
-        opened_at = time.monotonic()
-        if members is not None:
-            members.traffic.append(traffic)
-        try:
-            try:
-                endpoint = await self._open_first(pending, endpoints)
-            except Refused as exc:
-                self.metrics.refusals.labels(exc.refusal.reason).inc()
-                log.info("request.refused", reason=exc.refusal.reason, detail=exc.detail,
-                         code=exc.refusal.close_code)
-                await self._close(connection, exc.refusal)
-                return
-            live = _Live(session_id, domain, endpoint.kind)
-            self._sessions.setdefault(domain, set()).add(live)
-            if self._closing:
-                live.end(SHUTDOWN)
-
-            async def open_endpoint() -> Endpoint:
-                return await self._open(pending, endpoints)
-
-            session = Session(
-                id=session_id,
-                protocol=protocol.name,
-                console=protocol.console,
-                claims=claims,
-                client=(
-                    connection
-                    if isinstance(connection, TunnelChannel)
-                    else WebSocketChannel(connection)
-                ),
-                endpoint=endpoint,
-                log=log,
-                traffic=traffic,
-                open_endpoint=open_endpoint,
-                client_address=client,
-                domain_name=target.domain_name,
-                domain_handle=target.handle,
-                read_size=self.config.proxy.read_size,
-                handshake_timeout=self.config.limits.handshake_timeout,
-                group=members,
-                joined=joined,
-            )
-            handshake = time.monotonic() - pending.started
-            self.metrics.sessions.labels(protocol.name).inc()
-            self.metrics.sessions_active.labels(protocol.name).inc()
-            self.metrics.handshake.labels(protocol.name).observe(handshake)
-            opened_at = time.monotonic()
-            log.info(
-                "session.opened", endpoint=endpoint.description, endpoint_kind=endpoint.kind,
-                view_only=claims.view_only, subprotocol=connection.subprotocol,
-                joined=joined, handshake_ms=round(handshake * 1000, 2),
-            )
-            try:
-                with live.scope:
-                    async with anyio.create_task_group() as group:
-                        if self.config.limits.idle_timeout > 0:
-                            group.start_soon(self._idle_watch, live, traffic, members)
-                        await pending.handler(session)
-                        group.cancel_scope.cancel()
-            finally:
-                self.metrics.sessions_active.labels(protocol.name).dec()
-        except Exception as exc:
-            refused = _plugin_refusal(exc)
-            if refused is None and _console_gone(exc):
-                # the console's end broke under the handler: as if it had returned
-                log.debug("session.console_gone", error=type(exc).__name__)
-            elif refused is None:
-                log.exception("session.failed")
-                ending = INTERNAL_ERROR
-            else:
-                log.info("session.ended_by_plugin", reason=refused.refusal.reason,
-                         detail=refused.detail, code=refused.refusal.close_code)
-                ending = refused.refusal
-        finally:
-            with anyio.CancelScope(shield=True):
-                for opened in endpoints:
-                    if not await self._shared.release(opened):
-                        await opened.aclose()
-            if live is not None:
-                if live.ending is None and ending is None:
-                    if (
-                        not connection.closed
-                        if isinstance(connection, TunnelChannel)
-                        else connection.state is State.OPEN
-                    ):
-                        ending = await self._console_ending(live)
-                    else:
-                        ending = CLIENT_CLOSED
-                ending = live.ending or ending or CONSOLE_CLOSED
-                self._forget(live)
-                await self._close(connection, ending)
-                log.info(
-                    "session.closed", reason=ending.reason, code=ending.close_code,
-                    bytes_to_client=traffic.to_client, bytes_to_console=traffic.to_console,
-                    duration=round(time.monotonic() - opened_at, 3),
-                )
-                self.metrics.sessions_closed.labels(protocol.name, ending.reason).inc()
-            elif ending is INTERNAL_ERROR:
-                await self._close(connection, ending)
-            self._end_group(members, joined)
-            if members is not None:
-                members.traffic = [t for t in members.traffic if t is not traffic]
-            if not joined:
-                self._counts.release(domain, client)
-
-    def _end_group(self, group: SessionGroup | None, joined: bool) -> None:
-        if group is None:
-            return
-        if joined:
-            group.connections -= 1
-        else:
-            group.closed = True
-            if self._groups.get(group.jti) is group:
-                del self._groups[group.jti]
-
-    async def _console_ending(self, live: _Live) -> Refusal:
-        """Why the console closed: QEMU closes its sockets as it dies, a moment before
-        libvirt reports the stop; wait briefly for that, then ask."""
-        with anyio.CancelScope(shield=True):
-            with anyio.move_on_after(_STOP_SETTLE):
-                await live.ended.wait()
-            if live.ending is None:
-                with anyio.move_on_after(_STOP_SETTLE):
-                    return await self._resolver.ending_for(live.domain) or CONSOLE_CLOSED
-        return live.ending or CONSOLE_CLOSED
-
-    def _forget(self, live: _Live) -> None:
-        lives = self._sessions.get(live.domain)
-        if lives is not None:
-            lives.discard(live)
-            if not lives:
-                del self._sessions[live.domain]
-
-    async def _idle_watch(
-        self, live: _Live, traffic: Traffic, members: SessionGroup | None = None
-    ) -> None:
-        """End *live* once idle; a group's connections are idle only when all of them are
-        (a SPICE cursor channel is quiet while the display channel streams)."""
-        idle = self.config.limits.idle_timeout
-        while True:
-            last = traffic.last_activity
-            if members is not None:
-                last = max([last, *(t.last_activity for t in members.traffic)])
-            remaining = last + idle - time.monotonic()
-            if remaining <= 0:
-                live.end(IDLE_TIMEOUT)
-                return
-            await anyio.sleep(remaining)
+        await self._runner.run(connection, pending)
