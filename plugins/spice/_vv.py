@@ -25,6 +25,7 @@ from urllib.parse import urlsplit
 
 from broker.config import Config
 from broker.hookspecs import ClientFile
+from broker.plugins import PluginError
 from broker.service._connect import PLAIN_PORT, TLS_PORT, handle_for_token
 
 CONTENT_TYPE = "application/x-virt-viewer"
@@ -84,9 +85,14 @@ def vv_file(token: str, title: str, config: Config) -> ClientFile | None:
     ]
     if config.tls_enabled:
         lines += [f"tls-port={TLS_PORT}", "secure-channels=all"]
-        if config.tls.ca:
-            lines.append(f"ca={_ca_line(config.tls.ca)}")
-        lines.append(f"host-subject={host_subject(config.tls.cert)}")
+        try:
+            if config.tls.ca:
+                lines.append(f"ca={_ca_line(config.tls.ca)}")
+            lines.append(f"host-subject={host_subject(config.tls.cert)}")
+        except (OSError, ValueError) as exc:
+            raise PluginError(
+                f"tls.cert, tls.ca: cannot read the broker's certificate for a .vv file: {exc}"
+            ) from None
     else:
         lines.append(f"port={PLAIN_PORT}")
     lines += [

@@ -6,6 +6,7 @@ import configparser
 import datetime
 from pathlib import Path
 
+import pytest
 from broker_spice._vv import host_subject, vv_file
 from certs import make_certificates
 from cryptography import x509
@@ -14,6 +15,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
 from broker.config import Config, ListenSection, TLSSection
+from broker.plugins import PluginError
 from broker.service._connect import PLAIN_PORT, TLS_PORT, token_for_handle
 
 TOKEN = "eyJhbGciOiJFZERTQSJ9.eyJzdWIiOiJ4In0.AbC-_dEf" * 8
@@ -84,3 +86,12 @@ def test_host_subject_keeps_the_certificates_order_and_escapes(tmp_path: Path) -
     path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
     # spice-gtk builds an X509_NAME from the string in order and compares it whole
     assert host_subject(str(path)) == r"C=IL,O=Example\, Inc.,OU=a\\b,CN=hv1.example"
+
+
+def test_an_unreadable_certificate_is_a_clear_error(tmp_path: Path) -> None:
+    config = Config(
+        listen=ListenSection(connect_port=6081),
+        tls=TLSSection(cert=str(tmp_path / "missing.pem"), key=str(tmp_path / "key.pem")),
+    )
+    with pytest.raises(PluginError, match="cannot read the broker's certificate"):
+        vv_file(TOKEN, "guest", config)
