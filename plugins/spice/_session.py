@@ -95,17 +95,6 @@ def _bytes(data: bytes | memoryview) -> bytes:
     return data if isinstance(data, bytes) else bytes(data)
 
 
-def _drain(side: ClientSide | ServerSide) -> list[Event]:
-    events: list[Event] = []
-    while True:
-        event = side.next_event()
-        if event is NEED_DATA or event is PAUSED:
-            return events
-        events.append(event)
-        if isinstance(event, ConnectionClosed):
-            return events
-
-
 def spice_password(xml: str) -> str:
     """The SPICE display password (``passwd``) of a domain's secure XML, or ``""``."""
     root = etree.fromstring(xml.encode(), etree.XMLParser(resolve_entities=False, no_network=True))
@@ -142,7 +131,7 @@ class ChannelProxy:
             except ClientClosed:
                 data = b""
             self.client.receive_data(data)
-            self._pending.extend(_drain(self.client))
+            self._pending.extend(self.client.available_events())
         return self._pending.pop(0)
 
     async def _server_event(self) -> Event:
@@ -251,7 +240,7 @@ class ChannelProxy:
     async def _client_to_server(self, scope: anyio.CancelScope) -> None:
         session = self.session
         events, self._pending = self._pending, []
-        events += _drain(self.client)  # what the client sent right after its ticket
+        events += self.client.available_events()  # what the client sent right after its ticket
         drop = self._view_only_filter()
         try:
             while True:
@@ -270,7 +259,7 @@ class ChannelProxy:
                 except ClientClosed:
                     data = b""
                 self.client.receive_data(data)
-                events = _drain(self.client)
+                events = self.client.available_events()
         except _CONSOLE_ERRORS:
             return
         except SpiceProtocolError as exc:
@@ -281,7 +270,7 @@ class ChannelProxy:
     async def _server_to_client(self, scope: anyio.CancelScope) -> None:
         session = self.session
         try:
-            events = _drain(self.server)  # what came with the link result
+            events = self.server.available_events()  # what came with the link result
             while True:
                 for event in events:  # act before forwarding (the session binding)
                     if isinstance(event, MainInit) and not session.joined:
@@ -299,7 +288,7 @@ class ChannelProxy:
                 except _CONSOLE_ERRORS:
                     data = b""
                 self.server.receive_data(data)
-                events = _drain(self.server)
+                events = self.server.available_events()
         except ClientClosed:
             return
         except SpiceProtocolError as exc:
@@ -336,7 +325,7 @@ class ChannelProxy:
                     return
                 try:
                     self.server.receive_data(data)
-                    events = _drain(self.server)
+                    events = self.server.available_events()
                 except SpiceProtocolError:
                     return
                 if any(isinstance(event, ConnectionClosed) for event in events):

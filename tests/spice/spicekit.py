@@ -7,13 +7,10 @@ import struct
 from collections.abc import Iterable
 
 from broker_spice.protocol import (
-    NEED_DATA,
-    PAUSED,
     ChannelType,
     ClientSide,
     ClientTicket,
     CommonCap,
-    ConnectionClosed,
     Data,
     Event,
     LinkError,
@@ -107,18 +104,6 @@ def client_ticket_bytes(*, auth_selection: bool = True) -> bytes:
     """What a client sends after the reply: [auth mechanism] + a 128-byte ticket."""
     ticket = encrypt_ticket(public_der(), "whatever-the-page-had")
     return (struct.pack("<I", 1) if auth_selection else b"") + ticket
-
-
-def events(side: ClientSide | ServerSide) -> list[Event]:
-    """Every event available now (until NEED_DATA, PAUSED or ConnectionClosed)."""
-    out: list[Event] = []
-    while True:
-        event = side.next_event()
-        if event is NEED_DATA or event is PAUSED:
-            return out
-        out.append(event)
-        if isinstance(event, ConnectionClosed):
-            return out
 
 
 def linked_client(

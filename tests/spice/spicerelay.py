@@ -265,7 +265,7 @@ class _Channel:
                     self.client.receive_data(data)
                     out = [
                         self.server.send(event)
-                        for event in _drain(self.client)
+                        for event in self.client.available_events()
                         if isinstance(event, Data)
                     ]
                 for chunk in out:
@@ -295,7 +295,7 @@ class _Channel:
             while data := self.backend.recv(65536):
                 with self.cond:
                     self.server.receive_data(data)
-                    events = _drain(self.server)
+                    events = self.server.available_events()
                     self.cond.notify_all()
                 # act on what the chunk says before forwarding it (session binding)
                 for event in events:
@@ -318,12 +318,3 @@ class _Channel:
         self.conn.close()
 
 
-def _drain(side: ClientSide | ServerSide) -> list[Event]:
-    events: list[Event] = []
-    while True:
-        event = side.next_event()
-        if event is NEED_DATA or event is PAUSED:
-            return events
-        events.append(event)
-        if isinstance(event, ConnectionClosed):
-            return events

@@ -28,7 +28,7 @@ from broker_spice.protocol import (
     MessageFilter,
     build_message,
 )
-from spicekit import FULL_HEADER_COMMON, events, linked_client, linked_server
+from spicekit import FULL_HEADER_COMMON, linked_client, linked_server
 
 from broker.service import ClientClosed
 from broker.service._pump import Traffic
@@ -87,7 +87,7 @@ def _through_client_side(chunks: list[bytes], *, mini_header: bool,
     out = bytearray()
     for chunk in chunks:
         client.receive_data(chunk)
-        for event in events(client):
+        for event in client.available_events():
             if isinstance(event, Data):
                 data = event.data if drop is None else drop.feed(event.data)
                 if data:
@@ -237,5 +237,5 @@ def test_client_side_is_unchanged_by_the_filter() -> None:
     """The filter works on ClientSide's Data; the side itself still sees every message."""
     client: ClientSide = linked_client(ChannelType.MAIN)
     client.receive_data(_wire(STREAM, mini_header=True))
-    types = [e.type for e in events(client) if isinstance(e, Message)]
+    types = [e.type for e in client.available_events() if isinstance(e, Message)]
     assert types == [t for t, _ in STREAM]

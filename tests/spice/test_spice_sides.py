@@ -45,7 +45,6 @@ from spicekit import (
     FULL_HEADER_COMMON,
     client_ticket_bytes,
     data_bytes,
-    events,
     link_message,
     linked_client,
     linked_server,
@@ -238,7 +237,7 @@ def test_server_link_flow(auth_selection: bool) -> None:
     # QEMU sends the link result and the main channel's first messages in one go
     burst = build_link_result(LinkError.OK) + build_message(103, MAIN_INIT, mini_header=True)
     server.receive_data(burst)
-    evs = events(server)
+    evs = server.available_events()
     assert evs[0] == LinkResult(LinkError.OK)
     assert data_bytes(evs) == burst[4:]
     assert not_data(evs)[1:] == [
@@ -323,7 +322,7 @@ def test_whole_chunks_are_forwarded_without_a_copy() -> None:
     client = linked_client(ChannelType.INPUTS)
     chunk = build_message(111, bytes(8), mini_header=True) * 3
     client.receive_data(chunk)
-    evs = events(client)
+    evs = client.available_events()
     assert isinstance(evs[0], Data) and evs[0].data is chunk
     assert evs[1:] == [Message(type=111, size=8)] * 3
     assert client.send(evs[0]) is chunk
@@ -337,7 +336,7 @@ def test_a_large_body_is_forwarded_as_slices() -> None:
     for start in range(0, len(big), 65536):
         piece = bytes(view[start : start + 65536])
         server.receive_data(piece)
-        evs = events(server)
+        evs = server.available_events()
         assert isinstance(evs[0], Data) and evs[0].data is piece
         out.extend(evs)
     assert data_bytes(out) == big
@@ -352,10 +351,10 @@ def test_a_split_header_is_held_back_and_sent_whole() -> None:
     client.receive_data(stream[:3])
     assert client.next_event() is NEED_DATA  # half a header: nothing to forward yet
     client.receive_data(stream[3:8])
-    evs = events(client)
+    evs = client.available_events()
     assert [bytes(e.data) for e in evs if isinstance(e, Data)] == [stream[:6], stream[6:8]]
     client.receive_data(stream[8:])
-    evs = events(client)
+    evs = client.available_events()
     assert data_bytes(evs) == stream[8:]
     assert not_data(evs) == [Message(type=101, size=4), Message(type=102, size=0)]
 
@@ -364,7 +363,8 @@ def test_full_header_reports_serials() -> None:
     client = linked_client(ChannelType.INPUTS, common=FULL_HEADER_COMMON)
     stream = b"".join(build_message(101, b"k", mini_header=False, serial=n) for n in (1, 2, 3))
     client.receive_data(stream)
-    assert not_data(events(client)) == [Message(type=101, size=1, serial=n) for n in (1, 2, 3)]
+    expected = [Message(type=101, size=1, serial=n) for n in (1, 2, 3)]
+    assert not_data(client.available_events()) == expected
 
 
 def test_an_oversized_message_stops_right_before_its_header() -> None:
@@ -397,22 +397,22 @@ def test_display_init_is_decoded_and_bounded() -> None:
     client = linked_client(ChannelType.DISPLAY, connection_id=SESSION)
     init = DisplayInit(pixmap_cache_size=1234)
     client.receive_data(build_message(101, build_display_init(init), mini_header=True))
-    assert not_data(events(client)) == [Message(type=101, size=14), init]
+    assert not_data(client.available_events()) == [Message(type=101, size=14), init]
     assert client.display_init == init
     short = linked_client(ChannelType.DISPLAY, connection_id=SESSION)
     short.receive_data(build_message(101, bytes(13), mini_header=True))
     with pytest.raises(SpiceProtocolError, match="13 bytes"):
-        events(short)
+        short.available_events()
     long = linked_client(ChannelType.DISPLAY, connection_id=SESSION)
     long.receive_data(struct.pack("<HI", 101, 100_000))
     with pytest.raises(SpiceProtocolError, match="100000 bytes"):
-        events(long)
+        long.available_events()
 
 
 def test_message_101_means_display_init_only_on_display_channels() -> None:
     client = linked_client(ChannelType.INPUTS, connection_id=SESSION)
     client.receive_data(build_message(101, b"\x1e\0\0\0", mini_header=True))  # KEY_DOWN
-    assert not_data(events(client)) == [Message(type=101, size=4)]
+    assert not_data(client.available_events()) == [Message(type=101, size=4)]
 
 
 @pytest.mark.parametrize(
@@ -422,7 +422,7 @@ def test_end_of_stream_in_the_message_phase(tail: bytes, clean: bool) -> None:
     client = linked_client(ChannelType.INPUTS)
     client.receive_data(build_message(101, b"abcd", mini_header=True) + tail)
     client.receive_data(b"")
-    evs = events(client)
+    evs = client.available_events()
     assert evs[-1] == ConnectionClosed(clean=clean)
 
 
@@ -472,7 +472,7 @@ def test_guard_while_the_link_result_is_pending() -> None:
     server.receive_data(
         build_link_result(LinkError.OK) + build_message(3, bytes(8), mini_header=True)
     )
-    events(server)
+    server.available_events()
     assert server.display_init_confirmed and server.safe_to_close
 
 
@@ -481,7 +481,7 @@ def test_guard_completes_a_half_forwarded_message() -> None:
     server = linked_server(ChannelType.DISPLAY, connection_id=SESSION)
     stream = build_message(3, bytes(12), mini_header=True)  # a PONG, cut after 10 bytes
     client.receive_data(stream[:10])
-    sent = b"".join(bytes(server.send(e)) for e in events(client) if isinstance(e, Data))
+    sent = b"".join(bytes(server.send(e)) for e in client.available_events() if isinstance(e, Data))
     assert sent == stream[:10]
     guard = server.close_guard(DisplayInit(pixmap_cache_size=5))
     assert guard == bytes(8) + build_message(
@@ -506,7 +506,7 @@ def test_no_guard_after_the_clients_display_init_but_wait_for_the_server() -> No
     client = linked_client(ChannelType.DISPLAY, connection_id=SESSION)
     server = linked_server(ChannelType.DISPLAY, connection_id=SESSION)
     client.receive_data(build_message(101, build_display_init(), mini_header=True))
-    for event in events(client):
+    for event in client.available_events():
         if isinstance(event, Data):
             server.send(event)
     assert server.display_init_sent
@@ -514,7 +514,7 @@ def test_no_guard_after_the_clients_display_init_but_wait_for_the_server() -> No
     # sent is not enough: measured, a close right after DISPLAY_INIT still crashes QEMU 7.2
     assert not server.safe_to_close
     server.receive_data(build_message(3, bytes(8), mini_header=True))
-    events(server)
+    server.available_events()
     assert server.safe_to_close
 
 
@@ -522,7 +522,7 @@ def test_guard_not_needed_once_the_server_closed() -> None:
     server = linked_server(ChannelType.DISPLAY, connection_id=SESSION)
     assert not server.safe_to_close
     server.receive_data(b"")
-    assert events(server) == [ConnectionClosed(clean=True)]
+    assert server.available_events() == [ConnectionClosed(clean=True)]
     assert server.safe_to_close
 
 

@@ -147,6 +147,18 @@ class _Side:
         self._chunks.append(chunk)
         self._available += len(chunk)
 
+    def available_events(self) -> list[Event]:
+        """Every event available now: :meth:`next_event` until ``NEED_DATA`` or ``PAUSED``
+        (not included), or up to and including :class:`ConnectionClosed`."""
+        events: list[Event] = []
+        while True:
+            event = self.next_event()
+            if event is NEED_DATA or event is PAUSED:
+                return events
+            events.append(event)
+            if isinstance(event, ConnectionClosed):
+                return events
+
     def next_event(self) -> Event | Wait:
         """The next event, or ``NEED_DATA`` / ``PAUSED``; raises
         :class:`SpiceProtocolError` when the peer broke the protocol."""
