@@ -349,8 +349,9 @@ class Broker:
         self, connection: ServerConnection, request: Request
     ) -> Response | None:
         started = time.monotonic()
+        client = self._client(connection, request)
         try:
-            response = await self._answer(connection, request, started)
+            response = await self._answer(connection, request, client, started)
         except Exception:
             _log.exception("request.failed")
             response = _text(500, "internal error")
@@ -358,39 +359,40 @@ class Broker:
             path = urlsplit(request.path).path  # never the query: it may hold a token
             log = _log.debug if path in ("/healthz", "/metrics") else _log.info
             log("http.request", method="GET", path=path[:200], status=response.status_code,
-                client=self._client(connection),
-                duration_ms=round((time.monotonic() - started) * 1000, 2))
+                client=client, duration_ms=round((time.monotonic() - started) * 1000, 2))
         return response
 
-    def _client(self, connection: ServerConnection) -> str:
+    def _client(self, connection: ServerConnection, request: Request) -> str:
         """The client's address: the peer's, or the one a trusted proxy forwarded."""
         peer = str(connection.remote_address[0]) if connection.remote_address else "?"
-        request = connection.request
-        if request is None:
-            return peer
         return self._proxies.client(peer, request.headers.get_all("X-Forwarded-For"))
 
     async def _answer(
-        self, connection: ServerConnection, request: Request, started: float
+        self, connection: ServerConnection, request: Request, client: str, started: float
     ) -> Response | None:
         try:
             found = route(request.path, self._prefix)
         except Refused as exc:
-            return self._refuse(connection, exc, protocol=None, upgrade=False)
+            return self._refuse_plainly(exc, None, client)
         if isinstance(found, PlainRoute):
             return self._healthz() if found.name == "healthz" else self._metrics()
         if isinstance(found, PageRoute):
             return self._page(found)
         if isinstance(found, FileRoute):
-            return await self._client_file(connection, found)
+            return await self._client_file(found, client)
         if isinstance(found, RedirectRoute):
             return _text(301, "moved", headers=[("Location", found.location)])
         if isinstance(found, NotFound):
             return _text(404, "not found")
-        return await self._check_websocket(connection, request, found, started)
+        return await self._check_websocket(connection, request, found, client, started)
 
     async def _check_websocket(
-        self, connection: ServerConnection, request: Request, found: WebSocketRoute, started: float
+        self,
+        connection: ServerConnection,
+        request: Request,
+        found: WebSocketRoute,
+        client: str,
+        started: float,
     ) -> Response | None:
         if "websocket" not in request.headers.get("Upgrade", "").lower():
             return _text(
@@ -403,17 +405,15 @@ class Broker:
         entry = self._handlers.get(found.protocol)
         if entry is None:
             unknown = Refused(UNKNOWN_PROTOCOL, f"no handler for {found.protocol!r}")
-            return self._refuse(connection, unknown, protocol=found.protocol)
+            return self._refuse(connection, unknown, found.protocol, client)
         protocol, handler = entry
         why = self._origin.check(request.headers.get("Origin"), request.headers.get("Host"))
         if why is not None:
-            return self._refuse(connection, Refused(FOREIGN_ORIGIN, why), protocol=found.protocol,
-                                upgrade=False)
-        client = self._client(connection)
+            return self._refuse_plainly(Refused(FOREIGN_ORIGIN, why), found.protocol, client)
         try:
             pending = await self._admit(protocol, handler, found.token, client, started)
         except Refused as exc:
-            return self._refuse(connection, exc, protocol=found.protocol)
+            return self._refuse(connection, exc, found.protocol, client)
         self._pending[connection] = pending
         return None
 
@@ -442,8 +442,6 @@ class Broker:
 
     async def _target(self, claims: Claims, protocol: Protocol) -> Target:
         tls = self._console_tls.get(protocol.name)
-        if tls is None:
-            return await self._resolver.target(claims, protocol.console)
         return await self._resolver.target(claims, protocol.console, tls)
 
     def _verify(self, token: str, protocol: str | None) -> Claims:
@@ -464,32 +462,28 @@ class Broker:
             raise Refused(TOKEN_REFUSALS.get(exc.reason, INVALID_TOKEN), exc.detail) from None
 
     def _refuse(
-        self,
-        connection: ServerConnection,
-        exc: Refused,
-        *,
-        protocol: str | None,
-        upgrade: bool = True,
+        self, connection: ServerConnection, exc: Refused, protocol: str | None, client: str
     ) -> Response | None:
+        """Refuse a WebSocket request: a status, or with ``http.refusals = "close"`` the
+        upgrade and then the close code (None)."""
+        if not self._refuse_by_close:
+            return self._refuse_plainly(exc, protocol, client)
+        self._log_refusal(exc, protocol, client)
+        self._pending[connection] = _PendingRefusal(exc.refusal)
+        return None
+
+    def _refuse_plainly(self, exc: Refused, protocol: str | None, client: str) -> Response:
+        """Refuse a request with its HTTP status."""
+        self._log_refusal(exc, protocol, client)
+        return _text(exc.refusal.status, exc.refusal.text)
+
+    def _log_refusal(self, exc: Refused, protocol: str | None, client: str) -> None:
         refusal = exc.refusal
         self.metrics.refusals.labels(refusal.reason).inc()
-        client = self._client(connection)
         _log.info(
             "request.refused", reason=refusal.reason, detail=exc.detail, protocol=protocol,
             client=client, status=refusal.status, code=refusal.close_code,
         )
-        if upgrade and self._refuse_by_close:
-            self._pending[connection] = _PendingRefusal(refusal)
-            return None
-        return _text(refusal.status, refusal.text)
-
-    def _refuse_plainly(
-        self, connection: ServerConnection, exc: Refused, protocol: str
-    ) -> Response:
-        """:meth:`_refuse` for a plain HTTP request: always a status."""
-        response = self._refuse(connection, exc, protocol=protocol, upgrade=False)
-        assert response is not None  # upgrade=False always answers
-        return response
 
     def _healthz(self) -> Response:
         available = self._resolver.available
@@ -529,13 +523,13 @@ class Broker:
             return _text(500, "internal error")
         return _response(page.status, page.body, page.content_type, page.headers)
 
-    async def _client_file(self, connection: ServerConnection, found: FileRoute) -> Response:
+    async def _client_file(self, found: FileRoute, client: str) -> Response:
         """``GET /file/{protocol}?token=...``: the token and its console checked (the
         token is not used up), then the plugin's ``console_broker_client_file``."""
         entry = self._handlers.get(found.protocol)
         if entry is None or not entry[0].native_clients:
             refused = Refused(UNKNOWN_PROTOCOL, f"no native clients for {found.protocol!r}")
-            return self._refuse_plainly(connection, refused, found.protocol)
+            return self._refuse_plainly(refused, found.protocol, client)
         protocol = entry[0]
         try:
             claims = self._verify(found.token, protocol.name)
@@ -543,7 +537,7 @@ class Broker:
                 raise Refused(REPLAYED_TOKEN, "the token was already used")
             target = await self._target(claims, protocol)
         except Refused as exc:
-            return self._refuse_plainly(connection, exc, found.protocol)
+            return self._refuse_plainly(exc, found.protocol, client)
         try:
             made = self._plugins.hook.console_broker_client_file(
                 protocol=protocol.name, token=found.token,

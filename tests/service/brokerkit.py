@@ -41,6 +41,7 @@ from broker.service._refusals import (
     Refused,
 )
 from broker.service._session import Endpoint, SessionHandler, raw_proxy
+from broker.service._tls import ConsoleTLS
 from broker.tokens import Claims, TokenVerifier
 
 BANNER = b"RFB 003.008\n"
@@ -91,7 +92,9 @@ class FakeResolver:
             task_status.started()
             await anyio.sleep_forever()
 
-    async def target(self, claims: Claims, console: str) -> Target:
+    async def target(
+        self, claims: Claims, console: str, tls: ConsoleTLS | None = None
+    ) -> Target:
         if not self.available:
             raise Refused(HYPERVISOR_UNAVAILABLE, "fake hypervisor down")
         dom = self.domains.get(claims.domain_uuid)

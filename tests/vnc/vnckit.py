@@ -164,7 +164,7 @@ class OneConsole:
             task_status.started()
             await anyio.sleep_forever()
 
-    async def target(self, claims: Any, console: str) -> Target:
+    async def target(self, claims: Any, console: str, tls: Any = None) -> Target:
         plan = EndpointPlan(self.kind, console, host="127.0.0.1", port=5900, index=0)
         return Target(claims.domain_uuid, "guest", plan)
 
