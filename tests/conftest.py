@@ -70,6 +70,20 @@ def qemu_tls(testbed: Testbed, tmp_path_factory: pytest.TempPathFactory) -> Iter
         testbed.remove(guests.spice)
 
 
+@pytest.fixture(scope="session")
+def remote_viewer() -> str:
+    """remote-viewer (Debian virt-viewer) and Xvfb for a native SPICE client; like the test
+    bed, missing ones skip on a developer machine and fail when ``CI`` is set."""
+    missing = [tool for tool in ("remote-viewer", "Xvfb") if shutil.which(tool) is None]
+    if missing:
+        why = f"{' and '.join(missing)} not installed (scripts/setup-host installs them)"
+        if os.environ.get("CI"):
+            pytest.fail(f"remote-viewer and Xvfb are required when CI is set: {why}",
+                        pytrace=False)
+        pytest.skip(why)
+    return "remote-viewer"
+
+
 @pytest.fixture(scope="module")
 def example_installed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
     """Install the third-party example distribution into this environment (per module)."""

@@ -6,7 +6,6 @@ test client is the sans-I/O layer's (``spicerelay.TestClient``) over a WebSocket
 
 from __future__ import annotations
 
-import shutil
 import socket
 import struct
 import subprocess
@@ -269,8 +268,7 @@ def test_native_channels_link_through_connect_with_what_the_vv_file_says(
         testbed.remove(dom)
 
 
-@pytest.mark.skipif(not shutil.which("remote-viewer") or not shutil.which("Xvfb"),
-                    reason="remote-viewer and Xvfb are needed")
+@pytest.mark.usefixtures("remote_viewer")
 def test_remote_viewer_shows_the_guests_screen_with_the_vv_file(
     broker: Broker, testbed: Testbed, tmp_path: Path
 ) -> None:

@@ -13,7 +13,6 @@ CONNECT tunnels with only what the ``.vv`` file says (``tls-port``, ``ca``,
 from __future__ import annotations
 
 import configparser
-import shutil
 import ssl
 from pathlib import Path
 from typing import Any
@@ -129,8 +128,7 @@ def test_native_channels_link_with_tls_on_both_legs(tls_broker: Broker, guest: A
     channels.close()
 
 
-@pytest.mark.skipif(not shutil.which("remote-viewer") or not shutil.which("Xvfb"),
-                    reason="remote-viewer and Xvfb are needed")
+@pytest.mark.usefixtures("remote_viewer")
 def test_remote_viewer_over_tls_shows_the_guests_screen(
     tls_broker: Broker, guest: Any, tmp_path: Path
 ) -> None:
