@@ -8,23 +8,12 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
-from vncstack import Served, enabled_guest, settled_server_init
+from vncstack import CANVAS, Served, enabled_guest, settled_server_init
 
 from broker.testbed import Testbed
 
 pytestmark = pytest.mark.vm
 
-#: The canvas's size and how many colours a sample of its pixels has.
-CANVAS = """
-const canvas = document.querySelector('#screen canvas');
-if (!canvas || !canvas.width) return null;
-const data = canvas.getContext('2d').getImageData(0, 0, canvas.width, canvas.height).data;
-const colours = new Set();
-for (let i = 0; i < data.length; i += 4 * 7) {
-    colours.add((data[i] << 16) | (data[i + 1] << 8) | data[i + 2]);
-}
-return [canvas.width, canvas.height, colours.size];
-"""
 
 
 @pytest.fixture(scope="module")
