@@ -15,17 +15,6 @@ from broker.testbed import Testbed
 pytestmark = pytest.mark.vm
 
 
-
-@pytest.fixture(scope="module")
-def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
-    broker = Served(tmp_path_factory.mktemp("vnc-browser"))
-    try:
-        yield broker
-    finally:
-        broker.stop()
-    broker.assert_no_secret_logged("secret")
-
-
 @pytest.fixture(scope="module")
 def guest(testbed: Testbed) -> Iterator[Any]:
     dom, _ = enabled_guest(testbed, "fd")

@@ -65,16 +65,6 @@ window.consoleRFB.addEventListener('clipboard', (e) => window.clipboardSeen.push
 
 
 @pytest.fixture(scope="module")
-def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
-    broker = Served(tmp_path_factory.mktemp("vnc-page-features"))
-    try:
-        yield broker
-    finally:
-        broker.stop()
-    broker.assert_no_secret_logged("secret")
-
-
-@pytest.fixture(scope="module")
 def guest(testbed: Testbed) -> Iterator[tuple[Any, SerialConsole]]:
     dom, serial = enabled_guest(testbed, "fd", serial=True)
     assert serial is not None

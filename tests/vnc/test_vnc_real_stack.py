@@ -35,16 +35,6 @@ from broker.testbed import SerialConsole, Testbed
 pytestmark = pytest.mark.vm
 
 
-@pytest.fixture(scope="module")
-def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
-    broker = Served(tmp_path_factory.mktemp("vnc-serve"))
-    try:
-        yield broker
-    finally:
-        broker.stop()
-    broker.assert_no_secret_logged("secret")
-
-
 class Guests(dict[str, tuple[Any, SerialConsole | None]]):
     """Guests by mode, booted when first asked for; only the fd guest has its serial
     console open (the key test reads it)."""
