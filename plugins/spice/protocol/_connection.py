@@ -120,6 +120,8 @@ class _Side:
         self._error: SpiceProtocolError | None = None
         self._scanner: MessageScanner | None = None
         self._mini_header: bool | None = None
+        self._link: LinkMessage | None = None
+        self._reply: LinkReply | None = None
 
     # --- public state ---------------------------------------------------------
 
@@ -133,6 +135,21 @@ class _Side:
         """Whether messages on this leg use the 6-byte mini header; ``None`` until both
         link messages are known."""
         return self._mini_header
+
+    @property
+    def link(self) -> LinkMessage | None:
+        """The channel's link message (the client's, as received or as sent to QEMU)."""
+        return self._link
+
+    @property
+    def channel_type(self) -> ChannelType | None:
+        return None if self._link is None else self._link.channel_type
+
+    @property
+    def reply(self) -> LinkReply | None:
+        """The link reply (QEMU's as received, or as sent to the client after the
+        auth-cap normalisation)."""
+        return self._reply
 
     # --- input ------------------------------------------------------------------
 
@@ -330,23 +347,7 @@ class ClientSide(_Side):
         super().__init__(
             State.AWAIT_LINK, max_message_size=max_message_size, max_pending=max_pending
         )
-        self._link: LinkMessage | None = None
-        self._reply: LinkReply | None = None
         self._display_init: DisplayInit | None = None
-
-    @property
-    def link(self) -> LinkMessage | None:
-        """The client's link message, once received."""
-        return self._link
-
-    @property
-    def channel_type(self) -> ChannelType | None:
-        return None if self._link is None else self._link.channel_type
-
-    @property
-    def reply(self) -> LinkReply | None:
-        """The link reply as sent to the client (after the auth-cap normalisation)."""
-        return self._reply
 
     @property
     def display_init(self) -> DisplayInit | None:
@@ -457,28 +458,12 @@ class ServerSide(_Side):
         max_pending: int = DEFAULT_MAX_PENDING,
     ) -> None:
         super().__init__(State.LINK_DUE, max_message_size=max_message_size, max_pending=max_pending)
-        self._link: LinkMessage | None = None
-        self._reply: LinkReply | None = None
         self._result: LinkError | None = None
         self._main_init: MainInit | None = None
         self._outgoing: MessageScanner | None = None
         self._ticket_sent = False
         self._display_init_sent = False
         self._display_init_confirmed = False
-
-    @property
-    def link(self) -> LinkMessage | None:
-        """The link message sent to the server."""
-        return self._link
-
-    @property
-    def channel_type(self) -> ChannelType | None:
-        return None if self._link is None else self._link.channel_type
-
-    @property
-    def reply(self) -> LinkReply | None:
-        """The server's link reply, once received."""
-        return self._reply
 
     @property
     def public_key(self) -> bytes | None:
