@@ -33,7 +33,7 @@ from spicerelay import (
     spice_port,
 )
 
-from broker.testbed import SerialConsole, Testbed
+from broker.testbed import SerialConsole, Testbed, running_guest
 
 SPICE_TCP = (
     "<graphics type='spice' autoport='yes'><listen type='address' address='127.0.0.1'/>"
@@ -51,17 +51,8 @@ SET_ACK = 3
 @pytest.fixture
 def guest(testbed: Testbed, request: pytest.FixtureRequest) -> Iterator[tuple[Any, SerialConsole]]:
     """A booted tiny guest with SPICE graphics (the devices come from the test's param)."""
-    devices = getattr(request, "param", SPICE_TCP)
-    dom = testbed.define(testbed.guest_xml(devices=devices))
-    try:
-        serial = testbed.boot(dom)
-        assert serial is not None
-        try:
-            yield dom, serial
-        finally:
-            serial.close()
-    finally:
-        testbed.remove(dom)
+    with running_guest(testbed, devices=getattr(request, "param", SPICE_TCP)) as running:
+        yield running
 
 
 def _tcp(dom: Any) -> TestClient:
