@@ -272,6 +272,32 @@ class LimitsSection:
         5.0, "On shutdown, time sessions get to close before they are cut, in seconds.",
         _at_least(0),
     )
+    max_pending: int = _key(
+        1024,
+        "Connections not yet past their request (no token checked yet) held at once, both "
+        "listeners together; one more is answered 503 and closed.",
+        _at_least(1),
+    )
+    max_pending_per_client: int = _key(
+        32,
+        "Connections not yet past their request held at once from one peer address (a "
+        "trusted proxy's are counted only against limits.max_pending); one more is "
+        "answered 429 and closed.",
+        _at_least(1),
+    )
+    max_request_head: int = _key(
+        16_384,
+        "Bytes of request line and headers read before the request is complete; more is "
+        "answered 431 and closed.",
+        _at_least(1024),
+    )
+    write_timeout: float = _key(
+        30.0,
+        "A client whose full outgoing buffer has not drained at all for this long (it "
+        "stopped reading) is disconnected, in seconds; its session ends as client_stalled "
+        "(4108). A slow client that drains is never cut.",
+        _at_least(0.1),
+    )
 
 
 @attrs.frozen

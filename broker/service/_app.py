@@ -29,6 +29,7 @@ by target, and websockets' own request logging is silenced (see ``_logging``).
 from __future__ import annotations
 
 import email.utils
+import functools
 import http
 import json
 import logging
@@ -36,7 +37,7 @@ import ssl
 import time
 import weakref
 from collections.abc import Iterable
-from typing import Any
+from typing import Any, cast
 from urllib.parse import urlsplit
 
 import anyio
@@ -53,6 +54,8 @@ from broker.config import Config
 from broker.hookspecs import ClientFile, Page, Protocol
 from broker.plugins import PluginError, PluginManager
 from broker.service._connect import token_for_handle
+from broker.service._connection import LISTENER, BrokerConnection, ConnectionLimits
+from broker.service._gate import AcceptGuard, ConnectionGate, http_response, watch_listener
 from broker.service._libvirt import Resolver, Target
 from broker.service._limits import Limits, SessionCounts
 from broker.service._metrics import CONTENT_TYPE, Metrics
@@ -87,6 +90,7 @@ from broker.service._session import (
 )
 from broker.service._sessions import Pending, SessionRunner
 from broker.service._tls import ConsoleTLS
+from broker.service._tunnels import LISTENER as TUNNEL_LISTENER
 from broker.service._tunnels import TunnelListener
 from broker.tokens import Claims, TokenRefused, TokenVerifier
 
@@ -168,6 +172,11 @@ class Broker:
         #: TLS to consoles with a TLS port of their own, by protocol.
         self._console_tls = self._load_console_tls(plugins, config, self._handlers)
         self._runner = SessionRunner(config, self.metrics, resolver, self._counts)
+        #: Connections not yet past their request, on both listeners.
+        self._gate = ConnectionGate(
+            total=limits.max_pending, per_client=limits.max_pending_per_client,
+            proxies=self._proxies, metrics=self.metrics,
+        )
         self._pending: weakref.WeakKeyDictionary[ServerConnection, Pending | _PendingRefusal] = (
             weakref.WeakKeyDictionary()
         )
@@ -233,6 +242,9 @@ class Broker:
             self._group = group
             await group.start(self._resolver.run, self)
             ping = config.proxy.ping_interval or None
+            limits = ConnectionLimits(
+                self._gate, config.limits.max_request_head, config.limits.write_timeout
+            )
             server = await serve(
                 self._handle,
                 config.listen.host,
@@ -250,8 +262,13 @@ class Broker:
                 write_limit=config.proxy.write_buffer,
                 ssl=self._ssl,
                 logger=logging.getLogger("websockets.server"),
+                create_connection=cast(
+                    type[ServerConnection], functools.partial(BrokerConnection, limits=limits)
+                ),
             )
             self.addresses = [sock.getsockname()[:2] for sock in server.sockets]
+            guards = [self._accept_guard(LISTENER)]
+            unwatch = [watch_listener(sock, guards[0]) for sock in server.sockets]
             _log.info(
                 "broker.listening",
                 addresses=[f"{host}:{port}" for host, port in self.addresses],
@@ -269,13 +286,17 @@ class Broker:
                     _host_port(listener.extra(anyio.abc.SocketAttribute.local_address))  # noqa: S610
                     for listener in tunnels.listeners
                 ]
+                guards.append(self._accept_guard(TUNNEL_LISTENER))
                 listener = TunnelListener(
                     admit=self._admit_tunnel,
                     run=self._runner.run,
                     count_refusal=lambda reason: self.metrics.refusals.labels(reason).inc(),
                     ssl_context=self._ssl,
                     handshake_timeout=config.limits.handshake_timeout,
+                    write_timeout=config.limits.write_timeout,
                     read_size=config.proxy.read_size,
+                    gate=self._gate,
+                    guard=guards[-1],
                 )
                 group.start_soon(listener.serve, tunnels, tunnel_scope)
                 _log.info(
@@ -290,6 +311,18 @@ class Broker:
                     await self._shutdown(server)
                 tunnel_scope.cancel()
                 group.cancel_scope.cancel()
+                for stop in unwatch:
+                    stop()
+                for guard in guards:
+                    guard.close()
+
+    def _accept_guard(self, listener: str) -> AcceptGuard:
+        """The guard of one listener: backlog connections it refuses while the process is
+        out of descriptors are sent a 503 (nothing on TLS: they expect a handshake)."""
+        refusal = b"" if self._ssl is not None else http_response(
+            503, "the broker is out of connections; try again later"
+        )
+        return AcceptGuard(listener, self.metrics, refusal=refusal)
 
     def shutdown(self) -> None:
         """Begin a clean shutdown: stop accepting, end sessions with 1001, within the grace."""
@@ -578,7 +611,8 @@ class Broker:
 
     # --- sessions -----------------------------------------------------------------------
 
-    async def _handle(self, connection: ServerConnection) -> None:
+    async def _handle(self, upgraded: ServerConnection) -> None:
+        connection = cast(BrokerConnection, upgraded)  # serve()'s create_connection
         pending = self._pending.pop(connection, None)
         if isinstance(pending, _PendingRefusal):
             await self._runner.close(connection, pending.refusal)

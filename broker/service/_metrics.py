@@ -9,6 +9,11 @@ Names (all prefixed ``console_broker_``):
 ``sessions_closed_total{protocol,reason}``  counter: sessions closed, by why they ended
 ``handshake_seconds{protocol}``             histogram: request received to console connected
 ``libvirt_connected``                       gauge: 1 while the hypervisor is reachable
+``connections_pending{listener}``           gauge: connections not yet past their request
+``connections_refused_total{listener,reason}`` counter: connections closed before their
+                                            request: ``pending_limit``, ``client_pending_limit``,
+                                            ``request_head_too_large``, ``out_of_descriptors``
+``accept_errors_total{listener,error}``     counter: failed accepts (``EMFILE``, ``ENFILE``, ...)
 """
 
 from __future__ import annotations
@@ -61,6 +66,25 @@ class Metrics:
         )
         self.libvirt_connected = Gauge(
             "console_broker_libvirt_connected", "1 while the hypervisor is reachable.", registry=r
+        )
+
+        self.connections_pending = Gauge(
+            "console_broker_connections_pending",
+            "Connections not yet past their request (no token checked yet), by listener.",
+            ["listener"],
+            registry=r,
+        )
+        self.connections_refused = Counter(
+            "console_broker_connections_refused",
+            "Connections closed before their request was read, by listener and reason.",
+            ["listener", "reason"],
+            registry=r,
+        )
+        self.accept_errors = Counter(
+            "console_broker_accept_errors",
+            "Connections the listeners failed to accept, by listener and error (EMFILE, ...).",
+            ["listener", "error"],
+            registry=r,
         )
 
     def render(self) -> bytes:

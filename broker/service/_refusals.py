@@ -89,6 +89,8 @@ CONSOLE_AUTH_FAILED = _r(
 CHANNEL_REFUSED = _r(
     "channel_refused", 0, 4107, "the session's policy refuses this channel"
 )
+# The client's outgoing buffer stayed full for limits.write_timeout: it stopped reading.
+CLIENT_STALLED = _r("client_stalled", 0, 4108, "the client stopped reading")
 
 #: Every refusal, in table order (docs/service.md).
 REFUSALS: tuple[Refusal, ...] = (
@@ -124,6 +126,7 @@ ENDINGS: tuple[Refusal, ...] = (
     CONSOLE_PROTOCOL_ERROR,
     CONSOLE_AUTH_FAILED,
     CHANNEL_REFUSED,
+    CLIENT_STALLED,
 )
 
 #: :class:`broker.tokens.TokenRefused` reasons -> refusals.

@@ -79,15 +79,25 @@ class WebSocketChannel:
 class TunnelChannel(WebSocketChannel):
     """The client side of a session reached through the HTTP CONNECT listener: the
     tunnel's byte stream, read in chunks of at most *read_size* bytes (``connection``
-    is None, ``subprotocol`` None, ``request_headers`` empty)."""
+    is None, ``subprotocol`` None, ``request_headers`` empty). A send that cannot finish
+    within *write_timeout* seconds (the client stopped reading) calls :attr:`on_stall`
+    and ends the client as :class:`ClientClosed`."""
 
-    def __init__(self, stream: anyio.abc.ByteStream, first: bytes, read_size: int) -> None:
+    def __init__(
+        self, stream: anyio.abc.ByteStream, first: bytes, read_size: int,
+        write_timeout: float = 30.0,
+    ) -> None:
         self.connection = None  # type: ignore[assignment]
         self.stream = stream
         self._first = first
         self._read_size = read_size
+        self._write_timeout = write_timeout
         #: True once the client's side of the tunnel has ended.
         self.closed = False
+        #: True once the client was cut for not reading.
+        self.stalled = False
+        #: Called once, before a client that stopped reading is cut.
+        self.on_stall: Callable[[], None] | None = None
 
     @property
     def subprotocol(self) -> str | None:
@@ -110,7 +120,13 @@ class TunnelChannel(WebSocketChannel):
 
     async def send(self, data: bytes) -> None:
         try:
-            await self.stream.send(data)
+            with anyio.fail_after(self._write_timeout):
+                await self.stream.send(data)
+        except TimeoutError:
+            self.closed = self.stalled = True
+            if self.on_stall is not None:
+                self.on_stall()
+            raise ClientClosed from None
         except (anyio.BrokenResourceError, anyio.ClosedResourceError, OSError):
             self.closed = True
             raise ClientClosed from None

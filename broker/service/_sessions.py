@@ -13,23 +13,25 @@ resolver's target) happens before, in :mod:`broker.service._app`.
 from __future__ import annotations
 
 import contextlib
+import functools
 import secrets
 import time
 
 import anyio
 import attrs
 import structlog
-from websockets.asyncio.server import ServerConnection
 from websockets.protocol import State
 
 from broker.config import Config
 from broker.hookspecs import Protocol
+from broker.service._connection import BrokerConnection
 from broker.service._libvirt import Resolver, Target
 from broker.service._limits import SessionCounts
 from broker.service._metrics import Metrics
 from broker.service._pump import Traffic
 from broker.service._refusals import (
     CLIENT_CLOSED,
+    CLIENT_STALLED,
     CONSOLE_CLOSED,
     CONSOLE_UNREACHABLE,
     IDLE_TIMEOUT,
@@ -156,7 +158,7 @@ class SessionRunner:
                     live.end(ending)
 
     async def close(
-        self, connection: ServerConnection | TunnelChannel, refusal: Refusal
+        self, connection: BrokerConnection | TunnelChannel, refusal: Refusal
     ) -> None:
         if isinstance(connection, TunnelChannel):  # a tunnel has no close code: just close
             with anyio.CancelScope(shield=True), contextlib.suppress(
@@ -186,7 +188,7 @@ class SessionRunner:
             raise Refused(CONSOLE_UNREACHABLE, "opening the console timed out") from None
 
     async def run(
-        self, connection: ServerConnection | TunnelChannel, pending: Pending
+        self, connection: BrokerConnection | TunnelChannel, pending: Pending
     ) -> None:
         claims, target, protocol = pending.claims, pending.target, pending.protocol
         domain, client = claims.domain_uuid, pending.client
@@ -237,6 +239,7 @@ class SessionRunner:
                 return
             live = Live(session_id, domain, endpoint.kind)
             self.lives.setdefault(domain, set()).add(live)
+            connection.on_stall = functools.partial(live.end, CLIENT_STALLED)
             if self.closing:
                 live.end(SHUTDOWN)
 

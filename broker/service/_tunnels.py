@@ -13,7 +13,6 @@ sessions; this module only speaks the listener's side of HTTP and TLS.
 from __future__ import annotations
 
 import contextlib
-import http
 import ssl
 import time
 from collections.abc import Awaitable, Callable
@@ -31,6 +30,7 @@ from broker.service._connect import (
     ConnectParser,
     ConnectRequest,
 )
+from broker.service._gate import AcceptGuard, ConnectionGate, http_response
 from broker.service._refusals import Refused
 from broker.service._session import TunnelChannel
 from broker.service._tls import tls_error
@@ -44,6 +44,8 @@ Admit = Callable[[str, str, float], Awaitable[Any]]
 Run = Callable[[TunnelChannel, Any], Awaitable[None]]
 #: Counts a refusal (its reason) in the broker's metrics.
 Count = Callable[[str], None]
+#: The listener's name in logs and metrics.
+LISTENER = "connect"
 
 
 class TunnelListener:
@@ -57,29 +59,64 @@ class TunnelListener:
         count_refusal: Count,
         ssl_context: ssl.SSLContext | None,
         handshake_timeout: float,
+        write_timeout: float,
         read_size: int,
+        gate: ConnectionGate,
+        guard: AcceptGuard,
     ) -> None:
         self._admit = admit
         self._run = run
         self._count_refusal = count_refusal
         self._ssl = ssl_context
         self._timeout = handshake_timeout
+        self._write_timeout = write_timeout
         self._read_size = read_size
+        self._gate = gate
+        self._guard = guard
 
     async def serve(
         self, listener: anyio.abc.Listener[anyio.abc.SocketStream], scope: anyio.CancelScope
     ) -> None:
-        """Serve *listener* until *scope* is cancelled."""
+        """Serve *listener* (one socket listener, or several in a multi-listener) until
+        *scope* is cancelled; accept errors never end it (:class:`AcceptGuard`)."""
+        listeners = getattr(listener, "listeners", [listener])
         with scope:
-            async with listener:
-                await listener.serve(self.handle)
+            async with listener, anyio.create_task_group() as group:
+                for one in listeners:
+                    group.start_soon(self._guard.accept_loop, one, self.handle, group)
 
     async def handle(self, stream: anyio.abc.SocketStream) -> None:
-        """One tunnel: read the CONNECT head, admit its token like a WebSocket's, answer
-        200 and run the session on the tunnel (or answer the refusal's status and close)."""
-        started = time.monotonic()
+        """One tunnel: counted as pending until its head is answered (refused at once over
+        the caps); then :meth:`tunnel`."""
         address = stream.extra(anyio.abc.SocketAttribute.remote_address, ("?",))  # noqa: S610
-        client = str(address[0]) if isinstance(address, tuple) else "?"
+        peer = str(address[0]) if isinstance(address, tuple) else "?"
+        refusal = self._gate.enter(peer, LISTENER)
+        if refusal is not None:
+            with anyio.CancelScope(shield=True), contextlib.suppress(OSError):
+                with anyio.move_on_after(1.0):
+                    await stream.send(http_response(refusal.status, refusal.text))
+                await stream.aclose()
+            return
+        pending = True
+
+        def leave() -> None:
+            nonlocal pending
+            if pending:
+                pending = False
+                self._gate.leave(peer, LISTENER)
+
+        try:
+            await self.tunnel(stream, peer, leave)
+        finally:
+            leave()
+
+    async def tunnel(
+        self, stream: anyio.abc.SocketStream, client: str, answered: Callable[[], None]
+    ) -> None:
+        """Read the CONNECT head, admit its token like a WebSocket's, answer 200 and run the
+        session on the tunnel (or answer the refusal's status and close). *answered* is
+        called once the head is answered, either way."""
+        started = time.monotonic()
         parser = ConnectParser()
         try:
             with anyio.fail_after(self._timeout):
@@ -113,13 +150,15 @@ class TunnelListener:
             return
         if not await _answer(stream, 200, "Connection established", close=False):
             return
+        answered()
         inner: anyio.abc.ByteStream = stream
         if self._ssl is not None:
             tls = await self._start_tls(stream, client)
             if tls is None:
                 return
             inner = tls
-        await self._run(TunnelChannel(inner, event.rest, self._read_size), pending)
+        channel = TunnelChannel(inner, event.rest, self._read_size, self._write_timeout)
+        await self._run(channel, pending)
 
     def mismatch(self, event: ConnectRequest) -> str | None:
         """Why the target's port does not fit this broker's TLS, or None.
@@ -160,18 +199,10 @@ class TunnelListener:
 async def _answer(stream: anyio.abc.SocketStream, status: int, text: str, *, close: bool) -> bool:
     """Answer the CONNECT (nothing for *status* 0); False once the tunnel is closed."""
     try:
-        if status:
-            phrase = "Connection established" if status == 200 else (
-                http.HTTPStatus(status).phrase
-            )
-            body = b"" if status == 200 else (text + "\n").encode()
-            head = f"HTTP/1.1 {status} {phrase}\r\n"
-            if status != 200:
-                head += (
-                    f"Content-Type: text/plain; charset=utf-8\r\n"
-                    f"Content-Length: {len(body)}\r\nConnection: close\r\n"
-                )
-            await stream.send(head.encode() + b"\r\n" + body)
+        if status == 200:
+            await stream.send(b"HTTP/1.1 200 Connection established\r\n\r\n")
+        elif status:
+            await stream.send(http_response(status, text))
     except (anyio.BrokenResourceError, anyio.ClosedResourceError, OSError):
         close = True
     if close:

@@ -36,7 +36,8 @@
     4104: "the client sent a message the broker cannot check",
     4105: "console protocol error",
     4106: "the broker could not log in to the console",
-    4107: "the session's policy refuses this channel"
+    4107: "the session's policy refuses this channel",
+    4108: "the client stopped reading"
   };
 
   var $ = function (id) { return document.getElementById(id); };

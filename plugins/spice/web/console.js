@@ -35,6 +35,7 @@ const CLOSE_MESSAGES = {
     4105: 'The session ended: the VM\'s SPICE server broke the protocol.',
     4106: 'The broker could not log in to the VM\'s SPICE server.',
     4107: 'The broker refused a channel of this session (its policy).',
+    4108: 'The session was closed: this browser stopped reading what the VM sent.',
 };
 
 const body = document.body;

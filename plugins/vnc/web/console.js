@@ -39,6 +39,7 @@ const CLOSE_MESSAGES = {
     4105: 'The session ended: the VM\'s VNC server broke the protocol.',
     4106: 'The broker could not log in to the VM\'s VNC server (its password or TLS settings).',
     4107: 'The broker refused a channel of this session (its policy).',
+    4108: 'The session was closed: this browser stopped reading what the VM sent.',
 };
 
 // Key combinations of the "Keys" menu (its buttons' data-combo) and the Ctrl+Alt+Del

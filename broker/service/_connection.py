@@ -1,0 +1,162 @@
+"""The broker's WebSocket server connection: bounded before the token, and while it lives.
+
+:class:`BrokerConnection` is websockets' :class:`~websockets.asyncio.server.ServerConnection`
+with what a hostile client must not be able to get around:
+
+* **Before the request**, it is a pending connection of the broker's
+  :class:`~broker.service._gate.ConnectionGate` (refused with 503 or 429 over a cap),
+  and at most ``limits.max_request_head`` bytes of request line and headers are read
+  (431 past that). It stops being pending once its handshake is over, whichever way.
+* **Reading pauses while the outgoing buffer is full**, as well as while websockets'
+  own queue of received messages is (one pause, two reasons). A client that sends but
+  does not read can then make the broker hold no more than one read's worth of
+  automatic replies (pongs to its pings, RFC 6455 5.5.2) beyond the buffer's
+  high-water mark: what it sends next waits in its own socket.
+* **A client that stops reading is cut**: when the outgoing buffer, above its
+  high-water mark, has not shrunk at all in ``limits.write_timeout`` seconds,
+  :attr:`on_stall` is called (the session runner ends the session as
+  ``client_stalled``, 4108) and the connection is aborted; a close frame could not
+  reach a client that does not read. A slow client (the buffer drains, slowly) is
+  never cut.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+from typing import Any
+
+import attrs
+from websockets.asyncio.server import Server, ServerConnection
+from websockets.server import ServerProtocol
+
+from broker.service._gate import HEAD_TOO_LARGE, ConnectionGate, GateRefusal, http_response
+
+#: The listener's name in logs and metrics.
+LISTENER = "http"
+
+
+@attrs.frozen
+class ConnectionLimits:
+    """What every :class:`BrokerConnection` of one broker is held to."""
+
+    gate: ConnectionGate
+    #: ``limits.max_request_head``.
+    max_head: int
+    #: ``limits.write_timeout``.
+    write_timeout: float
+
+
+class BrokerConnection(ServerConnection):
+    """websockets' server connection with the broker's limits (see the module's notes)."""
+
+    def __init__(
+        self, protocol: ServerProtocol, server: Server, *, limits: ConnectionLimits, **kwargs: Any
+    ) -> None:
+        super().__init__(protocol, server, **kwargs)
+        self._limits = limits
+        self._peer = "?"
+        self._pending = False
+        self._refused = False
+        self._head_bytes = 0
+        #: Why reading is paused now: ``queue`` (websockets' own), ``write`` (ours).
+        self._paused_for: set[str] = set()
+        self._stall_timer: asyncio.TimerHandle | None = None
+        #: True once the client was cut for not reading.
+        self.stalled = False
+        #: Called once, before a client that stopped reading is cut.
+        self.on_stall: Callable[[], None] | None = None
+
+    # --- before the request ------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        super().connection_made(transport)
+        self.recv_messages.pause = lambda: self._pause_reading("queue")
+        self.recv_messages.resume = lambda: self._resume_reading("queue")
+        peer = transport.get_extra_info("peername")
+        self._peer = str(peer[0]) if peer else "?"
+        refusal = self._limits.gate.enter(self._peer, LISTENER)
+        if refusal is not None:
+            self._refuse(refusal)
+        else:
+            self._pending = True
+
+    def _refuse(self, refusal: GateRefusal) -> None:
+        self._refused = True
+        self.transport.write(http_response(refusal.status, refusal.text))
+        self.transport.close()
+
+    def _leave(self) -> None:
+        if self._pending:
+            self._pending = False
+            self._limits.gate.leave(self._peer, LISTENER)
+
+    async def handshake(self, *args: Any, **kwargs: Any) -> None:
+        try:
+            await super().handshake(*args, **kwargs)
+        finally:
+            self._leave()
+
+    def data_received(self, data: bytes) -> None:
+        if self._refused:
+            return
+        if self.request is None:  # a client sends nothing after its head before the 101
+            self._head_bytes += len(data)
+            if self._head_bytes > self._limits.max_head:
+                self._limits.gate.refused(HEAD_TOO_LARGE, LISTENER)
+                self._refuse(HEAD_TOO_LARGE)
+                return
+        super().data_received(data)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._leave()
+        if self._stall_timer is not None:
+            self._stall_timer.cancel()
+            self._stall_timer = None
+        super().connection_lost(exc)
+
+    # --- flow control --------------------------------------------------------------------
+
+    def _pause_reading(self, why: str) -> None:
+        if not self._paused_for:
+            self.transport.pause_reading()
+        self._paused_for.add(why)
+
+    def _resume_reading(self, why: str) -> None:
+        self._paused_for.discard(why)
+        if not self._paused_for and not self.transport.is_closing():
+            self.transport.resume_reading()
+
+    def pause_writing(self) -> None:
+        super().pause_writing()
+        self._pause_reading("write")
+        self._watch_drain(self.transport.get_write_buffer_size())
+
+    def _watch_drain(self, buffered: int) -> None:
+        self._stall_timer = self.loop.call_later(
+            self._limits.write_timeout, self._check_drain, buffered
+        )
+
+    def _check_drain(self, buffered: int) -> None:
+        """Still above the high-water mark after ``write_timeout``: a client whose buffer
+        shrank meanwhile is slow, not stalled (nothing is added while writing is paused
+        but small control frames); one whose buffer did not is cut."""
+        now = self.transport.get_write_buffer_size()
+        if now < buffered:
+            self._watch_drain(now)
+        else:
+            self._stalled()
+
+    def resume_writing(self) -> None:
+        super().resume_writing()
+        if self._stall_timer is not None:
+            self._stall_timer.cancel()
+            self._stall_timer = None
+        self._resume_reading("write")
+
+    def _stalled(self) -> None:
+        self._stall_timer = None
+        self.stalled = True
+        if self.on_stall is not None:
+            self.on_stall()
+        self.transport.abort()
