@@ -23,6 +23,12 @@ from broker.testbed import Testbed, TestbedError
 #: The third-party example distribution (console-broker-example-plugin).
 EXAMPLE = Path(__file__).parent / "plugin_example"
 
+# The tests' Python subprocesses (``python -m broker.cli``, ``python -c ...``) must import
+# the broker this test process does. Python would put their working directory, the
+# checkout, first on sys.path, so that under scripts/test (the suite against the wheel
+# installed in .tox/py) they would run the source tree instead of the installed copy.
+os.environ["PYTHONSAFEPATH"] = "1"
+
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     for item in items:

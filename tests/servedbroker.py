@@ -14,6 +14,7 @@ import ctypes
 import json
 import os
 import re
+import resource
 import signal
 import socket
 import ssl
@@ -33,6 +34,10 @@ from broker.plugins import DISABLE_ENV
 from broker.testbed import Testbed
 
 CLI = [sys.executable, "-m", "broker.cli"]
+#: The checkout's browser clients (``scripts/setup-host`` runs ``npm ci`` there). The
+#: served broker is pointed at them: an installed broker (``scripts/test`` runs the suite
+#: against the built wheel) does not look for a source tree's.
+NODE_MODULES = Path(__file__).resolve().parents[1] / "node_modules"
 #: A JWT's first part (``{"`` in base64url) followed by its dot.
 JWT_SHAPE = re.compile(r"eyJ[A-Za-z0-9_-]{8,}\.")
 _PR_SET_PDEATHSIG = 1
@@ -49,6 +54,12 @@ def end_with_parent() -> None:
     ctypes.CDLL("libc.so.6", use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
 
 
+def _limited(nofile: int) -> None:
+    """In the child: :func:`end_with_parent`, and at most *nofile* open descriptors."""
+    end_with_parent()
+    resource.setrlimit(resource.RLIMIT_NOFILE, (nofile, nofile))
+
+
 class ServedBroker:
     """A ``console-broker serve`` subprocess (debug logs in a file) and the tokens issued.
 
@@ -57,7 +68,10 @@ class ServedBroker:
     also listen for HTTP CONNECT on a free port; *subprotocols*: what :meth:`connect`
     offers; *stop_timeout*: how long :meth:`stop` waits (default: the grace plus 10 s);
     *tls*: serve TLS (``[tls]``) with these files of ``certs.make_certificates``
-    (``server``, ``server-key``, ``ca``), the CA also in ``tls.ca``.
+    (``server``, ``server-key``, ``ca``), the CA also in ``tls.ca``; *command*: the
+    ``console-broker`` command line that serves and issues tokens (default: this
+    interpreter's ``-m broker.cli``); *limits_config*: more keys in ``[limits]``;
+    *nofile*: the broker process's limit of open descriptors (RLIMIT_NOFILE).
     """
 
     def __init__(
@@ -72,8 +86,12 @@ class ServedBroker:
         subprotocols: Sequence[str] = ("binary",),
         stop_timeout: float | None = None,
         tls: dict[str, Path] | None = None,
+        command: Sequence[str] = CLI,
+        limits_config: str = "",
+        nofile: int | None = None,
     ) -> None:
         self.directory = directory
+        self.command = list(command)
         self.protocol = protocol
         self.subprotocols = list(subprotocols)
         self.grace = grace
@@ -98,9 +116,10 @@ state_dir = "state"
 host = "127.0.0.1"
 {listen}[http]
 allow_missing_origin = true
+assets_dir = "{NODE_MODULES}"
 {http_config}[limits]
 shutdown_grace = {grace}
-[logging]
+{limits_config}[logging]
 format = "json"
 level = "debug"
 {extra_config}
@@ -110,11 +129,11 @@ level = "debug"
         self.env = {k: v for k, v in os.environ.items() if k != DISABLE_ENV}
         self._log = self.log_path.open("wb")
         self.process = subprocess.Popen(
-            [*CLI, "serve", "--config", str(self.config)],
+            [*self.command, "serve", "--config", str(self.config)],
             stdout=self._log,
             stderr=subprocess.STDOUT,
             env=self.env,
-            preexec_fn=end_with_parent,
+            preexec_fn=end_with_parent if nofile is None else lambda: _limited(nofile),
         )
         self.tokens: list[str] = []
         deadline = time.monotonic() + 30
@@ -148,7 +167,7 @@ level = "debug"
     def cli(self, *args: str) -> str:
         """``console-broker ARGS --config ...``: its standard output."""
         out = subprocess.run(
-            [*CLI, *args, "--config", str(self.config)],
+            [*self.command, *args, "--config", str(self.config)],
             check=True,
             capture_output=True,
             text=True,
