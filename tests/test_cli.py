@@ -1,8 +1,12 @@
-"""The command line: --version and an explaining --help on every command."""
+"""The command line: --version and an explaining --help on every command, in this process
+and through the installed ``console-broker`` script."""
 
 from __future__ import annotations
 
 import argparse
+import subprocess
+import sysconfig
+from pathlib import Path
 
 import pytest
 
@@ -39,6 +43,19 @@ def test_every_command_has_help(
     assert out.startswith("usage: console-broker")
     # A description or at least one documented option beyond --help.
     assert len(out.splitlines()) > 3
+
+
+@pytest.mark.parametrize("command", _commands(build_parser()), ids=" ".join)
+def test_the_installed_script_runs_every_command(command: tuple[str, ...]) -> None:
+    """The console script of this environment (scripts/test: the wheel's) imports every
+    command's module: ``--help`` builds the whole parser."""
+    script = Path(sysconfig.get_path("scripts")) / "console-broker"
+    done = subprocess.run(
+        [str(script), *command, "--help"], capture_output=True, text=True, timeout=60
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.startswith(" ".join(("usage: console-broker", *command)))
+    assert done.stderr == ""
 
 
 def test_no_command_is_a_usage_error(capsys: pytest.CaptureFixture[str]) -> None:
