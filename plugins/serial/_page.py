@@ -7,7 +7,8 @@ browser clients' ``node_modules``, the assets directory the console pages share:
 here are served, and only from within their package's directory
 (:func:`broker.assets.package_file`): a request for anything else is a 404,
 whatever lies in the directory. The page runs under a Content-Security-Policy
-that allows scripts and connections to this broker only.
+that allows scripts and connections to this broker only. A missing asset is a 503
+saying what to install; where it was looked for is only logged.
 """
 
 from __future__ import annotations
@@ -15,9 +16,12 @@ from __future__ import annotations
 import importlib.resources
 from pathlib import Path
 
+import structlog
+
 from broker.assets import HTML, assets_dir, content_type, package_file
 from broker.hookspecs import Page
 
+_log = structlog.get_logger("broker.serial")
 #: Served from this package: path -> file in static/.
 STATIC = {"": "console.html", "console.js": "console.js", "console.css": "console.css"}
 #: Served from the assets directory: path -> (package directory under it, file in that).
@@ -35,9 +39,11 @@ CSP = (
 
 
 def _missing(path: str, where: Path) -> Page:
+    _log.warning("serial.assets_missing", asset=path, looked_in=str(where), key="http.assets_dir")
     text = (
-        f"{path}: not found in the assets directory {where} (install the browser "
-        "clients there with 'npm ci', or set http.assets_dir)\n"
+        f"{path}: not found in the broker's assets directory (an administrator must install "
+        "the browser clients there with 'npm ci', or set http.assets_dir; the broker's log "
+        "says where it looked)\n"
     )
     return Page(text.encode(), "text/plain; charset=utf-8", status=503)
 
@@ -54,5 +60,5 @@ def page(path: str, configured_assets: str) -> Page | None:
         package, name = ASSETS[path]
         where = assets_dir(configured_assets)
         served = package_file(where / package, name, suffixes=(".js", ".css"))
-        return _missing(path, where) if served is None else served
+        return _missing(path, where / package) if served is None else served
     return None

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import structlog
 from broker_serial import console_broker_page
 from broker_serial._page import ASSETS, CSP
 
@@ -61,10 +62,19 @@ def test_a_link_out_of_the_package_is_not_served(tmp_path: Path) -> None:
     assert page is not None and page.status == 503 and b"outside" not in page.body
 
 
-def test_a_missing_asset_says_where_it_was_looked_for(tmp_path: Path) -> None:
-    page = console_broker_page(protocol="serial", path="xterm/xterm.js", config=config(tmp_path))
+def test_a_missing_asset_says_what_to_do_and_logs_where_it_was_looked_for(
+    tmp_path: Path,
+) -> None:
+    with structlog.testing.capture_logs() as logs:
+        page = console_broker_page(
+            protocol="serial", path="xterm/xterm.js", config=config(tmp_path)
+        )
     assert page is not None and page.status == 503
-    assert str(tmp_path).encode() in page.body and b"http.assets_dir" in page.body
+    assert b"http.assets_dir" in page.body and b"npm ci" in page.body
+    assert str(tmp_path).encode() not in page.body  # no server path in an answer
+    assert [(e["event"], e["looked_in"]) for e in logs] == [
+        ("serial.assets_missing", str(tmp_path / "@xterm/xterm"))
+    ]
 
 
 @pytest.mark.parametrize(
