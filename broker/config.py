@@ -88,6 +88,10 @@ def _base_url(value: Any) -> str | None:
     parts = urlsplit(value)
     if parts.scheme not in ("http", "https") or not parts.hostname:
         return "must be an http:// or https:// URL with a host"
+    try:
+        parts.port  # noqa: B018 - parsing it is the check
+    except ValueError:
+        return "must have a port from 0 to 65535 if any"
     if parts.query or parts.fragment:
         return "must not have a query or a fragment"
     return None
@@ -182,8 +186,10 @@ class HTTPSection:
 
     allowed_origins: tuple[str, ...] = _key(
         (),
-        "Origins (scheme://host[:port]) whose pages may open consoles. "
-        "Empty: only the request's own host.",
+        "Origins (scheme://host[:port]) whose pages may open consoles. Empty: the origin "
+        "of the public URL (broker.public_url, or derived from listen), and "
+        "http(s)://listen.host:listen.port unless listen.host is a wildcard; never the "
+        "request's Host header.",
         _origins,
     )
     allow_missing_origin: bool = _key(
@@ -479,6 +485,25 @@ class SerialSection:
     )
 
 
+#: Listen addresses meaning "every address" (named here, not bound).
+_WILDCARD_HOSTS = ("0.0.0.0", "::")  # noqa: S104
+_DEFAULT_PORTS = {"http": 80, "https": 443}
+
+
+def _bracketed(host: str) -> str:
+    """*host* as a URL holds it: an IPv6 address in brackets."""
+    return f"[{host}]" if ":" in host else host
+
+
+def _origin_of(url: str) -> str:
+    """The serialized origin of an http(s) *url*: scheme, lower-case host, and the port
+    unless it is the scheme's default."""
+    parts = urlsplit(url)
+    scheme, host, port = parts.scheme.lower(), parts.hostname or "", parts.port
+    suffix = "" if port is None or port == _DEFAULT_PORTS.get(scheme) else f":{port}"
+    return f"{scheme}://{_bracketed(host)}{suffix}"
+
+
 @attrs.frozen
 class Config:
     """The whole configuration; every table has working defaults."""
@@ -531,12 +556,24 @@ class Config:
         if self.broker.public_url:
             return self.broker.public_url.rstrip("/")
         host = self.listen.host
-        if host in ("0.0.0.0", "::"):  # noqa: S104 - naming the wildcard, not binding it
+        if host in _WILDCARD_HOSTS:
             host = self.node_name
-        if ":" in host:
-            host = f"[{host}]"
+        host = _bracketed(host)
         scheme = "https" if self.tls_enabled else "http"
         return f"{scheme}://{host}:{self.listen.port}"
+
+    @property
+    def allowed_origins(self) -> tuple[str, ...]:
+        """The origins whose pages may open consoles: ``http.allowed_origins``, or when
+        empty the origin of :attr:`public_url` and, unless ``listen.host`` is a wildcard,
+        that of the listen address (``http(s)://host:port``)."""
+        if self.http.allowed_origins:
+            return self.http.allowed_origins
+        found = [_origin_of(self.public_url)]
+        if self.listen.host not in _WILDCARD_HOSTS:
+            scheme = "https" if self.tls_enabled else "http"
+            found.append(_origin_of(f"{scheme}://{_bracketed(self.listen.host)}:{self.listen.port}"))
+        return tuple(dict.fromkeys(found))
 
     @property
     def ws_url(self) -> str:

@@ -159,7 +159,7 @@ class Broker:
         self._ssl = ssl_context
         self._node = config.node_name
         self._prefix = urlsplit(config.public_url).path
-        self._origin = OriginPolicy(config.http.allowed_origins, config.http.allow_missing_origin)
+        self._origin = self._origin_policy(config)
         self._proxies = TrustedProxies(config.http.trusted_proxies)
         self._refuse_by_close = config.http.refusals == "close"
         limits = config.limits
@@ -186,6 +186,20 @@ class Broker:
         self.addresses: list[tuple[str, int]] = []
         #: The HTTP CONNECT listener's (host, port) pairs, once serving (``listen.connect_port``).
         self.connect_addresses: list[tuple[str, int]] = []
+
+    @staticmethod
+    def _origin_policy(config: Config) -> OriginPolicy:
+        """The Origin check: ``http.allowed_origins``, or the origins derived from the
+        configuration (:attr:`Config.allowed_origins`), logged once at start-up."""
+        allowed = config.allowed_origins
+        listed = bool(config.http.allowed_origins)
+        _log.info(
+            "broker.origins",
+            allowed=list(allowed),
+            source="http.allowed_origins" if listed else "broker.public_url, listen",
+            allow_missing=config.http.allow_missing_origin,
+        )
+        return OriginPolicy(allowed, config.http.allow_missing_origin)
 
     @staticmethod
     def _load_handlers(
@@ -440,7 +454,7 @@ class Broker:
             unknown = Refused(UNKNOWN_PROTOCOL, f"no handler for {found.protocol!r}")
             return self._refuse(connection, unknown, found.protocol, client)
         protocol, handler = entry
-        why = self._origin.check(request.headers.get("Origin"), request.headers.get("Host"))
+        why = self._origin.check(request.headers.get("Origin"))
         if why is not None:
             return self._refuse_plainly(Refused(FOREIGN_ORIGIN, why), found.protocol, client)
         try:

@@ -161,10 +161,11 @@ def normalize_origin(origin: str) -> tuple[str, str, int] | None:
 class OriginPolicy:
     """Which pages may open a console's WebSocket.
 
-    *allowed*: serialized origins (``https://ui.example.com``); empty means
-    "only pages served from the host the request was sent to" (compared with
-    the ``Host`` header; a ``Host`` without a port matches the origin's
-    default port, so a TLS-terminating proxy in front works).
+    *allowed*: serialized origins (``https://ui.example.com``), exactly those whose
+    pages may: :attr:`broker.config.Config.allowed_origins`, ``http.allowed_origins`` or
+    the ones derived from the configuration. Never the request's own ``Host`` header: a
+    page whose name an attacker rebinds to the broker's address sends that name as
+    ``Host`` and ``Origin`` alike (DNS rebinding).
     *allow_missing*: accept requests that carry no ``Origin`` at all
     (native clients and scripts; browsers always send one).
     """
@@ -183,7 +184,7 @@ class OriginPolicy:
             found.add(normalized)
         return frozenset(found)
 
-    def check(self, origin: str | None, host: str | None) -> str | None:
+    def check(self, origin: str | None) -> str | None:
         """None when the request may proceed, else why not (for the log)."""
         if origin is None:
             if self.allow_missing:
@@ -192,18 +193,7 @@ class OriginPolicy:
         normalized = normalize_origin(origin)
         if normalized is None:
             return "malformed or opaque Origin"
-        if self.allowed:
-            return None if normalized in self._normalized else "Origin not in http.allowed_origins"
-        if host is None:
-            return "no Host header to compare the Origin with"
-        own = _host_port(host, None)
-        if own is None:
-            return "malformed Host header"
-        scheme, origin_host, origin_port = normalized
-        own_host, own_port = own
-        if origin_host != own_host or origin_port != (own_port or _DEFAULT_PORTS[scheme]):
-            return "Origin is not this broker's host"
-        return None
+        return None if normalized in self._normalized else "Origin not allowed"
 
 
 # --- the client's address -----------------------------------------------------------------

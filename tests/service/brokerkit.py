@@ -136,16 +136,28 @@ class FakeResolver:
         self.events.domain_gone(uuid, ending)
 
 
+def free_port() -> int:
+    """A TCP port free on 127.0.0.1 now, for a broker whose own origin a test uses."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
 def make_config(
     *,
     http: HTTPSection | None = None,
     limits: LimitsSection | None = None,
     proxy: ProxySection | None = None,
     node: str = "hv1",
+    port: int = 0,
+    public_url: str = "",
 ) -> Config:
+    """A broker on 127.0.0.1 (*port* 0: any free one; a page's origin is allowed only
+    with a known port, see :func:`free_port`), accepting requests without Origin unless
+    *http* says otherwise."""
     return Config(
-        broker=BrokerSection(node=node, state_dir="/nonexistent"),
-        listen=ListenSection(host="127.0.0.1", port=0),
+        broker=BrokerSection(node=node, state_dir="/nonexistent", public_url=public_url),
+        listen=ListenSection(host="127.0.0.1", port=port),
         http=http or HTTPSection(allow_missing_origin=True),
         limits=limits or LimitsSection(),
         proxy=proxy or ProxySection(),

@@ -13,7 +13,15 @@ from typing import Any
 import anyio
 import pytest
 import structlog
-from brokerkit import BANNER, FakeDomain, FakeResolver, Running, make_config, running_broker
+from brokerkit import (
+    BANNER,
+    FakeDomain,
+    FakeResolver,
+    Running,
+    free_port,
+    make_config,
+    running_broker,
+)
 from conftest import DOMAIN, FakeClock
 from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed, InvalidStatus
@@ -238,9 +246,9 @@ async def test_a_plain_get_on_a_websocket_path_does_not_use_the_token(
 
 
 async def test_origin_rules(verifier: TokenVerifier, issuer: TokenIssuer) -> None:
-    config = make_config(http=HTTPSection())
+    config = make_config(http=HTTPSection(), port=free_port())  # a port known to the config
     async with running_broker(config, verifier, _resolver()) as running:
-        own = f"http://127.0.0.1:{running.port}"
+        own = f"http://127.0.0.1:{running.port}"  # the listen address (and the public URL)
 
         def url() -> str:
             return running.url("vnc", issuer.issue(DOMAIN, "vnc", ttl=60).token)
@@ -267,7 +275,8 @@ async def test_origin_rules(verifier: TokenVerifier, issuer: TokenIssuer) -> Non
 async def test_a_refused_origin_does_not_use_the_token(
     verifier: TokenVerifier, issuer: TokenIssuer
 ) -> None:
-    async with running_broker(make_config(http=HTTPSection()), verifier, _resolver()) as running:
+    config = make_config(http=HTTPSection(), port=free_port())
+    async with running_broker(config, verifier, _resolver()) as running:
         token = issuer.issue(DOMAIN, "vnc", ttl=60).token
         await refused_status(running.url("vnc", token), origin="http://evil.example")
         own = f"http://127.0.0.1:{running.port}"

@@ -1,0 +1,170 @@
+"""Requests the listener must answer cleanly: origins decided by configuration (not by
+the request's Host).
+
+Requests are written by hand (:func:`exchange`), so each can be as wrong as a client
+may make it.
+"""
+
+from __future__ import annotations
+
+import anyio
+import attrs
+import pytest
+import structlog
+from brokerkit import (
+    BANNER,
+    FakeDomain,
+    FakeResolver,
+    free_port,
+    make_config,
+    running_broker,
+)
+from conftest import DOMAIN
+from websockets.asyncio.client import connect
+
+from broker.config import (
+    BrokerSection,
+    Config,
+    ConfigError,
+    HTTPSection,
+    ListenSection,
+    TLSSection,
+    config_from_dict,
+)
+from broker.tokens import TokenIssuer, TokenVerifier
+
+pytestmark = pytest.mark.anyio
+#: A valid Sec-WebSocket-Key (RFC 6455's example).
+KEY = "dGhlIHNhbXBsZSBub25jZQ=="
+
+
+@pytest.fixture
+def anyio_backend() -> str:
+    return "asyncio"
+
+
+@attrs.frozen
+class Answer:
+    status: int
+    headers: dict[str, list[str]]
+    body: bytes
+
+
+def request(
+    method: str,
+    target: str,
+    *,
+    websocket: bool = False,
+    without: tuple[str, ...] = (),
+    headers: tuple[tuple[str, str], ...] = (),
+    version: str = "HTTP/1.1",
+) -> bytes:
+    """A request head: with *websocket* a valid handshake's headers, less those named in
+    *without*, plus *headers*."""
+    lines = [("Host", "127.0.0.1")]
+    if websocket:
+        lines += [
+            ("Upgrade", "websocket"),
+            ("Connection", "Upgrade"),
+            ("Sec-WebSocket-Key", KEY),
+            ("Sec-WebSocket-Version", "13"),
+        ]
+    lines = [(name, value) for name, value in lines if name not in without]
+    head = [f"{method} {target} {version}", *(f"{n}: {v}" for n, v in [*lines, *headers])]
+    return ("\r\n".join(head) + "\r\n\r\n").encode()
+
+
+async def exchange(port: int, head: bytes) -> Answer:
+    """Send *head*, read the answer (to the end of the connection, or of a 101's head)."""
+    stream = await anyio.connect_tcp("127.0.0.1", port)
+    data = b""
+    async with stream:
+        await stream.send(head)
+        with anyio.fail_after(5):
+            try:
+                while not data.startswith(b"HTTP/1.1 101 ") or b"\r\n\r\n" not in data:
+                    data += await stream.receive()
+            except (anyio.EndOfStream, anyio.BrokenResourceError):
+                pass
+    top, _, body = data.partition(b"\r\n\r\n")
+    status_line, *header_lines = top.decode().split("\r\n")
+    headers: dict[str, list[str]] = {}
+    for line in header_lines:
+        name, _, value = line.partition(":")
+        headers.setdefault(name.strip().lower(), []).append(value.strip())
+    return Answer(int(status_line.split()[1]), headers, body)
+
+
+# --- origins ------------------------------------------------------------------------------
+
+
+def test_allowed_origins_come_from_the_configuration() -> None:
+    assert Config().allowed_origins == ("http://127.0.0.1:6080",)
+    tls = TLSSection(cert="c.pem", key="k.pem")
+    v6 = Config(listen=ListenSection(host="::1", port=7000), tls=tls)
+    assert v6.allowed_origins == ("https://[::1]:7000",)
+    wildcard = Config(broker=BrokerSection(node="hv1"), listen=ListenSection(host="0.0.0.0"))
+    assert wildcard.allowed_origins == ("http://hv1:6080",)  # the node name, as public_url
+    proxied = Config(broker=BrokerSection(public_url="https://Consoles.example.com/hv1/"))
+    assert proxied.allowed_origins == ("https://consoles.example.com", "http://127.0.0.1:6080")
+    behind = Config(
+        broker=BrokerSection(public_url="https://consoles.example.com:8443"),
+        listen=ListenSection(host="::"),
+    )
+    assert behind.allowed_origins == ("https://consoles.example.com:8443",)
+    listed = Config(http=HTTPSection(allowed_origins=("https://portal.example.com",)))
+    assert listed.allowed_origins == ("https://portal.example.com",)
+
+
+def test_a_public_url_with_a_bad_port_is_a_configuration_error() -> None:
+    with pytest.raises(ConfigError, match=r"broker\.public_url: must have a port"):
+        config_from_dict({"broker": {"public_url": "https://consoles.example.com:99999"}})
+
+
+async def handshake_status(port: int, token: str, host: str, origin: str) -> int:
+    head = request("GET", f"/ws/vnc?token={token}", websocket=True, without=("Host",),
+                   headers=(("Host", host), ("Origin", origin)))
+    answer = await exchange(port, head)
+    return answer.status
+
+
+async def test_the_host_header_does_not_make_an_origin_allowed(
+    verifier: TokenVerifier, issuer: TokenIssuer
+) -> None:
+    """DNS rebinding: a page of rebound.example, whose name now resolves to the broker,
+    sends its own name as Host and as Origin."""
+    port = free_port()
+    config = make_config(http=HTTPSection(), port=port)
+    async with running_broker(config, verifier, FakeResolver(FakeDomain(DOMAIN))):
+        token = issuer.issue(DOMAIN, "vnc", ttl=60).token
+        rebound = f"rebound.example:{port}"
+        assert await handshake_status(port, token, rebound, f"http://{rebound}") == 403
+        own = f"http://127.0.0.1:{port}"
+        assert await handshake_status(port, token, rebound, own) == 101
+
+
+async def test_pages_from_the_public_url_may_connect_whatever_the_host(
+    verifier: TokenVerifier, issuer: TokenIssuer
+) -> None:
+    port = free_port()
+    config = make_config(
+        http=HTTPSection(), port=port, public_url="https://consoles.example.com/hv1"
+    )
+    with structlog.testing.capture_logs() as logs:
+        async with running_broker(config, verifier, FakeResolver(FakeDomain(DOMAIN))) as running:
+
+            def token() -> str:
+                return issuer.issue(DOMAIN, "vnc", ttl=60).token
+
+            here = f"127.0.0.1:{port}"
+            proxy = "https://consoles.example.com"
+            assert await handshake_status(port, token(), here, proxy) == 101
+            assert await handshake_status(port, token(), here, f"http://{here}") == 101
+            for foreign in ("http://consoles.example.com", "https://evil.example", "null"):
+                assert await handshake_status(port, token(), "evil.example", foreign) == 403
+            async with connect(running.url("vnc", token()), origin=proxy) as ws:  # type: ignore[arg-type]
+                assert await ws.recv() == BANNER
+    started = [e for e in logs if e["event"] == "broker.origins"]
+    assert [(e["allowed"], e["source"]) for e in started] == [
+        ([proxy, f"http://{here}"], "broker.public_url, listen")
+    ]
