@@ -17,7 +17,9 @@ with what a hostile client must not be able to get around:
   :attr:`on_stall` is called (the session runner ends the session as
   ``client_stalled``, 4108) and the connection is aborted; a close frame could not
   reach a client that does not read. A slow client (the buffer drains, slowly) is
-  never cut.
+  never cut. A client that leaves the keepalive ping (``proxy.ping_interval``)
+  unanswered for as long, which websockets then closes with 1011, ends as
+  ``client_stalled`` too.
 """
 
 from __future__ import annotations
@@ -113,6 +115,8 @@ class BrokerConnection(ServerConnection):
         if self._stall_timer is not None:
             self._stall_timer.cancel()
             self._stall_timer = None
+        if _keepalive_failed(self) and not self.stalled:
+            self._stall()  # no pong in time: a client that stopped reading, too
         super().connection_lost(exc)
 
     # --- flow control --------------------------------------------------------------------
@@ -156,7 +160,17 @@ class BrokerConnection(ServerConnection):
 
     def _stalled(self) -> None:
         self._stall_timer = None
+        self._stall()
+        self.transport.abort()
+
+    def _stall(self) -> None:
         self.stalled = True
         if self.on_stall is not None:
             self.on_stall()
-        self.transport.abort()
+
+
+def _keepalive_failed(connection: ServerConnection) -> bool:
+    """Whether websockets closed *connection* because its keepalive ping got no pong
+    within ``ping_timeout`` (it fails the connection with 1011 and this reason)."""
+    sent = connection.protocol.close_sent
+    return sent is not None and sent.code == 1011 and sent.reason == "keepalive ping timeout"
