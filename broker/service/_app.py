@@ -46,6 +46,7 @@ import attrs
 import structlog
 from websockets.asyncio.server import Server, ServerConnection, serve
 from websockets.datastructures import Headers
+from websockets.exceptions import InvalidHandshake, InvalidHeader
 from websockets.http11 import Request, Response
 from websockets.typing import Subprotocol
 
@@ -60,6 +61,7 @@ from broker.service._libvirt import Resolver, Target
 from broker.service._limits import Limits, SessionCounts
 from broker.service._metrics import CONTENT_TYPE, Metrics
 from broker.service._refusals import (
+    BAD_REQUEST,
     FOREIGN_ORIGIN,
     HYPERVISOR_LOST,
     INTERNAL_ERROR,
@@ -130,6 +132,20 @@ def _host_port(address: Any) -> tuple[str, int]:
 
 def _text(status: int, text: str, headers: Iterable[tuple[str, str]] = ()) -> Response:
     return _response(status, (text + "\n").encode(), headers=headers)
+
+
+def _handshake_problem(connection: ServerConnection, request: Request) -> Refused | None:
+    """websockets' own checks of a WebSocket handshake (the upgrade runs them again), as a
+    ``bad_request`` before the token is looked at: a missing, malformed or repeated
+    ``Connection``, ``Upgrade``, ``Sec-WebSocket-*`` or ``Origin`` header, not HTTP/1.1.
+    The detail names the header, never its value."""
+    try:
+        connection.protocol.process_request(request)
+    except InvalidHeader as exc:
+        return Refused(BAD_REQUEST, f"missing, malformed or repeated {exc.name} header")
+    except InvalidHandshake as exc:
+        return Refused(BAD_REQUEST, f"not a WebSocket handshake ({type(exc).__name__})")
+    return None
 
 
 class Broker:
@@ -441,12 +457,15 @@ class Broker:
         client: str,
         started: float,
     ) -> Response | None:
-        if "websocket" not in request.headers.get("Upgrade", "").lower():
+        if not any("websocket" in value.lower() for value in request.headers.get_all("Upgrade")):
             return _text(
                 426,
                 f"/ws/{found.protocol} is a WebSocket endpoint; open the console page instead",
                 headers=[("Upgrade", "websocket")],
             )
+        malformed = _handshake_problem(connection, request)
+        if malformed is not None:
+            return self._refuse_plainly(malformed, found.protocol, client)
         if self._runner.closing:
             return _text(SHUTDOWN.status, SHUTDOWN.text)
         entry = self._handlers.get(found.protocol)
@@ -467,7 +486,11 @@ class Broker:
     async def _admit(
         self, protocol: Protocol, handler: SessionHandler, token: str, client: str, started: float
     ) -> Pending:
-        """The token, view-only, group, limits and resolver checks; Refused if one fails."""
+        """The token, view-only, group, limits and resolver checks; Refused if one fails.
+
+        The token is not used up here but by :meth:`_take`, once the connection is
+        upgraded (or, for a tunnel, before it is answered): a request refused on its way,
+        by websockets too, leaves it usable."""
         group: SessionGroup | None = None
         claims = self._verify(token, protocol.name)
         if claims.view_only and not protocol.view_only:
@@ -482,9 +505,10 @@ class Broker:
             if group.closed:
                 raise Refused(REPLAYED_TOKEN, "the token's session has ended")
         else:
+            if self._verifier.used(claims):
+                raise Refused(REPLAYED_TOKEN, "the token was already used")
             self._counts.check(claims.domain_uuid, client)
             target = await self._target(claims, protocol)
-            self._consume(claims)
         return Pending(protocol, handler, claims, target, client, started, group)
 
     async def _target(self, claims: Claims, protocol: Protocol) -> Target:
@@ -502,9 +526,13 @@ class Broker:
         except ValueError:
             raise Refused(INVALID_TOKEN, "malformed token") from None
 
-    def _consume(self, claims: Claims) -> None:
+    def _take(self, pending: Pending) -> None:
+        """Use the token of an admitted request up (a group's further connection does not:
+        its first did); Refused as ``replayed_token`` when another request used it first."""
+        if pending.group is not None:
+            return
         try:
-            self._verifier.consume(claims)
+            self._verifier.consume(pending.claims)
         except TokenRefused as exc:
             raise Refused(TOKEN_REFUSALS.get(exc.reason, INVALID_TOKEN), exc.detail) from None
 
@@ -621,7 +649,9 @@ class Broker:
         if entry is None or not entry[0].native_clients:
             raise Refused(UNKNOWN_PROTOCOL, f"no native clients for {claims.protocol!r}")
         protocol, handler = entry
-        return await self._admit(protocol, handler, token, client, started)
+        pending = await self._admit(protocol, handler, token, client, started)
+        self._take(pending)
+        return pending
 
     # --- sessions -----------------------------------------------------------------------
 
@@ -633,5 +663,11 @@ class Broker:
             return
         if pending is None:  # cannot happen: every upgrade passed _check_websocket
             await self._runner.close(connection, INTERNAL_ERROR)
+            return
+        try:
+            self._take(pending)  # upgraded: now the token is used up
+        except Refused as exc:  # another request with the same token was upgraded first
+            self._log_refusal(exc, pending.protocol.name, pending.client)
+            await self._runner.close(connection, exc.refusal)
             return
         await self._runner.run(connection, pending)

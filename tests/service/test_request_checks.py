@@ -1,11 +1,16 @@
-"""Requests the listener must answer cleanly: origins decided by configuration (not by
-the request's Host).
+"""Requests the listener must answer cleanly: malformed or duplicated handshake headers
+(before the token is looked at), a token used up only by a completed upgrade, origins
+decided by configuration (not by the request's Host).
 
 Requests are written by hand (:func:`exchange`), so each can be as wrong as a client
-may make it.
+may make it; a token is checked to stay usable whenever the broker did not upgrade.
 """
 
 from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+from typing import Any
 
 import anyio
 import attrs
@@ -15,12 +20,14 @@ from brokerkit import (
     BANNER,
     FakeDomain,
     FakeResolver,
+    Running,
     free_port,
     make_config,
     running_broker,
 )
 from conftest import DOMAIN
 from websockets.asyncio.client import connect
+from websockets.exceptions import ConnectionClosed
 
 from broker.config import (
     BrokerSection,
@@ -31,7 +38,7 @@ from broker.config import (
     TLSSection,
     config_from_dict,
 )
-from broker.tokens import TokenIssuer, TokenVerifier
+from broker.tokens import Claims, TokenIssuer, TokenVerifier
 
 pytestmark = pytest.mark.anyio
 #: A valid Sec-WebSocket-Key (RFC 6455's example).
@@ -41,6 +48,12 @@ KEY = "dGhlIHNhbXBsZSBub25jZQ=="
 @pytest.fixture
 def anyio_backend() -> str:
     return "asyncio"
+
+
+@pytest.fixture
+async def broker(verifier: TokenVerifier) -> AsyncIterator[Running]:
+    async with running_broker(make_config(), verifier, FakeResolver(FakeDomain(DOMAIN))) as running:
+        yield running
 
 
 @attrs.frozen
@@ -93,6 +106,103 @@ async def exchange(port: int, head: bytes) -> Answer:
         name, _, value = line.partition(":")
         headers.setdefault(name.strip().lower(), []).append(value.strip())
     return Answer(int(status_line.split()[1]), headers, body)
+
+
+def failures(logs: list[dict[str, Any]], caplog: pytest.LogCaptureFixture) -> list[Any]:
+    """Log entries that report a failure: a traceback, ``request.failed``, or a warning
+    or worse from the standard library's loggers (websockets)."""
+    ours = [e for e in logs if "exc_info" in e or e["event"] == "request.failed"]
+    return ours + [r for r in caplog.records if r.levelno >= logging.WARNING]
+
+
+async def still_usable(running: Running, token: str) -> None:
+    async with connect(running.url("vnc", token)) as ws:
+        assert await ws.recv() == BANNER
+
+
+# --- handshake headers --------------------------------------------------------------------
+
+_OWN = ("Origin", "http://127.0.0.1")
+MALFORMED: dict[str, dict[str, Any]] = {
+    "two Origin headers": {"headers": (_OWN, _OWN)},
+    "two Upgrade headers": {"headers": (("Upgrade", "websocket"),)},
+    "two keys": {"headers": (("Sec-WebSocket-Key", KEY),)},
+    "two versions": {"headers": (("Sec-WebSocket-Version", "13"),)},
+    "version 12": {"without": ("Sec-WebSocket-Version",),
+                   "headers": (("Sec-WebSocket-Version", "12"),)},
+    "no version": {"without": ("Sec-WebSocket-Version",)},
+    "a short key": {"without": ("Sec-WebSocket-Key",),
+                    "headers": (("Sec-WebSocket-Key", "c2hvcnQ="),)},
+    "no key": {"without": ("Sec-WebSocket-Key",)},
+    "no Connection: Upgrade": {"without": ("Connection",),
+                               "headers": (("Connection", "keep-alive"),)},
+    "HTTP/1.0": {"version": "HTTP/1.0"},
+}
+
+
+@pytest.mark.parametrize("refusals", ["status", "close"])
+@pytest.mark.parametrize("case", sorted(MALFORMED))
+async def test_a_malformed_handshake_is_a_bad_request_and_leaves_the_token_usable(
+    verifier: TokenVerifier,
+    issuer: TokenIssuer,
+    caplog: pytest.LogCaptureFixture,
+    case: str,
+    refusals: str,
+) -> None:
+    config = make_config(http=HTTPSection(allow_missing_origin=True, refusals=refusals))
+    async with running_broker(config, verifier, FakeResolver(FakeDomain(DOMAIN))) as running:
+        token = issuer.issue(DOMAIN, "vnc", ttl=60).token
+        head = request("GET", f"/ws/vnc?token={token}", websocket=True, **MALFORMED[case])
+        with structlog.testing.capture_logs() as logs:
+            answer = await exchange(running.port, head)
+        assert (answer.status, answer.body) == (400, b"malformed console request\n")
+        refused = [e for e in logs if e["event"] == "request.refused"]
+        assert [(e["reason"], e["status"]) for e in refused] == [("bad_request", 400)]
+        assert not failures(logs, caplog)
+        await still_usable(running, token)
+
+
+class GatedResolver(FakeResolver):
+    """Holds every request in the resolver until :attr:`gate` is set."""
+
+    def __init__(self, *domains: FakeDomain) -> None:
+        super().__init__(*domains)
+        self.gate = anyio.Event()
+        self.waiting = 0
+
+    async def target(self, claims: Claims, console: str, tls: Any = None) -> Any:
+        self.waiting += 1
+        await self.gate.wait()
+        return await super().target(claims, console, tls)
+
+
+async def test_two_upgrades_racing_with_one_token_open_one_session(
+    verifier: TokenVerifier, issuer: TokenIssuer
+) -> None:
+    resolver = GatedResolver(FakeDomain(DOMAIN))
+    async with running_broker(make_config(), verifier, resolver) as running:
+        url = running.url("vnc", issuer.issue(DOMAIN, "vnc", ttl=60).token)
+        outcomes: list[object] = []
+
+        async def client() -> None:
+            async with connect(url, open_timeout=5) as ws:  # both are upgraded
+                try:
+                    outcomes.append(await ws.recv())
+                    await ws.close()
+                except ConnectionClosed:
+                    outcomes.append((ws.close_code, ws.close_reason))
+
+        with anyio.fail_after(10):
+            async with anyio.create_task_group() as group:
+                group.start_soon(client)
+                group.start_soon(client)
+                while resolver.waiting < 2:
+                    await anyio.sleep(0.01)
+                resolver.gate.set()
+        assert sorted(outcomes, key=repr) == sorted(
+            [BANNER, (4004, "token already used")], key=repr
+        )
+        assert resolver.opened == 1
 
 
 # --- origins ------------------------------------------------------------------------------
