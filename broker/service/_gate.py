@@ -32,6 +32,7 @@ import errno
 import http
 import os
 import socket
+import time
 import weakref
 from collections import Counter
 from collections.abc import Callable, Coroutine
@@ -55,6 +56,8 @@ _TRANSIENT_ERRNOS = frozenset({errno.ECONNABORTED, errno.EPROTO, errno.EPERM, er
 SHED_MAX = 256
 #: Back-off after an accept error, doubling up to the maximum (seconds).
 BACKOFF_MIN, BACKOFF_MAX = 0.05, 1.0
+#: At most one ``listener.accept_failed`` line this often (seconds); metrics count all.
+LOG_INTERVAL = 1.0
 
 
 def http_response(status: int, text: str) -> bytes:
@@ -133,6 +136,9 @@ class AcceptGuard:
         self._refusal = refusal
         self._reserve: int | None = None
         self._take_reserve()
+        #: Failures and refused connections since the last log line, and its time.
+        self._failures = self._refused = 0
+        self._logged_at = -LOG_INTERVAL
 
     def _take_reserve(self) -> None:
         if self._reserve is None:
@@ -151,9 +157,13 @@ class AcceptGuard:
         self._metrics.accept_errors.labels(self.listener, name).inc()
         if exc.errno in _TRANSIENT_ERRNOS:
             return
-        shed = self._shed(listening_fd) if exc.errno in RESOURCE_ERRNOS else 0
-        _log.warning("listener.accept_failed", listener=self.listener, error=name,
-                     detail=exc.strerror, refused=shed)
+        self._failures += 1
+        self._refused += self._shed(listening_fd) if exc.errno in RESOURCE_ERRNOS else 0
+        now = time.monotonic()
+        if now - self._logged_at >= LOG_INTERVAL:  # a flood makes one line a second
+            _log.warning("listener.accept_failed", listener=self.listener, error=name,
+                         detail=exc.strerror, failures=self._failures, refused=self._refused)
+            self._logged_at, self._failures, self._refused = now, 0, 0
 
     def _shed(self, listening_fd: int) -> int:
         """Accept and refuse backlog connections with the reserve descriptor given back."""

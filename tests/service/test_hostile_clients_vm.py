@@ -168,6 +168,8 @@ def test_a_descriptor_flood_through_each_listener_leaves_the_broker_serving(
             assert {e["listener"] for e in failed} == {
                 "http" if listener == "websocket" else "connect"}
             refused, waiting = refused_or_waiting(flood)
+            print(f"descriptors ({listener}): {len(flood)} connections, {waiting} held, "
+                  f"{refused} refused, {len(failed)} accept errors logged")
             assert refused > 0 and waiting > 0
             assert served.process.poll() is None
             for sock in flood:
@@ -176,7 +178,7 @@ def test_a_descriptor_flood_through_each_listener_leaves_the_broker_serving(
             deadline = time.monotonic() + 15
             while True:  # the broker's ends close as it notices (or the handshake timeout)
                 try:
-                    status, body = served.get("/healthz")
+                    status, _ = served.get("/healthz")
                 except OSError:
                     status = 0
                 if status == 200:
