@@ -28,6 +28,7 @@ by target, and websockets' own request logging is silenced (see ``_logging``).
 
 from __future__ import annotations
 
+import dataclasses
 import email.utils
 import functools
 import http
@@ -77,6 +78,7 @@ from broker.service._refusals import (
 )
 from broker.service._request import (
     FileRoute,
+    NotAllowed,
     NotFound,
     OriginPolicy,
     PageRoute,
@@ -84,6 +86,8 @@ from broker.service._request import (
     RedirectRoute,
     TrustedProxies,
     WebSocketRoute,
+    loggable,
+    loggable_path,
     route,
 )
 from broker.service._session import (
@@ -419,10 +423,13 @@ class Broker:
             _log.exception("request.failed")
             response = _text(500, "internal error")
         if response is not None:  # a plain HTTP request (an upgrade logs its session)
-            path = urlsplit(request.path).path  # never the query: it may hold a token
+            path = loggable_path(request.path)  # never the query, nothing token-like
             log = _log.debug if path in ("/healthz", "/metrics") else _log.info
-            log("http.request", method="GET", path=path[:200], status=response.status_code,
-                client=client, duration_ms=round((time.monotonic() - started) * 1000, 2))
+            log("http.request", method=loggable(request.method), path=path,
+                status=response.status_code, client=client,
+                duration_ms=round((time.monotonic() - started) * 1000, 2))
+            if request.method == "HEAD":  # GET's headers, Content-Length included
+                response = dataclasses.replace(response, body=b"")
         return response
 
     def _client(self, connection: ServerConnection, request: Request) -> str:
@@ -434,9 +441,12 @@ class Broker:
         self, connection: ServerConnection, request: Request, client: str, started: float
     ) -> Response | None:
         try:
-            found = route(request.path, self._prefix)
+            found = route(request.path, self._prefix, request.method)
         except Refused as exc:
             return self._refuse_plainly(exc, None, client)
+        if isinstance(found, NotAllowed):
+            allow = ", ".join(found.allow)
+            return _text(405, f"method not allowed (allowed: {allow})", [("Allow", allow)])
         if isinstance(found, PlainRoute):
             return self._healthz() if found.name == "healthz" else self._metrics()
         if isinstance(found, PageRoute):

@@ -12,7 +12,8 @@ Routes (see docs/service.md)::
     /metrics                     Prometheus text format
 
 When ``broker.public_url`` has a path (a reverse proxy serving the broker
-under a prefix), requests may arrive with or without that prefix.
+under a prefix), requests may arrive with or without that prefix. A WebSocket
+endpoint answers GET only, the others GET and HEAD (:class:`NotAllowed`).
 """
 
 from __future__ import annotations
@@ -27,6 +28,13 @@ import attrs
 from broker.service._refusals import BAD_REQUEST, INVALID_TOKEN, Refused
 
 _PROTOCOL = re.compile(r"[a-z0-9][a-z0-9-]{0,62}\Z")
+#: A JWS part's beginning (``{"`` in base64url), as in a token put where it does not belong.
+_JSON_B64 = re.compile(r"eyJ[A-Za-z0-9_-]{8}")
+#: Longest path segment or method logged as it is (a token's parts are longer).
+MAX_LOGGED_SEGMENT = 40
+#: Path segments logged at most.
+MAX_LOGGED_SEGMENTS = 32
+REDACTED = "[redacted]"
 #: Longest request target considered (a token is ~400 characters).
 MAX_TARGET = 8192
 _DEFAULT_PORTS = {"http": 80, "https": 443, "ws": 80, "wss": 443}
@@ -77,7 +85,18 @@ class NotFound:
     path: str
 
 
-Route = WebSocketRoute | FileRoute | PageRoute | RedirectRoute | PlainRoute | NotFound
+@attrs.frozen
+class NotAllowed:
+    """Something lives at this path, but does not answer this method (405)."""
+
+    allow: tuple[str, ...]
+
+
+Route = WebSocketRoute | FileRoute | PageRoute | RedirectRoute | PlainRoute | NotFound | NotAllowed
+
+#: The methods of a WebSocket endpoint, and of every other endpoint.
+WEBSOCKET_METHODS = ("GET",)
+HTTP_METHODS = ("GET", "HEAD")
 
 
 def strip_prefix(path: str, prefix: str) -> str:
@@ -88,33 +107,53 @@ def strip_prefix(path: str, prefix: str) -> str:
     return path
 
 
-def route(target: str, prefix: str = "") -> Route:
-    """The route a request *target* (path and query) names.
+def route(target: str, prefix: str = "", method: str = "GET") -> Route:
+    """The route a request *target* (path and query) names for *method*.
 
-    Raises :class:`Refused` (``bad_request`` or ``invalid_token``) for a
-    WebSocket or file target that is malformed or carries no single token. Error
-    details never quote the query (it holds the token).
+    Raises :class:`Refused` (``bad_request`` or ``invalid_token``) for a target
+    that is malformed, or a WebSocket or file target that carries no single token
+    (a method the endpoint does not answer is :class:`NotAllowed` before the token
+    is looked at). Error details never quote the query (it holds the token).
     """
     if len(target) > MAX_TARGET:
         raise Refused(BAD_REQUEST, "request target too long")
-    parts = urlsplit(target)
+    try:
+        parts = urlsplit(target)
+    except ValueError:  # e.g. an unclosed "[" of an IPv6 address
+        raise Refused(BAD_REQUEST, "malformed request target") from None
     path = strip_prefix(parts.path, prefix)
-    if path in ("/healthz", "/metrics"):
-        return PlainRoute(path[1:])
     segments = path.split("/")
-    if len(segments) == 3 and segments[1] == "ws" and _PROTOCOL.match(segments[2]):
+    endpoint = _endpoint(path, segments)
+    if endpoint is None:
+        return NotFound(path)
+    allow = WEBSOCKET_METHODS if endpoint == "ws" else HTTP_METHODS
+    if method not in allow:
+        return NotAllowed(allow)
+    if endpoint == "plain":
+        return PlainRoute(path[1:])
+    if endpoint == "ws":
         return WebSocketRoute(segments[2], _token(parts.query))
-    if len(segments) == 3 and segments[1] == "file" and _PROTOCOL.match(segments[2]):
+    if endpoint == "file":
         return FileRoute(segments[2], _token(parts.query))
-    if len(segments) >= 3 and segments[1] == "console" and _PROTOCOL.match(segments[2]):
-        if len(segments) == 3:
-            query = f"?{parts.query}" if parts.query else ""
-            return RedirectRoute(f"{segments[2]}/{query}")
-        asset = unquote("/".join(segments[3:]))
-        if any(part in ("..", ".") for part in asset.split("/")) or "\\" in asset:
-            return NotFound(path)
-        return PageRoute(segments[2], asset)
-    return NotFound(path)
+    if len(segments) == 3:
+        query = f"?{parts.query}" if parts.query else ""
+        return RedirectRoute(f"{segments[2]}/{query}")
+    asset = unquote("/".join(segments[3:]))
+    if any(part in ("..", ".") for part in asset.split("/")) or "\\" in asset:
+        return NotFound(path)
+    return PageRoute(segments[2], asset)
+
+
+def _endpoint(path: str, segments: list[str]) -> str | None:
+    """Which kind of endpoint *path* names: ``plain``, ``ws``, ``file``, ``console``, or
+    None (nothing lives there)."""
+    if path in ("/healthz", "/metrics"):
+        return "plain"
+    if len(segments) < 3 or not _PROTOCOL.match(segments[2]):
+        return None
+    if segments[1] in ("ws", "file") and len(segments) == 3:
+        return segments[1]
+    return "console" if segments[1] == "console" else None
 
 
 def _token(query: str) -> str:
@@ -128,6 +167,27 @@ def _token(query: str) -> str:
     if not tokens or not tokens[0]:
         raise Refused(INVALID_TOKEN, "no token in the query")
     return tokens[0]
+
+
+# --- what a request log line may hold ----------------------------------------------------
+
+
+def loggable(text: str) -> str:
+    """*text* (a path segment, a method) as a log line may hold it: ``[redacted]`` when it
+    is long or holds the start of a JWS part, as a token put where it does not belong would."""
+    if len(text) > MAX_LOGGED_SEGMENT or _JSON_B64.search(text):
+        return REDACTED
+    return text
+
+
+def loggable_path(target: str) -> str:
+    """The path of a request *target* for the log: no query or fragment (a token's place),
+    each segment :func:`loggable`, at most :data:`MAX_LOGGED_SEGMENTS` of them."""
+    path = target.partition("?")[0].partition("#")[0]
+    segments = [loggable(segment) for segment in path.split("/")]
+    if len(segments) > MAX_LOGGED_SEGMENTS:
+        segments = [*segments[:MAX_LOGGED_SEGMENTS], "[...]"]
+    return "/".join(segments)
 
 
 # --- Origin -------------------------------------------------------------------------------

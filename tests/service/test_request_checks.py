@@ -1,6 +1,6 @@
-"""Requests the listener must answer cleanly: malformed or duplicated handshake headers
-(before the token is looked at), a token used up only by a completed upgrade, origins
-decided by configuration (not by the request's Host).
+"""Requests the listener must answer cleanly: other methods than GET, malformed or
+duplicated handshake headers, origins decided by configuration (not by the request's
+Host), tokens put where they do not belong, and error pages that name no server path.
 
 Requests are written by hand (:func:`exchange`), so each can be as wrong as a client
 may make it; a token is checked to stay usable whenever the broker did not upgrade.
@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Any
 
 import anyio
@@ -38,6 +39,8 @@ from broker.config import (
     TLSSection,
     config_from_dict,
 )
+from broker.plugins import PluginManager
+from broker.service._request import loggable_path
 from broker.tokens import Claims, TokenIssuer, TokenVerifier
 
 pytestmark = pytest.mark.anyio
@@ -118,6 +121,60 @@ def failures(logs: list[dict[str, Any]], caplog: pytest.LogCaptureFixture) -> li
 async def still_usable(running: Running, token: str) -> None:
     async with connect(running.url("vnc", token)) as ws:
         assert await ws.recv() == BANNER
+
+
+# --- methods ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("method", ["POST", "PUT", "DELETE", "OPTIONS", "PATCH", "BREW"])
+async def test_only_get_and_head_are_served(
+    broker: Running, issuer: TokenIssuer, caplog: pytest.LogCaptureFixture, method: str
+) -> None:
+    token = issuer.issue(DOMAIN, "vnc", ttl=60).token
+    expected = [
+        ("/healthz", 405, ["GET, HEAD"]),
+        ("/metrics", 405, ["GET, HEAD"]),
+        ("/console/vnc/", 405, ["GET, HEAD"]),
+        (f"/file/spice?token={token}", 405, ["GET, HEAD"]),
+        (f"/ws/vnc?token={token}", 405, ["GET"]),
+        ("/nowhere", 404, None),
+    ]
+    with structlog.testing.capture_logs() as logs:
+        for target, status, allow in expected:
+            websocket = target.startswith("/ws/")
+            answer = await exchange(broker.port, request(method, target, websocket=websocket))
+            assert (answer.status, answer.headers.get("allow")) == (status, allow), target
+    logged = [(e["method"], e["status"]) for e in logs if e["event"] == "http.request"]
+    assert logged == [(method, status) for _, status, _ in expected]
+    assert not failures(logs, caplog)
+    await still_usable(broker, token)
+
+
+async def test_head_answers_the_get_headers_without_a_body(
+    broker: Running, issuer: TokenIssuer
+) -> None:
+    get = await exchange(broker.port, request("GET", "/healthz"))
+    head = await exchange(broker.port, request("HEAD", "/healthz"))
+    assert (head.status, head.body) == (200, b"")
+    assert head.headers["content-length"] == [str(len(get.body))]
+    assert head.headers["content-type"] == get.headers["content-type"]
+    assert (await exchange(broker.port, request("HEAD", "/metrics"))).status == 200
+    page = await exchange(broker.port, request("HEAD", "/console/vnc/"))
+    assert (page.status, page.body) == (404, b"")
+    token = issuer.issue(DOMAIN, "vnc", ttl=60).token
+    upgrade = await exchange(broker.port, request("HEAD", f"/ws/vnc?token={token}", websocket=True))
+    assert (upgrade.status, upgrade.headers["allow"]) == (405, ["GET"])
+    await still_usable(broker, token)
+
+
+async def test_a_malformed_request_target_is_a_bad_request(
+    broker: Running, caplog: pytest.LogCaptureFixture
+) -> None:
+    with structlog.testing.capture_logs() as logs:
+        for target in ("http://[::1/ws/vnc?token=x", "//[oops/healthz"):
+            answer = await exchange(broker.port, request("GET", target, websocket=True))
+            assert (answer.status, answer.body) == (400, b"malformed console request\n")
+    assert not failures(logs, caplog)
 
 
 # --- handshake headers --------------------------------------------------------------------
@@ -278,3 +335,78 @@ async def test_pages_from_the_public_url_may_connect_whatever_the_host(
     assert [(e["allowed"], e["source"]) for e in started] == [
         ([proxy, f"http://{here}"], "broker.public_url, listen")
     ]
+
+
+# --- no token in the logs -----------------------------------------------------------------
+
+
+async def test_a_token_in_the_wrong_place_never_reaches_the_log(
+    broker: Running, issuer: TokenIssuer
+) -> None:
+    token = issuer.issue(DOMAIN, "vnc", ttl=60).token
+    heads = [
+        request("GET", f"/ws/vnc/{token}", websocket=True),
+        request("GET", f"/{token}"),
+        request("GET", f"/console/vnc/{token}"),
+        request("GET", f"/console/vnc/app/{token}/x.js"),
+        request("GET", f"/ws/{token}", websocket=True),
+        request("GET", f"/file/{token}"),
+        request("GET", f"/ws/vnc?tok={token}", websocket=True),
+        request("GET", f"/ws/vnc?x=1&t={token}", websocket=True),
+        request("GET", f"/ws/vnc#token={token}", websocket=True),
+        request("GET", f"/console/vnc/#{token}"),
+        request("GET", f"/ws/vnc/;token={token}"),
+        request("GET", f"/healthz/{token}"),
+        request(token, "/healthz"),
+        request("GET", "/ws/vnc?token=x", websocket=True, without=("Sec-WebSocket-Key",),
+                headers=(("Sec-WebSocket-Key", token),)),
+        request("GET", "/ws/vnc?token=x", websocket=True, headers=(("Origin", token),)),
+    ]
+    with structlog.testing.capture_logs() as logs:
+        for head in heads:
+            await exchange(broker.port, head)
+    text = repr(logs)
+    _header, payload, signature = token.split(".")
+    assert "http.request" in text and "request.refused" in text
+    for part in (payload, signature):
+        for start in range(0, len(part) - 16, 8):  # not even a piece of it
+            assert part[start : start + 16] not in text
+    assert "eyJ" not in text  # nothing token-shaped either
+
+
+def test_loggable_paths_keep_the_route_and_drop_token_like_segments() -> None:
+    token = "eyJhbGciOiJFZERTQSJ9." + "A" * 200 + "." + "b" * 86
+    assert loggable_path("/console/vnc/novnc/core/rfb.js") == "/console/vnc/novnc/core/rfb.js"
+    assert loggable_path(f"/ws/vnc/{token}") == "/ws/vnc/[redacted]"
+    assert loggable_path(f"/x/{'b' * 86}/y") == "/x/[redacted]/y"
+    assert loggable_path("/x/eyJhbGciOiJFZERTQSJ9") == "/x/[redacted]"
+    assert loggable_path("/" + "a/" * 100) == "/" + "a/" * 31 + "[...]"
+
+
+# --- error pages --------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("path", "status"),
+    [
+        ("/console/vnc/", 503),
+        ("/console/vnc/novnc/core/rfb.js", 404),
+        ("/console/spice/", 503),
+        ("/console/spice/spice-html5/src/main.js", 404),
+        ("/console/serial/xterm/xterm.js", 503),
+        ("/console/serial/xterm/addon-fit.js", 503),
+    ],
+)
+async def test_a_page_without_its_assets_names_no_server_path(
+    verifier: TokenVerifier, tmp_path: Path, path: str, status: int
+) -> None:
+    assets = tmp_path / "node_modules-nowhere"
+    config = attrs.evolve(make_config(), http=HTTPSection(assets_dir=str(assets)))
+    resolver, plugins = FakeResolver(FakeDomain(DOMAIN)), PluginManager(disabled=())
+    with structlog.testing.capture_logs() as logs:
+        async with running_broker(config, verifier, resolver, plugins) as running:
+            answer = await exchange(running.port, request("GET", path))
+    assert answer.status == status
+    assert str(tmp_path).encode() not in answer.body and b"nowhere" not in answer.body
+    if status == 503:  # the administrator finds where it was looked for in the log
+        assert str(assets) in repr(logs)
