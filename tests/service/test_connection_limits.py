@@ -15,13 +15,14 @@ from contextlib import ExitStack, contextmanager
 from typing import Any
 
 import anyio
+import attrs
 import pytest
 import structlog
-from brokerkit import FakeDomain, FakeResolver, make_config, running_broker
+from brokerkit import FakeDomain, FakeResolver, free_port, make_config, running_broker
 from conftest import DOMAIN
 from websockets.asyncio.client import connect
 
-from broker.config import Config, HTTPSection, LimitsSection, ProxySection
+from broker.config import Config, HTTPSection, LimitsSection, ListenSection, ProxySection
 from broker.service._gate import AcceptGuard, ConnectionGate, http_response
 from broker.service._metrics import Metrics
 from broker.service._request import TrustedProxies
@@ -319,3 +320,25 @@ async def test_pending_refusals_are_not_counted_as_sessions(verifier: TokenVerif
                 assert (await anyio.to_thread.run_sync(answer, sock)).startswith(
                     b"HTTP/1.1 200 ")
         await wait_for(lambda: running.broker._gate.pending == 0)
+
+
+async def test_the_connect_listener_has_the_same_caps(verifier: TokenVerifier) -> None:
+    config = attrs.evolve(
+        limited(max_pending=50, max_pending_per_client=2, handshake_timeout=30),
+        listen=ListenSection(host="127.0.0.1", port=0, connect_port=free_port()),
+    )
+    async with running_broker(config, verifier, FakeResolver()) as running:
+        gate = running.broker._gate
+        port = running.broker.connect_addresses[0][1]
+        with held_connections(port, ["127.0.0.4"] * 2):
+            await wait_for(lambda: gate.pending == 2)
+            with held_connections(port, ["127.0.0.4"]) as (one_more,):
+                refused = await anyio.to_thread.run_sync(answer, one_more)
+            assert refused.startswith(b"HTTP/1.1 429 ")
+            with held_connections(port, ["127.0.0.1"]) as (other,):  # answered: not pending
+                other.sendall(b"CONNECT not-a-handle:5900 HTTP/1.1\r\n\r\n")
+                assert (await anyio.to_thread.run_sync(answer, other)).startswith(
+                    b"HTTP/1.1 401 ")
+        await wait_for(lambda: gate.pending == 0)
+        assert sample(running.broker.metrics, "console_broker_connections_refused_total",
+                      listener="connect", reason="client_pending_limit") == 1
