@@ -249,7 +249,8 @@ async def test_a_reading_client_is_never_cut_for_a_full_buffer(
         # The client reads far slower than the console sends, in bursts (its library
         # stops reading while 4 messages wait in its queue): the buffer is full most of
         # the time, but it drains.
-        async with connect(running.url("vnc", token), max_size=None, max_queue=4) as ws:
+        async with connect(running.url("vnc", token), max_size=None, max_queue=4,
+                           close_timeout=1) as ws:
             received = 0
             deadline = time.monotonic() + 3.0
             while time.monotonic() < deadline:
