@@ -6,7 +6,8 @@ with what a hostile client must not be able to get around:
 * **Before the request**, it is a pending connection of the broker's
   :class:`~broker.service._gate.ConnectionGate` (refused with 503 or 429 over a cap),
   and at most ``limits.max_request_head`` bytes of request line and headers are read
-  (431 past that). It stops being pending once its handshake is over, whichever way.
+  (431 past that); a request websockets cannot parse is answered 400. It stops being
+  pending once its handshake is over, whichever way.
 * **Reading pauses while the outgoing buffer is full**, as well as while websockets'
   own queue of received messages is (one pause, two reasons). A client that sends but
   does not read can then make the broker hold no more than one read's worth of
@@ -30,9 +31,16 @@ from typing import Any
 
 import attrs
 from websockets.asyncio.server import Server, ServerConnection
+from websockets.exceptions import InvalidMessage
 from websockets.server import ServerProtocol
 
-from broker.service._gate import HEAD_TOO_LARGE, ConnectionGate, GateRefusal, http_response
+from broker.service._gate import (
+    HEAD_TOO_LARGE,
+    MALFORMED,
+    ConnectionGate,
+    GateRefusal,
+    http_response,
+)
 
 #: The listener's name in logs and metrics.
 LISTENER = "http"
@@ -109,6 +117,21 @@ class BrokerConnection(ServerConnection):
                 self._refuse(HEAD_TOO_LARGE)
                 return
         super().data_received(data)
+
+    def send_data(self) -> None:
+        """websockets ends a request it cannot parse (a body, a chunked request, a protocol
+        other than HTTP/1.1) with the connection and no answer; answer 400 first."""
+        problem = self.protocol.handshake_exc
+        if (
+            self.request is None
+            and isinstance(problem, InvalidMessage)
+            and not isinstance(problem.__cause__, EOFError)  # the client left: nobody to tell
+            and not self._refused
+        ):
+            self._refused = True
+            self._limits.gate.refused(MALFORMED, LISTENER)
+            self.transport.write(http_response(MALFORMED.status, MALFORMED.text))
+        super().send_data()
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._leave()

@@ -82,6 +82,9 @@ class GateRefusal:
 POOL_FULL = GateRefusal(503, "pending_limit", "too many connections; try again later")
 CLIENT_FULL = GateRefusal(429, "client_pending_limit", "too many connections from your address")
 HEAD_TOO_LARGE = GateRefusal(431, "request_head_too_large", "request head too large")
+MALFORMED = GateRefusal(
+    400, "malformed_request", "not an HTTP/1.1 GET request without a body (console-broker)"
+)
 
 
 class ConnectionGate:

@@ -12,7 +12,8 @@ Names (all prefixed ``console_broker_``):
 ``connections_pending{listener}``           gauge: connections not yet past their request
 ``connections_refused_total{listener,reason}`` counter: connections closed before their
                                             request: ``pending_limit``, ``client_pending_limit``,
-                                            ``request_head_too_large``, ``out_of_descriptors``
+                                            ``request_head_too_large``, ``malformed_request``,
+                                            ``out_of_descriptors``
 ``accept_errors_total{listener,error}``     counter: failed accepts (``EMFILE``, ``ENFILE``, ...)
 """
 

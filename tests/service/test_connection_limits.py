@@ -343,3 +343,25 @@ async def test_the_connect_listener_has_the_same_caps(verifier: TokenVerifier) -
         await wait_for(lambda: gate.pending == 0)
         assert sample(running.broker.metrics, "console_broker_connections_refused_total",
                       listener="connect", reason="client_pending_limit") == 1
+
+
+@pytest.mark.parametrize(
+    "request_bytes",
+    [
+        b"POST /healthz HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\n\r\nhello",
+        b"GET /healthz HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n",
+        b"GET /healthz HTTP/2.0\r\nHost: x\r\n\r\n",
+        b"GET /healthz\r\n\r\n",
+        b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03\r\n\r\n",  # TLS to a plain listener
+    ],
+)
+async def test_a_request_websockets_cannot_parse_is_answered_400(
+    verifier: TokenVerifier, request_bytes: bytes
+) -> None:
+    async with running_broker(make_config(), verifier, FakeResolver()) as running:
+        with held_connections(running.port, ["127.0.0.1"]) as (sock,):
+            sock.sendall(request_bytes)
+            assert (await anyio.to_thread.run_sync(answer, sock)).startswith(b"HTTP/1.1 400 ")
+        assert sample(running.broker.metrics, "console_broker_connections_refused_total",
+                      listener="http", reason="malformed_request") == 1
+        await wait_for(lambda: running.broker._gate.pending == 0)
