@@ -5,12 +5,21 @@ so the broker holds one per console (``Protocol.shared_console``) and every
 session on that console attaches to the same :class:`Hub`:
 
 * **Output** read from the console is :meth:`Hub.publish`\\ ed: appended to
-  the :class:`Scrollback` ring, given to the recorder, and queued for each
-  client. ``publish`` never waits: each client's queue is bounded
-  (``client_queue`` bytes); a client that falls further behind loses its
-  queue and is marked to *resync*: its next item is the scrollback, the
-  current screen, preceded by a notice. So a slow client costs the others
-  nothing, and its memory stays within the bound.
+  the :class:`Scrollback` ring, given to the recorder, and then queued for
+  each client (so whatever a client is sent is in the recording first).
+  ``publish`` never waits: each client's queue holds at most
+  ``client_queue`` bytes of output; a client that falls further behind loses
+  the output queued and is marked to *resync*: its next item after the
+  control messages queued before is the scrollback, the current screen,
+  preceded by a notice. So a slow client costs the others nothing, and its
+  memory stays within the bound.
+* **Control messages** to a client (``role``, ``clients``, ``pong``,
+  ``error``) are state, not a log: at most one of each type (an ``error``:
+  of each code) waits in a client's queue, and a newer one replaces it (the
+  older leaves the queue, the newer goes to its end). A client that sends
+  ``ping``\\ s, or makes the others send ``clients``, and never reads holds
+  no more than that (:data:`CONTROL_KINDS` messages), however many it asks
+  for.
 * **Reading** is done by the sessions themselves, one at a time: each runs a
   reader that takes :attr:`Hub.read_lock`, reads one chunk and publishes it.
   Whichever sessions remain keep reading when one leaves; no task outlives
@@ -51,6 +60,14 @@ from . import _control as control
 MIN_QUEUE = 4096
 #: RIS (reset to initial state): sent to a raw client before it is given the screen again.
 RESET = b"\x1bc"
+#: Output reads smaller than this are copied onto the end of a client's queue (one buffer
+#: per run of output) instead of being queued one by one: an emulated UART is read a byte
+#: or two at a time, and a queue of such pieces would cost many times its bytes.
+MERGE = 4096
+#: The kinds of control message that may wait in a client's queue at once, one of each:
+#: ``hello``, ``role``, ``clients``, ``pong``, and ``error`` once per code (``not_writer``,
+#: ``view_only``, ``bad_message``, ``unknown_type``).
+CONTROL_KINDS = 8
 
 
 def notice(text: str) -> bytes:
@@ -125,6 +142,26 @@ class Scrollback:
         return bytes(self._buffer[start:])
 
 
+class _Control:
+    """A control message waiting in a client's queue; *key* is its kind (``error:CODE``
+    for an error), of which one at most waits."""
+
+    __slots__ = ("key", "text")
+
+    def __init__(self, key: str, text: str) -> None:
+        self.key = key
+        self.text = text
+
+
+class _Skip:
+    """Where in a client's queue it fell behind: the ``skipped`` notice and the screen are
+    sent there."""
+
+
+_SKIP = _Skip()
+_Item = bytes | bytearray | _Control | _Skip
+
+
 @attrs.define(eq=False)
 class Attached:
     """One client attached to a hub, as the hub sees it."""
@@ -140,21 +177,37 @@ class Attached:
     skipped: int = 0
     #: How many times it skipped to the scrollback.
     resyncs: int = 0
-    _items: deque[bytes | str] = attrs.field(factory=deque)
-    _queued: int = 0
+    _items: deque[_Item] = attrs.field(factory=deque)
+    #: Bytes of output in ``_items``.
+    _output: int = 0
+    #: The control messages in ``_items``, by kind, and their characters.
+    _controls: dict[str, _Control] = attrs.field(factory=dict)
+    _control_size: int = 0
+    #: Waiting for the screen again (a :data:`_SKIP` is in ``_items``).
     _resync: bool = False
     _wakeup: anyio.Event = attrs.field(factory=anyio.Event)
     _told_dropped: bool = False
 
     @property
     def queued(self) -> int:
-        """Bytes (and control message characters) waiting to be sent."""
-        return self._queued
+        """Bytes of output and characters of control messages waiting to be sent."""
+        return self._output + self._control_size
+
+    @property
+    def queued_output(self) -> int:
+        """Bytes of output waiting to be sent (at most the hub's ``client_queue``)."""
+        return self._output
+
+    @property
+    def queued_controls(self) -> int:
+        """Control messages waiting to be sent (at most :data:`CONTROL_KINDS`)."""
+        return len(self._controls)
 
     @property
     def pending(self) -> bool:
-        """Whether something waits to be sent (queued items, or the screen after a skip)."""
-        return bool(self._items) or self._resync
+        """Whether something waits to be sent (output, control messages, or the screen
+        after a skip)."""
+        return bool(self._items)
 
 
 class Hub:
@@ -199,37 +252,68 @@ class Hub:
 
     # --- queueing ----------------------------------------------------------------------
 
-    def _queue(self, client: Attached, item: bytes | str, *, bounded: bool = True) -> None:
+    def _queue(self, client: Attached, data: bytes, *, bounded: bool = True) -> None:
+        """Queue output (or a raw client's notice); past ``client_queue`` bytes the output
+        queued is dropped and the client will be sent the screen instead."""
         if client._resync:
-            if isinstance(item, bytes):
-                return  # the screen it will be sent holds this already
-        elif bounded and client._queued + len(item) > self.client_queue:
-            client.skipped += client._queued + len(item)
+            return  # the screen it will be sent holds this already
+        items = client._items
+        if bounded and client._output + len(data) > self.client_queue:
+            client.skipped += client._output + len(data)
             client.resyncs += 1
-            client._items.clear()
-            client._queued = 0
+            kept = [item for item in items if isinstance(item, _Control)]
+            items.clear()
+            items.extend(kept)
+            client._output = 0
             client._resync = True
-            if isinstance(item, bytes):
-                client._wakeup.set()
-                return
-        client._items.append(item)
-        client._queued += len(item)
+            items.append(_SKIP)
+        else:
+            tail = items[-1] if items else None
+            if len(data) < MERGE and isinstance(tail, bytearray):
+                tail += data
+            else:
+                items.append(bytearray(data) if len(data) < MERGE else data)
+            client._output += len(data)
         client._wakeup.set()
 
-    def _control(self, client: Attached, message: str) -> None:
-        if client.framed:
-            self._queue(client, message)
+    def _queue_control(self, client: Attached, key: str, message: str) -> None:
+        """Queue a control message of kind *key*, replacing the one of that kind still
+        waiting: the older leaves the queue, the newer goes to its end."""
+        items = client._items
+        older = client._controls.pop(key, None)
+        if older is not None:
+            client._control_size -= len(older.text)
+            at = next(i for i, item in enumerate(items) if item is older)
+            del items[at]
+            if 0 < at < len(items):  # two runs of output meet: one buffer again
+                left, right = items[at - 1], items[at]
+                if isinstance(left, bytes | bytearray) and isinstance(right, bytes | bytearray):
+                    merged = left if isinstance(left, bytearray) else bytearray(left)
+                    merged += right
+                    items[at - 1] = merged
+                    del items[at]
+        entry = _Control(key, message)
+        client._controls[key] = entry
+        client._control_size += len(message)
+        items.append(entry)
+        client._wakeup.set()
 
-    def _tell(self, client: Attached, message: str, text: str) -> None:
+    def _control(self, client: Attached, key: str, message: str) -> None:
+        if client.framed:
+            self._queue_control(client, key, message)
+
+    def _tell(self, client: Attached, key: str, message: str, text: str) -> None:
         """A control message to a framed client, a terminal notice to a raw one."""
         if client.framed:
-            self._queue(client, message)
+            self._queue_control(client, key, message)
         else:
             self._queue(client, notice(text))
 
     def _presence(self) -> None:
         for client in self.clients:
-            self._control(client, control.clients(len(self.clients), self.writer is not None))
+            self._control(
+                client, "clients", control.clients(len(self.clients), self.writer is not None)
+            )
 
     def _set_writer(self, client: Attached | None) -> None:
         previous = self.writer
@@ -255,6 +339,7 @@ class Hub:
         screen = self.scrollback.snapshot()
         self._control(
             client,
+            "hello",
             control.hello(
                 domain_name=self.domain_name,
                 domain_uuid=self.domain_uuid,
@@ -270,7 +355,9 @@ class Hub:
             self._queue(client, screen, bounded=False)
         for other in self.clients:
             if other is not client:
-                self._control(other, control.clients(len(self.clients), self.writer is not None))
+                self._control(
+                    other, "clients", control.clients(len(self.clients), self.writer is not None)
+                )
         return client
 
     def detach(self, client: Attached) -> None:
@@ -304,20 +391,23 @@ class Hub:
     def takeover(self, client: Attached) -> bool:
         """*client* asks for the writer role; False (and it is told why) if it may not."""
         if not client.full:
-            self._control(client, control.error("view_only", "this token is view-only"))
+            self._control(
+                client, "error:view_only", control.error("view_only", "this token is view-only")
+            )
             return False
         previous = self.writer
         if previous is client:
-            self._control(client, control.role(Role.WRITER.value, "takeover"))
+            self._control(client, "role", control.role(Role.WRITER.value, "takeover"))
             return True
         self._set_writer(client)
         if previous is not None:
             self._tell(
                 previous,
+                "role",
                 control.role(Role.WATCHER.value, "taken_over"),
                 "another client took over the keyboard; your keys are ignored now",
             )
-        self._control(client, control.role(Role.WRITER.value, "takeover"))
+        self._control(client, "role", control.role(Role.WRITER.value, "takeover"))
         self._presence()
         return True
 
@@ -325,7 +415,7 @@ class Hub:
         """The writer gives the role up (anyone with a full token may then claim it)."""
         if self.writer is client:
             self._set_writer(None)
-            self._control(client, control.role(Role.WATCHER.value, "released"))
+            self._control(client, "role", control.role(Role.WATCHER.value, "released"))
             self._presence()
 
     def may_write(self, client: Attached, data: bytes = b"") -> bool:
@@ -342,7 +432,7 @@ class Hub:
             return False
         if self.writer is None and client.full:
             self._set_writer(client)
-            self._control(client, control.role(Role.WRITER.value, "claimed"))
+            self._control(client, "role", control.role(Role.WRITER.value, "claimed"))
             self._presence()
             return True
         if not client._told_dropped:
@@ -350,12 +440,14 @@ class Hub:
             if client.full:
                 self._tell(
                     client,
+                    "error:not_writer",
                     control.error("not_writer", "another client has the keyboard"),
                     "another client has the keyboard; your keys are ignored",
                 )
             else:
                 self._tell(
                     client,
+                    "error:view_only",
                     control.error("view_only", "this token is view-only"),
                     "view only; your keys are ignored",
                 )
@@ -374,10 +466,10 @@ class Hub:
                 self.recorder.resize(cols, rows)
 
     def pong(self, client: Attached, data: str | None) -> None:
-        self._control(client, control.pong(data))
+        self._control(client, "pong", control.pong(data))
 
     def error(self, client: Attached, code: str, message: str) -> None:
-        self._control(client, control.error(code, message))
+        self._control(client, f"error:{code}", control.error(code, message))
 
     # --- output ------------------------------------------------------------------------
 
@@ -386,7 +478,7 @@ class Hub:
         room for (the console is read as fast as the fastest client takes it; slower
         ones skip). The whole bound when no client is attached or every one is
         waiting for the screen again."""
-        queued = [c._queued for c in self.clients if not c._resync]
+        queued = [c._output for c in self.clients if not c._resync]
         return self.client_queue - min(queued, default=0)
 
     async def wait_for_room(self) -> int:
@@ -417,41 +509,40 @@ class Hub:
     async def next_item(self, client: Attached) -> bytes | str | None:
         """The next thing to send *client*: output (bytes) or a control message (str);
         None once the console has ended (or *client* detached) and nothing is left."""
+        items = client._items
         while True:
-            if client._resync:
+            if not items:
+                if self.ended or client not in self.clients:
+                    return None
+                client._wakeup = anyio.Event()
+                await client._wakeup.wait()
+                continue
+            item = items.popleft()
+            if isinstance(item, _Control):
+                del client._controls[item.key]
+                client._control_size -= len(item.text)
+                return item.text
+            if isinstance(item, _Skip):
                 client._resync = False
                 screen = self.scrollback.snapshot()
-                # What it still has queued (control messages) went out before the skip.
-                items: list[bytes | str] = []
-                if client.framed:
-                    items.append(
-                        control.skipped(
-                            client.skipped, role=client.role.value, clients=len(self.clients),
-                            writer=self.writer is not None, scrollback=len(screen),
-                        )
-                    )
-                    if screen:
-                        items.append(screen)
-                else:
-                    items.append(RESET + notice("output skipped: this client fell behind") + screen)
-                for item in reversed(items):
-                    client._items.appendleft(item)
-                    client._queued += len(item)
-            if client._items:
-                item = client._items.popleft()
-                client._queued -= len(item)
-                self._room.set()
-                if isinstance(item, bytes):
-                    # Coalesce queued output into one message.
-                    parts = [item]
-                    while client._items and isinstance(client._items[0], bytes):
-                        part = client._items.popleft()
-                        assert isinstance(part, bytes)
-                        client._queued -= len(part)
-                        parts.append(part)
-                    return parts[0] if len(parts) == 1 else b"".join(parts)
-                return item
-            if self.ended or client not in self.clients:
-                return None
-            client._wakeup = anyio.Event()
-            await client._wakeup.wait()
+                if not client.framed:
+                    return RESET + notice("output skipped: this client fell behind") + screen
+                if screen:
+                    items.appendleft(screen)
+                    client._output += len(screen)
+                return control.skipped(
+                    client.skipped, role=client.role.value, clients=len(self.clients),
+                    writer=self.writer is not None, scrollback=len(screen),
+                )
+            # Output: what is queued next to it goes in the same message.
+            parts: list[bytes | bytearray] = [item]
+            while items:
+                following = items[0]
+                if not isinstance(following, bytes | bytearray):
+                    break
+                parts.append(following)
+                items.popleft()
+            data = b"".join(parts)
+            client._output -= len(data)
+            self._room.set()
+            return data

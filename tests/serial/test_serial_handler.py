@@ -246,3 +246,93 @@ async def test_a_takeover_through_the_control_protocol(tmp_path: Path) -> None:
     (cast,) = list(tmp_path.glob("*/*.cast"))
     events = [json.loads(line) for line in cast.read_text().splitlines()[1:]]
     assert [e[1:] for e in events if e[1] == "i"] == [["i", "yes\r"]]
+
+
+class StalledConnection(FakeConnection):
+    """A client that reads nothing until ``reading`` is set: the handler's sends wait."""
+
+    def __init__(self, subprotocol: str | None) -> None:
+        super().__init__(subprotocol)
+        self.reading = anyio.Event()
+
+    async def put(self, data: bytes | str) -> None:
+        """Send *data*, waiting while the handler has not taken what was sent before."""
+        await self._send.send(data)
+
+    def unread(self) -> int:
+        """Messages sent that the handler has not taken yet."""
+        return self._receive.statistics().current_buffer_used
+
+    async def send(self, item: bytes | str) -> None:
+        await self.reading.wait()
+        await super().send(item)
+
+
+class DeafConsole(FakeConsole):
+    """A console that takes no input until ``listening`` is set (a guest not reading)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.listening = anyio.Event()
+        self.writes_waiting = 0
+
+    async def send(self, item: bytes) -> None:
+        self.writes_waiting += 1
+        try:
+            await self.listening.wait()
+        finally:
+            self.writes_waiting -= 1
+        await super().send(item)
+
+
+async def test_a_client_that_pings_and_never_reads_costs_one_pong() -> None:
+    console = FakeConsole()
+    hubs = Hubs(Settings())
+    client = StalledConnection(SUBPROTOCOL)
+    pings = 20_000
+
+    async def body() -> None:
+        for i in range(pings):
+            await client.put(json.dumps({"type": "ping", "data": str(i)}))
+        await until(lambda: client.unread() == 0)  # the handler took every one ...
+        (attached,) = hubs._hubs[id(console)].clients
+        # ... and holds one answer (the hello is in the send that waits).
+        assert attached.queued_controls == 1 and attached.queued < 100
+        client.reading.set()
+        await until(lambda: {"type": "pong", "data": str(pings - 1)} in client.controls())
+        client.leave()
+
+    await run_sessions(hubs, [make_session(console, client)], body)
+    assert [c["type"] for c in client.controls()] == ["hello", "pong"]
+
+
+async def test_input_waits_for_the_console_instead_of_piling_up_in_the_broker() -> None:
+    console = DeafConsole()
+    hubs = Hubs(Settings())
+    writer = FakeConnection(SUBPROTOCOL)
+    viewer = FakeConnection(SUBPROTOCOL)
+    sessions = [make_session(console, writer), make_session(console, viewer, view_only=True)]
+
+    async def body() -> None:
+        await until(lambda: bool(writer.controls()) and bool(viewer.controls()))
+        for i in range(50):
+            writer.type(b"key %d\r" % i)
+        await until(lambda: console.writes_waiting == 1)
+        # The writer's session waits with one message for the console and reads no more
+        # from the client: the rest stay with the client's connection (websockets stops
+        # reading the socket once proxy.max_queue messages wait).
+        for _ in range(20):
+            await anyio.sleep(0.005)
+            assert writer._receive.statistics().current_buffer_used == 49
+        # A view-only client's keys are dropped as they come: nothing waits for them.
+        for i in range(50):
+            viewer.type(b"nope %d\r" % i)
+        await until(lambda: viewer._receive.statistics().current_buffer_used == 0)
+        console.listening.set()
+        await until(lambda: bytes(console.typed).endswith(b"key 49\r"))
+        writer.leave()
+        viewer.leave()
+
+    await run_sessions(hubs, sessions, body)
+    assert bytes(console.typed) == b"".join(b"key %d\r" % i for i in range(50))
+    assert [c["error"] for c in viewer.controls() if c["type"] == "error"] == ["view_only"]

@@ -4,10 +4,11 @@ closing on the last leave. No sockets: clients are read through ``next_item``.""
 from __future__ import annotations
 
 import json
+import tracemalloc
 
 import anyio
 import pytest
-from broker_serial._hub import RESET, Hub, Role, Scrollback, is_report
+from broker_serial._hub import CONTROL_KINDS, RESET, Hub, Role, Scrollback, is_report
 
 pytestmark = pytest.mark.anyio
 
@@ -316,3 +317,117 @@ async def test_the_console_is_read_as_fast_as_the_fastest_client_takes_it() -> N
     assert hub.room() == 8192  # only a client waiting for the screen is left
     hub.end()
     assert await hub.wait_for_room() == 8192
+
+
+# --- control messages to a client that does not read ----------------------------------------
+
+#: What the control messages waiting for one client may take at most: one of each kind, a
+#: pong echoing the largest ping's data (4096 characters, each escaped to at most 12).
+CONTROL_ROOM = 65536
+
+
+async def test_a_client_that_never_reads_holds_one_pong_however_many_pings() -> None:
+    hub = Hub(scrollback=1024, client_queue=8192)
+    client = hub.attach(full=False, framed=True)
+    for i in range(1_000_000):
+        hub.pong(client, f"ping {i}")
+        if i % 997 == 0:
+            assert client.queued <= hub.client_queue + CONTROL_ROOM
+    assert client.queued <= hub.client_queue + CONTROL_ROOM
+    items = await drain(hub, client)
+    # It reads at last: the hello first, then the answer to its last ping, once.
+    assert [i["type"] for i in items if isinstance(i, dict)] == ["hello", "pong"]
+    assert controls(items, "pong") == [{"type": "pong", "data": "ping 999999"}]
+
+
+async def test_pings_among_output_keep_the_queue_within_its_bound() -> None:
+    hub = Hub(scrollback=256, client_queue=8192)
+    stalled = hub.attach(full=False, framed=True)
+    for i in range(200_000):
+        hub.publish(b"%d\r\n" % i)
+        hub.pong(stalled, str(i))
+        assert stalled.queued_output <= hub.client_queue
+        assert stalled.queued_controls <= CONTROL_KINDS
+    assert stalled.queued <= hub.client_queue + CONTROL_ROOM
+    items = await drain(hub, stalled)
+    kinds = [i["type"] if isinstance(i, dict) else "output" for i in items]
+    # hello, then where it fell behind the notice and the screen; the latest pong last.
+    assert kinds[0] == "hello" and kinds[-1] == "pong" and kinds.count("pong") == 1
+    skipped = controls(items, "skipped")[-1]
+    assert items[items.index(skipped) + 1] == hub.scrollback.snapshot()
+    assert controls(items, "pong") == [{"type": "pong", "data": "199999"}]
+    assert output(items).endswith(b"199999\r\n")
+
+
+async def test_output_read_in_tiny_pieces_costs_the_queue_about_its_bytes() -> None:
+    hub = Hub(scrollback=0, client_queue=1 << 20)
+    stalled = hub.attach(full=False, framed=True)
+    tracemalloc.start()
+    try:
+        before = tracemalloc.get_traced_memory()[0]
+        for i in range(400_000):  # an emulated UART is read a byte or two at a time
+            hub.publish(b"ab")
+            if i % 1000 == 0:
+                hub.pong(stalled, str(i))  # a control message now and then splits the runs
+        held = tracemalloc.get_traced_memory()[0] - before
+    finally:
+        tracemalloc.stop()
+    assert stalled.queued_output == 800_000 and stalled.resyncs == 0
+    assert held < 2 * 800_000  # not 400,000 objects of ~50 bytes each
+    items = await drain(hub, stalled)
+    assert output(items) == b"ab" * 400_000
+    assert controls(items, "pong") == [{"type": "pong", "data": "399000"}]
+
+
+async def test_presence_and_role_churn_leaves_a_stalled_client_the_latest_state() -> None:
+    hub = Hub()
+    stalled = hub.attach(full=True, framed=True)
+    a = hub.attach(full=True, framed=True)
+    b = hub.attach(full=True, framed=True)
+    for _ in range(5_000):
+        hub.takeover(a)
+        hub.takeover(b)
+        hub.takeover(stalled)  # its own role changes too
+        hub.release(stalled)
+        hub.may_write(stalled, b"x")  # claims the vacant role
+        hub.release(stalled)
+        assert stalled.queued_controls <= CONTROL_KINDS
+        await drain(hub, a)
+        await drain(hub, b)
+    hub.takeover(a)
+    assert stalled.queued <= hub.client_queue + CONTROL_ROOM
+    items = await drain(hub, stalled)
+    hello = items[0]
+    assert isinstance(hello, dict) and hello["type"] == "hello"
+    # The last word on each: the role it holds now, and who is attached.
+    assert controls(items, "role")[-1] == {"type": "role", "role": "watcher", "reason": "released"}
+    assert controls(items, "clients")[-1] == {"type": "clients", "count": 3, "writer": True}
+    assert len(controls(items, "role")) == 1 and len(controls(items, "clients")) == 1
+
+
+async def test_errors_wait_once_per_code() -> None:
+    hub = Hub()
+    stalled = hub.attach(full=False, framed=True)
+    for _ in range(100_000):
+        hub.error(stalled, "bad_message", "a text frame must hold a JSON object")
+        hub.error(stalled, "unknown_type", "unknown control message type 'x'")
+        hub.takeover(stalled)  # view-only: refused
+    assert stalled.queued_controls <= CONTROL_KINDS
+    items = await drain(hub, stalled)
+    assert [e["error"] for e in controls(items, "error")] == [
+        "bad_message", "unknown_type", "view_only"
+    ]
+
+
+async def test_the_hello_comes_first_even_when_the_client_falls_behind_before_reading() -> None:
+    hub = Hub(scrollback=1024, client_queue=8192)
+    hub.publish(b"screen\r\n")
+    late = hub.attach(full=False, framed=True)
+    hub.pong(late, "early")
+    for i in range(2000):
+        hub.publish(f"line {i:04d}\r\n".encode())
+    items = await drain(hub, late)
+    kinds = [i["type"] if isinstance(i, dict) else "output" for i in items]
+    # Queued before it fell behind: hello, pong; then the skip and the screen.
+    assert kinds == ["hello", "pong", "skipped", "output"]
+    assert isinstance(items[3], bytes) and items[3].endswith(b"line 1999\r\n")
