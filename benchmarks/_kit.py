@@ -181,7 +181,7 @@ def run_broker(
     """Build the broker and serve on ``127.0.0.1:port`` until the process is ended.
 
     Tokens are checked against *public_key* (with a replay cache of *replay*);
-    *sections* are further ``Config`` sections (``limits`` defaults to 100,000
+    *sections* are further ``Config`` fields (``limits`` defaults to 100,000
     sessions per domain and per client). *log_level* None: the broker's default
     logging (JSON, info), else console lines at that level.
     """

@@ -71,14 +71,15 @@ class PouringResolver(BenchResolver):
 
 def broker_main(port: int, public_key: Path) -> None:
     import broker_serial
+    from broker_serial._config import SerialSection
 
-    from broker.config import LimitsSection, SerialSection
+    from broker.config import LimitsSection
 
     run_broker(
         port, public_key, PouringResolver(), [("serial", broker_serial)],
         replay=100_000, log_level="error",
         limits=LimitsSection(max_sessions_per_domain=1000, max_sessions_per_client=1000),
-        serial=SerialSection(scrollback=65536, client_queue=262144),
+        plugin_tables={"serial": SerialSection(scrollback=65536, client_queue=262144)},
     )
 
 

@@ -1,14 +1,20 @@
 """The broker's configuration: one TOML file, every key documented, defaults that work without it.
 
-Theory of operation. Each TOML table is a frozen attrs class below; each of
-its fields is a key, declared with :func:`_key` which records the key's
-documentation and value check. The loader (:func:`load_config`), the
-documented default file (:func:`render_defaults`, printed by
-``console-broker config --defaults``) and the table in ``docs/config.md``
-(:func:`render_markdown`) are all derived from these classes, so a key cannot
-exist without its documentation, and a file can hold nothing the broker does
-not understand: unknown keys and wrong types are errors naming the key and the
-file, never ignored.
+Theory of operation. Each TOML table is a frozen attrs class; each of its
+fields is a key, declared with :func:`setting`, which records the key's
+documentation and value check. The core's tables are the fields of
+:class:`Config`; a plugin declares its own tables (``[vnc]``, a third-party
+``[monitor]``) as :class:`ConfigTable` values through the
+``console_broker_config_tables`` hook, each with its cross-checks, and whoever
+loads a configuration passes the loaded plugins' tables (:func:`read_config`
+does it for the commands). The loader (:func:`load_config`), the documented
+default file (:func:`render_defaults`, printed by ``console-broker config
+--defaults``) and the table in ``docs/config.md`` (:func:`render_markdown`) are
+all derived from these declarations, the core's and the plugins' alike, so a key
+cannot exist without its documentation, and a file can hold nothing the broker
+and its plugins do not understand: unknown keys and wrong types are errors
+naming the key and the file, never ignored. A plugin reads its parsed table
+with :meth:`Config.table`.
 
 Values that depend on the host (the node name, the public URL) are empty
 strings in the file and resolved by :class:`Config`'s properties. Relative
@@ -20,12 +26,13 @@ from __future__ import annotations
 import ipaddress
 import json
 import os
+import re
 import socket
 import tomllib
 import typing
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, Generic, TypeVar, overload
 from urllib.parse import urlsplit
 
 import attrs
@@ -40,6 +47,8 @@ CONFIG_ENV = "CONSOLE_BROKER_CONFIG"
 #: Checks a value; returns a problem ("must be ...") or None.
 Check = Callable[[Any], str | None]
 
+T = TypeVar("T")
+
 
 class ConfigError(Exception):
     """The configuration file cannot be used. Each problem names the file and the key."""
@@ -49,10 +58,15 @@ class ConfigError(Exception):
         self.problems = problems
 
 
-def _key(default: Any, doc: str, check: Check | None = None, *, path: bool = False) -> Any:
-    """Declare a key: its default, its documentation, an optional value check.
+def setting(default: Any, doc: str, check: Check | None = None, *, path: bool = False) -> Any:
+    """Declare a key of a table (a field of a frozen attrs class): its default, its
+    documentation (a sentence or more, ending with a full stop) and an optional value
+    check, called with the value converted to the field's type.
 
-    *path* marks a file-system path (resolved against the file's directory).
+    A key's type is its field's annotation: ``str``, ``int``, ``float`` (an integer
+    is accepted too), ``bool`` or ``tuple[str, ...]`` (a TOML array of strings).
+    *path* marks a file-system path, or an array of them, taken relative to the
+    file's directory.
     """
     return attrs.field(default=default, metadata={"doc": doc, "check": check, "path": path})
 
@@ -60,25 +74,31 @@ def _key(default: Any, doc: str, check: Check | None = None, *, path: bool = Fal
 # --- value checks -----------------------------------------------------------------------
 
 
-def _at_least(minimum: float) -> Check:
+def at_least(minimum: float) -> Check:
+    """A check: the number is *minimum* or more."""
+
     def check(value: Any) -> str | None:
         return None if value >= minimum else f"must be at least {minimum}"
 
     return check
 
 
-def _one_of(*choices: str) -> Check:
+def one_of(*choices: str) -> Check:
+    """A check: the string is one of *choices*."""
+
     def check(value: Any) -> str | None:
         return None if value in choices else "must be one of " + ", ".join(map(repr, choices))
 
     return check
 
 
-def _port(value: Any) -> str | None:
+def tcp_port(value: Any) -> str | None:
+    """A check: a TCP port number (1-65535)."""
     return None if 1 <= value <= 65535 else "must be a TCP port (1-65535)"
 
 
-def _not_empty(value: Any) -> str | None:
+def not_empty(value: Any) -> str | None:
+    """A check: the string or array is not empty."""
     return None if value else "must not be empty"
 
 
@@ -127,19 +147,19 @@ def _networks(value: Any) -> str | None:
 class BrokerSection:
     """Who this broker is and where it keeps its state."""
 
-    node: str = _key(
+    node: str = setting(
         "",
         "This broker's node name: tokens for another node are refused. "
         "Empty: the host name.",
     )
-    state_dir: str = _key(
+    state_dir: str = setting(
         "/var/lib/console-broker",
         "Directory (created 0700) holding the signing key pair, created on first start: "
         f"{PRIVATE_KEY_NAME} (0600) and {PUBLIC_KEY_NAME}.",
-        _not_empty,
+        not_empty,
         path=True,
     )
-    public_url: str = _key(
+    public_url: str = setting(
         "",
         "Base URL clients reach this broker at, used in the links tokens print "
         "(e.g. behind a reverse proxy). Empty: derived from listen and tls, "
@@ -152,16 +172,16 @@ class BrokerSection:
 class ListenSection:
     """Where the broker accepts connections (WebSocket and HTTP CONNECT)."""
 
-    host: str = _key("127.0.0.1", "Address to listen on.", _not_empty)
-    port: int = _key(6080, "TCP port to listen on.", _port)
-    connect_port: int = _key(
+    host: str = setting("127.0.0.1", "Address to listen on.", not_empty)
+    port: int = setting(6080, "TCP port to listen on.", tcp_port)
+    connect_port: int = setting(
         0,
         "TCP port of the HTTP CONNECT listener for native clients (remote-viewer with a "
         ".vv file; docs/spice.md), for protocols that serve them. 0: no such listener.",
-        _at_least(0),
+        at_least(0),
     )
-    connect_host: str = _key(
-        "127.0.0.1", "Address the HTTP CONNECT listener listens on.", _not_empty
+    connect_host: str = setting(
+        "127.0.0.1", "Address the HTTP CONNECT listener listens on.", not_empty
     )
 
 
@@ -169,9 +189,9 @@ class ListenSection:
 class TLSSection:
     """TLS for https:// and wss://: set both files, or neither for plain HTTP."""
 
-    cert: str = _key("", "PEM certificate chain file. Empty: no TLS.", path=True)
-    key: str = _key("", "PEM private key file of the certificate. Empty: no TLS.", path=True)
-    ca: str = _key(
+    cert: str = setting("", "PEM certificate chain file. Empty: no TLS.", path=True)
+    key: str = setting("", "PEM private key file of the certificate. Empty: no TLS.", path=True)
+    ca: str = setting(
         "",
         "PEM file of the CA that signed tls.cert. Native clients' connection files (.vv) "
         "carry it, so remote-viewer can verify the broker; empty: the files carry no CA "
@@ -184,7 +204,7 @@ class TLSSection:
 class HTTPSection:
     """Browser request checks and the console pages' assets."""
 
-    allowed_origins: tuple[str, ...] = _key(
+    allowed_origins: tuple[str, ...] = setting(
         (),
         "Origins (scheme://host[:port]) whose pages may open consoles. Empty: the origin "
         "of the public URL (broker.public_url, or derived from listen), and "
@@ -192,17 +212,17 @@ class HTTPSection:
         "request's Host header.",
         _origins,
     )
-    allow_missing_origin: bool = _key(
+    allow_missing_origin: bool = setting(
         False, "Accept WebSocket requests without an Origin header (non-browser clients)."
     )
-    refusals: str = _key(
+    refusals: str = setting(
         "status",
         "How WebSocket requests are refused: 'status' answers an HTTP error before the "
         "upgrade; 'close' completes the upgrade and closes with the reason's close code, "
         "which browser pages can read (a foreign Origin is always refused with a status).",
-        _one_of("status", "close"),
+        one_of("status", "close"),
     )
-    trusted_proxies: tuple[str, ...] = _key(
+    trusted_proxies: tuple[str, ...] = setting(
         (),
         "Addresses or networks (\"10.0.0.5\", \"10.0.0.0/24\", \"::1\") of reverse proxies "
         "in front of the broker whose X-Forwarded-For header is believed: a request from one "
@@ -211,7 +231,7 @@ class HTTPSection:
         "header is ignored and the peer's address is the client's.",
         _networks,
     )
-    assets_dir: str = _key(
+    assets_dir: str = setting(
         "",
         "The node_modules directory the console pages' browser clients are read from: "
         "@novnc/novnc for the VNC page, @spice-project/spice-html5 for the SPICE page, "
@@ -226,31 +246,34 @@ class HTTPSection:
 class LibvirtSection:
     """The hypervisor connection."""
 
-    uri: str = _key("qemu:///system", "libvirt connection URI.", _not_empty)
+    uri: str = setting("qemu:///system", "libvirt connection URI.", not_empty)
 
 
 @attrs.frozen
 class TokensSection:
     """Token lifetimes, trusted keys and single use (see docs/tokens.md)."""
 
-    default_ttl: int = _key(60, "Lifetime of an issued token when none is asked, in seconds.",
-                            _at_least(1))
-    max_ttl: int = _key(
+    default_ttl: int = setting(
+        60, "Lifetime of an issued token when none is asked, in seconds.", at_least(1)
+    )
+    max_ttl: int = setting(
         300,
         "Longest lifetime issued or accepted, in seconds; a token living longer is refused.",
-        _at_least(1),
+        at_least(1),
     )
-    leeway: int = _key(5, "Clock skew allowed on a token's nbf and exp, in seconds.", _at_least(0))
-    replay_cache_size: int = _key(
+    leeway: int = setting(
+        5, "Clock skew allowed on a token's nbf and exp, in seconds.", at_least(0)
+    )
+    replay_cache_size: int = setting(
         100_000,
         "Used tokens remembered until they expire; when full of live tokens, new tokens "
         "are refused.",
-        _at_least(1),
+        at_least(1),
     )
-    trust_local_key: bool = _key(
+    trust_local_key: bool = setting(
         True, "Trust the state directory's own public key (tokens from the local CLI)."
     )
-    public_keys: tuple[str, ...] = _key(
+    public_keys: tuple[str, ...] = setting(
         (),
         "Further trusted public key files (PEM): a control plane's key, or the previous "
         "key during a rotation.",
@@ -262,47 +285,47 @@ class TokensSection:
 class LimitsSection:
     """Session limits and timeouts (seconds; 0 where allowed means none)."""
 
-    max_sessions: int = _key(10_000, "Concurrent sessions on this broker.", _at_least(1))
-    max_sessions_per_domain: int = _key(16, "Concurrent sessions on one domain.", _at_least(1))
-    max_sessions_per_client: int = _key(
-        64, "Concurrent sessions from one client address.", _at_least(1)
+    max_sessions: int = setting(10_000, "Concurrent sessions on this broker.", at_least(1))
+    max_sessions_per_domain: int = setting(16, "Concurrent sessions on one domain.", at_least(1))
+    max_sessions_per_client: int = setting(
+        64, "Concurrent sessions from one client address.", at_least(1)
     )
-    handshake_timeout: float = _key(
-        10.0, "Time a client has to complete its handshake, in seconds.", _at_least(0.001)
+    handshake_timeout: float = setting(
+        10.0, "Time a client has to complete its handshake, in seconds.", at_least(0.001)
     )
-    idle_timeout: float = _key(
+    idle_timeout: float = setting(
         0.0, "Close a session idle (no bytes either way) this long, in seconds; 0: never.",
-        _at_least(0),
+        at_least(0),
     )
-    shutdown_grace: float = _key(
+    shutdown_grace: float = setting(
         5.0, "On shutdown, time sessions get to close before they are cut, in seconds.",
-        _at_least(0),
+        at_least(0),
     )
-    max_pending: int = _key(
+    max_pending: int = setting(
         1024,
         "Connections not yet past their request (no token checked yet) held at once, both "
         "listeners together; one more is answered 503 and closed.",
-        _at_least(1),
+        at_least(1),
     )
-    max_pending_per_client: int = _key(
+    max_pending_per_client: int = setting(
         32,
         "Connections not yet past their request held at once from one peer address (a "
         "trusted proxy's are counted only against limits.max_pending); one more is "
         "answered 429 and closed.",
-        _at_least(1),
+        at_least(1),
     )
-    max_request_head: int = _key(
+    max_request_head: int = setting(
         16_384,
         "Bytes of request line and headers read before the request is complete; more is "
         "answered 431 and closed.",
-        _at_least(1024),
+        at_least(1024),
     )
-    write_timeout: float = _key(
+    write_timeout: float = setting(
         30.0,
         "A client whose full outgoing buffer has not drained at all for this long (it "
         "stopped reading) is disconnected, in seconds; its session ends as client_stalled "
         "(4108). A slow client that drains is never cut.",
-        _at_least(0.1),
+        at_least(0.1),
     )
 
 
@@ -310,28 +333,28 @@ class LimitsSection:
 class ProxySection:
     """Buffers between clients and consoles (per session, each direction)."""
 
-    read_size: int = _key(
+    read_size: int = setting(
         262_144,
         "Largest read from a console, in bytes: one WebSocket message at most.",
-        _at_least(4096),
+        at_least(4096),
     )
-    write_buffer: int = _key(
+    write_buffer: int = setting(
         262_144,
         "High-water mark of a session's outgoing WebSocket buffer, in bytes: reading "
         "the console pauses above it.",
-        _at_least(4096),
+        at_least(4096),
     )
-    max_message: int = _key(
-        1_048_576, "Largest message a client may send, in bytes.", _at_least(1024)
+    max_message: int = setting(
+        1_048_576, "Largest message a client may send, in bytes.", at_least(1024)
     )
-    max_queue: int = _key(
-        16, "Messages from a client queued before reading from it pauses.", _at_least(1)
+    max_queue: int = setting(
+        16, "Messages from a client queued before reading from it pauses.", at_least(1)
     )
-    ping_interval: float = _key(
+    ping_interval: float = setting(
         20.0,
         "Seconds between keepalive pings to a client (a client not answering within as "
         "long is dropped); 0: no pings.",
-        _at_least(0),
+        at_least(0),
     )
 
 
@@ -339,149 +362,12 @@ class ProxySection:
 class LoggingSection:
     """Structured logs (tokens and secrets never reach a log line)."""
 
-    format: str = _key("json", "'json' (one object per line) or 'console' (for humans).",
-                       _one_of("json", "console"))
-    level: str = _key(
-        "info", "Least severe level logged.", _one_of("debug", "info", "warning", "error")
+    format: str = setting(
+        "json", "'json' (one object per line) or 'console' (for humans).",
+        one_of("json", "console"),
     )
-
-
-@attrs.frozen
-class VNCSection:
-    """The VNC plugin: how the broker logs in to QEMU's VNC server, and the console page
-    (see docs/vnc.md)."""
-
-    shared: bool = _key(
-        True,
-        "Ask QEMU to share the display (the RFB shared flag), so that several sessions on "
-        "one VM stay connected; false asks for exclusive access, and QEMU (sharePolicy "
-        "'allow-exclusive') then disconnects the VM's other VNC clients. The browser's own "
-        "flag is ignored.",
-    )
-    tls_ca: str = _key(
-        "",
-        "PEM file of the CA that signed QEMU's VNC server certificates (QEMU's "
-        "vnc_tls_x509_cert_dir/ca-cert.pem). Set: the broker accepts VeNCrypt with TLS "
-        "(X509None, X509Vnc), verifying QEMU's certificate. Empty: no TLS to QEMU.",
-        path=True,
-    )
-    tls_cert: str = _key(
-        "",
-        "PEM client certificate the broker shows QEMU (for vnc_tls_x509_verify = 1). "
-        "Empty: none.",
-        path=True,
-    )
-    tls_key: str = _key("", "PEM private key of vnc.tls_cert.", path=True)
-    tls_server_name: str = _key(
-        "",
-        "Name (DNS name or IP address) QEMU's certificate must carry. Empty: the address "
-        "connected to (tcp mode); on a UNIX socket or a socket from libvirt, where no "
-        "network lies between broker and QEMU, only the certificate chain is verified.",
-    )
-
-
-_SPICE_CHANNELS = (
-    "main", "display", "inputs", "cursor", "playback", "record", "tunnel", "smartcard",
-    "usbredir", "port", "webdav",
-)
-
-
-def _spice_channels(value: Any) -> str | None:
-    for name in value:
-        if name not in _SPICE_CHANNELS or name == "main":
-            allowed = ", ".join(_SPICE_CHANNELS[1:])
-            return f"{name!r} is not a SPICE channel type one can deny ({allowed})"
-    return None
-
-
-@attrs.frozen
-class SpiceSection:
-    """The SPICE plugin: channel policy and the console page (see docs/spice.md)."""
-
-    deny_channels: tuple[str, ...] = _key(
-        (),
-        "SPICE channel types no session may open, whatever its token grants (for example "
-        "[\"usbredir\", \"webdav\"]); the broker answers them with permission denied. "
-        "View-only sessions get display, cursor and playback only in any case.",
-        _spice_channels,
-    )
-    tls_ca: str = _key(
-        "",
-        "PEM file of the CA that signed QEMU's SPICE server certificates (QEMU's "
-        "spice_tls_x509_cert_dir/ca-cert.pem). Set: in tcp mode the broker connects to "
-        "the SPICE server's TLS port (tlsPort) where it has one, verifying its "
-        "certificate. Empty: the plain port; a server listening for TLS only is refused.",
-        path=True,
-    )
-    tls_cert: str = _key(
-        "",
-        "PEM client certificate the broker shows QEMU's SPICE server, for servers that "
-        "verify their clients. Empty: none.",
-        path=True,
-    )
-    tls_key: str = _key("", "PEM private key of spice.tls_cert.", path=True)
-    tls_server_name: str = _key(
-        "",
-        "Name (DNS name or IP address) QEMU's SPICE certificate must carry. Empty: the "
-        "address connected to.",
-    )
-
-
-@attrs.frozen
-class SerialSection:
-    """The serial plugin: shared sessions, scrollback and recordings (see docs/serial.md)."""
-
-    scrollback: int = _key(
-        65_536,
-        "Bytes of a console's latest output kept and replayed to each client that "
-        "attaches, so it sees the current screen at once; 0: none.",
-        _at_least(0),
-    )
-    client_queue: int = _key(
-        262_144,
-        "Bytes of output queued for one client: a client further behind skips to the "
-        "scrollback (it is sent the screen again) instead of slowing the others.",
-        _at_least(4096),
-    )
-    record: bool = _key(
-        False, "Record every serial console's output as asciicast v2 files."
-    )
-    record_domains: tuple[str, ...] = _key(
-        (), "Domains (names or UUIDs) whose serial consoles are recorded even when "
-        "serial.record is false.",
-    )
-    record_input: bool = _key(
-        False, "Also record what the writing client typed ('i' events), in recordings."
-    )
-    recordings_dir: str = _key(
-        "",
-        "Directory the recordings are written to (created 0700), one subdirectory per "
-        "domain UUID. Empty: 'recordings' in broker.state_dir.",
-        path=True,
-    )
-    recording_max_size: int = _key(
-        10_485_760,
-        "Size in bytes past which a recording is continued in a new file (the next part).",
-        _at_least(4096),
-    )
-    recordings_keep_days: int = _key(
-        0,
-        "Days a recording file is kept after its last write; older files are deleted "
-        "(never the part being written). 0: kept forever.",
-        _at_least(0),
-    )
-    recordings_max_total: int = _key(
-        0,
-        "Bytes all files in serial.recordings_dir may take together; past it, the files "
-        "written longest ago are deleted first (never a part being written). 0: no limit.",
-        _at_least(0),
-    )
-    recordings_prune_interval: float = _key(
-        3600.0,
-        "Seconds between two retention passes while the broker runs (it also prunes on "
-        "start and after a recording moves on to its next part), when "
-        "serial.recordings_keep_days or serial.recordings_max_total is set.",
-        _at_least(1),
+    level: str = setting(
+        "info", "Least severe level logged.", one_of("debug", "info", "warning", "error")
     )
 
 
@@ -517,11 +403,38 @@ class Config:
     limits: LimitsSection = attrs.field(factory=LimitsSection)
     proxy: ProxySection = attrs.field(factory=ProxySection)
     logging: LoggingSection = attrs.field(factory=LoggingSection)
-    vnc: VNCSection = attrs.field(factory=VNCSection)
-    spice: SpiceSection = attrs.field(factory=SpiceSection)
-    serial: SerialSection = attrs.field(factory=SerialSection)
+    #: The plugins' tables by name (instances of their declared classes): every table
+    #: declared when the configuration was loaded, its defaults when the file has none.
+    #: Read one with :meth:`table`.
+    plugin_tables: Mapping[str, Any] = attrs.field(factory=dict, hash=False)
     #: The file it was read from (None: the embedded defaults).
     source: Path | None = attrs.field(default=None, eq=False)
+
+    @overload
+    def table(self, which: ConfigTable[T]) -> T: ...
+
+    @overload
+    def table(self, which: str) -> Any: ...
+
+    def table(self, which: ConfigTable[Any] | str) -> Any:
+        """A table, parsed: a plugin's by its :class:`ConfigTable` (typed as its class;
+        its defaults when the configuration was built without it) or by name, or a
+        core table by name (``"listen"``)."""
+        name = which if isinstance(which, str) else which.name
+        if name in self.plugin_tables:
+            found = self.plugin_tables[name]
+            if not isinstance(which, str) and not isinstance(found, which.schema):
+                raise TypeError(
+                    f"table {name!r} holds a {type(found).__name__}, "
+                    f"not a {which.schema.__name__}"
+                )
+            return found
+        if name in _CORE_NAMES:
+            return getattr(self, name)
+        if not isinstance(which, str):
+            return which.schema()
+        known = ", ".join([*_CORE_NAMES, *self.plugin_tables])
+        raise KeyError(f"no table {name!r} in this configuration (tables: {known})")
 
     @property
     def node_name(self) -> str:
@@ -540,11 +453,6 @@ class Config:
         """The trusted public key files, the local one first."""
         local = [self.state_dir / PUBLIC_KEY_NAME] if self.tokens.trust_local_key else []
         return [*local, *map(Path, self.tokens.public_keys)]
-
-    @property
-    def recordings_dir(self) -> Path:
-        """Where serial console recordings go (``serial.recordings_dir``, resolved)."""
-        return Path(self.serial.recordings_dir or self.state_dir / "recordings")
 
     @property
     def tls_enabled(self) -> bool:
@@ -602,40 +510,6 @@ class KeySpec:
         return f"{self.table}.{self.name}"
 
 
-def _tables() -> Iterator[tuple[str, type[Any]]]:
-    hints = typing.get_type_hints(Config)
-    for field in attrs.fields(Config):
-        if field.name != "source":
-            yield field.name, hints[field.name]
-
-
-def _key_type(annotation: Any) -> type[Any]:
-    if typing.get_origin(annotation) is tuple:
-        return tuple
-    assert isinstance(annotation, type), annotation
-    return annotation
-
-
-def key_specs() -> list[KeySpec]:
-    """Every key of the configuration, table by table, in file order."""
-    specs = []
-    for table, cls in _tables():
-        hints = typing.get_type_hints(cls)
-        for field in attrs.fields(cls):
-            specs.append(
-                KeySpec(
-                    table=table,
-                    name=field.name,
-                    type=_key_type(hints[field.name]),
-                    default=field.default,
-                    doc=field.metadata["doc"],
-                    check=field.metadata["check"],
-                    path=field.metadata["path"],
-                )
-            )
-    return specs
-
-
 _TYPE_NAMES = {
     str: "a string",
     int: "an integer",
@@ -643,6 +517,138 @@ _TYPE_NAMES = {
     bool: "true or false",
     tuple: "an array of strings",
 }
+
+
+def _key_type(annotation: Any) -> type[Any]:
+    if typing.get_origin(annotation) is tuple and typing.get_args(annotation) == (str, ...):
+        return tuple
+    if annotation not in _TYPE_NAMES:
+        raise TypeError(
+            f"has type {annotation!r}: a key is a str, int, float, bool or tuple[str, ...]"
+        )
+    assert isinstance(annotation, type)
+    return annotation
+
+
+def _schema_keys(table: str, schema: type[Any]) -> list[KeySpec]:
+    """The keys of a table class, checked; TypeError names what is wrong."""
+    if not attrs.has(schema):
+        raise TypeError(f"table {table!r}: {schema!r} is not an attrs class")
+    if not (schema.__doc__ or "").strip():
+        raise TypeError(f"table {table!r}: {schema.__name__} has no docstring (its doc)")
+    hints = typing.get_type_hints(schema)
+    specs = []
+    for field in attrs.fields(schema):
+        where = f"table {table!r}: key {field.name!r}"
+        if "doc" not in field.metadata:
+            raise TypeError(f"{where}: not declared with broker.config.setting()")
+        try:
+            kind = _key_type(hints[field.name])
+        except TypeError as exc:
+            raise TypeError(f"{where}: {exc}") from None
+        specs.append(
+            KeySpec(
+                table=table,
+                name=field.name,
+                type=kind,
+                default=field.default,
+                doc=field.metadata["doc"],
+                check=field.metadata["check"],
+                path=field.metadata["path"],
+            )
+        )
+    return specs
+
+
+_TABLE_NAME = re.compile(r"[a-z][a-z0-9_]*")
+
+
+def _check_table_name(_instance: object, _attribute: object, value: str) -> None:
+    if not _TABLE_NAME.fullmatch(value):
+        raise ValueError(
+            f"table name {value!r} must be lower-case ASCII letters, digits and '_', "
+            "starting with a letter"
+        )
+
+
+def _moved(moved: Mapping[str, str]) -> Mapping[str, str]:
+    return dict(moved)
+
+
+@attrs.frozen(eq=False)
+class ConfigTable(Generic[T]):
+    """A table of the configuration file, as a plugin declares it
+    (``console_broker_config_tables``) and the core declares its own.
+
+    *schema* is a frozen attrs class whose docstring documents the table and whose
+    fields are its keys, each declared with :func:`setting`; the loader parses the
+    file's ``[name]`` table into an instance of it (its defaults when the file has
+    none), which :meth:`Config.table` returns.
+    """
+
+    #: The TOML table's name (``vnc``): lower-case letters, digits and ``_``.
+    name: str = attrs.field(validator=_check_table_name)
+    schema: type[T]
+    #: Cross-checks: called with the parsed table once every key passed its own
+    #: check; returns the problems involving several keys, each naming them in full
+    #: (``"vnc.tls_cert, vnc.tls_key: set both ... or neither"``).
+    check: Callable[[T], Iterable[str]] | None = None
+    #: Where the plugins' tables come in the documented defaults (after the core's):
+    #: by order, then by name.
+    order: int = 100
+    #: Keys that moved out of this table: old key name -> new ``table.key``. A file
+    #: still setting one gets an error naming the new place.
+    moved: Mapping[str, str] = attrs.field(factory=dict, converter=_moved)
+
+    def __attrs_post_init__(self) -> None:
+        _schema_keys(self.name, self.schema)  # TypeError when it is not a table
+
+    @property
+    def doc(self) -> str:
+        """The table's documentation: its class's docstring."""
+        return self.schema.__doc__ or ""
+
+    def key_specs(self) -> list[KeySpec]:
+        """The table's keys, in declaration order."""
+        return _schema_keys(self.name, self.schema)
+
+
+#: Fields of :class:`Config` that are not tables.
+_NOT_TABLES = ("plugin_tables", "source")
+
+
+def _core_tables() -> tuple[ConfigTable[Any], ...]:
+    hints = typing.get_type_hints(Config)
+    return tuple(
+        ConfigTable(field.name, hints[field.name])
+        for field in attrs.fields(Config)
+        if field.name not in _NOT_TABLES
+    )
+
+
+#: The core's tables, in file order.
+CORE_TABLES = _core_tables()
+_CORE_NAMES = tuple(table.name for table in CORE_TABLES)
+
+
+def all_tables(tables: Iterable[ConfigTable[Any]] = ()) -> tuple[ConfigTable[Any], ...]:
+    """The core's tables, then the plugins' *tables* by order and name.
+
+    ValueError when two tables have one name.
+    """
+    plugins = sorted(tables, key=lambda table: (table.order, table.name))
+    seen: set[str] = set()
+    for table in (*CORE_TABLES, *plugins):
+        if table.name in seen:
+            raise ValueError(f"table {table.name!r} is declared twice")
+        seen.add(table.name)
+    return (*CORE_TABLES, *plugins)
+
+
+def key_specs(tables: Iterable[ConfigTable[Any]] = ()) -> list[KeySpec]:
+    """Every key of the configuration (the core's and those of the plugins' *tables*),
+    table by table, in file order."""
+    return [spec for table in all_tables(tables) for spec in table.key_specs()]
 
 
 def _typed(spec: KeySpec, value: Any) -> tuple[Any, str | None]:
@@ -687,88 +693,98 @@ def _resolve_path(value: str, base: Path | None) -> str:
     return str(base / value)
 
 
-#: Keys that moved: old ``table.name`` -> new. A file still setting the old key is an
-#: error that names the new one.
-MOVED_KEYS = {"vnc.assets_dir": "http.assets_dir"}
-
-
-def config_from_dict(data: dict[str, Any], source: Path | None = None) -> Config:
-    """Build a :class:`Config` from parsed TOML; :class:`ConfigError` lists every problem."""
-    where = str(source) if source is not None else "<config>"
-    base = source.absolute().parent if source is not None else None
-    problems: list[str] = []
-    specs: dict[str, dict[str, KeySpec]] = {}
-    for spec in key_specs():
-        specs.setdefault(spec.table, {})[spec.name] = spec
-    sections: dict[str, Any] = {}
-    for table, value in data.items():
-        if table not in specs:
+def _parse_table(
+    table: ConfigTable[Any], value: dict[str, Any], base: Path | None, problems: list[str]
+) -> dict[str, Any]:
+    """The keyword arguments of *table*'s class from the file's table *value*; each
+    problem is appended to *problems* (without the file's name)."""
+    specs = {spec.name: spec for spec in table.key_specs()}
+    kwargs: dict[str, Any] = {}
+    for name, raw in value.items():
+        spec = specs.get(name)
+        if spec is None and name in table.moved:
+            moved = table.moved[name]
             problems.append(
-                f"{where}: {table}: unknown key (tables: {', '.join(specs)})"
+                f"{table.name}.{name}: unknown key: it is now {moved} "
+                f"(set {moved.split('.', 1)[1]} in the [{moved.split('.', 1)[0]}] table)"
             )
             continue
-        if not isinstance(value, dict):
-            problems.append(f"{where}: {table}: must be a table ([{table}]), not "
-                            f"{_toml_type_name(value)}")
+        if spec is None:
+            problems.append(
+                f"{table.name}.{name}: unknown key ({table.name} has: {', '.join(specs)})"
+            )
             continue
-        kwargs: dict[str, Any] = {}
-        for name, raw in value.items():
-            found = specs[table].get(name)
-            if found is None and f"{table}.{name}" in MOVED_KEYS:
-                moved = MOVED_KEYS[f"{table}.{name}"]
-                problems.append(
-                    f"{where}: {table}.{name}: unknown key: it is now {moved} "
-                    f"(set {moved.split('.', 1)[1]} in the [{moved.split('.', 1)[0]}] table)"
-                )
-                continue
-            if found is None:
-                problems.append(
-                    f"{where}: {table}.{name}: unknown key "
-                    f"({table} has: {', '.join(specs[table])})"
-                )
-                continue
-            spec = found
-            converted, problem = _typed(spec, raw)
-            if problem is None and spec.check is not None:
-                problem = spec.check(converted)
-            if problem is not None:
-                problems.append(f"{where}: {spec.dotted}: {problem}")
-                continue
-            if spec.path:
-                converted = (
-                    tuple(_resolve_path(p, base) for p in converted)
-                    if isinstance(converted, tuple)
-                    else _resolve_path(converted, base)
-                )
-            kwargs[name] = converted
-        sections[table] = kwargs
+        converted, problem = _typed(spec, raw)
+        if problem is None and spec.check is not None:
+            problem = spec.check(converted)
+        if problem is not None:
+            problems.append(f"{spec.dotted}: {problem}")
+            continue
+        if spec.path:
+            converted = (
+                tuple(_resolve_path(p, base) for p in converted)
+                if isinstance(converted, tuple)
+                else _resolve_path(converted, base)
+            )
+        kwargs[name] = converted
+    return kwargs
+
+
+def config_from_dict(
+    data: dict[str, Any],
+    source: Path | None = None,
+    tables: Iterable[ConfigTable[Any]] = (),
+) -> Config:
+    """Build a :class:`Config` from parsed TOML; :class:`ConfigError` lists every problem.
+
+    *tables* are the loaded plugins' tables (``PluginManager.config_tables``): a file's
+    table that is neither the core's nor one of them is an error.
+    """
+    where = str(source) if source is not None else "<config>"
+    base = source.absolute().parent if source is not None else None
+    declared = {table.name: table for table in all_tables(tables)}
+    problems: list[str] = []
+    sections: dict[str, dict[str, Any]] = {}
+    for name, value in data.items():
+        table = declared.get(name)
+        if table is None:
+            problems.append(f"{name}: unknown key (tables: {', '.join(declared)})")
+            continue
+        if not isinstance(value, dict):
+            problems.append(
+                f"{name}: must be a table ([{name}]), not {_toml_type_name(value)}"
+            )
+            continue
+        sections[name] = _parse_table(table, value, base, problems)
     if problems:
-        raise ConfigError(problems)
+        raise ConfigError([f"{where}: {problem}" for problem in problems])
+    built: dict[str, Any] = {}
+    for name, table in declared.items():
+        try:
+            built[name] = table.schema(**sections.get(name, {}))
+        except (TypeError, ValueError) as exc:  # a check of the class's own
+            problems.append(f"{name}: {exc}")
+    if problems:
+        raise ConfigError([f"{where}: {problem}" for problem in problems])
     config = Config(
-        **{table: cls(**sections.get(table, {})) for table, cls in _tables()},
+        **{name: built[name] for name in _CORE_NAMES},
+        plugin_tables={name: built[name] for name in declared if name not in _CORE_NAMES},
         source=source,
     )
-    problems = [f"{where}: {problem}" for problem in _cross_checks(config)]
+    problems = _cross_checks(config)
+    for name, table in declared.items():
+        if name not in _CORE_NAMES and table.check is not None:
+            problems.extend(table.check(built[name]))
     if problems:
-        raise ConfigError(problems)
+        raise ConfigError([f"{where}: {problem}" for problem in problems])
     return config
 
 
 def _cross_checks(config: Config) -> list[str]:
-    """Problems involving several keys, each naming them."""
+    """Problems of the core's tables involving several keys, each naming them."""
     problems = []
     if bool(config.tls.cert) != bool(config.tls.key):
         problems.append("tls.cert, tls.key: set both (TLS) or neither (plain HTTP)")
-    if bool(config.vnc.tls_cert) != bool(config.vnc.tls_key):
-        problems.append("vnc.tls_cert, vnc.tls_key: set both (a client certificate) or neither")
-    if config.vnc.tls_cert and not config.vnc.tls_ca:
-        problems.append("vnc.tls_cert: a client certificate needs vnc.tls_ca (TLS to QEMU)")
-    if bool(config.spice.tls_cert) != bool(config.spice.tls_key):
-        problems.append(
-            "spice.tls_cert, spice.tls_key: set both (a client certificate) or neither"
-        )
-    if config.spice.tls_cert and not config.spice.tls_ca:
-        problems.append("spice.tls_cert: a client certificate needs spice.tls_ca (TLS to QEMU)")
     if config.tls.ca and not config.tls.cert:
         problems.append("tls.ca: names the CA of tls.cert, which is not set")
     if config.tokens.default_ttl > config.tokens.max_ttl:
@@ -794,10 +810,14 @@ def find_config(path: Path | None) -> Path | None:
     return DEFAULT_CONFIG_PATH if DEFAULT_CONFIG_PATH.exists() else None
 
 
-def load_config(path: Path | None) -> Config:
-    """Read the configuration file at *path*; None: the embedded defaults."""
+def load_config(path: Path | None, tables: Iterable[ConfigTable[Any]] = ()) -> Config:
+    """Read the configuration file at *path*; None: the embedded defaults.
+
+    *tables* are the loaded plugins' tables (``PluginManager.config_tables``), parsed
+    like the core's; see :func:`config_from_dict`.
+    """
     if path is None:
-        return Config()
+        return config_from_dict({}, tables=tables)
     try:
         text = path.read_bytes().decode("utf-8")
     except OSError as exc:
@@ -808,7 +828,16 @@ def load_config(path: Path | None) -> Config:
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError([f"{path}: not valid TOML: {exc}"]) from None
-    return config_from_dict(data, source=path)
+    return config_from_dict(data, source=path, tables=tables)
+
+
+def read_config(path: Path | None) -> Config:
+    """The configuration a command reads: the file :func:`find_config` picks for *path*
+    (else the embedded defaults), with the tables of the plugins that load
+    (:class:`broker.plugins.PluginError` when they cannot be loaded)."""
+    from broker.plugins import PluginManager
+
+    return load_config(find_config(path), PluginManager().config_tables)
 
 
 # --- rendering --------------------------------------------------------------------------
@@ -839,30 +868,29 @@ def _wrap(text: str, prefix: str, width: int = 88) -> list[str]:
     return lines
 
 
-def render_defaults() -> str:
-    """The fully documented default configuration, as TOML that loads to ``Config()``."""
+def render_defaults(tables: Iterable[ConfigTable[Any]] = ()) -> str:
+    """The fully documented default configuration, as TOML that loads to the defaults:
+    the core's tables, then the plugins' *tables*."""
     out = [
         "# console-broker configuration (every key shown with its default).",
         "# Unknown keys and wrong types are errors. Relative paths are taken relative",
         "# to this file's directory.",
     ]
-    tables = dict(_tables())
-    current = None
-    for spec in key_specs():
-        if spec.table != current:
-            current = spec.table
-            out.append("")
-            out.extend(_wrap(tables[spec.table].__doc__ or "", "# "))
-            out.append(f"[{spec.table}]")
-        out.extend(_wrap(spec.doc, "# "))
-        out.append(f"{spec.name} = {_toml_value(spec.default)}")
+    for table in all_tables(tables):
+        out.append("")
+        out.extend(_wrap(table.doc, "# "))
+        out.append(f"[{table.name}]")
+        for spec in table.key_specs():
+            out.extend(_wrap(spec.doc, "# "))
+            out.append(f"{spec.name} = {_toml_value(spec.default)}")
     return "\n".join(out) + "\n"
 
 
-def render_markdown() -> str:
-    """The reference table of every key, for docs/config.md."""
+def render_markdown(tables: Iterable[ConfigTable[Any]] = ()) -> str:
+    """The reference table of every key (the core's, then those of the plugins'
+    *tables*), for docs/config.md."""
     out = ["| key | type | default | meaning |", "| --- | --- | --- | --- |"]
-    for spec in key_specs():
+    for spec in key_specs(tables):
         kind = "array of strings" if spec.type is tuple else {
             str: "string", int: "integer", float: "number", bool: "boolean"
         }[spec.type]

@@ -25,7 +25,7 @@ import pluggy
 if TYPE_CHECKING:
     import argparse
 
-    from broker.config import Config
+    from broker.config import Config, ConfigTable
     from broker.service import ConsoleTLS, SessionHandler
     from broker.xml import ConsoleEdit, EditOptions
 
@@ -129,6 +129,26 @@ def console_broker_protocols() -> list[Protocol]:  # type: ignore[empty-body]
     """
 
 
+@hookspec
+def console_broker_config_tables() -> list[ConfigTable[Any]]:  # type: ignore[empty-body]
+    """Declare the configuration tables this plugin reads (``[vnc]``, ``[monitor]``).
+
+    Called once when the plugins are loaded. Return a list of
+    :class:`broker.config.ConfigTable`: each names a TOML table and a frozen attrs
+    class whose fields are its keys, declared with :func:`broker.config.setting`
+    (default, documentation, value check, path), with optional cross-checks. All
+    results are collected; a table name declared by two plugins, or by a plugin and
+    the core (``broker``, ``listen``, ...), is a load error naming both.
+
+    The core parses a plugin's table as it parses its own (unknown keys, wrong types
+    and failed checks are errors naming the key and the file; relative paths are
+    taken relative to the file's directory), shows it in ``console-broker config
+    --defaults``, and hands it back parsed: ``config.table(TABLE)`` in any hook that
+    gets the :class:`broker.config.Config` returns the class's instance, its defaults
+    when the file has no such table.
+    """
+
+
 @hookspec(firstresult=True)
 def console_broker_xml_edit(protocol: str, options: EditOptions) -> ConsoleEdit | None:
     """Say how to provision *protocol* in a libvirt domain XML.
@@ -181,8 +201,8 @@ def console_broker_session_handler(protocol: str, config: Config) -> SessionHand
     exception ends it as ``internal_error``.
 
     :param protocol: a protocol name declared by ``console_broker_protocols``.
-    :param config: the broker's :class:`broker.config.Config` (a plugin's own table,
-        such as ``config.vnc``, included).
+    :param config: the broker's :class:`broker.config.Config` (a plugin's own table
+        included: ``config.table(TABLE)``, see ``console_broker_config_tables``).
     :return: ``async def handler(session: Session) -> None``, or None.
     """
 

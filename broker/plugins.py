@@ -16,6 +16,7 @@ import attrs
 import pluggy
 
 from broker import hookspecs
+from broker.config import CORE_TABLES, ConfigTable, all_tables
 from broker.hookspecs import PROJECT_NAME, Protocol
 
 #: Comma-separated plugin (entry-point) names that are not loaded.
@@ -77,6 +78,8 @@ class PluginManager:
         except pluggy.PluginValidationError as exc:
             raise PluginError(str(exc)) from exc
         self.protocols = self._collect_protocols()
+        #: The plugins' configuration tables, in file order (load_config's *tables*).
+        self.config_tables = self._collect_config_tables()
 
     @property
     def hook(self) -> Any:
@@ -105,6 +108,37 @@ class PluginManager:
                     )
                 found[protocol.name] = (plugin_name, protocol)
         return found
+
+    def _collect_config_tables(self) -> tuple[ConfigTable[Any], ...]:
+        """Every plugin's configuration tables, checking the contract."""
+        owners = {table.name: "the core" for table in CORE_TABLES}
+        found: list[ConfigTable[Any]] = []
+        caller = self._pm.hook.console_broker_config_tables
+        for impl in caller.get_hookimpls():
+            plugin_name = self._pm.get_name(impl.plugin) or repr(impl.plugin)
+            try:
+                result = impl.function()
+            except (TypeError, ValueError) as exc:  # a table that is not one
+                raise PluginError(
+                    f"plugin {plugin_name!r}: console_broker_config_tables: {exc}"
+                ) from exc
+            if not isinstance(result, list | tuple) or not all(
+                isinstance(t, ConfigTable) for t in result
+            ):
+                raise PluginError(
+                    f"plugin {plugin_name!r}: console_broker_config_tables must return a "
+                    f"list of broker.config.ConfigTable, got {result!r}"
+                )
+            for table in result:
+                if table.name in owners:
+                    owner = owners[table.name]
+                    raise PluginError(
+                        f"configuration table {table.name!r} is declared by both "
+                        f"{owner if owner == 'the core' else repr(owner)} and {plugin_name!r}"
+                    )
+                owners[table.name] = plugin_name
+                found.append(table)
+        return all_tables(found)[len(CORE_TABLES):]
 
     def plugin_infos(self) -> list[PluginInfo]:
         """Every loaded plugin with its distribution and protocols, by name."""

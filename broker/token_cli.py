@@ -26,7 +26,7 @@ from broker.config import (
     Config,
     ConfigError,
     find_config,
-    load_config,
+    read_config,
     render_defaults,
     render_markdown,
 )
@@ -112,7 +112,7 @@ def _log_to_stderr() -> None:
 
 def _config(args: argparse.Namespace) -> Config:
     try:
-        return load_config(find_config(args.config))
+        return read_config(args.config)
     except ConfigError as exc:
         raise CommandError(str(exc)) from None
 
@@ -311,7 +311,9 @@ def register_keygen(subparsers: Subparsers) -> None:
 
 def _config_command(args: argparse.Namespace) -> int:
     if args.defaults:
-        sys.stdout.write(render_markdown() if args.format == "markdown" else render_defaults())
+        tables = PluginManager().config_tables
+        render = render_markdown if args.format == "markdown" else render_defaults
+        sys.stdout.write(render(tables))
         return 0
     path = find_config(args.check)
     config = _config(argparse.Namespace(config=path))

@@ -10,6 +10,7 @@ import pytest
 from broker import assets
 from broker.assets import INSTALLED_ASSETS, assets_dir, content_type, package_file, read_below
 from broker.config import ConfigError, config_from_dict, load_config
+from broker.plugins import PluginManager
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -126,7 +127,7 @@ def test_the_moved_key_names_its_new_place(tmp_path: Path) -> None:
     path = tmp_path / "broker.toml"
     path.write_text('[vnc]\nshared = true\nassets_dir = "/srv/web"\n')
     with pytest.raises(ConfigError) as raised:
-        load_config(path)
+        load_config(path, PluginManager(disabled=()).config_tables)
     assert raised.value.problems == [
         f"{path}: vnc.assets_dir: unknown key: it is now http.assets_dir "
         "(set assets_dir in the [http] table)"

@@ -56,8 +56,9 @@ def raise_file_limit(sessions: int) -> None:
         )
 
 
-def build_broker(config: Config) -> Broker:
-    """A broker for *config*: the key pair ensured, keys loaded, plugins and libvirt set up."""
+def build_broker(config: Config, plugins: PluginManager | None = None) -> Broker:
+    """A broker for *config*: the key pair ensured, keys loaded, plugins (*plugins*, else
+    those that load) and libvirt set up."""
     try:
         files = ensure_keypair(config.state_dir)
         keys = load_public_keys(config.public_key_paths)
@@ -85,7 +86,7 @@ def build_broker(config: Config) -> Broker:
         config,
         verifier=verifier,
         resolver=LibvirtResolver(config.libvirt.uri, stream_buffer=config.proxy.write_buffer),
-        plugins=PluginManager(),
+        plugins=plugins if plugins is not None else PluginManager(),
         ssl_context=_ssl_context(config),
     )
 
@@ -113,13 +114,14 @@ async def run_until_signalled(broker: Broker) -> None:
 
 
 def _serve_command(args: argparse.Namespace) -> int:
+    plugins = PluginManager()
     try:
-        config = load_config(find_config(args.config))
+        config = load_config(find_config(args.config), plugins.config_tables)
     except ConfigError as exc:
         raise CommandError(str(exc)) from None
     configure_logging(config.logging.format, config.logging.level)
     raise_file_limit(config.limits.max_sessions)
-    broker = build_broker(config)
+    broker = build_broker(config, plugins)
     try:
         anyio.run(run_until_signalled, broker, backend="asyncio")
     except OSError as exc:

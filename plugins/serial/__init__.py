@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Any
 
 from broker import Protocol, hookimpl
 
+from ._config import console_broker_config_tables as console_broker_config_tables
 from ._control import SUBPROTOCOL
 
 if TYPE_CHECKING:

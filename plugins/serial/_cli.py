@@ -11,9 +11,10 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from broker.api import Config, ConfigError, read_config
 from broker.cli import CommandError
-from broker.config import Config, ConfigError, find_config, load_config
 
+from ._config import TABLE, recordings_directory
 from ._recording import list_recordings
 from ._retention import Policy, PruneResult, prune
 
@@ -59,7 +60,7 @@ def _load(args: argparse.Namespace) -> Config | None:
     if args.dir is not None and not args.prune:
         return None
     try:
-        return load_config(find_config(args.config))
+        return read_config(args.config)
     except ConfigError as exc:
         raise CommandError(str(exc)) from None
 
@@ -70,7 +71,7 @@ def _prune_command(args: argparse.Namespace, config: Config | None, directory: P
             "--prune applies to all the recordings in the directory (serial.recordings_max_total "
             "counts them all): it takes no --domain"
         )
-    serial = config.serial if config is not None else None
+    serial = config.table(TABLE) if config is not None else None
     policy = Policy(
         keep_days=args.keep_days if args.keep_days is not None
         else serial.recordings_keep_days if serial else 0,
@@ -111,7 +112,9 @@ def _print_pruned(result: PruneResult) -> None:
 
 def _recordings_command(args: argparse.Namespace) -> int:
     config = _load(args)
-    directory = args.dir if args.dir is not None else config.recordings_dir if config else None
+    directory = (
+        args.dir if args.dir is not None else recordings_directory(config) if config else None
+    )
     assert directory is not None
     if args.prune:
         return _prune_command(args, config, directory)

@@ -34,6 +34,7 @@ from broker.config import Config
 from broker.service import ClientClosed, Session
 
 from . import _control as control
+from ._config import TABLE, recordings_directory
 from ._hub import Attached, Hub
 from ._recording import Recording
 from ._retention import Policy, Pruner
@@ -62,14 +63,14 @@ class Settings:
 
     @classmethod
     def from_config(cls, config: Config) -> Settings:
-        serial = config.serial
+        serial = config.table(TABLE)
         return cls(
             scrollback=serial.scrollback,
             client_queue=serial.client_queue,
             record=serial.record,
             record_domains=frozenset(d.lower() for d in serial.record_domains),
             record_input=serial.record_input,
-            recordings_dir=config.recordings_dir,
+            recordings_dir=recordings_directory(config),
             recording_max_size=serial.recording_max_size,
             retention=Policy(serial.recordings_keep_days, serial.recordings_max_total),
             prune_interval=serial.recordings_prune_interval,

@@ -6,6 +6,9 @@ from typing import TYPE_CHECKING
 
 from broker import Protocol, hookimpl
 
+from ._config import TABLE
+from ._config import console_broker_config_tables as console_broker_config_tables
+
 if TYPE_CHECKING:
     from broker.config import Config
     from broker.hookspecs import ClientFile, Page
@@ -47,7 +50,7 @@ def console_broker_session_handler(protocol: str, config: Config) -> SessionHand
         return None
     from ._session import policy_for, run_channel
 
-    deny = tuple(config.spice.deny_channels)
+    deny = tuple(config.table(TABLE).deny_channels)
 
     async def spice_channel(session: Session) -> None:
         await run_channel(session, policy_for(session, deny))
@@ -58,14 +61,14 @@ def console_broker_session_handler(protocol: str, config: Config) -> SessionHand
 @hookimpl
 def console_broker_console_tls(protocol: str, config: Config) -> ConsoleTLS | None:
     """TLS to QEMU's SPICE ``tlsPort`` when ``spice.tls_ca`` is set."""
-    if protocol != PROTOCOL.name or not config.spice.tls_ca:
+    if protocol != PROTOCOL.name or not config.table(TABLE).tls_ca:
         return None
     import ssl
 
     from broker.plugins import PluginError
     from broker.service import ConsoleTLS
 
-    section = config.spice
+    section = config.table(TABLE)
     try:
         return ConsoleTLS.from_files(
             section.tls_ca, section.tls_cert, section.tls_key, section.tls_server_name

@@ -14,6 +14,8 @@ from typing import TYPE_CHECKING
 
 from broker import Protocol, hookimpl
 
+from ._config import console_broker_config_tables as console_broker_config_tables
+
 if TYPE_CHECKING:
     from broker.config import Config
     from broker.hookspecs import Page
@@ -50,10 +52,11 @@ def console_broker_session_handler(protocol: str, config: Config) -> SessionHand
         return None
     from broker.plugins import PluginError
 
+    from ._config import TABLE
     from ._session import VNCSessionHandler, VNCSettings
 
     try:
-        settings = VNCSettings.from_config(config.vnc)
+        settings = VNCSettings.from_config(config.table(TABLE))
     except (OSError, ssl.SSLError) as exc:
         raise PluginError(
             f"vnc.tls_ca, vnc.tls_cert, vnc.tls_key: cannot load the TLS files: {exc}"

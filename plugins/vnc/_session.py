@@ -32,7 +32,6 @@ from __future__ import annotations
 import ssl
 import time
 from collections.abc import Awaitable, Callable
-from typing import Any
 
 import anyio
 import anyio.abc
@@ -50,6 +49,7 @@ from broker.service._refusals import (
 )
 from broker.service._tls import tls_error
 
+from ._config import VNCSection
 from .rfb import (
     NEED_DATA,
     ClientInit,
@@ -88,8 +88,8 @@ class VNCSettings:
     tls: ConsoleTLS | None = None
 
     @classmethod
-    def from_config(cls, section: Any) -> VNCSettings:
-        """Settings from a :class:`broker.config.VNCSection`; OSError/ssl.SSLError
+    def from_config(cls, section: VNCSection) -> VNCSettings:
+        """Settings from the ``[vnc]`` table; OSError/ssl.SSLError
         when a certificate file cannot be loaded."""
         if not section.tls_ca:
             return cls(shared=section.shared)

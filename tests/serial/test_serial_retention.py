@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 import structlog
 from broker_serial import _retention as retention
+from broker_serial._config import TABLE
 from broker_serial._recording import Recording, list_recordings
 from broker_serial._retention import Policy, Pruner, prune
 from broker_serial._serve import Hubs, Settings
@@ -271,13 +272,13 @@ def test_the_configuration_keys(tmp_path: Path) -> None:
         "[serial]\nrecordings_keep_days = 30\nrecordings_max_total = 1073741824\n"
         "recordings_prune_interval = 600\n"
     )
-    settings = Settings.from_config(load_config(config))
+    settings = Settings.from_config(load_config(config, [TABLE]))
     assert settings.retention == Policy(keep_days=30, max_total=1 << 30)
     assert settings.prune_interval == 600.0
-    assert Settings.from_config(load_config(None)).retention == Policy()  # keep everything
+    assert Settings.from_config(load_config(None, [TABLE])).retention == Policy()  # keep all
     config.write_text("[serial]\nrecordings_keep_days = -1\n")
     with pytest.raises(ConfigError, match="recordings_keep_days: must be at least 0"):
-        load_config(config)
+        load_config(config, [TABLE])
 
 
 def test_the_prune_command(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

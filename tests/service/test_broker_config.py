@@ -10,6 +10,10 @@ import pytest
 
 from broker import config as config_module
 from broker.config import Config, ConfigError, find_config, key_specs, load_config, render_defaults
+from broker.plugins import PluginManager
+
+#: The built-in plugins' tables ([vnc], [spice], [serial]).
+BUILTIN = PluginManager(disabled=()).config_tables
 
 
 def write(tmp_path: Path, text: str, name: str = "broker.toml") -> Path:
@@ -55,14 +59,22 @@ def test_defaults_without_a_file() -> None:
 def test_rendered_defaults_load_back_to_the_defaults(tmp_path: Path) -> None:
     text = render_defaults()
     assert load_config(write(tmp_path, text)) == Config()
+    text = render_defaults(BUILTIN)
+    assert [name for name in tomllib.loads(text)] == [
+        "broker", "listen", "tls", "http", "libvirt", "tokens", "limits", "proxy", "logging",
+        "vnc", "spice", "serial",
+    ]
+    loaded = load_config(write(tmp_path, text), BUILTIN)
+    assert loaded == load_config(None, BUILTIN)
+    assert [loaded.table(table) for table in BUILTIN] == [table.schema() for table in BUILTIN]
     parsed = tomllib.loads(text)
-    for spec in key_specs():
+    for spec in key_specs(BUILTIN):
         assert spec.name in parsed[spec.table], spec.dotted
         assert f"# {spec.doc.split()[0]}" in text  # each key is preceded by its documentation
 
 
 def test_every_key_is_documented() -> None:
-    for spec in key_specs():
+    for spec in key_specs(BUILTIN):
         assert spec.doc.strip().endswith("."), spec.dotted
 
 
@@ -162,6 +174,51 @@ def test_errors_name_file_and_key(tmp_path: Path, text: str, message: str) -> No
         load_config(path)
     assert message in str(info.value)
     assert all(problem.startswith(f"{path}: ") for problem in info.value.problems)
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        (
+            "[bogus]\nx = 1\n",
+            "bogus: unknown key (tables: broker, listen, tls, http, libvirt, tokens, limits, "
+            "proxy, logging, vnc, spice, serial)",
+        ),
+        ("[vnc]\nshare = true\n", "vnc.share: unknown key (vnc has: shared, tls_ca"),
+        ("[vnc]\nshared = 1\n", "vnc.shared: must be true or false, not an integer"),
+        ('[vnc]\ntls_cert = "c.pem"\ntls_key = "k.pem"\n', "vnc.tls_cert: a client "
+         "certificate needs vnc.tls_ca (TLS to QEMU)"),
+        ('[spice]\ndeny_channels = ["main"]\n', "spice.deny_channels: 'main' is not a SPICE "
+         "channel type one can deny"),
+        ('[spice]\ntls_ca = "ca.pem"\ntls_key = "k.pem"\n', "spice.tls_cert, spice.tls_key: "
+         "set both (a client certificate) or neither"),
+        ('[spice]\ntls_cert = "c.pem"\ntls_key = "k.pem"\n', "spice.tls_cert: a client "
+         "certificate needs spice.tls_ca (TLS to QEMU)"),
+        ("[serial]\nclient_queue = 100\n", "serial.client_queue: must be at least 4096"),
+        ("serial = 1\n", "serial: must be a table ([serial]), not an integer"),
+    ],
+)
+def test_errors_in_the_builtin_plugins_tables(tmp_path: Path, text: str, message: str) -> None:
+    path = write(tmp_path, text)
+    with pytest.raises(ConfigError) as info:
+        load_config(path, BUILTIN)
+    assert message in str(info.value)
+    assert all(problem.startswith(f"{path}: ") for problem in info.value.problems)
+
+
+def test_plugin_tables_need_their_plugins(tmp_path: Path) -> None:
+    path = write(tmp_path, '[vnc]\ntls_ca = "ca.pem"\n[serial]\nrecord = true\n')
+    with pytest.raises(ConfigError) as info:
+        load_config(path)  # no plugin's tables
+    assert info.value.problems == [
+        f"{path}: vnc: unknown key (tables: broker, listen, tls, http, libvirt, tokens, "
+        "limits, proxy, logging)",
+        f"{path}: serial: unknown key (tables: broker, listen, tls, http, libvirt, tokens, "
+        "limits, proxy, logging)",
+    ]
+    config = load_config(path, BUILTIN)
+    assert config.table("vnc").tls_ca == str(tmp_path / "ca.pem")
+    assert config.table("serial").record is True and config.table("spice").tls_ca == ""
 
 
 def test_every_problem_is_reported(tmp_path: Path) -> None:

@@ -14,6 +14,7 @@ from broker import config as config_module
 from broker.cli import main
 from broker.config import load_config, render_defaults, render_markdown
 from broker.keys import PREVIOUS_PUBLIC_KEY_NAME, key_fingerprint, load_public_keys
+from broker.plugins import PluginManager
 from broker.tokens import ReplayCache, Rights, TokenVerifier
 
 DOMAIN = "6695eb01-f6a4-8304-79aa-97f2502e193f"
@@ -82,8 +83,26 @@ def test_keygen_state_dir_option(tmp_path: Path, capsys: pytest.CaptureFixture[s
 
 
 def test_config_defaults(capsys: pytest.CaptureFixture[str]) -> None:
-    assert run(capsys, "config", "--defaults") == (0, render_defaults(), "")
-    assert run(capsys, "config", "--defaults", "--format", "markdown") == (0, render_markdown(), "")
+    tables = PluginManager().config_tables  # the plugins' tables: [vnc], [spice], [serial]
+    assert {"vnc", "spice", "serial"} <= {table.name for table in tables}
+    assert run(capsys, "config", "--defaults") == (0, render_defaults(tables), "")
+    assert run(capsys, "config", "--defaults", "--format", "markdown") == (
+        0, render_markdown(tables), ""
+    )
+    out = run(capsys, "config", "--defaults")[1]
+    assert "\n[vnc]\n" in out and "\n[spice]\n" in out and "\n[serial]\n" in out
+
+
+def test_config_check_reads_the_plugins_tables(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = tmp_path / "plugins.toml"
+    path.write_text('[vnc]\nshared = false\n[serial]\nrecord = true\n')
+    assert run(capsys, "config", "--check", str(path)) == (0, f"{path}: ok\n", "")
+    path.write_text('[serial]\nrecord = "yes"\n')
+    status, out, err = run(capsys, "config", "--check", str(path))
+    assert status == 1 and out == ""
+    assert f"{path}: serial.record: must be true or false, not a string" in err
 
 
 def test_config_check_ok(config_file: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -11,10 +11,11 @@ import anyio
 import broker_vnc
 import pytest
 from broker_vnc import _page
+from broker_vnc._config import TABLE, VNCSection
 from vnckit import FakeQEMU, in_process_broker
 
 import broker.assets
-from broker.config import Config, ConfigError, HTTPSection, VNCSection, config_from_dict
+from broker.config import Config, ConfigError, HTTPSection, config_from_dict
 from broker.hookspecs import Page
 from broker.plugins import PluginError
 from broker.service import ENDINGS, REFUSALS
@@ -126,22 +127,27 @@ def test_tls_files_are_checked_when_the_broker_starts(tmp_path: Path) -> None:
     bad.write_text("not a certificate\n")
     with pytest.raises(PluginError, match=r"vnc\.tls_ca"):
         broker_vnc.console_broker_session_handler(
-            protocol="vnc", config=Config(vnc=VNCSection(tls_ca=str(bad)))
+            protocol="vnc", config=Config(plugin_tables={"vnc": VNCSection(tls_ca=str(bad))})
         )
     with pytest.raises(PluginError, match=r"vnc\.tls_ca"):
         broker_vnc.console_broker_session_handler(
-            protocol="vnc", config=Config(vnc=VNCSection(tls_ca=str(tmp_path / "missing.pem")))
+            protocol="vnc",
+            config=Config(plugin_tables={"vnc": VNCSection(tls_ca=str(tmp_path / "missing.pem"))}),
         )
 
 
 def test_vnc_configuration_checks(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match=r"vnc.tls_cert, vnc.tls_key: set both"):
-        config_from_dict({"vnc": {"tls_ca": "ca.pem", "tls_cert": "c.pem"}})
+        config_from_dict({"vnc": {"tls_ca": "ca.pem", "tls_cert": "c.pem"}}, tables=[TABLE])
     with pytest.raises(ConfigError, match=r"needs vnc.tls_ca"):
-        config_from_dict({"vnc": {"tls_cert": "c.pem", "tls_key": "k.pem"}})
+        config_from_dict({"vnc": {"tls_cert": "c.pem", "tls_key": "k.pem"}}, tables=[TABLE])
     config = config_from_dict(
         {"vnc": {"tls_ca": "ca.pem", "shared": False}, "http": {"assets_dir": "web"}},
         source=tmp_path / "broker.toml",
+        tables=[TABLE],
     )
-    assert config.vnc.tls_ca == str(tmp_path / "ca.pem")  # relative to the file
-    assert config.http.assets_dir == str(tmp_path / "web") and config.vnc.shared is False
+    vnc = config.table(TABLE)
+    assert vnc is config.table("vnc") and isinstance(vnc, VNCSection)
+    assert vnc.tls_ca == str(tmp_path / "ca.pem")  # relative to the file
+    assert config.http.assets_dir == str(tmp_path / "web") and vnc.shared is False
+    assert config_from_dict({}, tables=[TABLE]).table(TABLE) == VNCSection()  # the defaults

@@ -15,6 +15,7 @@ from pathlib import Path
 import anyio
 import pytest
 import structlog
+from broker_vnc._config import VNCSection
 from broker_vnc.rfb import (
     RFBSecurityError,
     SecuritySucceeded,
@@ -31,8 +32,6 @@ from vnckit import (
 )
 from vnckit import rfb_login as login
 from websockets.exceptions import ConnectionClosed
-
-from broker.config import VNCSection
 
 pytestmark = pytest.mark.anyio
 

@@ -16,13 +16,14 @@ from anyio.streams.buffered import BufferedByteReceiveStream
 from anyio.streams.tls import TLSStream
 from broker_vnc import PROTOCOL
 from broker_vnc import console_broker_page as vnc_page
+from broker_vnc._config import TABLE, VNCSection
 from broker_vnc._session import VNCSessionHandler, VNCSettings
 from broker_vnc.rfb import NEED_DATA, Event, RFBClient, ServerInit, vnc_auth_response
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from rfb_transcripts import CHALLENGE, V38, server_init, string, u8, u32
 
 from broker import Protocol, hookimpl
-from broker.config import BrokerSection, Config, HTTPSection, ListenSection, VNCSection
+from broker.config import BrokerSection, Config, HTTPSection, ListenSection
 from broker.hookspecs import Page
 from broker.plugins import PluginManager
 from broker.service import Endpoint, Session, SessionHandler
@@ -210,7 +211,7 @@ class TestPlugin:
 
     @hookimpl
     def console_broker_session_handler(self, protocol: str, config: Config) -> SessionHandler:
-        settings = VNCSettings.from_config(config.vnc)
+        settings = VNCSettings.from_config(config.table(TABLE))
         return VNCSessionHandler(settings, password_source=self._password)
 
     @hookimpl
@@ -244,7 +245,7 @@ async def in_process_broker(
         broker=BrokerSection(node=NODE, state_dir="/nonexistent"),
         listen=ListenSection(host="127.0.0.1", port=0),
         http=HTTPSection(allow_missing_origin=True),
-        vnc=vnc or VNCSection(),
+        plugin_tables={"vnc": vnc or VNCSection()},
     )
     verifier = TokenVerifier([key.public_key()], replay_cache=ReplayCache(100))
     plugins = PluginManager(
