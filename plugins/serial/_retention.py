@@ -24,7 +24,9 @@ under a name that does not end in ``.cast`` and renamed once locked, so no
 pruner sees it unlocked.
 
 Errors are per file: a file or subdirectory that cannot be read or deleted
-(permissions) is reported in :attr:`PruneResult.errors` and the pass goes on.
+(permissions) is reported in :attr:`PruneResult.errors` and the pass goes on. One
+that is gone by the time the pass looks at it (another pass, the broker's and one by
+hand, deleted it meanwhile) is no error: it is simply not there any more.
 """
 
 from __future__ import annotations
@@ -217,6 +219,8 @@ def _scan(top: int, directory: Path, result: PruneResult) -> list[_File]:
                         continue
                     try:
                         info = entry.stat(follow_symlinks=False)
+                    except FileNotFoundError:
+                        continue  # deleted since the listing (another pass): nothing to do
                     except OSError as exc:
                         result.errors.append((directory / sub / entry.name, _reason(exc)))
                         continue
@@ -224,6 +228,8 @@ def _scan(top: int, directory: Path, result: PruneResult) -> list[_File]:
                         sub, entry.name, directory / sub / entry.name, info.st_size,
                         info.st_mtime, (info.st_dev, info.st_ino),
                     ))
+        except FileNotFoundError:
+            continue  # removed since the listing
         except OSError as exc:
             result.errors.append((directory / sub, _reason(exc)))
     return sorted(files, key=lambda f: (f.mtime, f.name))

@@ -170,6 +170,65 @@ def test_an_error_on_one_file_does_not_stop_the_pass(
     assert result.kept == 1
 
 
+def test_files_another_pass_deletes_meanwhile_are_no_error(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Two passes at once (the broker's, and ``recordings --prune`` by hand): a file the
+    other deletes between this pass' listing and its look at the file is gone, not an
+    error (the command would exit 1 for it)."""
+    raced = plant(tmp_path, "raced.cast", days_old=10)
+    old = plant(tmp_path, "old.cast", days_old=10, domain=OTHER)
+    kept = plant(tmp_path, "kept.cast", days_old=0, size=10)
+    scandir = os.scandir
+
+    class Entry:
+        """A directory entry whose file the other pass deletes just before it is looked at."""
+
+        def __init__(self, entry: os.DirEntry[str], parent: int) -> None:
+            self._entry, self._parent = entry, parent
+            self.name = entry.name
+
+        def is_file(self, *, follow_symlinks: bool = True) -> bool:
+            return self._entry.is_file(follow_symlinks=follow_symlinks)
+
+        def is_dir(self, *, follow_symlinks: bool = True) -> bool:
+            return self._entry.is_dir(follow_symlinks=follow_symlinks)
+
+        def stat(self, *, follow_symlinks: bool = True) -> os.stat_result:
+            if self.name == raced.name:
+                os.unlink(self.name, dir_fd=self._parent)
+            return self._entry.stat(follow_symlinks=follow_symlinks)
+
+    class Listing:
+        def __init__(self, fd: int) -> None:
+            self._fd, self._listing = fd, scandir(fd)
+
+        def __enter__(self) -> list[Entry]:
+            return [Entry(entry, self._fd) for entry in self._listing]
+
+        def __exit__(self, *exc: object) -> None:
+            self._listing.close()
+
+    monkeypatch.setattr(retention.os, "scandir", Listing)
+    result = prune(tmp_path, Policy(keep_days=1), now=NOW)
+    assert result.errors == []
+    assert [d.path for d in result.deleted] == [old] and not raced.exists()
+    assert result.kept == 1 and kept.exists()
+    monkeypatch.undo()
+    vanished = tmp_path / "gone"
+    vanished.mkdir()
+    listdir = scandir
+
+    def then_gone(path: int) -> object:
+        listing = listdir(path)
+        if vanished.exists():  # removed by hand between the listing and its opening
+            vanished.rmdir()
+        return listing
+
+    monkeypatch.setattr(retention.os, "scandir", then_gone)
+    assert prune(tmp_path, Policy(keep_days=1), now=NOW).errors == []
+
+
 def test_an_unreadable_directory_is_an_error(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
