@@ -158,14 +158,7 @@ class RawPlugin:
 
     @hookimpl
     def console_broker_protocols(self) -> list[Protocol]:
-        return self.protocols
-
-    @hookimpl
-    def console_broker_session_handler(self, protocol: str) -> object:
-        from broker.service import raw_proxy
-
-        names = {p.name for p in self.protocols}
-        return raw_proxy if protocol in names else None
+        return self.protocols  # a Protocol's handler is raw_proxy unless it says otherwise
 
 
 def run_broker(

@@ -92,13 +92,9 @@ def broker_main(port: int, console_port: int, public_key: Path) -> None:
     class VNCPlugin:
         @hookimpl
         def console_broker_protocols(self) -> list[Protocol]:
-            return [PROTOCOL]
-
-        @hookimpl
-        def console_broker_session_handler(self, protocol: str) -> object:
-            if protocol == "vnc":
-                return VNCSessionHandler(VNCSettings(), password_source=no_password)
-            return None
+            handler = VNCSessionHandler(VNCSettings(), password_source=no_password)
+            # The RFB proxy with no VNC password to look up in libvirt.
+            return [Protocol(name="vnc", title=PROTOCOL.title, view_only=True, handler=handler)]
 
     raw = RawPlugin(Protocol(name="bench-raw", title="raw", console="vnc"))
     run_broker(port, public_key, BenchResolver(console_port),

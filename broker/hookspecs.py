@@ -11,6 +11,12 @@ The built-in ``vnc``, ``spice`` and ``serial`` plugins are registered exactly
 this way. Every hook is called with keyword arguments; an implementation may
 accept any subset of the arguments a hook documents. ``docs/plugins.md`` has
 a section per hook with a worked example.
+
+Hooks are for discovery: what a plugin serves (:class:`Protocol` objects, XML
+edits, refusal reasons, configuration tables, a service, commands). What a
+protocol *does* is its :class:`Protocol` object's: the core asks only the object
+the owning plugin declared, with that plugin's
+:class:`~broker.plugins.PluginContext`.
 """
 
 from __future__ import annotations
@@ -24,9 +30,11 @@ import pluggy
 
 if TYPE_CHECKING:
     import argparse
+    from contextlib import AbstractAsyncContextManager
 
-    from broker.config import Config, ConfigTable
-    from broker.service import ConsoleTLS, SessionHandler
+    from broker.config import ConfigTable
+    from broker.plugins import PluginContext
+    from broker.service import ConsoleTLS, Endpoint, EndpointRequest, Refusal, SessionHandler
     from broker.xml import ConsoleEdit, EditOptions
 
 #: The pluggy project name and the entry-point group plugins register under.
@@ -38,6 +46,8 @@ hookimpl = pluggy.HookimplMarker(PROJECT_NAME)
 
 
 _PROTOCOL_NAME = re.compile(r"[a-z0-9][a-z0-9-]*")
+#: The ways a protocol's console endpoint is reached (:attr:`Protocol.endpoint`).
+ENDPOINTS = ("console", "plugin", "none")
 
 
 def _check_protocol_name(_instance: object, _attribute: object, value: str) -> None:
@@ -95,11 +105,69 @@ class Protocol:
     #: (a :class:`broker.service.TunnelChannel`).
     native_clients: bool = False
 
+    #: How a session's console endpoint is reached: ``console`` (the core opens the
+    #: domain's console that ``xml enable`` recorded under :attr:`console`: a graphics
+    #: socket or a serial stream), ``plugin`` (the core calls :meth:`open_endpoint`),
+    #: or ``none`` (no endpoint: ``session.endpoint`` is None; the plugin talks to the
+    #: VM some other way, through ``session.domain_handle`` say). Whichever it is, the
+    #: core's admission, limits and lifecycle are the same: a session closes with
+    #: ``vm_stopped`` (4100) when its VM stops.
+    endpoint: str = attrs.field(default="console", validator=attrs.validators.in_(ENDPOINTS))
+    #: The session handler, for a protocol that needs nothing else from its plugin's
+    #: context; :meth:`session_handler` returns it (or :func:`broker.service.raw_proxy`).
+    handler: SessionHandler | None = attrs.field(default=None, eq=False, repr=False)
+
     def __attrs_post_init__(self) -> None:
         if not self.console:
             object.__setattr__(self, "console", self.name)
         else:
             _check_protocol_name(None, None, self.console)
+
+    # --- behaviour: a plugin subclasses Protocol and overrides what it serves ---------
+    # The core asks only the protocol's own object; each method gets the owning plugin's
+    # :class:`broker.plugins.PluginContext` (its configuration table, logger, metrics).
+
+    def session_handler(self, context: PluginContext) -> SessionHandler:
+        """The coroutine function that runs one session; called once when a broker starts.
+
+        The handler is awaited with a :class:`broker.service.Session` and the session
+        lasts until it returns (see docs/plugins.md). Default: :attr:`handler`, else
+        :func:`broker.service.raw_proxy`, bytes both ways unchanged. Raise
+        :class:`broker.plugins.PluginError` when the configuration cannot be used: the
+        broker refuses to start and says why."""
+        from broker.service._session import raw_proxy
+
+        return self.handler if self.handler is not None else raw_proxy
+
+    def console_tls(self, context: PluginContext) -> ConsoleTLS | None:
+        """How the core verifies consoles that listen for TLS on a port of their own
+        (QEMU's SPICE ``tlsPort``), or None (the default). Called once when a broker
+        starts. With one, the core prefers a console's TLS port in tcp mode; without
+        one, a console listening for TLS only is refused (``console_unreachable``)."""
+        return None
+
+    def page(self, path: str, context: PluginContext) -> Page | None:
+        """``GET /console/{protocol}/{path}``: the page (*path* ``""``) or one of its assets
+        (never with ``..``); None: 404 (the default). Called on the broker's event loop:
+        keep it quick."""
+        return None
+
+    def client_file(self, token: str, title: str, context: PluginContext) -> ClientFile | None:
+        """A native client's connection file for *token* (``console-broker token``,
+        ``GET /file/{protocol}``), or None (the default: no native clients)."""
+        return None
+
+    def xml_edit(self, options: EditOptions) -> ConsoleEdit | None:
+        """How ``console-broker xml enable --consoles NAME`` provisions this protocol's
+        console in a domain XML, or None (the default: nothing to provision)."""
+        return None
+
+    async def open_endpoint(self, request: EndpointRequest) -> Endpoint:
+        """Connect the session's console, for a protocol whose :attr:`endpoint` is
+        ``plugin``: a libvirt call through ``request.domain_handle``, a UNIX socket, a
+        TCP address. Raise :class:`broker.service.Refused` with a reason (say
+        ``console_unreachable``) when it cannot; the core closes what it returns."""
+        raise NotImplementedError(f"protocol {self.name!r} opens no endpoint of its own")
 
 
 def _headers(headers: Iterable[tuple[str, str]]) -> tuple[tuple[str, str], ...]:
@@ -123,9 +191,12 @@ class Page:
 def console_broker_protocols() -> list[Protocol]:  # type: ignore[empty-body]
     """Declare the console protocols this plugin serves.
 
-    Called once when the plugins are loaded. Return a list of
-    :class:`Protocol` (an empty list is allowed). All results are collected;
-    two plugins declaring the same protocol name is a load error.
+    Called once when the plugins are loaded. Return a list of :class:`Protocol`
+    objects (an empty list is allowed): each carries its declaration and its
+    behaviour (a subclass overriding :meth:`Protocol.session_handler`,
+    :meth:`Protocol.page`, ...), and the core asks only that object about its
+    protocol. All results are collected; two plugins declaring the same protocol
+    name is a load error naming both distributions.
     """
 
 
@@ -143,110 +214,67 @@ def console_broker_config_tables() -> list[ConfigTable[Any]]:  # type: ignore[em
     The core parses a plugin's table as it parses its own (unknown keys, wrong types
     and failed checks are errors naming the key and the file; relative paths are
     taken relative to the file's directory), shows it in ``console-broker config
-    --defaults``, and hands it back parsed: ``config.table(TABLE)`` in any hook that
-    gets the :class:`broker.config.Config` returns the class's instance, its defaults
-    when the file has no such table.
+    --defaults``, and hands it back parsed: ``context.config.table(TABLE)`` (the
+    plugin's :class:`broker.plugins.PluginContext`) returns the class's instance, its
+    defaults when the file has no such table.
     """
 
 
-@hookspec(firstresult=True)
-def console_broker_xml_edit(protocol: str, options: EditOptions) -> ConsoleEdit | None:
-    """Say how to provision *protocol* in a libvirt domain XML.
+@hookspec
+def console_broker_xml_edits() -> list[XMLEdit]:  # type: ignore[empty-body]
+    """Declare XML console edits that are not protocols (a guest-agent channel, say).
 
-    Called by ``console-broker xml enable`` (and ``enable DOMAIN``, the
-    libvirt hook) once per protocol asked for, and by ``disable`` to find
-    what to undo. Return None for protocols the plugin does not serve; the
-    first non-None result wins.
-
-    :param protocol: the protocol name, as declared by ``console_broker_protocols``.
-    :param options: a :class:`broker.xml.EditOptions`: the mode (``fd``,
-        ``tcp``, ``websocket``), listen address, TLS, USB redirection count
-        and free-form ``--param NAME=VALUE`` settings.
-    :return: a :class:`broker.xml.ConsoleEdit`: the mode actually provisioned,
-        the :class:`broker.xml.Slot` list (each owns some children of
-        ``<devices>`` and builds what they should become), the device the
-        broker will open, settings to record, notes for the operator.
+    Called once when the plugins are loaded; all results are collected. Each
+    :class:`XMLEdit` is a name ``console-broker xml enable --consoles NAME`` accepts
+    beside the protocols, with no session behind it (no token is issued for it).
+    A name that is a protocol's, or another plugin's edit, is a load error.
     """
 
 
-@hookspec(firstresult=True)
-def console_broker_session_handler(protocol: str, config: Config) -> SessionHandler | None:
-    """Return the coroutine function that runs a session of *protocol*.
+@hookspec
+def console_broker_refusals() -> list[Refusal]:  # type: ignore[empty-body]
+    """Declare the refusal reasons this plugin's sessions may end with.
 
-    Called once per declared protocol when the broker starts (``console-broker
-    serve``); return None for protocols the plugin does not serve; the first
-    non-None result wins. A protocol without a handler is refused
-    (``unknown_protocol``).
-
-    The handler is awaited with one :class:`broker.service.Session`: the
-    client's WebSocket (``session.client``), the console endpoint already
-    connected (``session.endpoint.stream``, an anyio byte stream), the token's
-    claims (``session.claims``; ``session.view_only``), a structlog logger
-    bound to the session (``session.log``) and ``session.open_endpoint()`` for
-    further connections to the same console. The session lasts until the
-    handler returns. The core owns both ends: it closes the WebSocket with the
-    reason's close code and every endpoint it opened, whether the handler
-    returned, raised, or was cancelled because the VM stopped, the session was
-    idle too long or the broker is shutting down. Run any tasks of the session
-    in a task group inside the handler.
-
-    :func:`broker.service.pump` proxies bytes both ways with backpressure;
-    :func:`broker.service.raw_proxy` is a complete handler that does just that.
-
-    A handler ends its session with a reason of the core's table (a close code,
-    docs/service.md) by raising :class:`broker.service.Refused`. An error of the
-    console's stream that escapes (``anyio.EndOfStream``, ``BrokenResourceError``,
-    ``ClosedResourceError``, a ``ConnectionError``, alone or in a task group) ends it as
-    if the handler had returned: the console closed, or the VM stopped. Any other
-    exception ends it as ``internal_error``.
-
-    :param protocol: a protocol name declared by ``console_broker_protocols``.
-    :param config: the broker's :class:`broker.config.Config` (a plugin's own table
-        included: ``config.table(TABLE)``, see ``console_broker_config_tables``).
-    :return: ``async def handler(session: Session) -> None``, or None.
+    Called once when the plugins are loaded; all results are collected. Each
+    :class:`broker.service.Refusal` has a reason (a name for logs and metrics),
+    a close code in the plugins' range (:data:`broker.service.PLUGIN_CODES`,
+    4100-4999, minus the core's own codes) and a short text. A handler ends its
+    session with one by raising :class:`broker.service.Refused`. A reason or code
+    the core or another plugin declared is a load error; docs/service.md's table
+    lists every loaded plugin's reasons.
     """
 
 
-@hookspec(firstresult=True)
-def console_broker_console_tls(protocol: str, config: Config) -> ConsoleTLS | None:
-    """Return how the broker verifies consoles of *protocol* that listen for TLS on a
-    port of their own (QEMU's SPICE ``tlsPort``), or None.
+@hookspec
+def console_broker_service(context: PluginContext) -> AbstractAsyncContextManager[None] | None:
+    """A service of the plugin that lives as long as the broker serves.
 
-    Called once per declared protocol when the broker starts; the first non-None
-    result wins. With one, the core prefers a console's TLS port (the live graphics
-    element's ``tlsPort``, tcp mode): it connects there and completes the TLS
-    handshake, verifying the certificate, before the session handler runs; the
-    endpoint's ``kind`` is then ``tls``. Without one, a console listening for TLS
-    only is refused (``console_unreachable``) with a message naming
-    ``{protocol}.tls_ca``. Protocols that start TLS inside their own protocol (VNC's
-    VeNCrypt) wrap ``session.endpoint.stream`` themselves instead and return None here.
-
-    Raise :class:`broker.plugins.PluginError` when the configured files cannot be
-    loaded: the broker refuses to start and says why.
-
-    :param protocol: a protocol name declared by ``console_broker_protocols``.
-    :param config: the broker's :class:`broker.config.Config`.
-    :return: a :class:`broker.service.ConsoleTLS` (see ``ConsoleTLS.from_files``), or None.
+    Called once per plugin when ``console-broker serve`` starts, with the plugin's
+    :class:`broker.plugins.PluginContext`. Return an async context manager (or
+    None): the broker enters it inside its task group before it listens and exits
+    it when it shuts down (a background task, a pool, a periodic job). Metrics the
+    plugin registers with ``context.metric(...)`` are in ``/metrics``.
     """
 
 
-@hookspec(firstresult=True)
-def console_broker_page(protocol: str, path: str, config: Config) -> Page | None:
-    """Serve the console page of *protocol*, or one of its assets.
+@attrs.frozen
+class XMLEdit:
+    """An XML console edit that is no protocol, such as a guest-agent channel.
 
-    Called for ``GET /console/{protocol}/{path}``: *path* is ``""`` for the
-    page itself (``/console/vnc/?token=...``: the page reads the token from
-    its own URL and opens ``/ws/{protocol}?token=...``) and the rest of the
-    path for assets (``app.js``, ``vendor/novnc/rfb.js``; never with ``..``).
-    Return None for anything the plugin does not serve: the broker answers
-    404. Responses carry ``Cache-Control: no-store`` and
-    ``Referrer-Policy: no-referrer`` (the page's URL holds a token).
-    Called on the broker's event loop: keep it quick (read small files, no
-    network).
-
-    :param config: the broker's :class:`broker.config.Config`.
-    :return: a :class:`Page`, or None.
+    ``name`` is what ``console-broker xml enable --consoles NAME`` takes, beside the
+    protocols' names; no token is issued for it. Subclass it and override
+    :meth:`xml_edit`.
     """
+
+    name: str = attrs.field(validator=_check_protocol_name)
+    #: A short human name.
+    title: str
+    #: One sentence on what it adds to a domain.
+    description: str = ""
+
+    def xml_edit(self, options: EditOptions) -> ConsoleEdit:
+        """How to provision it (see :meth:`Protocol.xml_edit`)."""
+        raise NotImplementedError(f"XML edit {self.name!r} has no xml_edit()")
 
 
 @attrs.frozen
@@ -261,26 +289,6 @@ class ClientFile:
     content_type: str = "text/plain; charset=utf-8"
     #: The file name suffix (``.vv``).
     suffix: str = ""
-
-
-@hookspec(firstresult=True)
-def console_broker_client_file(
-    protocol: str, token: str, title: str, config: Config
-) -> ClientFile | None:
-    """Build a native client's connection file for a session of *protocol* with *token*.
-
-    Called by ``console-broker token`` (the ``--json`` output gets the file under its
-    ``name``; ``--client-file FILE`` writes it) and by the broker for
-    ``GET /file/{protocol}?token=TOKEN``, once it has checked the token (without using
-    it up) and that its console can be reached. Return None for protocols the plugin
-    does not serve, or when the broker's configuration offers native clients no way
-    in; the first non-None result wins.
-
-    :param token: the token, as issued.
-    :param title: a human title for the client's window (the domain's name).
-    :param config: the broker's :class:`broker.config.Config`.
-    :return: a :class:`ClientFile`, or None.
-    """
 
 
 @hookspec

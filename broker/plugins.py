@@ -9,15 +9,23 @@ through that same entry-point path; nothing is registered behind its back.
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Iterable, Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import attrs
 import pluggy
+import structlog
 
 from broker import hookspecs
 from broker.config import CORE_TABLES, ConfigTable, all_tables
-from broker.hookspecs import PROJECT_NAME, Protocol
+from broker.hookspecs import PROJECT_NAME, Protocol, XMLEdit
+
+if TYPE_CHECKING:
+    from prometheus_client import CollectorRegistry
+
+    from broker.config import Config
+    from broker.service import Refusal
 
 #: Comma-separated plugin (entry-point) names that are not loaded.
 DISABLE_ENV = "CONSOLE_BROKER_DISABLE_PLUGINS"
@@ -25,6 +33,53 @@ DISABLE_ENV = "CONSOLE_BROKER_DISABLE_PLUGINS"
 
 class PluginError(Exception):
     """A plugin could not be loaded or broke the hook contract."""
+
+
+_Metric = TypeVar("_Metric")
+
+
+class PluginContext:
+    """What the core gives one plugin: its name, the broker's configuration, a logger
+    named after it, and a place for its Prometheus metrics.
+
+    The core makes one per plugin for each broker (``serve``) and for each command that
+    asks a plugin something (``token``, ``xml enable``), and hands it to every method of
+    the plugin's :class:`~broker.hookspecs.Protocol` objects and to
+    ``console_broker_service``.
+    """
+
+    def __init__(
+        self, plugin: str, config: Config, registry: CollectorRegistry | None = None
+    ) -> None:
+        from prometheus_client import CollectorRegistry
+
+        #: The plugin's name (its entry point's).
+        self.plugin = plugin
+        #: The broker's :class:`broker.config.Config`.
+        self.config = config
+        #: A structlog logger named ``console_broker.plugin.NAME``.
+        self.log: Any = structlog.get_logger(f"console_broker.plugin.{plugin}")
+        self._registry = registry if registry is not None else CollectorRegistry()
+        self._metrics: dict[str, Any] = {}
+        #: The plugin's own state for this broker, shared by its protocols' handlers and
+        #: its service (the core never looks inside).
+        self.state: dict[str, Any] = {}
+
+    def metric(self, kind: type[_Metric], name: str, documentation: str,
+               labelnames: Iterable[str] = (), **kwargs: Any) -> _Metric:
+        """A Prometheus metric of the plugin, exposed by the broker's ``/metrics`` as
+        ``console_broker_PLUGIN_NAME`` (*kind*: ``prometheus_client.Counter``, ``Gauge``,
+        ``Histogram``, ``Summary``). Asking again for the same *name* returns the same
+        metric, so a session handler and the plugin's service can share it."""
+        if not re.fullmatch(r"[a-z][a-z0-9_]*", name):
+            raise PluginError(f"plugin {self.plugin!r}: metric name {name!r} must be snake_case")
+        if name not in self._metrics:
+            full = f"console_broker_{self.plugin.replace('-', '_')}_{name}"
+            self._metrics[name] = kind(  # type: ignore[call-arg]
+                full, documentation, list(labelnames), registry=self._registry, **kwargs
+            )
+        metric: _Metric = self._metrics[name]
+        return metric
 
 
 @attrs.frozen
@@ -78,6 +133,8 @@ class PluginManager:
         except pluggy.PluginValidationError as exc:
             raise PluginError(str(exc)) from exc
         self.protocols = self._collect_protocols()
+        self.xml_edits = self._collect_xml_edits()
+        self.refusals = self._collect_refusals()
         #: The plugins' configuration tables, in file order (load_config's *tables*).
         self.config_tables = self._collect_config_tables()
 
@@ -86,27 +143,114 @@ class PluginManager:
         """pluggy's hook relay (typed loosely: pluggy's relay is dynamic)."""
         return self._pm.hook
 
-    def _collect_protocols(self) -> dict[str, tuple[str, Protocol]]:
-        """protocol name -> (plugin name, protocol), checking the contract."""
-        found: dict[str, tuple[str, Protocol]] = {}
-        caller = self._pm.hook.console_broker_protocols
-        for impl in caller.get_hookimpls():
+    def _declared(self, hook: str, kind: type[Any]) -> Iterable[tuple[str, Any]]:
+        """(plugin name, item) for every item of every plugin's *hook* list, checked."""
+        for impl in getattr(self._pm.hook, hook).get_hookimpls():
             plugin_name = self._pm.get_name(impl.plugin) or repr(impl.plugin)
             result = impl.function()
             if not isinstance(result, list | tuple) or not all(
-                isinstance(p, Protocol) for p in result
+                isinstance(item, kind) for item in result
             ):
                 raise PluginError(
-                    f"plugin {plugin_name!r}: console_broker_protocols must return a list of "
-                    f"broker.Protocol, got {result!r}"
+                    f"plugin {plugin_name!r}: {hook} must return a list of "
+                    f"{kind.__module__}.{kind.__qualname__}, got {result!r}"
                 )
-            for protocol in result:
-                if protocol.name in found:
-                    raise PluginError(
-                        f"protocol {protocol.name!r} is declared by both "
-                        f"{found[protocol.name][0]!r} and {plugin_name!r}"
-                    )
-                found[protocol.name] = (plugin_name, protocol)
+            for item in result:
+                yield plugin_name, item
+
+    def describe(self, plugin_name: str) -> str:
+        """*plugin_name* and the distribution that provides it, for error messages."""
+        plugin = self._pm.get_plugin(plugin_name)
+        for candidate, dist in self._pm.list_plugin_distinfo():
+            if candidate is plugin:
+                return f"plugin {plugin_name!r} of the distribution {dist.project_name!r}"
+        return f"plugin {plugin_name!r}"
+
+    def _collect_protocols(self) -> dict[str, tuple[str, Protocol]]:
+        """protocol name -> (plugin name, protocol), checking the contract."""
+        found: dict[str, tuple[str, Protocol]] = {}
+        for plugin_name, protocol in self._declared("console_broker_protocols", Protocol):
+            if protocol.name in found:
+                raise PluginError(
+                    f"protocol {protocol.name!r} is declared by both "
+                    f"{self.describe(found[protocol.name][0])} and {self.describe(plugin_name)}"
+                )
+            found[protocol.name] = (plugin_name, protocol)
+        return found
+
+    def _collect_xml_edits(self) -> dict[str, tuple[str, XMLEdit]]:
+        """edit name -> (plugin name, edit); a name a protocol or another edit has is an
+        error."""
+        found: dict[str, tuple[str, XMLEdit]] = {}
+        for plugin_name, edit in self._declared("console_broker_xml_edits", XMLEdit):
+            other = found.get(edit.name) or self.protocols.get(edit.name)
+            if other is not None:
+                raise PluginError(
+                    f"the XML edit {edit.name!r} of {self.describe(plugin_name)} has the "
+                    f"name of one of {self.describe(other[0])}"
+                )
+            found[edit.name] = (plugin_name, edit)
+        return found
+
+    def _collect_refusals(self) -> dict[str, tuple[str, Refusal]]:
+        """reason -> (plugin name, refusal): codes in the plugins' range, none taken."""
+        from broker.service._refusals import CORE_REFUSALS, PLUGIN_CODES, Refusal
+
+        core = {r.reason for r in CORE_REFUSALS}
+        codes = {r.close_code: "the core" for r in CORE_REFUSALS}
+        found: dict[str, tuple[str, Refusal]] = {}
+        for plugin_name, refusal in self._declared("console_broker_refusals", Refusal):
+            who = self.describe(plugin_name)
+            if refusal.close_code not in PLUGIN_CODES:
+                raise PluginError(
+                    f"{who}: refusal {refusal.reason!r} has close code {refusal.close_code}, "
+                    f"outside the plugins' range {PLUGIN_CODES.start}-{PLUGIN_CODES.stop - 1}"
+                )
+            if refusal.reason in core or refusal.reason in found:
+                owner = "the core" if refusal.reason in core else self.describe(
+                    found[refusal.reason][0])
+                raise PluginError(f"{who}: refusal {refusal.reason!r} is {owner}'s already")
+            if refusal.close_code in codes:
+                raise PluginError(
+                    f"{who}: close code {refusal.close_code} of {refusal.reason!r} is "
+                    f"{codes[refusal.close_code]}'s already"
+                )
+            codes[refusal.close_code] = who
+            found[refusal.reason] = (plugin_name, refusal)
+        return found
+
+    def xml_providers(self) -> dict[str, tuple[str, Protocol | XMLEdit]]:
+        """Every name ``xml enable --consoles`` takes: the protocols and the XML edits,
+        each with its plugin's name and the object whose ``xml_edit`` provisions it."""
+        found: dict[str, tuple[str, Protocol | XMLEdit]] = dict(self.protocols)
+        found.update(self.xml_edits)
+        return found
+
+    def contexts(
+        self, config: Config, registry: CollectorRegistry | None = None
+    ) -> dict[str, PluginContext]:
+        """A :class:`PluginContext` for every loaded plugin (metrics into *registry*)."""
+        return {
+            name: PluginContext(name, config, registry)
+            for name, plugin in self._pm.list_name_plugin()
+            if plugin is not None
+        }
+
+    def services(self, contexts: Mapping[str, PluginContext]) -> list[tuple[str, Any]]:
+        """(plugin name, async context manager) of every plugin's ``console_broker_service``."""
+        found = []
+        for impl in self._pm.hook.console_broker_service.get_hookimpls():
+            name = self._pm.get_name(impl.plugin) or repr(impl.plugin)
+            kwargs = {"context": contexts[name]} if "context" in impl.argnames else {}
+            service = impl.function(**kwargs)
+            if service is None:
+                continue
+            if not (hasattr(service, "__aenter__") and hasattr(service, "__aexit__")):
+                raise PluginError(
+                    f"{self.describe(name)}: console_broker_service must return an async "
+                    f"context manager or None, got {service!r}"
+                )
+            found.append((name, service))
         return found
 
     def _collect_config_tables(self) -> tuple[ConfigTable[Any], ...]:

@@ -31,7 +31,7 @@ from broker.config import (
     render_markdown,
 )
 from broker.keys import KeyFileError, generate_keypair, load_private_key, load_public_keys
-from broker.plugins import PluginManager
+from broker.plugins import PluginContext, PluginManager
 from broker.tokens import IssuedToken, TokenIssuer
 
 #: What each ``register`` function is given (a string: the class is generic only to mypy).
@@ -172,9 +172,9 @@ def _token_command(args: argparse.Namespace) -> int:
     except ValueError as exc:
         raise CommandError(f"--device: {exc}", EXIT_USAGE) from None
     links = console_links(config, issued)
-    client_file = PluginManager().hook.console_broker_client_file(
-        protocol=args.protocol, token=issued.token, title=domain.name or domain.uuid,
-        config=config,
+    plugin_name, protocol = PluginManager().protocols[args.protocol]
+    client_file = protocol.client_file(
+        issued.token, domain.name or domain.uuid, PluginContext(plugin_name, config)
     )
     if args.client_file and client_file is None:
         raise CommandError(

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -11,7 +12,10 @@ import pytest
 
 from broker import Protocol, hookimpl
 from broker.cli import main
+from broker.hookspecs import XMLEdit
 from broker.plugins import DISABLE_ENV, PluginError, PluginManager, disabled_from_env
+from broker.service import Refusal
+from broker.xml import EditOptions
 
 CLI = [sys.executable, "-m", "broker.cli"]
 
@@ -55,6 +59,30 @@ class _WrongReturn:
         return "vnc"
 
 
+class _EditNamedLikeAProtocol:
+    @hookimpl
+    def console_broker_xml_edits(self) -> list[XMLEdit]:
+        return [XMLEdit(name="serial", title="another serial")]
+
+
+class _CoreCode:
+    @hookimpl
+    def console_broker_refusals(self) -> list[Refusal]:
+        return [Refusal("mine", 0, 4100, "mine")]
+
+
+class _CoreReason:
+    @hookimpl
+    def console_broker_refusals(self) -> list[Refusal]:
+        return [Refusal("vm_stopped", 0, 4321, "mine")]
+
+
+class _OutOfRange:
+    @hookimpl
+    def console_broker_refusals(self) -> list[Refusal]:
+        return [Refusal("mine", 0, 4050, "mine")]
+
+
 class _UnknownHook:
     @hookimpl
     def console_broker_no_such_hook(self) -> None:
@@ -70,15 +98,76 @@ class _WrongArguments:
 @pytest.mark.parametrize(
     ("plugin", "message"),
     [
-        (_Duplicate(), "protocol 'vnc' is declared by both 'vnc' and 'bad'"),
-        (_WrongReturn(), "must return a list of broker.Protocol"),
+        (_Duplicate(), "protocol 'vnc' is declared by both plugin 'vnc' of the distribution "
+                       "'console-broker' and plugin 'bad'"),
+        (_WrongReturn(), "must return a list of broker.hookspecs.Protocol"),
+        (_EditNamedLikeAProtocol(), "XML edit 'serial' of plugin 'bad' has the name of one of "
+                                    "plugin 'serial'"),
+        (_CoreCode(), "close code 4100 of 'mine' is the core's already"),
+        (_CoreReason(), "refusal 'vm_stopped' is the core's already"),
+        (_OutOfRange(), "outside the plugins' range 4100-4999"),
         (_UnknownHook(), "unknown hook 'console_broker_no_such_hook'"),
         (_WrongArguments(), "surprise"),
     ],
 )
 def test_a_plugin_breaking_the_contract_is_refused(plugin: object, message: str) -> None:
-    with pytest.raises(PluginError, match=message):
+    with pytest.raises(PluginError, match=re.escape(message)):
         PluginManager(disabled=(), plugins=[("bad", plugin)])
+
+
+def test_two_plugins_may_not_declare_one_refusal_or_code() -> None:
+    class One:
+        @hookimpl
+        def console_broker_refusals(self) -> list[Refusal]:
+            return [Refusal("busy_monitor", 0, 4300, "the monitor is busy")]
+
+    class Two:
+        @hookimpl
+        def console_broker_refusals(self) -> list[Refusal]:
+            return [Refusal("other", 0, 4300, "other")]
+
+    with pytest.raises(PluginError, match="close code 4300 of 'other' is plugin 'one'"):
+        PluginManager(disabled=(), load_entrypoints=False, plugins=[("one", One()), ("two", Two())])
+    manager = PluginManager(disabled=(), load_entrypoints=False, plugins=[("one", One())])
+    assert manager.refusals["busy_monitor"][0] == "one"
+
+
+def test_the_spice_plugin_declares_its_channel_refusal() -> None:
+    plugin, refusal = PluginManager(disabled=()).refusals["channel_refused"]
+    assert (plugin, refusal.close_code) == ("spice", 4107)
+
+
+def test_a_protocol_serves_only_what_it_overrides() -> None:
+    """Protocol objects carry their behaviour; the base serves nothing but raw bytes."""
+    from broker.config import Config
+    from broker.plugins import PluginContext
+    from broker.service import raw_proxy
+
+    bare = Protocol(name="bare", title="bare")
+    context = PluginContext("example", Config())
+    assert bare.session_handler(context) is raw_proxy
+    assert bare.page("", context) is None
+    assert bare.client_file("t", "title", context) is None
+    assert bare.console_tls(context) is None
+    assert bare.xml_edit(EditOptions()) is None
+
+
+def test_a_plugin_context_gives_a_named_logger_and_its_metrics() -> None:
+    from prometheus_client import CollectorRegistry, Counter, generate_latest
+
+    from broker.config import Config
+    from broker.plugins import PluginContext
+
+    registry = CollectorRegistry()
+    context = PluginContext("my-plugin", Config(), registry)
+    counter = context.metric(Counter, "commands", "Commands run.", ["command"])
+    assert context.metric(Counter, "commands", "Commands run.", ["command"]) is counter
+    counter.labels("info").inc()
+    assert b'console_broker_my_plugin_commands_total{command="info"} 1.0' in generate_latest(
+        registry
+    )
+    with pytest.raises(PluginError, match="snake_case"):
+        context.metric(Counter, "Bad-Name", "x")
 
 
 @pytest.mark.parametrize("name", ["", "VNC", "v nc", "vnc/2", "vnc\u00e9"])

@@ -1,7 +1,7 @@
 """The broker service: the listener, sessions, and what protocol plugins get.
 
-For plugin authors: a ``console_broker_session_handler`` hook returns a
-coroutine function that receives a :class:`Session`; :func:`pump` moves bytes
+For plugin authors: a protocol's ``session_handler`` returns a coroutine
+function that receives a :class:`Session`; :func:`pump` moves bytes
 between its client and its endpoint with backpressure, and :func:`raw_proxy`
 is a complete handler that does only that. docs/service.md describes the
 service, docs/plugins.md the hooks.
@@ -15,12 +15,14 @@ from broker.service._pump import (
     Traffic,
     pump,
 )
-from broker.service._refusals import ENDINGS, REFUSALS, Refusal, Refused
+from broker.service._refusals import ENDINGS, PLUGIN_CODES, REFUSALS, Refusal, Refused
 from broker.service._session import (
     Endpoint,
+    EndpointRequest,
     Session,
     SessionGroup,
     SessionHandler,
+    TunnelChannel,
     WebSocketChannel,
     raw_proxy,
 )
@@ -29,10 +31,12 @@ from broker.service._tls import ConsoleTLS
 __all__ = [
     "DEFAULT_READ_SIZE",
     "ENDINGS",
+    "PLUGIN_CODES",
     "REFUSALS",
     "ClientClosed",
     "ConsoleTLS",
     "Endpoint",
+    "EndpointRequest",
     "MessageChannel",
     "PumpEnd",
     "Refusal",
@@ -41,6 +45,7 @@ __all__ = [
     "SessionGroup",
     "SessionHandler",
     "Traffic",
+    "TunnelChannel",
     "WebSocketChannel",
     "pump",
     "raw_proxy",

@@ -28,6 +28,7 @@ by target, and websockets' own request logging is silenced (see ``_logging``).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import email.utils
 import functools
@@ -54,7 +55,7 @@ from websockets.typing import Subprotocol
 import broker
 from broker.config import Config
 from broker.hookspecs import ClientFile, Page, Protocol
-from broker.plugins import PluginError, PluginManager
+from broker.plugins import PluginContext, PluginError, PluginManager
 from broker.service._connect import token_for_handle
 from broker.service._connection import LISTENER, BrokerConnection, ConnectionLimits
 from broker.service._gate import AcceptGuard, ConnectionGate, http_response, watch_listener
@@ -188,9 +189,11 @@ class Broker:
                 limits.max_sessions, limits.max_sessions_per_domain, limits.max_sessions_per_client
             )
         )
-        self._handlers = self._load_handlers(plugins, config)
+        #: Each plugin's context: its logger, its metrics in this broker's registry.
+        self._contexts = plugins.contexts(config, self.metrics.registry)
+        self._handlers = self._load_handlers(plugins, self._contexts)
         #: TLS to consoles with a TLS port of their own, by protocol.
-        self._console_tls = self._load_console_tls(plugins, config, self._handlers)
+        self._console_tls = self._load_console_tls(plugins, self._contexts)
         self._runner = SessionRunner(config, self.metrics, resolver, self._counts)
         #: Connections not yet past their request, on both listeners.
         self._gate = ConnectionGate(
@@ -223,37 +226,41 @@ class Broker:
 
     @staticmethod
     def _load_handlers(
-        plugins: PluginManager, config: Config
+        plugins: PluginManager, contexts: dict[str, PluginContext]
     ) -> dict[str, tuple[Protocol, SessionHandler]]:
+        """Each protocol's session handler, from its own object."""
         handlers: dict[str, tuple[Protocol, SessionHandler]] = {}
         for name, (plugin_name, protocol) in sorted(plugins.protocols.items()):
-            handler = plugins.hook.console_broker_session_handler(protocol=name, config=config)
-            if handler is None:
-                _log.warning("protocol.no_handler", protocol=name, plugin=plugin_name)
-                continue
+            handler = protocol.session_handler(contexts[plugin_name])
             if not callable(handler):
                 raise PluginError(
-                    f"plugin {plugin_name!r}: console_broker_session_handler({name!r}) returned "
-                    f"{handler!r}, not a coroutine function"
+                    f"{plugins.describe(plugin_name)}: {type(protocol).__name__}."
+                    f"session_handler() for {name!r} returned {handler!r}, not a coroutine "
+                    "function"
                 )
             handlers[name] = (protocol, handler)
         return handlers
 
     @staticmethod
     def _load_console_tls(
-        plugins: PluginManager, config: Config, handlers: dict[str, Any]
+        plugins: PluginManager, contexts: dict[str, PluginContext]
     ) -> dict[str, ConsoleTLS]:
         found: dict[str, ConsoleTLS] = {}
-        for name in handlers:
-            tls = plugins.hook.console_broker_console_tls(protocol=name, config=config)
+        for name, (plugin_name, protocol) in plugins.protocols.items():
+            tls = protocol.console_tls(contexts[plugin_name])
             if tls is None:
                 continue
             if not isinstance(tls, ConsoleTLS):
                 raise PluginError(
-                    f"console_broker_console_tls({name!r}) returned {tls!r}, not a ConsoleTLS"
+                    f"{plugins.describe(plugin_name)}: console_tls() of {name!r} returned "
+                    f"{tls!r}, not a ConsoleTLS"
                 )
             found[name] = tls
         return found
+
+    def _context(self, protocol: str) -> PluginContext:
+        """The context of the plugin that owns *protocol*."""
+        return self._contexts[self._plugins.protocols[protocol][0]]
 
     @property
     def port(self) -> int:
@@ -271,84 +278,97 @@ class Broker:
     ) -> None:
         """Listen and serve until :meth:`shutdown`; ``task_status.started(port)`` once listening."""
         self._stop = anyio.Event()
-        config = self.config
         async with anyio.create_task_group() as group:
             self._group = group
             await group.start(self._resolver.run, self)
-            ping = config.proxy.ping_interval or None
-            limits = ConnectionLimits(
-                self._gate, config.limits.max_request_head, config.limits.write_timeout
+            async with contextlib.AsyncExitStack() as services:
+                # Plugins' services (console_broker_service) live while the broker
+                # listens, and close after its sessions have.
+                for name, service in self._plugins.services(self._contexts):
+                    await services.enter_async_context(service)
+                    _log.info("plugin.service_started", plugin=name)
+                await self._listen(group, task_status)
+            group.cancel_scope.cancel()
+
+    async def _listen(
+        self, group: anyio.abc.TaskGroup, task_status: anyio.abc.TaskStatus[int]
+    ) -> None:
+        """The listeners, until :meth:`shutdown`; then the sessions end within the grace."""
+        assert self._stop is not None
+        config = self.config
+        ping = config.proxy.ping_interval or None
+        limits = ConnectionLimits(
+            self._gate, config.limits.max_request_head, config.limits.write_timeout
+        )
+        server = await serve(
+            self._handle,
+            config.listen.host,
+            config.listen.port,
+            process_request=self._process_request,
+            select_subprotocol=self._select_subprotocol,
+            server_header=_SERVER,
+            compression=None,
+            open_timeout=config.limits.handshake_timeout,
+            ping_interval=ping,
+            ping_timeout=ping,
+            close_timeout=self._runner.close_timeout,
+            max_size=config.proxy.max_message,
+            max_queue=config.proxy.max_queue,
+            write_limit=config.proxy.write_buffer,
+            ssl=self._ssl,
+            logger=logging.getLogger("websockets.server"),
+            create_connection=cast(
+                type[ServerConnection], functools.partial(BrokerConnection, limits=limits)
+            ),
+        )
+        self.addresses = [sock.getsockname()[:2] for sock in server.sockets]
+        guards = [self._accept_guard(LISTENER)]
+        unwatch = [watch_listener(sock, guards[0]) for sock in server.sockets]
+        _log.info(
+            "broker.listening",
+            addresses=[f"{host}:{port}" for host, port in self.addresses],
+            tls=self._ssl is not None,
+            node=self._node,
+            protocols=sorted(self._handlers),
+        )
+        tunnels = None
+        tunnel_scope = anyio.CancelScope()
+        if config.listen.connect_port:
+            tunnels = await anyio.create_tcp_listener(
+                local_host=config.listen.connect_host, local_port=config.listen.connect_port
             )
-            server = await serve(
-                self._handle,
-                config.listen.host,
-                config.listen.port,
-                process_request=self._process_request,
-                select_subprotocol=self._select_subprotocol,
-                server_header=_SERVER,
-                compression=None,
-                open_timeout=config.limits.handshake_timeout,
-                ping_interval=ping,
-                ping_timeout=ping,
-                close_timeout=self._runner.close_timeout,
-                max_size=config.proxy.max_message,
-                max_queue=config.proxy.max_queue,
-                write_limit=config.proxy.write_buffer,
-                ssl=self._ssl,
-                logger=logging.getLogger("websockets.server"),
-                create_connection=cast(
-                    type[ServerConnection], functools.partial(BrokerConnection, limits=limits)
-                ),
+            self.connect_addresses = [
+                _host_port(listener.extra(anyio.abc.SocketAttribute.local_address))  # noqa: S610
+                for listener in tunnels.listeners
+            ]
+            guards.append(self._accept_guard(TUNNEL_LISTENER))
+            listener = TunnelListener(
+                admit=self._admit_tunnel,
+                run=self._runner.run,
+                count_refusal=lambda reason: self.metrics.refusals.labels(reason).inc(),
+                ssl_context=self._ssl,
+                handshake_timeout=config.limits.handshake_timeout,
+                write_timeout=config.limits.write_timeout,
+                read_size=config.proxy.read_size,
+                gate=self._gate,
+                guard=guards[-1],
             )
-            self.addresses = [sock.getsockname()[:2] for sock in server.sockets]
-            guards = [self._accept_guard(LISTENER)]
-            unwatch = [watch_listener(sock, guards[0]) for sock in server.sockets]
+            group.start_soon(listener.serve, tunnels, tunnel_scope)
             _log.info(
-                "broker.listening",
-                addresses=[f"{host}:{port}" for host, port in self.addresses],
-                tls=self._ssl is not None,
-                node=self._node,
-                protocols=sorted(self._handlers),
+                "broker.connect_listening",
+                addresses=[f"{host}:{port}" for host, port in self.connect_addresses],
             )
-            tunnels = None
-            tunnel_scope = anyio.CancelScope()
-            if config.listen.connect_port:
-                tunnels = await anyio.create_tcp_listener(
-                    local_host=config.listen.connect_host, local_port=config.listen.connect_port
-                )
-                self.connect_addresses = [
-                    _host_port(listener.extra(anyio.abc.SocketAttribute.local_address))  # noqa: S610
-                    for listener in tunnels.listeners
-                ]
-                guards.append(self._accept_guard(TUNNEL_LISTENER))
-                listener = TunnelListener(
-                    admit=self._admit_tunnel,
-                    run=self._runner.run,
-                    count_refusal=lambda reason: self.metrics.refusals.labels(reason).inc(),
-                    ssl_context=self._ssl,
-                    handshake_timeout=config.limits.handshake_timeout,
-                    write_timeout=config.limits.write_timeout,
-                    read_size=config.proxy.read_size,
-                    gate=self._gate,
-                    guard=guards[-1],
-                )
-                group.start_soon(listener.serve, tunnels, tunnel_scope)
-                _log.info(
-                    "broker.connect_listening",
-                    addresses=[f"{host}:{port}" for host, port in self.connect_addresses],
-                )
-            task_status.started(self.port)
-            try:
-                await self._stop.wait()
-            finally:
-                with anyio.CancelScope(shield=True):
-                    await self._shutdown(server)
-                tunnel_scope.cancel()
-                group.cancel_scope.cancel()
-                for stop in unwatch:
-                    stop()
-                for guard in guards:
-                    guard.close()
+        task_status.started(self.port)
+        try:
+            await self._stop.wait()
+        finally:
+            with anyio.CancelScope(shield=True):
+                await self._shutdown(server)
+            tunnel_scope.cancel()
+            for stop in unwatch:
+                stop()
+            for guard in guards:
+                guard.close()
 
     def _accept_guard(self, listener: str) -> AcceptGuard:
         """The guard of one listener: backlog connections it refuses while the process is
@@ -522,6 +542,8 @@ class Broker:
         return Pending(protocol, handler, claims, target, client, started, group)
 
     async def _target(self, claims: Claims, protocol: Protocol) -> Target:
+        if protocol.endpoint != "console":  # only the domain: it exists and runs
+            return await self._resolver.target(claims, None, None)
         tls = self._console_tls.get(protocol.name)
         return await self._resolver.target(claims, protocol.console, tls)
 
@@ -589,10 +611,9 @@ class Broker:
     def _page(self, found: PageRoute) -> Response:
         if found.protocol not in self._plugins.protocols:
             return _text(404, f"no plugin serves protocol {found.protocol!r}")
+        protocol = self._plugins.protocols[found.protocol][1]
         try:
-            page = self._plugins.hook.console_broker_page(
-                protocol=found.protocol, path=found.path, config=self.config
-            )
+            page: object = protocol.page(found.path, self._context(found.protocol))
         except Exception:
             _log.exception("page.failed", protocol=found.protocol)
             return _text(500, "internal error")
@@ -610,7 +631,7 @@ class Broker:
 
     async def _client_file(self, found: FileRoute, client: str) -> Response:
         """``GET /file/{protocol}?token=...``: the token and its console checked (the
-        token is not used up), then the plugin's ``console_broker_client_file``."""
+        token is not used up), then the protocol's ``client_file``."""
         entry = self._handlers.get(found.protocol)
         if entry is None or not entry[0].native_clients:
             refused = Refused(UNKNOWN_PROTOCOL, f"no native clients for {found.protocol!r}")
@@ -624,9 +645,9 @@ class Broker:
         except Refused as exc:
             return self._refuse_plainly(exc, found.protocol, client)
         try:
-            made = self._plugins.hook.console_broker_client_file(
-                protocol=protocol.name, token=found.token,
-                title=target.domain_name or claims.domain_uuid, config=self.config,
+            made: object = protocol.client_file(
+                found.token, target.domain_name or claims.domain_uuid,
+                self._context(protocol.name),
             )
         except Exception:
             _log.exception("client_file.failed", protocol=protocol.name)

@@ -83,11 +83,20 @@ class Target:
 
     domain_uuid: str
     domain_name: str
-    plan: EndpointPlan
+    #: How to open the console; None for a protocol that opens its own endpoint or has
+    #: none (only the domain was resolved: it exists and runs).
+    plan: EndpointPlan | None
     #: The libvirt domain object (None for resolvers that are not libvirt).
     handle: Any = attrs.field(default=None, eq=False, repr=False)
     #: TLS to the console (a ``tls`` plan), from the protocol's plugin.
     tls: ConsoleTLS | None = attrs.field(default=None, eq=False, repr=False)
+
+    @property
+    def console_plan(self) -> EndpointPlan:
+        """:attr:`plan`, for a target resolved with a console."""
+        if self.plan is None:
+            raise ValueError("the target was resolved without a console")
+        return self.plan
 
 
 class ResolverEvents(Protocol):
@@ -122,9 +131,10 @@ class Resolver(Protocol):
         ...
 
     async def target(
-        self, claims: Claims, console: str, tls: ConsoleTLS | None = None
+        self, claims: Claims, console: str | None, tls: ConsoleTLS | None = None
     ) -> Target:
-        """Resolve *console* of the token's domain, or raise :class:`Refused`; *tls*:
+        """Resolve *console* (None: only the domain) of the token's domain, or raise
+        :class:`Refused`; *tls*:
         the protocol's TLS to consoles with a TLS port of their own."""
         ...
 
@@ -172,7 +182,7 @@ def _message(exc: libvirt.libvirtError) -> str:
 
 async def _connect_tls(target: Target) -> anyio.abc.ByteStream:
     """A TLS connection to a ``tls`` plan's port, the console's certificate verified."""
-    plan, tls = target.plan, target.tls
+    plan, tls = target.console_plan, target.tls
     assert plan.host is not None and plan.port is not None and tls is not None
     context, name = tls.for_address(plan.host)
     try:
@@ -337,7 +347,7 @@ class LibvirtResolver:
             raise Refused(HYPERVISOR_UNAVAILABLE, _message(exc)) from None
 
     async def target(
-        self, claims: Claims, console: str, tls: ConsoleTLS | None = None
+        self, claims: Claims, console: str | None, tls: ConsoleTLS | None = None
     ) -> Target:
         dom = await self._lookup(claims.domain_uuid)
         try:
@@ -348,6 +358,8 @@ class LibvirtResolver:
             raise Refused(HYPERVISOR_UNAVAILABLE, _message(exc)) from None
         if not active:
             raise Refused(VM_NOT_RUNNING, f"domain {name} is not running")
+        if console is None:
+            return Target(claims.domain_uuid, name, None, handle=dom)
         root = etree.fromstring(
             xml.encode(), etree.XMLParser(resolve_entities=False, no_network=True, huge_tree=False)
         )
@@ -355,7 +367,7 @@ class LibvirtResolver:
         return Target(claims.domain_uuid, name, plan, handle=dom, tls=tls)
 
     async def open(self, target: Target) -> Endpoint:
-        plan = target.plan
+        plan = target.console_plan
         if plan.kind == "fd":
             return await self._open_fd(target)
         if plan.kind == "stream":
@@ -378,7 +390,7 @@ class LibvirtResolver:
         return Endpoint(stream, plan.kind, plan.describe())
 
     async def _open_fd(self, target: Target) -> Endpoint:
-        plan = target.plan
+        plan = target.console_plan
         try:
             fd = await self._call(
                 target.handle.openGraphicsFD, plan.index, libvirt.VIR_DOMAIN_OPEN_GRAPHICS_SKIPAUTH
@@ -396,7 +408,7 @@ class LibvirtResolver:
         return Endpoint(stream, "fd", plan.describe())
 
     async def _open_stream(self, target: Target) -> Endpoint:
-        plan = target.plan
+        plan = target.console_plan
         stream = await self._call(self._connection().newStream, libvirt.VIR_STREAM_NONBLOCK)
         try:
             await self._call(target.handle.openConsole, plan.device, stream, 0)

@@ -9,6 +9,8 @@ the two in step.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 import attrs
 
 #: Longest close reason a WebSocket close frame carries (125 bytes less the code).
@@ -78,16 +80,14 @@ VM_STOPPED = _r("vm_stopped", 0, 4100, "VM stopped")
 DOMAIN_UNDEFINED = _r("domain_undefined", 0, 4101, "domain undefined")
 IDLE_TIMEOUT = _r("idle_timeout", 0, 4102, "idle timeout")
 HYPERVISOR_LOST = _r("hypervisor_lost", 0, 4103, "hypervisor connection lost")
-# A plugin ends a session with one of these by raising Refused from its handler.
+# A plugin ends a session with one of these by raising Refused from its handler (or with
+# a refusal of its own, declared with console_broker_refusals).
 CLIENT_PROTOCOL_ERROR = _r(
     "client_protocol_error", 0, 4104, "the client sent a message the broker cannot check"
 )
 CONSOLE_PROTOCOL_ERROR = _r("console_protocol_error", 0, 4105, "console protocol error")
 CONSOLE_AUTH_FAILED = _r(
     "console_auth_failed", 0, 4106, "the broker could not log in to the console"
-)
-CHANNEL_REFUSED = _r(
-    "channel_refused", 0, 4107, "the session's policy refuses this channel"
 )
 # The client's outgoing buffer stayed full for limits.write_timeout: it stopped reading.
 CLIENT_STALLED = _r("client_stalled", 0, 4108, "the client stopped reading")
@@ -125,9 +125,13 @@ ENDINGS: tuple[Refusal, ...] = (
     CLIENT_PROTOCOL_ERROR,
     CONSOLE_PROTOCOL_ERROR,
     CONSOLE_AUTH_FAILED,
-    CHANNEL_REFUSED,
     CLIENT_STALLED,
 )
+#: The core's refusals and endings: no plugin may declare their reasons or codes.
+CORE_REFUSALS: tuple[Refusal, ...] = (*REFUSALS, *ENDINGS)
+#: Close codes plugins declare their refusals with (``console_broker_refusals``): this
+#: range, less the core's own codes. 4000-4099 are the core's refusals before a session.
+PLUGIN_CODES = range(4100, 5000)
 
 #: :class:`broker.tokens.TokenRefused` reasons -> refusals.
 TOKEN_REFUSALS: dict[str, Refusal] = {
@@ -142,13 +146,14 @@ TOKEN_REFUSALS: dict[str, Refusal] = {
 }
 
 
-def markdown_table() -> str:
-    """The refusals and endings as the Markdown table of docs/service.md."""
+def markdown_table(plugins: Iterable[Refusal] = ()) -> str:
+    """The refusals and endings, the core's and then the plugins' (by close code), as the
+    Markdown table of docs/service.md."""
     out = [
         "| reason | HTTP status | close code | text |",
         "| --- | --- | --- | --- |",
     ]
-    for refusal in (*REFUSALS, *ENDINGS):
+    for refusal in (*REFUSALS, *ENDINGS, *sorted(plugins, key=lambda r: r.close_code)):
         status = str(refusal.status) if refusal.status else "-"
         out.append(
             f"| `{refusal.reason}` | {status} | {refusal.close_code} | {refusal.text} |"

@@ -41,14 +41,15 @@ class Endpoint:
 
 
 class WebSocketChannel:
-    """The client side of a session: a WebSocket, seen as whole binary messages.
+    """The client side of a session: a WebSocket, as whole messages.
 
-    :meth:`receive` returns text and binary messages alike as bytes (text
-    frames are not decoded: terminals send keys as text). :meth:`send` sends
-    binary messages and waits while the client's write buffer is above its
-    high-water mark. Both raise :class:`ClientClosed` once the client has gone.
-    ``connection`` is the underlying :class:`websockets.asyncio.server.ServerConnection`
-    for what this class does not cover (its request headers, pings).
+    :meth:`receive` returns text and binary messages alike as bytes (terminals send
+    keys as text); :meth:`receive_message` tells them apart (str for text).
+    :meth:`send` sends a binary message and :meth:`send_text` a text message, each
+    waiting while the client's write buffer is above its high-water mark. All raise
+    :class:`ClientClosed` once the client has gone: a handler that lets it escape ends
+    its session as ``client_closed``. The same interface serves a tunnel through the
+    CONNECT listener (:class:`TunnelChannel`), which carries bytes only.
     """
 
     def __init__(self, connection: ServerConnection) -> None:
@@ -64,14 +65,30 @@ class WebSocketChannel:
         return request.headers if request is not None else {}
 
     async def receive(self) -> bytes:
+        """The next message's payload, text messages as their UTF-8 bytes."""
         try:
             return await self.connection.recv(decode=False)
         except ConnectionClosed:
             raise ClientClosed from None
 
+    async def receive_message(self) -> bytes | str:
+        """The next message: bytes for a binary message, str for a text message."""
+        try:
+            return await self.connection.recv()
+        except ConnectionClosed:
+            raise ClientClosed from None
+
     async def send(self, data: bytes) -> None:
+        """Send *data* as one binary message, waiting while the client is slow."""
         try:
             await self.connection.send(data)
+        except ConnectionClosed:
+            raise ClientClosed from None
+
+    async def send_text(self, text: str) -> None:
+        """Send *text* as one text message, waiting while the client is slow."""
+        try:
+            await self.connection.send(text)
         except ConnectionClosed:
             raise ClientClosed from None
 
@@ -118,6 +135,14 @@ class TunnelChannel(WebSocketChannel):
             self.closed = True
             raise ClientClosed from None
 
+    async def receive_message(self) -> bytes | str:
+        """A tunnel carries bytes only: :meth:`receive`."""
+        return await self.receive()
+
+    async def send_text(self, text: str) -> None:
+        """A tunnel carries bytes only: *text* as UTF-8."""
+        await self.send(text.encode())
+
     async def send(self, data: bytes) -> None:
         try:
             with anyio.fail_after(self._write_timeout):
@@ -161,6 +186,23 @@ class SessionGroup:
 
 
 @attrs.frozen
+class EndpointRequest:
+    """What :meth:`broker.hookspecs.Protocol.open_endpoint` gets: the admitted session's
+    token and domain, to open its console with."""
+
+    #: The token's verified claims (``domain_uuid``, ``device``, ``view_only``, ...).
+    claims: Claims
+    #: The domain's name, when the resolver told it.
+    domain_name: str
+    #: The resolver's handle on the domain: a ``libvirt.virDomain`` (call libvirt in a
+    #: worker thread: ``anyio.to_thread.run_sync``), or None for a resolver that is not
+    #: libvirt.
+    domain_handle: Any = attrs.field(eq=False, repr=False)
+    #: A logger bound to the session.
+    log: Any = attrs.field(eq=False, repr=False)
+
+
+@attrs.frozen
 class Session:
     """One console session, as a protocol plugin's handler receives it."""
 
@@ -174,8 +216,9 @@ class Session:
     claims: Claims
     #: The client: a WebSocket (or a :class:`TunnelChannel` through HTTP CONNECT).
     client: WebSocketChannel
-    #: The console endpoint, connected before the handler is called.
-    endpoint: Endpoint
+    #: The console endpoint, connected before the handler is called; None for a protocol
+    #: whose ``endpoint`` is ``none``.
+    endpoint: Endpoint | None
     #: A structlog logger bound to session, domain, protocol and client.
     log: Any
     #: Byte counts and last activity; :func:`pump` keeps them, and the idle timeout reads them.
@@ -201,6 +244,13 @@ class Session:
     joined: bool = False
 
     @property
+    def console_endpoint(self) -> Endpoint:
+        """:attr:`endpoint`, for a protocol that has one (TypeError for one that has none)."""
+        if self.endpoint is None:
+            raise TypeError(f"protocol {self.protocol!r} sessions have no console endpoint")
+        return self.endpoint
+
+    @property
     def view_only(self) -> bool:
         """The token grants viewing only: the plugin must drop the client's input."""
         return self.claims.view_only
@@ -218,7 +268,7 @@ async def raw_proxy(session: Session) -> None:
     """
     end = await pump(
         session.client,
-        session.endpoint.stream,
+        session.console_endpoint.stream,
         traffic=session.traffic,
         read_size=session.read_size,
     )
@@ -228,6 +278,7 @@ async def raw_proxy(session: Session) -> None:
 __all__ = [
     "ClientClosed",
     "Endpoint",
+    "EndpointRequest",
     "PumpEnd",
     "Session",
     "SessionGroup",

@@ -16,6 +16,7 @@ import contextlib
 import functools
 import secrets
 import time
+from typing import Any
 
 import anyio
 import attrs
@@ -43,6 +44,7 @@ from broker.service._refusals import (
 )
 from broker.service._session import (
     Endpoint,
+    EndpointRequest,
     Session,
     SessionGroup,
     SessionHandler,
@@ -174,9 +176,27 @@ class SessionRunner:
         endpoints.append(endpoint)
         return endpoint
 
-    async def _open_first(self, pending: Pending, endpoints: list[Endpoint]) -> Endpoint:
+    async def _open_first(
+        self, pending: Pending, endpoints: list[Endpoint], log: Any
+    ) -> Endpoint | None:
+        """The session's endpoint, as its protocol says (:attr:`Protocol.endpoint`)."""
+        protocol = pending.protocol
+        if protocol.endpoint == "none":
+            return None
         try:
             with anyio.fail_after(self.config.limits.handshake_timeout):
+                if protocol.endpoint == "plugin":
+                    target = pending.target
+                    endpoint = await protocol.open_endpoint(EndpointRequest(
+                        pending.claims, target.domain_name, target.handle, log
+                    ))
+                    if not isinstance(endpoint, Endpoint):
+                        raise TypeError(
+                            f"{type(protocol).__name__}.open_endpoint() returned {endpoint!r}, "
+                            "not a broker.service.Endpoint"
+                        )
+                    endpoints.append(endpoint)
+                    return endpoint
                 if pending.protocol.shared_console:
                     target = pending.target
                     key = (pending.protocol.name, target.domain_uuid, target.plan)
@@ -230,21 +250,29 @@ class SessionRunner:
             members.traffic.append(traffic)
         try:
             try:
-                endpoint = await self._open_first(pending, endpoints)
+                endpoint = await self._open_first(pending, endpoints, log)
             except Refused as exc:
                 self.metrics.refusals.labels(exc.refusal.reason).inc()
                 log.info("request.refused", reason=exc.refusal.reason, detail=exc.detail,
                          code=exc.refusal.close_code)
                 await self.close(connection, exc.refusal)
                 return
-            live = Live(session_id, domain, endpoint.kind)
+            live = Live(session_id, domain, endpoint.kind if endpoint is not None else "none")
             self.lives.setdefault(domain, set()).add(live)
             connection.on_stall = functools.partial(live.end, CLIENT_STALLED)
             if self.closing:
                 live.end(SHUTDOWN)
 
             async def open_endpoint() -> Endpoint:
-                return await self._open(pending, endpoints)
+                if protocol.endpoint == "console":
+                    return await self._open(pending, endpoints)
+                if protocol.endpoint == "plugin":
+                    more = await protocol.open_endpoint(EndpointRequest(
+                        claims, target.domain_name, target.handle, log
+                    ))
+                    endpoints.append(more)
+                    return more
+                raise TypeError(f"protocol {protocol.name!r} has no console endpoint")
 
             session = Session(
                 id=session_id,
@@ -274,7 +302,9 @@ class SessionRunner:
             self.metrics.handshake.labels(protocol.name).observe(handshake)
             opened_at = time.monotonic()
             log.info(
-                "session.opened", endpoint=endpoint.description, endpoint_kind=endpoint.kind,
+                "session.opened",
+                endpoint=endpoint.description if endpoint is not None else None,
+                endpoint_kind=endpoint.kind if endpoint is not None else "none",
                 view_only=claims.view_only, subprotocol=connection.subprotocol,
                 joined=joined, handshake_ms=round(handshake * 1000, 2),
             )

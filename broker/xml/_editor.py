@@ -56,13 +56,15 @@ class EditResult:
 
 
 def console_edit(manager: PluginManager, protocol: str, options: EditOptions) -> ConsoleEdit:
-    """Ask the plugins for *protocol*'s edit (the ``console_broker_xml_edit`` hook)."""
-    if protocol not in manager.protocols:
-        known = ", ".join(sorted(manager.protocols)) or "none"
+    """*protocol*'s edit, from its own object: a protocol's ``xml_edit``, or an XML edit
+    that is no protocol (``console_broker_xml_edits``)."""
+    providers = manager.xml_providers()
+    if protocol not in providers:
+        known = ", ".join(sorted(providers)) or "none"
         raise EditError(f"unknown console protocol {protocol!r} (known: {known})")
-    plugin = manager.plugin_for(protocol)
+    plugin, provider = providers[protocol]
     try:
-        result = manager.hook.console_broker_xml_edit(protocol=protocol, options=options)
+        result: object = provider.xml_edit(options)
     except (XmlError, PluginError):
         raise
     except Exception as exc:
@@ -73,8 +75,8 @@ def console_edit(manager: PluginManager, protocol: str, options: EditOptions) ->
         raise EditError(f"protocol {protocol!r} (plugin {plugin!r}) does not provision domain XML")
     if not isinstance(result, ConsoleEdit):
         raise PluginError(
-            f"plugin {plugin!r}: console_broker_xml_edit must return a broker.xml.ConsoleEdit "
-            f"or None, got {type(result).__name__}"
+            f"plugin {plugin!r}: the xml_edit of {protocol!r} must return a "
+            f"broker.xml.ConsoleEdit or None, got {type(result).__name__}"
         )
     return result
 

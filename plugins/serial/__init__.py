@@ -18,13 +18,46 @@ from ._control import SUBPROTOCOL
 
 if TYPE_CHECKING:
     import argparse
+    from contextlib import AbstractAsyncContextManager
 
-    from broker.config import Config
     from broker.hookspecs import Page
+    from broker.plugins import PluginContext
     from broker.service import SessionHandler
     from broker.xml import ConsoleEdit, EditOptions
 
-PROTOCOL = Protocol(
+    from ._serve import Hubs
+
+class Serial(Protocol):
+    """The ``serial`` protocol and what it does."""
+
+    def xml_edit(self, options: EditOptions) -> ConsoleEdit:
+        """A pty serial port and its console (see broker_serial._xml)."""
+        from ._xml import xml_edit
+
+        return xml_edit(options)
+
+    def session_handler(self, context: PluginContext) -> SessionHandler:
+        """Each broker gets its own hubs (one per shared console stream)."""
+        return hubs_of(context).serve
+
+    def page(self, path: str, context: PluginContext) -> Page | None:
+        """The xterm.js page and its assets (see broker_serial._page)."""
+        from ._page import page
+
+        return page(path, context.config.http.assets_dir)
+
+
+def hubs_of(context: PluginContext) -> Hubs:
+    """The hubs of the broker *context* belongs to, made on first use."""
+    from ._serve import Hubs, Settings
+
+    hubs: Hubs | None = context.state.get("hubs")
+    if hubs is None:
+        hubs = context.state["hubs"] = Hubs(Settings.from_config(context.config))
+    return hubs
+
+
+PROTOCOL = Serial(
     name="serial",
     title="Serial console",
     description="The VM's serial console through libvirt, shared by several clients: "
@@ -41,33 +74,9 @@ def console_broker_protocols() -> list[Protocol]:
 
 
 @hookimpl
-def console_broker_xml_edit(protocol: str, options: EditOptions) -> ConsoleEdit | None:
-    """A pty serial port and its console (see broker_serial._xml)."""
-    if protocol != PROTOCOL.name:
-        return None
-    from ._xml import xml_edit
-
-    return xml_edit(options)
-
-
-@hookimpl
-def console_broker_session_handler(protocol: str, config: Config) -> SessionHandler | None:
-    """Each broker gets its own hubs (one per shared console stream)."""
-    if protocol != PROTOCOL.name:
-        return None
-    from ._serve import Hubs, Settings
-
-    return Hubs(Settings.from_config(config)).serve
-
-
-@hookimpl
-def console_broker_page(protocol: str, path: str, config: Config) -> Page | None:
-    """The xterm.js page and its assets (see broker_serial._page)."""
-    if protocol != PROTOCOL.name:
-        return None
-    from ._page import page
-
-    return page(path, config.http.assets_dir)
+def console_broker_service(context: PluginContext) -> AbstractAsyncContextManager[None]:
+    """The recordings' retention, while the broker serves (see broker_serial._serve)."""
+    return hubs_of(context).pruning()
 
 
 @hookimpl

@@ -326,6 +326,11 @@ class Pruner:
     def start(self) -> None:
         self._thread.start()
 
+    @property
+    def alive(self) -> bool:
+        """Whether its thread runs."""
+        return self._thread.is_alive()
+
     def wake(self, trigger: str = "rotation") -> None:
         """Run a pass soon (a recording moved on to its next part)."""
         self._trigger = trigger

@@ -13,25 +13,26 @@ The client leaving, or the console ending once the client has been sent what
 was queued, ends the group; the session detaches from the hub in any case
 (the last one closes it and its recording).
 
-:class:`Hubs` also runs the retention of the recordings
-(:class:`broker_serial._retention.Pruner`) when a policy is set: a pass on
-start, every ``serial.recordings_prune_interval`` seconds and after a
-recording moves on to its next part, in a thread that ends with the Hubs.
+:meth:`Hubs.pruning`, the plugin's service, runs the retention of the
+recordings (:class:`broker_serial._retention.Pruner`) while the broker serves,
+when a policy is set: a pass on start, every ``serial.recordings_prune_interval``
+seconds and after a recording moves on to its next part, in a thread.
 """
 
 from __future__ import annotations
 
-import weakref
+import contextlib
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
 import anyio
 import anyio.abc
 import attrs
-from websockets.exceptions import ConnectionClosed
 
 from broker.config import Config
 from broker.service import ClientClosed, Session
+from broker.service import WebSocketChannel as ClientChannel
 
 from . import _control as control
 from ._config import TABLE, recordings_directory
@@ -83,26 +84,6 @@ class Settings:
         )
 
 
-class WebSocketPeer:
-    """A framed view of the client's WebSocket: text frames as str, binary as bytes."""
-
-    def __init__(self, connection: Any) -> None:
-        self._connection = connection
-
-    async def receive(self) -> bytes | str:
-        try:
-            message: bytes | str = await self._connection.recv()
-        except ConnectionClosed:
-            raise ClientClosed from None
-        return message
-
-    async def send(self, item: bytes | str) -> None:
-        try:
-            await self._connection.send(item)
-        except ConnectionClosed:
-            raise ClientClosed from None
-
-
 async def read_console(hub: Hub, stream: anyio.abc.ByteStream, read_size: int) -> None:
     """Take turns with the hub's other sessions reading *stream*, until it ends; never
     more than the least-behind client has room for (:meth:`Hub.room`)."""
@@ -138,25 +119,41 @@ def _control_message(hub: Hub, client: Attached, text: str, log: Any) -> None:
 
 
 class Hubs:
-    """The hubs of one broker, one per shared console stream, and the session handler."""
+    """The hubs of one broker, one per shared console stream, and the session handler.
+
+    :meth:`pruning` is the plugin's service (``console_broker_service``): while the
+    broker serves, it runs the recordings' retention in a thread when a policy is set,
+    and the hubs wake it after a recording moves on to its next part."""
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self._hubs: dict[int, Hub] = {}
         self.pruner: Pruner | None = None
-        if settings.retention.active:
-            self.pruner = Pruner(
-                settings.recordings_dir, settings.retention, settings.prune_interval
-            )
-            weakref.finalize(self, self.pruner.stop)
-            self.pruner.start()
+
+    @contextlib.asynccontextmanager
+    async def pruning(self) -> AsyncIterator[None]:
+        """Run the retention (a pass now, every ``prune_interval``, after rotations)
+        until the context ends; nothing without a policy."""
+        settings = self.settings
+        if not settings.retention.active:
+            yield
+            return
+        pruner = Pruner(settings.recordings_dir, settings.retention, settings.prune_interval)
+        pruner.start()
+        self.pruner = pruner
+        try:
+            yield
+        finally:
+            self.pruner = None
+            with anyio.CancelScope(shield=True):  # a pass under way finishes first
+                await anyio.to_thread.run_sync(lambda: pruner.stop(timeout=30))
 
     def __len__(self) -> int:
         return len(self._hubs)
 
     def hub_for(self, session: Session) -> Hub:
         """The hub of the session's console stream, made when its first session comes."""
-        key = id(session.endpoint.stream)
+        key = id(session.console_endpoint.stream)
         hub = self._hubs.get(key)
         if hub is not None:
             return hub
@@ -205,10 +202,10 @@ class Hubs:
             "serial.attached", role=client.role.value, clients=len(hub.clients), framed=framed,
             recording=str(hub.recorder.path) if isinstance(hub.recorder, Recording) else None,
         )
-        peer = WebSocketPeer(session.client.connection)
+        peer = session.client
         try:
             async with anyio.create_task_group() as group:
-                group.start_soon(read_console, hub, session.endpoint.stream, session.read_size)
+                group.start_soon(read_console, hub, session.console_endpoint.stream, session.read_size)
                 group.start_soon(self._to_client, hub, client, peer, session, group.cancel_scope)
                 group.start_soon(self._from_client, hub, client, peer, session, group.cancel_scope)
         finally:
@@ -220,7 +217,7 @@ class Hubs:
 
     @staticmethod
     async def _to_client(
-        hub: Hub, client: Attached, peer: WebSocketPeer, session: Session,
+        hub: Hub, client: Attached, peer: ClientChannel, session: Session,
         scope: anyio.CancelScope,
     ) -> None:
         resyncs = 0
@@ -236,20 +233,22 @@ class Hubs:
                     )
                 if isinstance(item, bytes):
                     session.traffic.count_to_client(len(item))
-                await peer.send(item)
+                    await peer.send(item)
+                else:
+                    await peer.send_text(item)
         except ClientClosed:
             pass
         scope.cancel()
 
     @staticmethod
     async def _from_client(
-        hub: Hub, client: Attached, peer: WebSocketPeer, session: Session,
+        hub: Hub, client: Attached, peer: ClientChannel, session: Session,
         scope: anyio.CancelScope,
     ) -> None:
-        stream = session.endpoint.stream
+        stream = session.console_endpoint.stream
         try:
             while True:
-                message = await peer.receive()
+                message = await peer.receive_message()
                 if isinstance(message, str):
                     if client.framed:
                         _control_message(hub, client, message, session.log)

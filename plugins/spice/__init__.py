@@ -8,14 +8,67 @@ from broker import Protocol, hookimpl
 
 from ._config import TABLE
 from ._config import console_broker_config_tables as console_broker_config_tables
+from ._refusals import CHANNEL_REFUSED
 
 if TYPE_CHECKING:
-    from broker.config import Config
     from broker.hookspecs import ClientFile, Page
-    from broker.service import ConsoleTLS, Session, SessionHandler
+    from broker.plugins import PluginContext
+    from broker.service import ConsoleTLS, Refusal, Session, SessionHandler
     from broker.xml import ConsoleEdit, EditOptions
 
-PROTOCOL = Protocol(
+class Spice(Protocol):
+    """The ``spice`` protocol and what it does."""
+
+    def xml_edit(self, options: EditOptions) -> ConsoleEdit:
+        """The SPICE display, agent channel, USB redirection and video (broker_spice._xml)."""
+        from ._xml import xml_edit
+
+        return xml_edit(options)
+
+    def session_handler(self, context: PluginContext) -> SessionHandler:
+        """One SPICE channel connection per session of the group (broker_spice._session)."""
+        from ._session import policy_for, run_channel
+
+        deny = tuple(context.config.table(TABLE).deny_channels)
+
+        async def spice_channel(session: Session) -> None:
+            await run_channel(session, policy_for(session, deny))
+
+        return spice_channel
+
+    def console_tls(self, context: PluginContext) -> ConsoleTLS | None:
+        """TLS to QEMU's SPICE ``tlsPort`` when ``spice.tls_ca`` is set."""
+        section = context.config.table(TABLE)
+        if not section.tls_ca:
+            return None
+        import ssl
+
+        from broker.plugins import PluginError
+        from broker.service import ConsoleTLS
+
+        try:
+            return ConsoleTLS.from_files(
+                section.tls_ca, section.tls_cert, section.tls_key, section.tls_server_name
+            )
+        except (OSError, ssl.SSLError) as exc:
+            raise PluginError(
+                f"spice.tls_ca, spice.tls_cert, spice.tls_key: cannot load the TLS files: {exc}"
+            ) from None
+
+    def page(self, path: str, context: PluginContext) -> Page | None:
+        """The spice-html5 console page and its assets (see broker_spice._page)."""
+        from ._page import page
+
+        return page(path, context.config.http.assets_dir)  # the key the pages share
+
+    def client_file(self, token: str, title: str, context: PluginContext) -> ClientFile | None:
+        """A virt-viewer ``.vv`` file for remote-viewer (see broker_spice._vv)."""
+        from ._vv import vv_file
+
+        return vv_file(token, title, context.config)
+
+
+PROTOCOL = Spice(
     name="spice",
     title="SPICE",
     description=(
@@ -34,68 +87,5 @@ def console_broker_protocols() -> list[Protocol]:
 
 
 @hookimpl
-def console_broker_xml_edit(protocol: str, options: EditOptions) -> ConsoleEdit | None:
-    """The SPICE display, agent channel, USB redirection and video (see broker_spice._xml)."""
-    if protocol != PROTOCOL.name:
-        return None
-    from ._xml import xml_edit
-
-    return xml_edit(options)
-
-
-@hookimpl
-def console_broker_session_handler(protocol: str, config: Config) -> SessionHandler | None:
-    """One SPICE channel connection per session of the group (see broker_spice._session)."""
-    if protocol != PROTOCOL.name:
-        return None
-    from ._session import policy_for, run_channel
-
-    deny = tuple(config.table(TABLE).deny_channels)
-
-    async def spice_channel(session: Session) -> None:
-        await run_channel(session, policy_for(session, deny))
-
-    return spice_channel
-
-
-@hookimpl
-def console_broker_console_tls(protocol: str, config: Config) -> ConsoleTLS | None:
-    """TLS to QEMU's SPICE ``tlsPort`` when ``spice.tls_ca`` is set."""
-    if protocol != PROTOCOL.name or not config.table(TABLE).tls_ca:
-        return None
-    import ssl
-
-    from broker.plugins import PluginError
-    from broker.service import ConsoleTLS
-
-    section = config.table(TABLE)
-    try:
-        return ConsoleTLS.from_files(
-            section.tls_ca, section.tls_cert, section.tls_key, section.tls_server_name
-        )
-    except (OSError, ssl.SSLError) as exc:
-        raise PluginError(
-            f"spice.tls_ca, spice.tls_cert, spice.tls_key: cannot load the TLS files: {exc}"
-        ) from None
-
-
-@hookimpl
-def console_broker_page(protocol: str, path: str, config: Config) -> Page | None:
-    """The spice-html5 console page and its assets (see broker_spice._page)."""
-    if protocol != PROTOCOL.name:
-        return None
-    from ._page import page
-
-    return page(path, config.http.assets_dir)  # the key the console pages share
-
-
-@hookimpl
-def console_broker_client_file(
-    protocol: str, token: str, title: str, config: Config
-) -> ClientFile | None:
-    """A virt-viewer ``.vv`` file for remote-viewer (see broker_spice._vv)."""
-    if protocol != PROTOCOL.name:
-        return None
-    from ._vv import vv_file
-
-    return vv_file(token, title, config)
+def console_broker_refusals() -> list[Refusal]:
+    return [CHANNEL_REFUSED]

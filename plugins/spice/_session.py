@@ -42,12 +42,12 @@ from lxml import etree
 
 from broker.service import ClientClosed, Refused, Session
 from broker.service._refusals import (
-    CHANNEL_REFUSED,
     CLIENT_PROTOCOL_ERROR,
     CONSOLE_AUTH_FAILED,
     CONSOLE_PROTOCOL_ERROR,
 )
 
+from ._refusals import CHANNEL_REFUSED
 from .protocol import (
     NEED_DATA,
     PAUSED,
@@ -113,7 +113,7 @@ class ChannelProxy:
     def __init__(self, session: Session, policy: ChannelPolicy) -> None:
         self.session = session
         self.policy = policy
-        self.stream = session.endpoint.stream
+        self.stream = session.console_endpoint.stream
         self.client = ClientSide()
         self.server = ServerSide()
         self.group_data: dict[str, Any] = (
@@ -158,7 +158,7 @@ class ChannelProxy:
         return self.policy.check(link, session_id=self.group_data.get(SESSION_ID))
 
     async def _password(self) -> str:
-        if self.session.endpoint.kind == "fd":
+        if self.session.console_endpoint.kind == "fd":
             return ""  # openGraphicsFD(SKIPAUTH): QEMU checks no password on this socket
         if _PASSWORD not in self.group_data:
             handle = self.session.domain_handle

@@ -162,7 +162,7 @@ class VNCSessionHandler:
         self._password = password_source
 
     async def __call__(self, session: Session) -> None:
-        if session.endpoint.kind == "websocket":
+        if session.console_endpoint.kind == "websocket":
             await self._pass_through(session)
         else:
             await self._proxy(session)
@@ -177,7 +177,7 @@ class VNCSessionHandler:
             )
         end = await pump(
             session.client,
-            session.endpoint.stream,
+            session.console_endpoint.stream,
             traffic=session.traffic,
             read_size=session.read_size,
         )
@@ -240,7 +240,7 @@ class VNCSessionHandler:
         """The RFB client handshake with QEMU, up to ServerInit."""
         settings = self.settings
         client = RFBClient(password=password, shared=settings.shared, tls=settings.tls is not None)
-        stream: anyio.abc.ByteStream = session.endpoint.stream
+        stream: anyio.abc.ByteStream = session.console_endpoint.stream
         eof = False
         version = (0, 0)
         security: SecuritySucceeded | None = None
@@ -284,7 +284,7 @@ class VNCSessionHandler:
         tls = self.settings.tls
         assert tls is not None  # RFBClient(tls=True) only with TLS configured
         address = None
-        if session.endpoint.kind == "tcp":
+        if session.console_endpoint.kind == "tcp":
             remote = stream.extra(anyio.abc.SocketAttribute.remote_address, None)  # noqa: S610
             if isinstance(remote, tuple):
                 address = str(remote[0])

@@ -12,6 +12,7 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import anyio
 import pytest
 import structlog
 from broker_serial import _retention as retention
@@ -302,27 +303,39 @@ def test_the_pruner_logs_errors_and_goes_on(
 
 
 def test_the_broker_prunes_on_start_and_after_a_rotation(tmp_path: Path) -> None:
+    """The plugin's service (console_broker_service) runs the pruner while the broker
+    serves; the hubs wake it after a rotation."""
     settings = Settings(
         recordings_dir=tmp_path, recording_max_size=4096,
         retention=Policy(max_total=6000), prune_interval=3600,
     )
     plant(tmp_path, "old.cast", days_old=1, size=3000, now=time.time())
     hubs = Hubs(settings)
-    pruner = hubs.pruner
-    assert pruner is not None
-    try:
-        wait_for(lambda: pruner.passes == 1)  # 3000 bytes: nothing to do
-        assert (tmp_path / UUID / "old.cast").exists()
-        rec = Recording(tmp_path, domain_uuid=UUID, max_size=4096, on_rotate=hubs._rotated)
-        rec.output(b"z" * 4200)
-        rec.output(b"z")  # rotated: 3000 + 4300 + a header > 6000
-        wait_for(lambda: pruner.passes == 2)
-        assert not (tmp_path / UUID / "old.cast").exists()
-        assert all(p.exists() for p in rec.paths)
-        rec.close()
-    finally:
-        pruner.stop(timeout=10)
-    assert Hubs(Settings(recordings_dir=tmp_path)).pruner is None  # no policy, no thread
+    assert hubs.pruner is None  # not before the broker serves
+
+    async def serving() -> None:
+        async with hubs.pruning():
+            pruner = hubs.pruner
+            assert pruner is not None
+            await anyio.to_thread.run_sync(wait_for, lambda: pruner.passes == 1)
+            assert (tmp_path / UUID / "old.cast").exists()  # 3000 bytes: nothing to do
+            rec = Recording(tmp_path, domain_uuid=UUID, max_size=4096, on_rotate=hubs._rotated)
+            rec.output(b"z" * 4200)
+            rec.output(b"z")  # rotated: 3000 + 4300 + a header > 6000
+            await anyio.to_thread.run_sync(wait_for, lambda: pruner.passes == 2)
+            assert not (tmp_path / UUID / "old.cast").exists()
+            assert all(p.exists() for p in rec.paths)
+            rec.close()
+        assert hubs.pruner is None and not pruner.alive  # stopped with the service
+
+    anyio.run(serving)
+
+    async def no_policy() -> None:
+        quiet = Hubs(Settings(recordings_dir=tmp_path))
+        async with quiet.pruning():
+            assert quiet.pruner is None  # no policy, no thread
+
+    anyio.run(no_policy)
 
 
 def test_the_configuration_keys(tmp_path: Path) -> None:

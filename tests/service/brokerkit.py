@@ -40,7 +40,7 @@ from broker.service._refusals import (
     Refusal,
     Refused,
 )
-from broker.service._session import Endpoint, SessionHandler, raw_proxy
+from broker.service._session import Endpoint
 from broker.service._tls import ConsoleTLS
 from broker.tokens import Claims, TokenVerifier
 
@@ -93,7 +93,7 @@ class FakeResolver:
             await anyio.sleep_forever()
 
     async def target(
-        self, claims: Claims, console: str, tls: ConsoleTLS | None = None
+        self, claims: Claims, console: str | None, tls: ConsoleTLS | None = None
     ) -> Target:
         if not self.available:
             raise Refused(HYPERVISOR_UNAVAILABLE, "fake hypervisor down")
@@ -102,6 +102,8 @@ class FakeResolver:
             raise Refused(UNKNOWN_DOMAIN, f"no domain {claims.domain_uuid}")
         if not dom.running:
             raise Refused(VM_NOT_RUNNING, "not running")
+        if console is None:  # a protocol that opens its own endpoint, or has none
+            return Target(dom.uuid, dom.name, None, handle=dom)
         if console not in dom.consoles:
             raise Refused(CONSOLE_NOT_ENABLED, f"no {console}")
         return Target(
@@ -172,10 +174,6 @@ class RawProtocols:
     @hookimpl
     def console_broker_protocols(self) -> list[Protocol]:
         return [Protocol(name=name, title=name) for name in ("vnc", "spice", "serial")]
-
-    @hookimpl
-    def console_broker_session_handler(self, protocol: str) -> SessionHandler | None:
-        return raw_proxy if protocol in ("vnc", "spice", "serial") else None
 
 
 def builtin_plugins() -> PluginManager:

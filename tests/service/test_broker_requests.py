@@ -29,7 +29,7 @@ from websockets.exceptions import ConnectionClosed, InvalidStatus
 from broker import Protocol, hookimpl
 from broker.config import HTTPSection, LimitsSection
 from broker.plugins import PluginManager
-from broker.service import Session, SessionHandler
+from broker.service import Session
 from broker.service import _refusals as R
 from broker.tokens import TokenIssuer, TokenVerifier
 
@@ -534,20 +534,17 @@ class _HookPlugin:
     @hookimpl
     def console_broker_protocols(self) -> list[Protocol]:
         return [
-            Protocol(name="two-vnc", title="two", console="vnc", view_only=True),
-            Protocol(name="broken", title="broken", console="vnc"),
-            Protocol(name="gone", title="gone", console="vnc"),
+            Protocol(name="two-vnc", title="two", console="vnc", view_only=True,
+                     handler=self.two),
+            Protocol(name="broken", title="broken", console="vnc", handler=self.broken),
+            Protocol(name="gone", title="gone", console="vnc", handler=self.gone),
         ]
-
-    @hookimpl
-    def console_broker_session_handler(self, protocol: str) -> SessionHandler | None:
-        return {"two-vnc": self.two, "broken": self.broken, "gone": self.gone}.get(protocol)
 
     async def two(self, session: Session) -> None:
         self.seen.append(session)
         second = await session.open_endpoint()
         assert await second.stream.receive() == BANNER
-        await session.client.send(b"two:" + await session.endpoint.stream.receive())
+        await session.client.send(b"two:" + await session.console_endpoint.stream.receive())
 
     async def broken(self, session: Session) -> None:
         raise RuntimeError("plugin bug")

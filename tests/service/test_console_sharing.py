@@ -22,7 +22,7 @@ from broker.cli import main
 from broker.config import load_config
 from broker.keys import load_public_keys
 from broker.plugins import PluginManager
-from broker.service import Endpoint, Session, SessionHandler, raw_proxy
+from broker.service import Endpoint, Session
 from broker.service._plan import EndpointPlan, plan_endpoint
 from broker.service._refusals import CONSOLE_NOT_ENABLED, Refused
 from broker.service._shared import SharedEndpoints
@@ -209,15 +209,12 @@ class SharedRaw:
 
     @hookimpl
     def console_broker_protocols(self) -> list[Protocol]:
-        return [Protocol(name="shared-serial", title="t", console="serial", shared_console=True),
-                Protocol(name="own-serial", title="t", console="serial")]
-
-    @hookimpl
-    def console_broker_session_handler(self, protocol: str) -> SessionHandler | None:
         async def wait(session: Session) -> None:
             await session.client.receive()  # until the client closes
 
-        return wait if protocol == "shared-serial" else raw_proxy
+        return [Protocol(name="shared-serial", title="t", console="serial", shared_console=True,
+                         handler=wait),
+                Protocol(name="own-serial", title="t", console="serial")]  # raw_proxy
 
 
 @pytest.mark.anyio

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import io
 import json
 import logging
@@ -12,6 +13,7 @@ import pytest
 import structlog
 from lxml import etree
 
+from broker.plugins import PluginManager
 from broker.service import _refusals as R
 from broker.service._limits import Limits, SessionCounts
 from broker.service._logging import configure_logging, scrub
@@ -205,9 +207,14 @@ def test_every_token_refusal_maps_to_a_refusal() -> None:
 
 
 def test_service_doc_has_the_refusal_table() -> None:
+    """The core's reasons, then the built-in plugins' (console_broker_refusals)."""
+    plugins = PluginManager(disabled=(), load_entrypoints=False, plugins=[
+        (name, importlib.import_module(f"broker_{name}")) for name in ("vnc", "spice", "serial")
+    ])
+    table = markdown_table(refusal for _, refusal in plugins.refusals.values())
     text = (DOCS / "service.md").read_text()
-    assert markdown_table() in text, (
-        "docs/service.md: paste broker.service._refusals.markdown_table()"
+    assert table in text, (
+        "docs/service.md: paste broker.service._refusals.markdown_table(the plugins' refusals)"
     )
 
 

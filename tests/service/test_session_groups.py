@@ -23,8 +23,8 @@ from websockets.exceptions import ConnectionClosed, InvalidStatus
 from broker import Protocol, hookimpl
 from broker.config import Config, LimitsSection, ListenSection
 from broker.hookspecs import ClientFile
-from broker.plugins import PluginManager
-from broker.service import ClientClosed, Session, SessionHandler
+from broker.plugins import PluginContext, PluginManager
+from broker.service import ClientClosed, Session
 from broker.service._connect import PLAIN_PORT, TLS_PORT, handle_for_token
 from broker.tokens import TokenIssuer, TokenVerifier
 
@@ -45,15 +45,13 @@ async def _handler(session: Session) -> None:
 
 
 class Multi:
-    @hookimpl
-    def console_broker_protocols(self) -> list[Protocol]:
-        return [Protocol(name="multi", title="multi", console="vnc", multi_connection=True,
-                         native_clients=True),
-                Protocol(name="single", title="single", console="vnc")]
+    multi: type[Protocol] = Protocol
 
     @hookimpl
-    def console_broker_session_handler(self, protocol: str) -> SessionHandler | None:
-        return _handler
+    def console_broker_protocols(self) -> list[Protocol]:
+        return [self.multi(name="multi", title="multi", console="vnc", multi_connection=True,
+                           native_clients=True, handler=_handler),
+                Protocol(name="single", title="single", console="vnc", handler=_handler)]
 
 
 @pytest.fixture
@@ -253,11 +251,14 @@ async def test_a_broker_without_tls_refuses_the_tls_port(
         await stream.aclose()
 
 
-class Files(Multi):
-    @hookimpl
-    def console_broker_client_file(self, protocol: str, token: str, title: str) -> ClientFile:
+class WithFiles(Protocol):
+    def client_file(self, token: str, title: str, context: PluginContext) -> ClientFile:
         return ClientFile(name="conn", body=f"title={title}\ntoken={token}\n",
                           content_type="application/x-test", suffix=".conn")
+
+
+class Files(Multi):
+    multi = WithFiles
 
 
 @pytest.mark.anyio

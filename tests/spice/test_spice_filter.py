@@ -182,8 +182,10 @@ class _Stream:
 def _proxy(chunks: list[bytes], *, view_only: bool, channel: ChannelType,
            mini_header: bool = True) -> tuple[ChannelProxy, _Stream]:
     stream = _Stream()
+    endpoint = SimpleNamespace(stream=stream, kind="fd")
     session: Any = SimpleNamespace(
-        endpoint=SimpleNamespace(stream=stream, kind="fd"),
+        endpoint=endpoint,
+        console_endpoint=endpoint,
         client=_Client(chunks),
         group=None,
         log=structlog.get_logger("test"),

@@ -11,6 +11,7 @@ from broker_spice import _page
 
 from broker.config import Config, HTTPSection
 from broker.hookspecs import Page
+from broker.plugins import PluginContext
 
 
 @pytest.fixture
@@ -27,9 +28,8 @@ def assets(tmp_path: Path) -> Path:
 
 
 def page(path: str, assets: Path) -> Page | None:
-    return broker_spice.console_broker_page(
-        protocol="spice", path=path, config=Config(http=HTTPSection(assets_dir=str(assets)))
-    )
+    config = Config(http=HTTPSection(assets_dir=str(assets)))
+    return broker_spice.PROTOCOL.page(path, PluginContext("spice", config))
 
 
 def test_the_page(assets: Path) -> None:
@@ -75,6 +75,3 @@ def test_without_spice_html5_the_page_says_what_to_install(tmp_path: Path) -> No
     assert str(tmp_path) not in text  # the path is logged, not shown
 
 
-def test_other_protocols_are_not_served(assets: Path) -> None:
-    config = Config(http=HTTPSection(assets_dir=str(assets)))
-    assert broker_spice.console_broker_page(protocol="vnc", path="", config=config) is None

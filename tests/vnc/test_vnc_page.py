@@ -17,7 +17,7 @@ from vnckit import FakeQEMU, in_process_broker
 import broker.assets
 from broker.config import Config, ConfigError, HTTPSection, config_from_dict
 from broker.hookspecs import Page
-from broker.plugins import PluginError
+from broker.plugins import PluginContext, PluginError
 from broker.service import ENDINGS, REFUSALS
 
 REPO = Path(__file__).resolve().parents[2]
@@ -37,9 +37,8 @@ def assets(tmp_path: Path) -> Path:
 
 
 def page(path: str, assets: Path) -> Page | None:
-    return broker_vnc.console_broker_page(
-        protocol="vnc", path=path, config=Config(http=HTTPSection(assets_dir=str(assets)))
-    )
+    config = Config(http=HTTPSection(assets_dir=str(assets)))
+    return broker_vnc.PROTOCOL.page(path, PluginContext("vnc", config))
 
 
 def test_the_page(assets: Path) -> None:
@@ -86,12 +85,6 @@ def test_without_novnc_the_page_says_what_to_install(tmp_path: Path) -> None:
     assert str(tmp_path) not in text  # the path is logged, not shown
 
 
-def test_other_protocols_are_not_served(assets: Path) -> None:
-    config = Config(http=HTTPSection(assets_dir=str(assets)))
-    assert broker_vnc.console_broker_page(protocol="spice", path="", config=config) is None
-    assert broker_vnc.console_broker_session_handler(protocol="spice", config=config) is None
-
-
 def test_every_close_code_has_a_message_on_the_page() -> None:
     messages = dict(re.findall(r"^\s+(\d{4}): '([^']+)", CONSOLE_JS, re.MULTILINE))
     codes = {reason.close_code for reason in (*REFUSALS, *ENDINGS)} | {1006}
@@ -126,13 +119,14 @@ def test_tls_files_are_checked_when_the_broker_starts(tmp_path: Path) -> None:
     bad = tmp_path / "ca.pem"
     bad.write_text("not a certificate\n")
     with pytest.raises(PluginError, match=r"vnc\.tls_ca"):
-        broker_vnc.console_broker_session_handler(
-            protocol="vnc", config=Config(plugin_tables={"vnc": VNCSection(tls_ca=str(bad))})
+        broker_vnc.PROTOCOL.session_handler(
+            PluginContext("vnc", Config(plugin_tables={"vnc": VNCSection(tls_ca=str(bad))}))
         )
     with pytest.raises(PluginError, match=r"vnc\.tls_ca"):
-        broker_vnc.console_broker_session_handler(
-            protocol="vnc",
-            config=Config(plugin_tables={"vnc": VNCSection(tls_ca=str(tmp_path / "missing.pem"))}),
+        broker_vnc.PROTOCOL.session_handler(
+            PluginContext("vnc", Config(plugin_tables={
+                "vnc": VNCSection(tls_ca=str(tmp_path / "missing.pem"))
+            }))
         )
 
 

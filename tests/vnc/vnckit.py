@@ -14,8 +14,7 @@ import anyio.abc
 import attrs
 from anyio.streams.buffered import BufferedByteReceiveStream
 from anyio.streams.tls import TLSStream
-from broker_vnc import PROTOCOL
-from broker_vnc import console_broker_page as vnc_page
+from broker_vnc import PROTOCOL, VNC
 from broker_vnc._config import TABLE, VNCSection
 from broker_vnc._session import VNCSessionHandler, VNCSettings
 from broker_vnc.rfb import NEED_DATA, Event, RFBClient, ServerInit, vnc_auth_response
@@ -24,8 +23,7 @@ from rfb_transcripts import CHALLENGE, V38, server_init, string, u8, u32
 
 from broker import Protocol, hookimpl
 from broker.config import BrokerSection, Config, HTTPSection, ListenSection
-from broker.hookspecs import Page
-from broker.plugins import PluginManager
+from broker.plugins import PluginContext, PluginManager
 from broker.service import Endpoint, Session, SessionHandler
 from broker.service._app import Broker
 from broker.service._libvirt import ResolverEvents, Target
@@ -207,16 +205,19 @@ class TestPlugin:
 
     @hookimpl
     def console_broker_protocols(self) -> list[Protocol]:
-        return [PROTOCOL]
+        fields = {f.name: getattr(PROTOCOL, f.name) for f in attrs.fields(VNC)}
+        return [PasswordVNC(**fields, password_source=self._password)]
 
-    @hookimpl
-    def console_broker_session_handler(self, protocol: str, config: Config) -> SessionHandler:
-        settings = VNCSettings.from_config(config.table(TABLE))
-        return VNCSessionHandler(settings, password_source=self._password)
 
-    @hookimpl
-    def console_broker_page(self, protocol: str, path: str, config: Config) -> Page | None:
-        return vnc_page(protocol=protocol, path=path, config=config)
+@attrs.frozen
+class PasswordVNC(VNC):
+    """The built-in vnc protocol (its page too), the VNC password from the test."""
+
+    password_source: Any = attrs.field(default=None, eq=False)
+
+    def session_handler(self, context: PluginContext) -> SessionHandler:
+        settings = VNCSettings.from_config(context.config.table(TABLE))
+        return VNCSessionHandler(settings, password_source=self.password_source)
 
 
 @attrs.define

@@ -1,15 +1,18 @@
-"""The console_broker_xml_edit hook: a third-party plugin, and the contract the core enforces."""
+"""XML edits from plugins: a third-party edit that is no protocol, and the contract the core
+enforces."""
 
 from __future__ import annotations
 
 import copy
 from collections.abc import Callable, Sequence
 
+import attrs
 import pytest
 from lxml import etree
 from xmlhelpers import SAMPLE
 
 from broker import Protocol, hookimpl
+from broker.hookspecs import XMLEdit
 from broker.plugins import PluginError, PluginManager
 from broker.xml import (
     Compare,
@@ -38,21 +41,17 @@ def agent_channel(
     return [channel]
 
 
-class ExamplePlugin:
-    """A third-party plugin: protocol 'agent', one slot of its own."""
+AGENT_CHANNEL = "channel[target/@name='org.example.agent.0']"
 
-    def __init__(self, build: Build = agent_channel, select: str | None = None) -> None:
-        self.build = build
-        self.select = select or "channel[target/@name='org.example.agent.0']"
 
-    @hookimpl
-    def console_broker_protocols(self) -> list[Protocol]:
-        return [Protocol(name="agent", title="Example agent")]
+@attrs.frozen
+class AgentEdit(XMLEdit):
+    """An XML edit that is no protocol: a guest agent's channel, one slot of its own."""
 
-    @hookimpl
-    def console_broker_xml_edit(self, protocol: str, options: EditOptions) -> ConsoleEdit | None:
-        if protocol != "agent":
-            return None
+    build: Build = agent_channel
+    select: str = AGENT_CHANNEL
+
+    def xml_edit(self, options: EditOptions) -> ConsoleEdit:
         return ConsoleEdit(
             mode=options.params.get("agent.mode", "unix"),
             slots=[
@@ -67,6 +66,18 @@ class ExamplePlugin:
             devices=[DeviceRef("channel", "unix")],
             settings={"flavour": "example"},
         )
+
+
+class ExamplePlugin:
+    """A third-party plugin: the XML edit 'agent' (console_broker_xml_edits)."""
+
+    def __init__(self, build: Build = agent_channel, select: str | None = None) -> None:
+        self.edit = AgentEdit(name="agent", title="Example agent", build=build,
+                              select=select or AGENT_CHANNEL)
+
+    @hookimpl
+    def console_broker_xml_edits(self) -> list[XMLEdit]:
+        return [self.edit]
 
 
 def manager_with(plugin: object) -> PluginManager:

@@ -4,7 +4,7 @@ It registers through the ``console_broker`` entry-point group exactly as the
 built-in plugins do, and uses nothing but hooks: it declares two protocols
 that attach to consoles the built-in plugins provision (``raw-vnc``: the VNC
 display, ``raw-serial``: the serial console) and serves their sessions with
-its own handler, built on the core's :func:`broker.service.pump`. It is
+its own handler, built on the core's :func:`broker.service.pump`, and a page. It is
 installed into the test environment by console-broker's tests, which check
 that it is listed, called, serves sessions and is removed again by
 CONSOLE_BROKER_DISABLE_PLUGINS.
@@ -18,52 +18,52 @@ from broker import Protocol, hookimpl
 from broker.hookspecs import Page
 
 if TYPE_CHECKING:
-    from broker.service import Session, SessionHandler
-
-RAW_VNC = Protocol(
-    name="raw-vnc",
-    title="Raw VNC bytes",
-    description="The VNC display's bytes as they are, for scripts and tests.",
-    console="vnc",
-)
-RAW_SERIAL = Protocol(
-    name="raw-serial",
-    title="Raw serial bytes",
-    description="The serial console's bytes as they are, for scripts and tests.",
-    console="serial",
-)
-PROTOCOLS = {p.name: p for p in (RAW_VNC, RAW_SERIAL)}
-
-#: The page ``/console/raw-vnc/`` serves (a plain marker, for tests).
-PAGE = b"<!doctype html><title>raw</title><p>cb-example-plugin page</p>\n"
-
+    from broker.plugins import PluginContext
+    from broker.service import Session
 
 async def handle(session: Session) -> None:
     """Proxy the bytes unchanged, logging through the session's bound logger."""
     from broker.service import pump
 
-    session.log.info("example.session", console=session.console, endpoint=session.endpoint.kind)
+    endpoint = session.console_endpoint
+    session.log.info("example.session", console=session.console, endpoint=endpoint.kind)
     end = await pump(
         session.client,
-        session.endpoint.stream,
+        endpoint.stream,
         traffic=session.traffic,
         read_size=session.read_size,
     )
     session.log.info("example.session_ended", side=end.value)
 
 
+#: The page ``/console/raw-vnc/`` serves (a plain marker, for tests).
+PAGE = b"<!doctype html><title>raw</title><p>cb-example-plugin page</p>\n"
+
+
+class RawVNC(Protocol):
+    """Raw bytes of the VNC display, with a page of its own."""
+
+    def page(self, path: str, context: PluginContext) -> Page | None:
+        return Page(PAGE) if path == "" else None
+
+
+RAW_VNC = RawVNC(
+    name="raw-vnc",
+    title="Raw VNC bytes",
+    description="The VNC display's bytes as they are, for scripts and tests.",
+    console="vnc",
+    handler=handle,
+)
+RAW_SERIAL = Protocol(
+    name="raw-serial",
+    title="Raw serial bytes",
+    description="The serial console's bytes as they are, for scripts and tests.",
+    console="serial",
+    handler=handle,
+)
+PROTOCOLS = {p.name: p for p in (RAW_VNC, RAW_SERIAL)}
+
+
 @hookimpl
 def console_broker_protocols() -> list[Protocol]:
     return list(PROTOCOLS.values())
-
-
-@hookimpl
-def console_broker_session_handler(protocol: str) -> SessionHandler | None:
-    return handle if protocol in PROTOCOLS else None
-
-
-@hookimpl
-def console_broker_page(protocol: str, path: str) -> Page | None:
-    if protocol == RAW_VNC.name and path == "":
-        return Page(PAGE)
-    return None
