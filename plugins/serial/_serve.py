@@ -205,7 +205,8 @@ class Hubs:
         peer = session.client
         try:
             async with anyio.create_task_group() as group:
-                group.start_soon(read_console, hub, session.console_endpoint.stream, session.read_size)
+                stream = session.console_endpoint.stream
+                group.start_soon(read_console, hub, stream, session.read_size)
                 group.start_soon(self._to_client, hub, client, peer, session, group.cancel_scope)
                 group.start_soon(self._from_client, hub, client, peer, session, group.cancel_scope)
         finally:
