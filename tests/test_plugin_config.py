@@ -25,8 +25,8 @@ from broker.config import (
     render_defaults,
     render_markdown,
 )
-from broker.hookspecs import ClientFile
-from broker.plugins import PluginError, PluginManager
+from broker.hookspecs import ClientFile, Protocol
+from broker.plugins import PluginContext, PluginError, PluginManager
 
 
 @attrs.frozen
@@ -48,19 +48,22 @@ def monitor_checks(section: MonitorSection) -> list[str]:
 MONITOR = ConfigTable(name="monitor", schema=MonitorSection, check=monitor_checks)
 
 
+class MonitorProtocol(Protocol):
+    def client_file(self, token: str, title: str, context: PluginContext) -> ClientFile | None:
+        section = context.config.table(MONITOR)
+        return ClientFile(name="monitor", body=f"{section.socket} {section.interval}")
+
+
 class Monitor:
-    """A third-party plugin with a table of its own, reading it back in a hook."""
+    """A third-party plugin with a table of its own, reading it back in its protocol."""
 
     @hookimpl
     def console_broker_config_tables(self) -> list[ConfigTable[Any]]:
         return [MONITOR]
 
     @hookimpl
-    def console_broker_client_file(
-        self, protocol: str, token: str, title: str, config: Config
-    ) -> ClientFile | None:
-        section = config.table(MONITOR)
-        return ClientFile(name="monitor", body=f"{section.socket} {section.interval}")
+    def console_broker_protocols(self) -> list[Protocol]:
+        return [MonitorProtocol(name="monitor", title="Monitor")]
 
 
 def manager(*plugins: tuple[str, object], entry_points: bool = False) -> PluginManager:
@@ -96,11 +99,10 @@ def test_the_table_is_accepted_and_its_keys_are_effective(tmp_path: Path) -> Non
     assert isinstance(section.interval, float)
     assert config.table("monitor") is section and config.listen.port == 7000
     assert config.table("listen") is config.listen
-    # The plugin's hooks get it back through the configuration.
-    found = plugins.hook.console_broker_client_file(
-        protocol="x", token="t", title="d", config=config
-    )
-    assert found.body == f"{tmp_path / 'run' / 'qmp.sock'} 2.0"
+    # The plugin's protocol gets it back through its context's configuration.
+    plugin, protocol = plugins.protocols["monitor"]
+    found = protocol.client_file("t", "d", plugins.contexts(config)[plugin])
+    assert found is not None and found.body == f"{tmp_path / 'run' / 'qmp.sock'} 2.0"
 
 
 def test_the_defaults_when_the_file_has_no_such_table(tmp_path: Path) -> None:
