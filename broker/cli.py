@@ -13,18 +13,10 @@ import sys
 from collections.abc import Callable, Sequence
 
 import broker
+from broker.errors import EXIT_USAGE, CommandError
 from broker.plugins import PluginError, PluginManager
 
-#: Exit status for a usage or input error (as argparse uses).
-EXIT_USAGE = 2
-
-
-class CommandError(Exception):
-    """An error to report to the user as one line, with an exit status."""
-
-    def __init__(self, message: str, status: int = 1) -> None:
-        super().__init__(message)
-        self.status = status
+__all__ = ["EXIT_USAGE", "CommandError", "build_parser", "main"]
 
 
 def _plugins_command(args: argparse.Namespace) -> int:

@@ -21,7 +21,6 @@ from urllib.parse import urlencode
 import attrs
 import structlog
 
-from broker.cli import EXIT_USAGE, CommandError
 from broker.config import (
     Config,
     ConfigError,
@@ -30,6 +29,7 @@ from broker.config import (
     render_defaults,
     render_markdown,
 )
+from broker.errors import EXIT_USAGE, CommandError
 from broker.keys import KeyFileError, generate_keypair, load_private_key, load_public_keys
 from broker.plugins import PluginContext, PluginManager
 from broker.tokens import IssuedToken, TokenIssuer

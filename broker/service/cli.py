@@ -13,8 +13,8 @@ from typing import TypeAlias
 import anyio
 import structlog
 
-from broker.cli import CommandError
 from broker.config import Config, ConfigError, find_config, load_config
+from broker.errors import CommandError
 from broker.keys import KeyFileError, ensure_keypair, load_public_keys
 from broker.plugins import PluginManager
 from broker.service._app import Broker

@@ -13,6 +13,7 @@ import sys
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
+from broker.errors import CommandError
 from broker.xml import _io
 from broker.xml._errors import XmlError
 from broker.xml._hook import POLICY_PATH, run_hook
@@ -34,8 +35,6 @@ EXIT_ERROR = 2
 
 
 def _error(message: str) -> Exception:
-    from broker.cli import CommandError  # lazily: broker.cli imports this module
-
     return CommandError(message, status=EXIT_ERROR)
 
 
