@@ -14,7 +14,7 @@ Reading what a domain has enabled (for the broker)::
 :func:`read_consoles` also accepts an lxml tree of the live XML.
 """
 
-from broker.xml._editor import EditResult, console_edit, disable, enable
+from broker.xml._editor import EditResult, disable, enable
 from broker.xml._errors import (
     EditError,
     InputError,
@@ -33,9 +33,11 @@ from broker.xml._model import (
     ConsoleRecord,
     DeviceRef,
     EditOptions,
+    EditSource,
     Slot,
 )
 from broker.xml._ops import Outcome, check_schema, disable_xml, enable_xml
+from broker.xml._plugins import console_edit, plugin_edits
 from broker.xml._schema import DOMAIN_SCHEMA, domain_schema, schema_errors
 from broker.xml._source import MAX_BYTES, Document, parse_document
 from broker.xml.fragments import graphics_for_mode, load_fragment
@@ -56,6 +58,7 @@ __all__ = [
     "EditError",
     "EditOptions",
     "EditResult",
+    "EditSource",
     "InputError",
     "MetadataError",
     "Outcome",
@@ -73,6 +76,7 @@ __all__ = [
     "graphics_for_mode",
     "load_fragment",
     "parse_document",
+    "plugin_edits",
     "read_consoles",
     "schema_errors",
 ]

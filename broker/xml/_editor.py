@@ -1,6 +1,7 @@
 """Applying and reverting the plugins' slots on a parsed domain.
 
-Theory of operation. ``enable`` asks each protocol's plugin for its slots.
+Theory of operation. ``enable`` gets each protocol's slots from the edit
+source it is handed (the plugins', :mod:`broker.xml._plugins`).
 For every slot it first builds what the slot wants from what is in place
 now; if that is already there (exactly, or covered where libvirt completes
 devices with defaults), nothing is touched, which makes a second run a no-op
@@ -22,7 +23,7 @@ from collections.abc import Iterable, Sequence
 import attrs
 from lxml import etree
 
-from broker.plugins import PluginError, PluginManager
+from broker.plugins import PluginError
 from broker.xml import _layout as lay
 from broker.xml._errors import EditError, XmlError
 from broker.xml._metadata import (
@@ -41,7 +42,7 @@ from broker.xml._metadata import (
     slot_records,
     words,
 )
-from broker.xml._model import Compare, ConsoleEdit, DeviceRef, EditOptions, Slot
+from broker.xml._model import Compare, ConsoleEdit, DeviceRef, EditOptions, EditSource, Slot
 from broker.xml._source import Document
 
 _RECORD_ORDER = (q("setting"), q("slot"))
@@ -53,32 +54,6 @@ class EditResult:
 
     #: Remarks for the operator, one line each (e.g. SPICE provisioned as tcp).
     notes: tuple[str, ...] = ()
-
-
-def console_edit(manager: PluginManager, protocol: str, options: EditOptions) -> ConsoleEdit:
-    """*protocol*'s edit, from its own object: a protocol's ``xml_edit``, or an XML edit
-    that is no protocol (``console_broker_xml_edits``)."""
-    providers = manager.xml_providers()
-    if protocol not in providers:
-        known = ", ".join(sorted(providers)) or "none"
-        raise EditError(f"unknown console protocol {protocol!r} (known: {known})")
-    plugin, provider = providers[protocol]
-    try:
-        result: object = provider.xml_edit(options)
-    except (XmlError, PluginError):
-        raise
-    except Exception as exc:
-        raise PluginError(
-            f"plugin {plugin!r} failed to give the {protocol} XML edit: {exc}"
-        ) from exc
-    if result is None:
-        raise EditError(f"protocol {protocol!r} (plugin {plugin!r}) does not provision domain XML")
-    if not isinstance(result, ConsoleEdit):
-        raise PluginError(
-            f"plugin {plugin!r}: the xml_edit of {protocol!r} must return a "
-            f"broker.xml.ConsoleEdit or None, got {type(result).__name__}"
-        )
-    return result
 
 
 @functools.lru_cache(maxsize=256)
@@ -194,11 +169,10 @@ def _is_record(el: etree._Element) -> bool:
 
 
 class _Editor:
-    def __init__(self, doc: Document, manager: PluginManager) -> None:
+    def __init__(self, doc: Document) -> None:
         self.doc = doc
         self.root = doc.root
         self.layout = lay.Layout(self.root)
-        self.manager = manager
         self.consoles = find_consoles(self.root)
         self.created: set[str] = set()
         self.was_empty: set[str] = set()
@@ -438,22 +412,22 @@ def enable(
     protocols: Sequence[str],
     options: EditOptions,
     *,
-    manager: PluginManager | None = None,
+    edits: EditSource,
     hardware: bool = True,
 ) -> EditResult:
-    """Provision the consoles *protocols* on *doc* (in place).
+    """Provision the consoles *protocols* on *doc* (in place), with the edits *edits*
+    gives for them (:func:`broker.xml.plugin_edits`: the loaded plugins').
 
     With ``hardware=False`` (the libvirt hook) only slots that change no
     guest-visible hardware and already have elements in place are applied.
     """
-    manager = manager if manager is not None else PluginManager()
     wanted = _unique(protocols)
     if not wanted:
         raise EditError("no console protocol given")
-    edits = {protocol: console_edit(manager, protocol, options) for protocol in wanted}
-    editor = _Editor(doc, manager)
-    _check_disjoint(editor.devices(), edits)
-    for protocol, edit in edits.items():
+    wanted_edits = {protocol: edits(protocol, options) for protocol in wanted}
+    editor = _Editor(doc)
+    _check_disjoint(editor.devices(), wanted_edits)
+    for protocol, edit in wanted_edits.items():
         console = editor.console(protocol)
         records = (
             {r.name: r for r in slot_records(console, protocol)} if console is not None else {}
@@ -462,17 +436,18 @@ def enable(
             editor.enable_slot(protocol, slot, records.get(slot.name), hardware=hardware)
         editor.write_console(protocol, edit, hardware=hardware)
     editor.finish()
-    return EditResult(notes=tuple(note for edit in edits.values() for note in edit.notes))
+    return EditResult(notes=tuple(note for edit in wanted_edits.values() for note in edit.notes))
 
 
 def disable(
     doc: Document,
     protocols: Sequence[str] | None = None,
     *,
-    manager: PluginManager | None = None,
+    edits: EditSource,
 ) -> EditResult:
-    """Undo what the metadata records for *protocols* (default: everything)."""
-    editor = _Editor(doc, manager if manager is not None else PluginManager())
+    """Undo what the metadata records for *protocols* (default: everything); *edits*
+    gives each recorded protocol's slots."""
+    editor = _Editor(doc)
     recorded = console_elements(editor.consoles)
     wanted = list(recorded) if protocols is None else _unique(protocols)
     notes = [
@@ -484,7 +459,7 @@ def disable(
         if records:
             slots = {
                 slot.name: slot
-                for slot in console_edit(editor.manager, protocol, EditOptions()).slots
+                for slot in edits(protocol, EditOptions()).slots
             }
             for record in reversed(records):
                 slot = slots.get(record.name)

@@ -18,9 +18,8 @@ from typing import IO, Any
 
 import attrs
 
-from broker.plugins import PluginManager
-from broker.xml._errors import InputError, SchemaError
-from broker.xml._model import EditOptions
+from broker.xml._errors import EditError, InputError, SchemaError
+from broker.xml._model import EditOptions, EditSource
 from broker.xml._ops import check_schema, enable_xml
 from broker.xml._source import MAX_BYTES, parse_document
 
@@ -88,17 +87,20 @@ def run_hook(
     stdout: IO[bytes],
     *,
     policy_path: str = POLICY_PATH,
-    manager: PluginManager | None = None,
+    edits: EditSource | None = None,
 ) -> list[str]:
-    """Handle one hook call; returns remarks for standard error."""
+    """Handle one hook call; returns remarks for standard error. *edits* gives the
+    protocols' edits (:func:`broker.xml.plugin_edits`); only a rewrite needs it."""
     data = stdin.read(MAX_BYTES + 1)  # always drain what libvirt writes
     if operation not in REWRITE_OPERATIONS:
         return []
     policy = load_policy(policy_path)
     if policy is None:
         return []
+    if edits is None:
+        raise EditError(f"the hook needs the protocols' edits to {operation} a domain")
     outcome = enable_xml(
-        data, policy.consoles, policy.options, manager=manager, validate=False, hardware=False
+        data, policy.consoles, policy.options, edits=edits, validate=False, hardware=False
     )
     if not outcome.changed:
         return []

@@ -226,6 +226,12 @@ class ConsoleEdit:
     notes: tuple[str, ...] = attrs.field(default=(), converter=_strings)
 
 
+#: Where the editor gets each protocol's edit: ``edits(protocol, options)`` returns the
+#: :class:`ConsoleEdit` of *protocol* for *options*, or raises (an unknown protocol, one
+#: that provisions no XML). :func:`broker.xml.plugin_edits` asks the loaded plugins.
+EditSource = Callable[[str, EditOptions], ConsoleEdit]
+
+
 @attrs.frozen
 class ConsoleRecord:
     """What the metadata of a domain records about one enabled console."""

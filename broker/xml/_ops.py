@@ -7,10 +7,9 @@ from collections.abc import Sequence
 
 import attrs
 
-from broker.plugins import PluginManager
 from broker.xml._editor import EditResult, disable, enable
 from broker.xml._errors import SchemaError
-from broker.xml._model import EditOptions
+from broker.xml._model import EditOptions, EditSource
 from broker.xml._schema import DOMAIN_SCHEMA, domain_schema, schema_errors
 from broker.xml._source import Document, parse_document
 
@@ -58,13 +57,13 @@ def enable_xml(
     consoles: Sequence[str],
     options: EditOptions,
     *,
-    manager: PluginManager | None = None,
+    edits: EditSource,
     validate: bool = True,
     hardware: bool = True,
 ) -> Outcome:
     """Parse *data*, enable *consoles*, validate, write back (see :func:`broker.xml.enable`)."""
     doc = parse_document(data)
-    result = enable(doc, consoles, options, manager=manager, hardware=hardware)
+    result = enable(doc, consoles, options, edits=edits, hardware=hardware)
     return _finish(doc, data, result, validate)
 
 
@@ -72,10 +71,10 @@ def disable_xml(
     data: bytes,
     consoles: Sequence[str] | None = None,
     *,
-    manager: PluginManager | None = None,
+    edits: EditSource,
     validate: bool = True,
 ) -> Outcome:
     """Parse *data*, disable *consoles* (default: all recorded), validate, write back."""
     doc = parse_document(data)
-    result = disable(doc, consoles, manager=manager)
+    result = disable(doc, consoles, edits=edits)
     return _finish(doc, data, result, validate)

@@ -21,6 +21,7 @@ from broker.xml._libvirt import DEFAULT_URI, edit_domain
 from broker.xml._metadata import read_consoles
 from broker.xml._model import DEFAULT_LISTEN, MAX_USBREDIR, MODES, EditOptions
 from broker.xml._ops import Outcome, disable_xml, enable_xml
+from broker.xml._plugins import plugin_edits
 from broker.xml._source import parse_document
 
 if TYPE_CHECKING:
@@ -138,7 +139,11 @@ def _xml_enable(args: argparse.Namespace) -> int:
     def body() -> int:
         data = _io.read_input(args.file)
         outcome = enable_xml(
-            data, args.consoles, options, manager=_manager(), validate=not args.no_validate
+            data,
+            args.consoles,
+            options,
+            edits=plugin_edits(_manager()),
+            validate=not args.no_validate,
         )
         return _emit(args, outcome)
 
@@ -151,7 +156,7 @@ def _xml_disable(args: argparse.Namespace) -> int:
     def body() -> int:
         data = _io.read_input(args.file)
         outcome = disable_xml(
-            data, args.consoles, manager=_manager(), validate=not args.no_validate
+            data, args.consoles, edits=plugin_edits(_manager()), validate=not args.no_validate
         )
         return _emit(args, outcome)
 
@@ -342,10 +347,10 @@ def _domain_enable(args: argparse.Namespace) -> int:
     options = _options(args)
 
     def body() -> int:
-        manager = _manager()
+        edits = plugin_edits(_manager())
 
         def edit(data: bytes) -> Outcome:
-            return enable_xml(data, args.consoles, options, manager=manager)
+            return enable_xml(data, args.consoles, options, edits=edits)
 
         result = edit_domain(args.connect, args.domain, edit, dry_run=args.dry_run)
         return _report(args, result, f"enabled {','.join(args.consoles)} ({options.mode})")
@@ -355,10 +360,10 @@ def _domain_enable(args: argparse.Namespace) -> int:
 
 def _domain_disable(args: argparse.Namespace) -> int:
     def body() -> int:
-        manager = _manager()
+        edits = plugin_edits(_manager())
 
         def edit(data: bytes) -> Outcome:
-            return disable_xml(data, args.consoles, manager=manager)
+            return disable_xml(data, args.consoles, edits=edits)
 
         result = edit_domain(args.connect, args.domain, edit, dry_run=args.dry_run)
         return _report(args, result, "disabled")
@@ -424,7 +429,7 @@ def _hook(args: argparse.Namespace) -> int:
             sys.stdin.buffer,
             sys.stdout.buffer,
             policy_path=args.policy,
-            manager=_manager() if args.operation in ("migrate", "restore") else None,
+            edits=plugin_edits(_manager()) if args.operation in ("migrate", "restore") else None,
         )
         for note in notes:
             print(f"console-broker libvirt-hook: {args.domain}: {note}", file=sys.stderr)

@@ -15,14 +15,15 @@ from broker.plugins import PluginManager
 from broker.xml import (
     NAMESPACE,
     EditOptions,
+    console_edit,
     disable_xml,
     domain_schema,
     enable_xml,
     parse_document,
+    plugin_edits,
     read_consoles,
     schema_errors,
 )
-from broker.xml._editor import console_edit
 from broker.xml._metadata import console_elements, find_consoles, slot_records
 
 ALL = ("vnc", "spice", "serial")
@@ -114,7 +115,7 @@ def test_enable_on_the_corpus(
 ) -> None:
     data = path.read_bytes()
     options = EditOptions(mode=mode)
-    outcome = enable_xml(data, protocols, options, manager=manager)
+    outcome = enable_xml(data, protocols, options, edits=plugin_edits(manager))
     out = outcome.after
 
     # it validates against libvirt's schema (enable_xml checks too, this says so)
@@ -123,7 +124,7 @@ def test_enable_on_the_corpus(
         assert schema_errors(parse_document(out).tree, schema) == []
 
     # a second run yields the very same bytes
-    assert enable_xml(out, protocols, options, manager=manager).after == out
+    assert enable_xml(out, protocols, options, edits=plugin_edits(manager)).after == out
 
     # what the consoles do not own is all there, in order
     before = parse_document(data).root
@@ -152,7 +153,7 @@ def test_enable_on_the_corpus(
     assert set(read_consoles(parse_document(out))) == set(protocols)
 
     # and disable gives back the input, byte for byte
-    assert disable_xml(out, manager=manager).after == data
+    assert disable_xml(out, edits=plugin_edits(manager)).after == data
 
 
 @pytest.mark.parametrize("path", hostile_files(), ids=lambda p: p.name)

@@ -16,6 +16,7 @@ from broker.xml import (
     domain_schema,
     enable_xml,
     parse_document,
+    plugin_edits,
     read_consoles,
     schema_errors,
 )
@@ -36,7 +37,7 @@ NO_CONSOLES = b"""<domain type='qemu'>
 
 
 def enable(data: bytes, consoles: list[str], manager: PluginManager, **options: object) -> bytes:
-    return enable_xml(data, consoles, EditOptions(**options), manager=manager).after  # type: ignore[arg-type]
+    return enable_xml(data, consoles, EditOptions(**options), edits=plugin_edits(manager)).after  # type: ignore[arg-type]
 
 
 def devices(data: bytes) -> etree._Element:
@@ -91,7 +92,9 @@ def test_websocket_mode_gives_vnc_a_websocket_port(manager: PluginManager) -> No
 
 
 def test_websocket_mode_provisions_and_records_spice_as_tcp(manager: PluginManager) -> None:
-    outcome = enable_xml(NO_CONSOLES, ["spice"], EditOptions(mode="websocket"), manager=manager)
+    outcome = enable_xml(
+        NO_CONSOLES, ["spice"], EditOptions(mode="websocket"), edits=plugin_edits(manager)
+    )
     el = graphics(outcome.after, "spice")
     assert el.get("websocket") is None and el.get("autoport") == "yes"
     assert read_consoles(parse_document(outcome.after))["spice"].mode == "tcp"
@@ -139,12 +142,12 @@ def test_the_password_is_blanked_in_the_metadata_and_restored(manager: PluginMan
     assert b"s3cret" not in etree.tostring(metadata)
     placed = metadata.find(f".//{{{NAMESPACE}}}placed")
     assert placed is not None and placed.get("secrets") == "passwd"
-    assert disable_xml(out, manager=manager).after == SAMPLE
+    assert disable_xml(out, edits=plugin_edits(manager)).after == SAMPLE
 
 
 def test_a_password_changed_after_enable_is_kept_by_disable(manager: PluginManager) -> None:
     out = enable(SAMPLE, ["vnc"], manager).replace(b"passwd='s3cret'", b"passwd='n3w'")
-    assert disable_xml(out, manager=manager).after == SAMPLE.replace(b"s3cret", b"n3w")
+    assert disable_xml(out, edits=plugin_edits(manager)).after == SAMPLE.replace(b"s3cret", b"n3w")
 
 
 def test_spice_settings_are_kept_and_tls_toggles_default_mode(manager: PluginManager) -> None:
@@ -207,7 +210,7 @@ def test_an_existing_pty_serial_is_used_as_it_is(manager: PluginManager) -> None
         or len(devices(out).findall("serial")) == 1
     )
     assert read_consoles(parse_document(out))["serial"].slots == ()
-    assert disable_xml(out, manager=manager).after == data
+    assert disable_xml(out, edits=plugin_edits(manager)).after == data
 
 
 def test_non_pty_serial_ports_are_kept_and_a_pty_one_is_added(manager: PluginManager) -> None:
@@ -220,7 +223,7 @@ def test_non_pty_serial_ports_are_kept_and_a_pty_one_is_added(manager: PluginMan
     ports = [(s.get("type"), s.find("target").get("port")) for s in devices(out).iterfind("serial")]  # type: ignore[union-attr]
     assert ports == [("file", "0"), ("pty", "1")]
     assert read_consoles(parse_document(out))["serial"].index == 1
-    assert disable_xml(out, manager=manager).after == data
+    assert disable_xml(out, edits=plugin_edits(manager)).after == data
 
 
 def test_a_virtio_pty_console_is_enough(manager: PluginManager) -> None:
@@ -247,7 +250,8 @@ def test_a_second_run_changes_nothing(manager: PluginManager, mode: str) -> None
 @pytest.mark.parametrize("mode", ["fd", "tcp", "websocket"])
 def test_disable_restores_the_input_byte_for_byte(manager: PluginManager, mode: str) -> None:
     for data in (SAMPLE, NO_CONSOLES):
-        assert disable_xml(enable(data, ALL, manager, mode=mode), manager=manager).after == data
+        out = enable(data, ALL, manager, mode=mode)
+        assert disable_xml(out, edits=plugin_edits(manager)).after == data
 
 
 def test_reenabling_in_another_mode_keeps_the_first_originals(manager: PluginManager) -> None:
@@ -255,7 +259,7 @@ def test_reenabling_in_another_mode_keeps_the_first_originals(manager: PluginMan
     tcp = enable(fd, ALL, manager, mode="tcp", listen="192.0.2.1")
     assert graphics(tcp, "vnc").get("listen") == "192.0.2.1"
     assert read_consoles(parse_document(tcp))["vnc"].mode == "tcp"
-    assert disable_xml(tcp, manager=manager).after == SAMPLE
+    assert disable_xml(tcp, edits=plugin_edits(manager)).after == SAMPLE
     back = enable(tcp, ALL, manager, mode="fd")
     assert back == fd
 
@@ -268,14 +272,14 @@ def test_enabling_protocols_one_by_one_then_disabling_in_any_order(
         step = enable(step, [protocol], manager, mode="tcp")
     assert set(read_consoles(parse_document(step))) == {"serial", "vnc", "spice"}
     for protocol in ("vnc", "serial"):
-        step = disable_xml(step, [protocol], manager=manager).after
+        step = disable_xml(step, [protocol], edits=plugin_edits(manager)).after
         assert protocol not in read_consoles(parse_document(step))
         assert valid(step)
-    assert disable_xml(step, ["spice"], manager=manager).after == SAMPLE
+    assert disable_xml(step, ["spice"], edits=plugin_edits(manager)).after == SAMPLE
 
 
 def test_disable_of_what_is_not_enabled_is_a_no_op_with_a_note(manager: PluginManager) -> None:
-    outcome = disable_xml(SAMPLE, ["vnc"], manager=manager)
+    outcome = disable_xml(SAMPLE, ["vnc"], edits=plugin_edits(manager))
     assert outcome.after == SAMPLE
     assert outcome.notes == ("vnc: not enabled in this domain",)
 
@@ -291,7 +295,7 @@ def test_disable_refuses_when_the_devices_changed_underneath(manager: PluginMana
     out = enable(NO_CONSOLES, ["spice"], manager)
     tampered = out.replace(b"<redirdev bus='usb' type='spicevmc'/>", b"", 1)
     with pytest.raises(EditError, match="changed since console-broker edited it"):
-        disable_xml(tampered, manager=manager)
+        disable_xml(tampered, edits=plugin_edits(manager))
 
 
 # -- the metadata ---------------------------------------------------------------------

@@ -24,6 +24,7 @@ from broker.xml import (
     disable_xml,
     enable_xml,
     parse_document,
+    plugin_edits,
     read_consoles,
 )
 
@@ -87,14 +88,14 @@ def manager_with(plugin: object) -> PluginManager:
 def test_a_third_party_plugin_contributes_its_own_slot() -> None:
     manager = manager_with(ExamplePlugin())
     options = EditOptions(params={"agent.mode": "socket"})
-    out = enable_xml(SAMPLE, ["agent", "vnc"], options, manager=manager).after
+    out = enable_xml(SAMPLE, ["agent", "vnc"], options, edits=plugin_edits(manager)).after
     root = parse_document(out).root
     assert root.find("devices/channel/target").get("name") == "org.example.agent.0"  # type: ignore[union-attr]
     record = read_consoles(parse_document(out))["agent"]
     assert (record.mode, record.device, record.index) == ("socket", DeviceRef("channel", "unix"), 0)
     assert record.settings == {"flavour": "example"}
-    assert enable_xml(out, ["agent", "vnc"], options, manager=manager).after == out
-    assert disable_xml(out, manager=manager).after == SAMPLE
+    assert enable_xml(out, ["agent", "vnc"], options, edits=plugin_edits(manager)).after == out
+    assert disable_xml(out, edits=plugin_edits(manager)).after == SAMPLE
 
 
 def test_a_protocol_without_an_xml_edit_is_a_clear_error() -> None:
@@ -104,13 +105,14 @@ def test_a_protocol_without_an_xml_edit_is_a_clear_error() -> None:
             return [Protocol(name="viewer", title="Viewer only")]
 
     with pytest.raises(EditError, match="does not provision domain XML"):
-        enable_xml(SAMPLE, ["viewer"], EditOptions(), manager=manager_with(NoXml()))
+        enable_xml(SAMPLE, ["viewer"], EditOptions(), edits=plugin_edits(manager_with(NoXml())))
 
 
 def test_disable_without_the_plugin_says_so() -> None:
-    out = enable_xml(SAMPLE, ["agent"], EditOptions(), manager=manager_with(ExamplePlugin())).after
+    edits = plugin_edits(manager_with(ExamplePlugin()))
+    out = enable_xml(SAMPLE, ["agent"], EditOptions(), edits=edits).after
     with pytest.raises(EditError, match="unknown console protocol 'agent'"):
-        disable_xml(out, manager=PluginManager())
+        disable_xml(out, edits=plugin_edits(PluginManager()))
 
 
 def mutating(current: Sequence[etree._Element], devices: etree._Element) -> list[etree._Element]:
@@ -140,8 +142,9 @@ def not_elements(
     ],
 )
 def test_the_core_enforces_the_slot_contract(plugin: ExamplePlugin, message: str) -> None:
+    edits = plugin_edits(manager_with(plugin))
     with pytest.raises(PluginError, match=message):
-        enable_xml(SAMPLE, ["agent", "vnc"], EditOptions(), manager=manager_with(plugin))
+        enable_xml(SAMPLE, ["agent", "vnc"], EditOptions(), edits=edits)
 
 
 def test_a_build_that_changes_its_input_is_refused() -> None:
@@ -150,8 +153,9 @@ def test_a_build_that_changes_its_input_is_refused() -> None:
         b"  <channel type='unix'><target type='virtio' name='org.example.agent.0'/></channel>\n"
         b"  </devices>",
     )
+    edits = plugin_edits(manager_with(ExamplePlugin(mutating)))
     with pytest.raises(PluginError, match="changed the elements it was given"):
-        enable_xml(data, ["agent"], EditOptions(), manager=manager_with(ExamplePlugin(mutating)))
+        enable_xml(data, ["agent"], EditOptions(), edits=edits)
 
 
 def test_slots_and_edits_are_checked_when_made() -> None:
