@@ -18,10 +18,10 @@ from broker.config import (
     at_least,
     not_empty,
     one_of,
-    read_config,
     setting,
     tcp_port,
 )
+from broker.configfile import read_config
 from broker.hookspecs import hookimpl
 
 __all__ = [

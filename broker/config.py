@@ -6,7 +6,7 @@ documentation and value check. The core's tables are the fields of
 :class:`Config`; a plugin declares its own tables (``[vnc]``, a third-party
 ``[monitor]``) as :class:`ConfigTable` values through the
 ``console_broker_config_tables`` hook, each with its cross-checks, and whoever
-loads a configuration passes the loaded plugins' tables (:func:`read_config`
+loads a configuration passes the loaded plugins' tables (:func:`~broker.configfile.read_config`
 does it for the commands). The loader (:func:`load_config`), the documented
 default file (:func:`render_defaults`, printed by ``console-broker config
 --defaults``) and the table in ``docs/config.md`` (:func:`render_markdown`) are
@@ -829,15 +829,6 @@ def load_config(path: Path | None, tables: Iterable[ConfigTable[Any]] = ()) -> C
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError([f"{path}: not valid TOML: {exc}"]) from None
     return config_from_dict(data, source=path, tables=tables)
-
-
-def read_config(path: Path | None) -> Config:
-    """The configuration a command reads: the file :func:`find_config` picks for *path*
-    (else the embedded defaults), with the tables of the plugins that load
-    (:class:`broker.plugins.PluginError` when they cannot be loaded)."""
-    from broker.plugins import PluginManager
-
-    return load_config(find_config(path), PluginManager().config_tables)
 
 
 # --- rendering --------------------------------------------------------------------------

@@ -25,10 +25,10 @@ from broker.config import (
     Config,
     ConfigError,
     find_config,
-    read_config,
     render_defaults,
     render_markdown,
 )
+from broker.configfile import read_config
 from broker.errors import EXIT_USAGE, CommandError
 from broker.keys import KeyFileError, generate_keypair, load_private_key, load_public_keys
 from broker.plugins import PluginContext, PluginManager

@@ -21,10 +21,10 @@ from broker.config import (
     ConfigError,
     key_specs,
     load_config,
-    read_config,
     render_defaults,
     render_markdown,
 )
+from broker.configfile import read_config
 from broker.hookspecs import ClientFile, Protocol
 from broker.plugins import PluginContext, PluginError, PluginManager
 
