@@ -1,7 +1,8 @@
 """console-broker: VNC, SPICE and serial consoles of libvirt/QEMU VMs, brokered safely.
 
-The public API for plugin authors is :data:`hookimpl` (decorate your hook
-implementations with it) and the value types in :mod:`broker.hookspecs`.
+A plugin imports from :mod:`broker.api`, which holds everything a plugin may use;
+the rest of the package is the core's. :data:`hookimpl` and :class:`Protocol` are
+here too, for plugins written before ``broker.api``.
 """
 
 from importlib.metadata import PackageNotFoundError, version

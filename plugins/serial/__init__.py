@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from broker import Protocol, hookimpl
+from broker.api import Protocol, hookimpl
 
 from ._config import console_broker_config_tables as console_broker_config_tables
 from ._control import SUBPROTOCOL
@@ -20,10 +20,7 @@ if TYPE_CHECKING:
     import argparse
     from contextlib import AbstractAsyncContextManager
 
-    from broker.hookspecs import Page
-    from broker.plugins import PluginContext
-    from broker.service import SessionHandler
-    from broker.xml import ConsoleEdit, EditOptions
+    from broker.api import ConsoleEdit, EditOptions, Page, PluginContext, SessionHandler
 
     from ._serve import Hubs
 

@@ -11,8 +11,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from broker.api import Config, ConfigError, read_config
-from broker.cli import CommandError
+from broker.api import CommandError, Config, ConfigError, read_config
 
 from ._config import TABLE, recordings_directory
 from ._recording import list_recordings

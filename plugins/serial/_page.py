@@ -3,9 +3,9 @@
 ``/console/serial/`` is the page (``static/console.html``), its script and
 style sheet come from this package, and xterm.js and its fit addon from the
 browser clients' ``node_modules``, the assets directory the console pages share:
-``http.assets_dir`` (:func:`broker.assets.assets_dir`). Only the files listed
+``http.assets_dir`` (:func:`broker.api.assets_dir`). Only the files listed
 here are served, and only from within their package's directory
-(:func:`broker.assets.package_file`): a request for anything else is a 404,
+(:func:`broker.api.package_file`): a request for anything else is a 404,
 whatever lies in the directory. The page runs under a Content-Security-Policy
 that allows scripts and connections to this broker only. A missing asset is a 503
 saying what to install; where it was looked for is only logged.
@@ -18,8 +18,7 @@ from pathlib import Path
 
 import structlog
 
-from broker.assets import HTML, assets_dir, content_type, package_file
-from broker.hookspecs import Page
+from broker.api import HTML, Page, assets_dir, content_type, package_file
 
 _log = structlog.get_logger("broker.serial")
 #: Served from this package: path -> file in static/.

@@ -30,9 +30,8 @@ import anyio
 import anyio.abc
 import attrs
 
-from broker.config import Config
-from broker.service import ClientClosed, Session
-from broker.service import WebSocketChannel as ClientChannel
+from broker.api import ClientClosed, Config, Session
+from broker.api import WebSocketChannel as ClientChannel
 
 from . import _control as control
 from ._config import TABLE, recordings_directory

@@ -14,8 +14,7 @@ from collections.abc import Sequence
 
 from lxml import etree
 
-from broker.xml import Compare, ConsoleEdit, DeviceRef, EditOptions, Slot
-from broker.xml.fragments import load_fragment
+from broker.api import Compare, ConsoleEdit, DeviceRef, EditOptions, Slot, load_fragment
 
 TEMPLATES = "broker_xml_templates"
 

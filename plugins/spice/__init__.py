@@ -4,17 +4,24 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from broker import Protocol, hookimpl
+from broker.api import Protocol, hookimpl
 
 from ._config import TABLE
 from ._config import console_broker_config_tables as console_broker_config_tables
 from ._refusals import CHANNEL_REFUSED
 
 if TYPE_CHECKING:
-    from broker.hookspecs import ClientFile, Page
-    from broker.plugins import PluginContext
-    from broker.service import ConsoleTLS, Refusal, Session, SessionHandler
-    from broker.xml import ConsoleEdit, EditOptions
+    from broker.api import (
+        ClientFile,
+        ConsoleEdit,
+        ConsoleTLS,
+        EditOptions,
+        Page,
+        PluginContext,
+        Refusal,
+        Session,
+        SessionHandler,
+    )
 
 class Spice(Protocol):
     """The ``spice`` protocol and what it does."""
@@ -43,8 +50,7 @@ class Spice(Protocol):
             return None
         import ssl
 
-        from broker.plugins import PluginError
-        from broker.service import ConsoleTLS
+        from broker.api import ConsoleTLS, PluginError
 
         try:
             return ConsoleTLS.from_files(

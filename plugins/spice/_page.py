@@ -3,11 +3,11 @@
 ``/console/spice/`` is the page (``web/console.html``); ``app/console.js`` and
 ``app/console.css`` are its own; ``spice-html5/src/...`` are spice-html5's ES modules,
 read from ``@spice-project/spice-html5`` in the assets directory the console pages
-share: ``http.assets_dir`` (:func:`broker.assets.assets_dir`: by default the source
+share: ``http.assets_dir`` (:func:`broker.api.assets_dir`: by default the source
 tree's ``node_modules`` when the broker runs from one, where ``scripts/setup-host``
 installs it with ``npm ci``). Without spice-html5 the page is an error page (503)
 saying what to install. Nothing outside spice-html5's ``src/`` is served, and only
-``.js`` (:func:`broker.assets.package_file`).
+``.js`` (:func:`broker.api.package_file`).
 """
 
 from __future__ import annotations
@@ -17,8 +17,7 @@ from pathlib import Path
 
 import structlog
 
-from broker.assets import assets_dir, content_type, package_file
-from broker.hookspecs import Page
+from broker.api import Page, assets_dir, content_type, package_file
 
 #: spice-html5's package inside the assets directory.
 SPICE_HTML5 = Path("@spice-project/spice-html5")

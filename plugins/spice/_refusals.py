@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from broker.service import Refusal
+from broker.api import Refusal
 
 #: A channel the session's policy does not admit: a view-only session's inputs, a channel
 #: ``spice.deny_channels`` names, one that is not the session's.

@@ -2,7 +2,7 @@
 
 Theory of operation. A SPICE session is several connections, one per channel; each
 reaches the broker as its own WebSocket with the session's token, and the core runs
-each as a session of its own sharing one :class:`broker.service.SessionGroup`
+each as a session of its own sharing one :class:`broker.api.SessionGroup`
 (``Protocol.multi_connection``). The first connection used the token up: it must
 link the main channel with connection id 0. Every later one must link another
 channel with the connection id QEMU gave the main channel (``MAIN_INIT.session_id``,
@@ -40,11 +40,13 @@ import anyio
 import structlog
 from lxml import etree
 
-from broker.service import ClientClosed, Refused, Session
-from broker.service._refusals import (
+from broker.api import (
     CLIENT_PROTOCOL_ERROR,
     CONSOLE_AUTH_FAILED,
     CONSOLE_PROTOCOL_ERROR,
+    ClientClosed,
+    Refused,
+    Session,
 )
 
 from ._refusals import CHANNEL_REFUSED

@@ -4,17 +4,17 @@ remote-viewer reads a ``[virt-viewer]`` section: ``type=spice``, ``host`` and ``
 (or ``tls-port``) of the SPICE server, and ``proxy``, an HTTP proxy it sends one
 ``CONNECT host:port`` to per channel. The broker is that proxy (``listen.connect_port``),
 and ``host`` is the token's session handle
-(:func:`broker.service._connect.handle_for_token`): no VM address appears in the file,
+(:func:`broker.api.handle_for_token`): no VM address appears in the file,
 and the file is as secret as the token (``delete-this-file=1`` asks remote-viewer to
 remove it once read).
 
 The port tells the broker what the tunnel carries. A broker with TLS (``[tls]``) gets
-``tls-port`` (:data:`~broker.service._connect.TLS_PORT`) and no ``port``, with
+``tls-port`` (:data:`~broker.api.TLS_PORT`) and no ``port``, with
 ``secure-channels=all``: every channel is TLS inside its tunnel, answered with the
 broker's certificate; ``ca`` carries ``tls.ca`` (PEM, its lines joined with ``\\n``) and
 ``host-subject`` the certificate's subject, which the client verifies instead of the
 host name (the host field is a session handle, not the broker's name). A broker
-without TLS gets ``port`` (:data:`~broker.service._connect.PLAIN_PORT`): plain SPICE,
+without TLS gets ``port`` (:data:`~broker.api.PLAIN_PORT`): plain SPICE,
 for a listener on loopback or a trusted network.
 """
 
@@ -23,10 +23,7 @@ from __future__ import annotations
 from pathlib import Path
 from urllib.parse import urlsplit
 
-from broker.config import Config
-from broker.hookspecs import ClientFile
-from broker.plugins import PluginError
-from broker.service._connect import PLAIN_PORT, TLS_PORT, handle_for_token
+from broker.api import PLAIN_PORT, TLS_PORT, ClientFile, Config, PluginError, handle_for_token
 
 CONTENT_TYPE = "application/x-virt-viewer"
 

@@ -12,8 +12,15 @@ from collections.abc import Sequence
 
 from lxml import etree
 
-from broker.xml import Compare, ConsoleEdit, DeviceRef, EditOptions, Slot
-from broker.xml.fragments import graphics_for_mode, load_fragment
+from broker.api import (
+    Compare,
+    ConsoleEdit,
+    DeviceRef,
+    EditOptions,
+    Slot,
+    graphics_for_mode,
+    load_fragment,
+)
 
 TEMPLATES = "broker_xml_templates"
 

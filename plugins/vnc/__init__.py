@@ -12,15 +12,12 @@ from __future__ import annotations
 import ssl
 from typing import TYPE_CHECKING
 
-from broker import Protocol, hookimpl
+from broker.api import Protocol, hookimpl
 
 from ._config import console_broker_config_tables as console_broker_config_tables
 
 if TYPE_CHECKING:
-    from broker.hookspecs import Page
-    from broker.plugins import PluginContext
-    from broker.service import SessionHandler
-    from broker.xml import ConsoleEdit, EditOptions
+    from broker.api import ConsoleEdit, EditOptions, Page, PluginContext, SessionHandler
 
 
 class VNC(Protocol):
@@ -34,7 +31,7 @@ class VNC(Protocol):
 
     def session_handler(self, context: PluginContext) -> SessionHandler:
         """The RFB security proxy (:class:`broker_vnc._session.VNCSessionHandler`)."""
-        from broker.plugins import PluginError
+        from broker.api import PluginError
 
         from ._config import TABLE
         from ._session import VNCSessionHandler, VNCSettings

@@ -6,12 +6,12 @@
   ``@novnc/novnc`` in the assets directory.
 
 The assets directory is ``http.assets_dir``, the one all console pages share
-(:func:`broker.assets.assets_dir`: by default the source tree's ``node_modules``
+(:func:`broker.api.assets_dir`: by default the source tree's ``node_modules``
 when the broker runs from one, where ``scripts/setup-host`` installs noVNC with
 ``npm ci``). Without noVNC the page is an error page (503) saying what to install;
 the path is only logged. Files are read per request (noVNC's modules are small and
 the page cache holds them); nothing but ``.js`` files below ``core/`` and
-``vendor/`` of noVNC is served (:func:`broker.assets.package_file`).
+``vendor/`` of noVNC is served (:func:`broker.api.package_file`).
 """
 
 from __future__ import annotations
@@ -22,8 +22,7 @@ from pathlib import Path
 
 import structlog
 
-from broker.assets import assets_dir, content_type, package_file
-from broker.hookspecs import Page
+from broker.api import Page, assets_dir, content_type, package_file
 
 #: noVNC's package inside the assets directory.
 NOVNC = Path("@novnc/novnc")

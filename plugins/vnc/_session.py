@@ -39,15 +39,19 @@ import attrs
 from anyio.streams.tls import TLSStream
 from lxml import etree
 
-from broker.service import ClientClosed, ConsoleTLS, Refused, Session, pump
-from broker.service._refusals import (
+from broker.api import (
     CLIENT_PROTOCOL_ERROR,
     CONSOLE_AUTH_FAILED,
     CONSOLE_PROTOCOL_ERROR,
     CONSOLE_UNREACHABLE,
     VIEW_ONLY_UNSUPPORTED,
+    ClientClosed,
+    ConsoleTLS,
+    Refused,
+    Session,
+    pump,
+    tls_error,
 )
-from broker.service._tls import tls_error
 
 from ._config import VNCSection
 from .rfb import (
@@ -102,7 +106,7 @@ class VNCSettings:
 def graphics_password(xml: str, console: str = "vnc") -> bytes | None:
     """The ``passwd`` of the graphics element the *console* record names, in a
     domain's secure live XML (None when it has none)."""
-    from broker.xml import read_consoles
+    from broker.api import read_consoles
 
     parser = etree.XMLParser(resolve_entities=False, no_network=True, huge_tree=False)
     root = etree.fromstring(xml.encode(), parser)

@@ -4,7 +4,7 @@ It registers through the ``console_broker`` entry-point group exactly as the
 built-in plugins do, and uses nothing but hooks: it declares two protocols
 that attach to consoles the built-in plugins provision (``raw-vnc``: the VNC
 display, ``raw-serial``: the serial console) and serves their sessions with
-its own handler, built on the core's :func:`broker.service.pump`, and a page. It is
+its own handler, built on the core's :func:`broker.api.pump`, and a page. It is
 installed into the test environment by console-broker's tests, which check
 that it is listed, called, serves sessions and is removed again by
 CONSOLE_BROKER_DISABLE_PLUGINS.
@@ -14,16 +14,14 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from broker import Protocol, hookimpl
-from broker.hookspecs import Page
+from broker.api import Page, Protocol, hookimpl
 
 if TYPE_CHECKING:
-    from broker.plugins import PluginContext
-    from broker.service import Session
+    from broker.api import PluginContext, Session
 
 async def handle(session: Session) -> None:
     """Proxy the bytes unchanged, logging through the session's bound logger."""
-    from broker.service import pump
+    from broker.api import pump
 
     endpoint = session.console_endpoint
     session.log.info("example.session", console=session.console, endpoint=endpoint.kind)
