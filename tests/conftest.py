@@ -17,8 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-
-from broker.testbed import Testbed, TestbedError
+from console_broker_testbed import Testbed, TestbedError
 
 #: The third-party example distribution (console-broker-example-plugin).
 EXAMPLE = Path(__file__).parent / "plugin_example"

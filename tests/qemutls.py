@@ -19,9 +19,8 @@ from pathlib import Path
 from typing import Any
 
 import attrs
+from console_broker_testbed import Testbed, restart_libvirtd
 from servedbroker import CLI
-
-from broker.testbed import Testbed, restart_libvirtd
 
 QEMU_CONF = Path("/etc/libvirt/qemu.conf")
 #: The VNC guest's devices: a password (QEMU then offers VeNCrypt X509Vnc).

@@ -27,11 +27,11 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from console_broker_testbed import Testbed
 from websockets.sync.client import ClientConnection, connect
 from websockets.typing import Origin, Subprotocol
 
 from broker.plugins import DISABLE_ENV
-from broker.testbed import Testbed
 
 CLI = [sys.executable, "-m", "broker.cli"]
 #: The checkout's browser clients (``scripts/setup-host`` runs ``npm ci`` there). The

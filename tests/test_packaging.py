@@ -21,9 +21,8 @@ from importlib import metadata
 from pathlib import Path, PurePosixPath
 
 import pytest
+from console_broker_testbed import Testbed
 from servedbroker import ServedBroker
-
-from broker.testbed import Testbed
 
 REPO = Path(__file__).resolve().parents[1]
 PYPROJECT = tomllib.loads((REPO / "pyproject.toml").read_text())
@@ -95,6 +94,15 @@ def test_every_data_file_is_package_data() -> None:
     assert missing == [], "[tool.setuptools.package-data]"
 
 
+def test_the_testbed_is_a_distribution_of_its_own() -> None:
+    """The test bed (the tests' and scripts/demo's) is not a package of the broker."""
+    testbed = tomllib.loads((REPO / "testbed" / "pyproject.toml").read_text())
+    assert testbed["project"]["name"] == "console-broker-testbed"
+    assert testbed["tool"]["setuptools"]["packages"] == ["console_broker_testbed"]
+    assert "console_broker_testbed" not in ROOTS
+    assert not (REPO / "broker" / "testbed.py").exists()
+
+
 @pytest.fixture(scope="module")
 def installed() -> metadata.Distribution:
     """The installed distribution, when the suite runs against it (not the checkout)."""
@@ -145,6 +153,10 @@ def test_the_wheel_holds_exactly_the_package_directories(
     assert sorted(tree - record) == [], "in the tree, missing from the wheel"
     # A stale build/ directory puts what it holds into the wheel (scripts/test removes it).
     assert sorted(record - tree) == [], "in the wheel, not in the tree"
+    # The test bed comes from its own distribution (tox.ini's deps), never from this one.
+    assert not any("testbed" in path.as_posix() for path in installed.files or ())
+    owners = metadata.packages_distributions()["console_broker_testbed"]
+    assert owners == ["console-broker-testbed"]
 
 
 @pytest.mark.vm

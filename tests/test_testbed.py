@@ -6,10 +6,9 @@ import gzip
 import re
 from pathlib import Path
 
+import console_broker_testbed as tb
 import pytest
-
-from broker import testbed as tb
-from broker.testbed import PROMPT, READY_LINE, Testbed, running_guest
+from console_broker_testbed import PROMPT, READY_LINE, Testbed, running_guest
 
 
 def _cpio_members(archive: bytes) -> dict[str, tuple[int, bytes, tuple[int, int]]]:

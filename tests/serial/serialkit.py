@@ -10,10 +10,9 @@ from pathlib import Path
 from typing import Any
 
 from broker_serial._control import SUBPROTOCOL
+from console_broker_testbed import Testbed
 from servedbroker import ServedBroker, enabled_guest
 from websockets.sync.client import ClientConnection
-
-from broker.testbed import Testbed
 
 
 class Served(ServedBroker):

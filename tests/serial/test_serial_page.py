@@ -9,10 +9,9 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
+from console_broker_testbed import Testbed
 from serialkit import Client, Served, serial_guest
 from websockets.exceptions import ConnectionClosed
-
-from broker.testbed import Testbed
 
 pytestmark = pytest.mark.vm
 

@@ -10,9 +10,8 @@ import time
 from pathlib import Path
 
 import pytest
+from console_broker_testbed import Testbed
 from serialkit import Client, Served, serial_guest
-
-from broker.testbed import Testbed
 
 pytestmark = pytest.mark.vm
 

@@ -16,10 +16,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from console_broker_testbed import Testbed
 from serialkit import Client, Served, serial_guest
 from websockets.exceptions import ConnectionClosed, InvalidStatus
-
-from broker.testbed import Testbed
 
 pytestmark = pytest.mark.vm
 

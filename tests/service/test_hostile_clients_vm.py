@@ -24,11 +24,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from console_broker_testbed import Testbed
 from servedbroker import ServedBroker, enabled_guest, serial_answers
 from websockets.sync.client import ClientConnection, connect
 from websockets.typing import Subprotocol
-
-from broker.testbed import Testbed
 
 pytestmark = pytest.mark.vm
 

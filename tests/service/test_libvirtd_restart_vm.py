@@ -18,11 +18,10 @@ import time
 from pathlib import Path
 
 import pytest
+from console_broker_testbed import Testbed, restart_libvirtd
 from servedbroker import ServedBroker, enabled_guest, read_at_least, serial_answers
 from websockets.exceptions import ConnectionClosed
 from websockets.sync.client import ClientConnection
-
-from broker.testbed import Testbed, restart_libvirtd
 
 pytestmark = [pytest.mark.vm, pytest.mark.libvirtd_restart]
 RFB_BANNER = b"RFB 003.008\n"

@@ -15,11 +15,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from console_broker_testbed import Testbed
 from servedbroker import ServedBroker, enabled_guest, read_at_least, serial_answers
 from websockets.exceptions import ConnectionClosed
 from websockets.sync.client import ClientConnection
-
-from broker.testbed import Testbed
 
 pytestmark = pytest.mark.vm
 RFB_BANNER = b"RFB 003.008\n"

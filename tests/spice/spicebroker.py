@@ -31,12 +31,11 @@ from broker_spice.protocol import (
     build_display_init,
     build_message,
 )
+from console_broker_testbed import Testbed
 from servedbroker import ServedBroker, enabled_guest
 from spicerelay import TestClient
 from websockets.exceptions import ConnectionClosed
 from websockets.sync.client import ClientConnection, connect
-
-from broker.testbed import Testbed
 
 
 class Broker(ServedBroker):

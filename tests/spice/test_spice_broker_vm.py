@@ -27,6 +27,7 @@ from broker_spice.protocol import (
     Message,
     build_message,
 )
+from console_broker_testbed import Testbed
 from servedbroker import CLI
 from spicebroker import (
     FIRST_DISPLAY_MSG,
@@ -42,8 +43,6 @@ from spicebroker import (
 )
 from spicerelay import TestClient, spice_port
 from websockets.exceptions import InvalidStatus
-
-from broker.testbed import Testbed
 
 pytestmark = pytest.mark.vm
 CHANNEL_REFUSED = 4107

@@ -25,6 +25,7 @@ from broker_spice.protocol import (
     build_display_init,
     build_message,
 )
+from console_broker_testbed import SerialConsole, Testbed, running_guest
 from spicerelay import (
     FULL_HEADER_CAPS,
     GUARD_TIMEOUT,
@@ -32,8 +33,6 @@ from spicerelay import (
     TestClient,
     spice_port,
 )
-
-from broker.testbed import SerialConsole, Testbed, running_guest
 
 SPICE_TCP = (
     "<graphics type='spice' autoport='yes'><listen type='address' address='127.0.0.1'/>"

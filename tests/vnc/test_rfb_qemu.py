@@ -24,8 +24,7 @@ from broker_vnc.rfb import (
     Side,
     VersionNegotiated,
 )
-
-from broker.testbed import Testbed
+from console_broker_testbed import Testbed
 
 pytestmark = pytest.mark.vm
 

@@ -8,9 +8,8 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
+from console_broker_testbed import Testbed
 from vncstack import CANVAS, Served, enabled_guest, settled_server_init
-
-from broker.testbed import Testbed
 
 pytestmark = pytest.mark.vm
 

@@ -38,9 +38,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from console_broker_testbed import SerialConsole, Testbed
 from vncstack import CANVAS, Served, enabled_guest, settled_server_init
-
-from broker.testbed import SerialConsole, Testbed
 
 pytestmark = pytest.mark.vm
 

@@ -19,6 +19,7 @@ from typing import Any
 
 import pytest
 from broker_vnc.rfb import SecuritySucceeded, SecurityTypeSelected, VersionNegotiated
+from console_broker_testbed import SerialConsole, Testbed
 from vncstack import (
     GRAPHICS,
     GRAPHICS_NO_PASSWORD,
@@ -29,8 +30,6 @@ from vncstack import (
     settled_server_init,
 )
 from websockets.exceptions import ConnectionClosed
-
-from broker.testbed import SerialConsole, Testbed
 
 pytestmark = pytest.mark.vm
 

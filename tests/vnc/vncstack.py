@@ -13,10 +13,9 @@ from typing import Any
 
 import libvirt
 from broker_vnc.rfb import NEED_DATA, Event, RFBClient, ServerInit
+from console_broker_testbed import SerialConsole, Testbed
 from servedbroker import CLI, ServedBroker
 from websockets.sync.client import ClientConnection
-
-from broker.testbed import SerialConsole, Testbed
 
 #: A VGA display and a VNC display with a password; `xml enable` switches how it listens.
 GRAPHICS = (

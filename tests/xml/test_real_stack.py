@@ -13,10 +13,10 @@ from typing import Any
 
 import libvirt
 import pytest
+from console_broker_testbed import SerialConsole, Testbed
 from lxml import etree
 from websockets.sync.client import connect as ws_connect
 
-from broker.testbed import SerialConsole, Testbed
 from broker.xml import NAMESPACE
 
 CLI = [sys.executable, "-m", "broker.cli"]

@@ -11,7 +11,10 @@ with the prompt :data:`PROMPT` on the serial console (``ttyS0``) and another on
 the VGA console (``tty1``), so keystrokes sent over VNC or SPICE can be proven
 by a command that writes to the serial port.
 
-Run ``python -m broker.testbed --help`` for the command-line face.
+It is a distribution of its own (``console-broker-testbed``, in ``testbed/`` of the
+repository), not part of the broker: ``scripts/setup-host`` installs it into ``.venv``
+and tox into its ``py`` environment. Run ``python -m console_broker_testbed --help``
+for the command-line face.
 """
 
 from __future__ import annotations
@@ -490,7 +493,7 @@ def running_guest(testbed: Testbed, **kwargs: Any) -> Iterator[tuple[Any, Serial
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m broker.testbed",
+        prog="python -m console_broker_testbed",
         description="Bring up the real stack (libvirtd + QEMU + the tiny guest) for the demo.",
     )
     sub = parser.add_subparsers(dest="command", required=True)
@@ -519,6 +522,3 @@ def main(argv: Sequence[str] | None = None) -> int:
         )
     return 0
 
-
-if __name__ == "__main__":
-    sys.exit(main())
