@@ -18,6 +18,8 @@ Hooks, protocols and plugins
     (``Protocol.client_file``). :class:`XMLEdit` is an XML edit that is no protocol
     (``console_broker_xml_edits``). :class:`PluginError` is what a plugin raises for a
     configuration it cannot use: the command or the broker stops with its message.
+    :class:`PluginManager` loads plugins and checks their declarations (a plugin's
+    tests load it alone with ``PluginManager(load_entrypoints=False, plugins=[...])``).
 
 Domain XML (``Protocol.xml_edit``, ``XMLEdit.xml_edit``)
     :class:`EditOptions` (what was asked for) in; :class:`ConsoleEdit` made of
@@ -50,7 +52,7 @@ Refusals (``console_broker_refusals``)
     one of the core's table, :data:`CLIENT_PROTOCOL_ERROR`,
     :data:`CONSOLE_PROTOCOL_ERROR`, :data:`CONSOLE_AUTH_FAILED`,
     :data:`CONSOLE_UNREACHABLE`, :data:`VIEW_ONLY_UNSUPPORTED`, or one the plugin
-    declares itself.
+    declares itself with a close code in :data:`PLUGIN_CODES`.
 
 TLS to a console (``Protocol.console_tls``)
     :class:`ConsoleTLS` holds how the broker verifies a console's certificate;
@@ -67,10 +69,11 @@ Configuration (``console_broker_config_tables``) and commands (``console_broker_
     fields are declared with :func:`setting`, checked with :func:`at_least`,
     :func:`one_of`, :func:`tcp_port`, :func:`not_empty` or a :data:`Check` of its
     own) and reads them back parsed from the broker's :class:`Config` with
-    :meth:`Config.table`. A plugin's command reads the configuration as the broker's
-    own commands do with :func:`read_config` (a :class:`ConfigError` when it is
-    wrong), and raises :class:`CommandError` for a one-line error with an exit status
-    (:data:`EXIT_USAGE` for a usage error).
+    :meth:`Config.table` (:func:`load_config` reads a file with given tables, in
+    tests). A plugin's command reads the configuration as the broker's own commands do
+    with :func:`read_config` (a :class:`ConfigError` when it is wrong), and raises
+    :class:`CommandError` for a one-line error with an exit status (:data:`EXIT_USAGE`
+    for a usage error).
 
 Each name is imported from the core when it is first used, so that importing
 ``broker.api`` costs nothing: a plugin that declares its protocols loads no more of
@@ -91,6 +94,7 @@ if TYPE_CHECKING:
         ConfigError,
         ConfigTable,
         at_least,
+        load_config,
         not_empty,
         one_of,
         setting,
@@ -99,9 +103,11 @@ if TYPE_CHECKING:
     from broker.configfile import read_config
     from broker.errors import EXIT_USAGE, CommandError
     from broker.hookspecs import PROJECT_NAME, ClientFile, Page, Protocol, XMLEdit, hookimpl
-    from broker.plugins import PluginContext, PluginError
+    from broker.plugins import PluginContext, PluginError, PluginManager
     from broker.service import (
         DEFAULT_READ_SIZE,
+        PLUGIN_CODES,
+        ClientChannel,
         ClientClosed,
         ConsoleTLS,
         Endpoint,
@@ -153,6 +159,7 @@ _SOURCES: dict[str, str] = {
     "XMLEdit": "broker.hookspecs",
     "PluginContext": "broker.plugins",
     "PluginError": "broker.plugins",
+    "PluginManager": "broker.plugins",
     # domain XML
     "EditOptions": "broker.xml",
     "ConsoleEdit": "broker.xml",
@@ -175,6 +182,7 @@ _SOURCES: dict[str, str] = {
     "Endpoint": "broker.service",
     "EndpointRequest": "broker.service",
     "MessageChannel": "broker.service",
+    "ClientChannel": "broker.service",
     "WebSocketChannel": "broker.service",
     "TunnelChannel": "broker.service",
     "Claims": "broker.tokens",
@@ -187,6 +195,7 @@ _SOURCES: dict[str, str] = {
     # refusals
     "Refused": "broker.service",
     "Refusal": "broker.service",
+    "PLUGIN_CODES": "broker.service",
     "CLIENT_PROTOCOL_ERROR": "broker.service._refusals",
     "CONSOLE_PROTOCOL_ERROR": "broker.service._refusals",
     "CONSOLE_AUTH_FAILED": "broker.service._refusals",
@@ -211,6 +220,7 @@ _SOURCES: dict[str, str] = {
     "tcp_port": "broker.config",
     "not_empty": "broker.config",
     "read_config": "broker.configfile",
+    "load_config": "broker.config",
     "CommandError": "broker.errors",
     "EXIT_USAGE": "broker.errors",
 }
@@ -224,11 +234,13 @@ __all__ = [
     "EXIT_USAGE",
     "HTML",
     "PLAIN_PORT",
+    "PLUGIN_CODES",
     "PROJECT_NAME",
     "TLS_PORT",
     "VIEW_ONLY_UNSUPPORTED",
     "Check",
     "Claims",
+    "ClientChannel",
     "ClientClosed",
     "ClientFile",
     "CommandError",
@@ -247,6 +259,7 @@ __all__ = [
     "Page",
     "PluginContext",
     "PluginError",
+    "PluginManager",
     "Protocol",
     "PumpEnd",
     "Refusal",
@@ -265,6 +278,7 @@ __all__ = [
     "graphics_for_mode",
     "handle_for_token",
     "hookimpl",
+    "load_config",
     "load_fragment",
     "not_empty",
     "one_of",

@@ -45,8 +45,8 @@ def test_the_type_checking_imports_are_the_table() -> None:
 
 
 def test_an_unknown_name_is_an_attribute_error() -> None:
-    with pytest.raises(AttributeError, match="has no attribute 'PluginManager'"):
-        api.PluginManager  # noqa: B018
+    with pytest.raises(AttributeError, match="has no attribute 'SessionRunner'"):
+        api.SessionRunner  # noqa: B018
     with pytest.raises(ImportError):
         exec("from broker.api import Broker", {})
 

@@ -17,6 +17,7 @@ from broker.service._pump import (
 )
 from broker.service._refusals import ENDINGS, PLUGIN_CODES, REFUSALS, Refusal, Refused
 from broker.service._session import (
+    ClientChannel,
     Endpoint,
     EndpointRequest,
     Session,
@@ -33,6 +34,7 @@ __all__ = [
     "ENDINGS",
     "PLUGIN_CODES",
     "REFUSALS",
+    "ClientChannel",
     "ClientClosed",
     "ConsoleTLS",
     "Endpoint",

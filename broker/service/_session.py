@@ -10,6 +10,7 @@ closes the WebSocket with the right code and closes every endpoint it opened.
 from __future__ import annotations
 
 import contextlib
+import typing
 from collections.abc import Awaitable, Callable, Mapping
 from typing import Any, TypeAlias
 
@@ -38,6 +39,38 @@ class Endpoint:
         with anyio.CancelScope(shield=True):
             with contextlib.suppress(OSError, anyio.BrokenResourceError, anyio.ClosedResourceError):
                 await self.stream.aclose()
+
+
+class ClientChannel(typing.Protocol):
+    """The client side of a session, whatever carries it (a WebSocket, a CONNECT tunnel):
+    whole messages in, whole messages out. Every method raises :class:`ClientClosed`
+    once the client has gone."""
+
+    @property
+    def subprotocol(self) -> str | None:
+        """The negotiated WebSocket subprotocol (None: none, or a tunnel)."""
+        ...
+
+    @property
+    def request_headers(self) -> Mapping[str, str]:
+        """The request's headers (empty for a tunnel)."""
+        ...
+
+    async def receive(self) -> bytes:
+        """The next message's payload as bytes (a text message's UTF-8)."""
+        ...
+
+    async def receive_message(self) -> bytes | str:
+        """The next message: bytes for a binary message, str for a text message."""
+        ...
+
+    async def send(self, data: bytes) -> None:
+        """Send one binary message, waiting while the client is slow."""
+        ...
+
+    async def send_text(self, text: str) -> None:
+        """Send one text message, waiting while the client is slow."""
+        ...
 
 
 class WebSocketChannel:
@@ -215,7 +248,7 @@ class Session:
     #: The token's verified claims (domain UUID, rights, jti, ...).
     claims: Claims
     #: The client: a WebSocket (or a :class:`TunnelChannel` through HTTP CONNECT).
-    client: WebSocketChannel
+    client: ClientChannel
     #: The console endpoint, connected before the handler is called; None for a protocol
     #: whose ``endpoint`` is ``none``.
     endpoint: Endpoint | None
@@ -276,6 +309,7 @@ async def raw_proxy(session: Session) -> None:
 
 
 __all__ = [
+    "ClientChannel",
     "ClientClosed",
     "Endpoint",
     "EndpointRequest",
