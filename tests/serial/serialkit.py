@@ -1,17 +1,22 @@
 """The serial plugin's real-stack kit: a ``console-broker serve`` subprocess, CLI tokens,
-guests provisioned with ``console-broker xml enable``, and WebSocket clients that
-speak the serial console's framed protocol."""
+guests provisioned with ``console-broker xml enable``, WebSocket clients that speak the
+serial console's framed protocol, reading recordings back, and a loaded machine."""
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
+import subprocess
+import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 from broker_serial._control import SUBPROTOCOL
 from console_broker_testbed import Testbed
-from servedbroker import ServedBroker, enabled_guest
+from servedbroker import ServedBroker, enabled_guest, end_with_parent
 from websockets.sync.client import ClientConnection
 
 
@@ -94,3 +99,42 @@ class Client:
             end = time.monotonic() + 1.0
             while time.monotonic() < end and b"guest# " not in self.output[mark:]:
                 self.poll(0.2)
+
+
+def cast_output(*parts: Path) -> str:
+    """The output a recording holds: the text of its ``o`` events, joined across events
+    and across *parts* (in the order given). Search this, not the file: each read of the
+    console is one event, and an emulated UART is read a byte or two at a time, so a line
+    is often spread over several events."""
+    text = []
+    for part in parts:
+        for line in part.read_text().splitlines()[1:]:
+            _, kind, data = json.loads(line)
+            if kind == "o":
+                text.append(data)
+    return "".join(text)
+
+
+def recording_parts(directory: Path, recording: str) -> list[Path]:
+    """The parts of recording *recording* (its id) under *directory*, in order."""
+    return sorted(directory.glob(f"*/*-{recording}-*.cast"))
+
+
+@contextlib.contextmanager
+def cpu_load(processes: int | None = None) -> Iterator[None]:
+    """Load the machine: *processes* (default: one per core) Python processes that spin
+    until the block ends (or the test process dies)."""
+    count = processes if processes is not None else os.cpu_count() or 1
+    spinners = [
+        subprocess.Popen(
+            [sys.executable, "-c", "while True: pass"], preexec_fn=end_with_parent
+        )
+        for _ in range(count)
+    ]
+    try:
+        yield
+    finally:
+        for spinner in spinners:
+            spinner.kill()
+        for spinner in spinners:
+            spinner.wait()

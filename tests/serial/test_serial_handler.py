@@ -5,6 +5,7 @@ the writer's input on, and the last one to leave closes the hub."""
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
@@ -14,7 +15,9 @@ import anyio.abc
 import pytest
 import structlog
 from broker_serial._control import SUBPROTOCOL
+from broker_serial._retention import Policy, is_being_written
 from broker_serial._serve import Hubs, Settings
+from serialkit import cast_output
 from websockets.exceptions import ConnectionClosed
 
 from broker.service import Endpoint, Session, Traffic, WebSocketChannel
@@ -336,3 +339,118 @@ async def test_input_waits_for_the_console_instead_of_piling_up_in_the_broker() 
     await run_sessions(hubs, sessions, body)
     assert bytes(console.typed) == b"".join(b"key %d\r" % i for i in range(50))
     assert [c["error"] for c in viewer.controls() if c["type"] == "error"] == ["view_only"]
+
+
+# --- a recording holds whatever a client was sent, however its session ends ---------------
+
+
+def recorded(directory: Path) -> tuple[str, list[Path]]:
+    """The output the one recording under *directory* holds (its parts joined), and them."""
+    parts = sorted(directory.glob("*/*.cast"))
+    assert parts and not any(is_being_written(part) for part in parts)  # it ended
+    return cast_output(*parts), parts
+
+
+def recording_settings(directory: Path, **more: Any) -> Settings:
+    """Recording on, a new part every 4 KiB."""
+    return Settings(record=True, recordings_dir=directory, recording_max_size=4096, **more)
+
+
+async def test_clients_leaving_leave_the_recording_with_all_they_were_sent(
+    tmp_path: Path,
+) -> None:
+    console = FakeConsole()
+    hubs = Hubs(recording_settings(tmp_path))
+    early, last = FakeConnection(SUBPROTOCOL), FakeConnection(None)
+
+    async def body() -> None:
+        for i in range(200):
+            console.output(b"line %03d\r\n" % i)
+        await until(lambda: early.output().endswith(b"line 199\r\n"))
+        early.leave()
+        await until(lambda: len(hubs._hubs[id(console)].clients) == 1)
+        for i in range(200, 400):
+            console.output(b"line %03d\r\n" % i)
+        await until(lambda: last.output().endswith(b"line 399\r\n"))
+        last.leave()
+
+    await run_sessions(hubs, [make_session(console, early), make_session(console, last)], body)
+    text, parts = recorded(tmp_path)
+    assert len(parts) > 1  # it went on in further parts meanwhile
+    assert text == last.output().decode() == "".join(f"line {i:03d}\r\n" for i in range(400))
+    assert text.startswith(early.output().decode())
+
+
+async def test_the_console_ending_leaves_the_recording_with_its_last_output(
+    tmp_path: Path,
+) -> None:
+    console = FakeConsole()
+    hubs = Hubs(recording_settings(tmp_path))
+    client = FakeConnection(SUBPROTOCOL)
+
+    async def body() -> None:
+        for i in range(300):
+            console.output(b"line %03d\r\n" % i)
+        console.output(b"the last words")
+        console.hang_up()  # the VM stopped: the stream ends
+
+    with anyio.fail_after(5):
+        await run_sessions(hubs, [make_session(console, client)], body)
+    text, _ = recorded(tmp_path)
+    assert client.output().endswith(b"the last words")
+    assert text == client.output().decode()
+
+
+async def test_a_session_ended_by_the_broker_leaves_the_recording_complete(
+    tmp_path: Path,
+) -> None:
+    """The broker ends a session by cancelling its handler (the VM stopped, a shutdown):
+    the recording is closed with everything the client was sent, a character cut
+    between two reads included (as U+FFFD, the rest never came)."""
+    console = FakeConsole()
+    hubs = Hubs(recording_settings(tmp_path))
+    client = FakeConnection(SUBPROTOCOL)
+    cut = "\u00e9".encode()[:1]
+    with anyio.fail_after(5):
+        async with anyio.create_task_group() as group:
+            group.start_soon(hubs.serve, make_session(console, client))
+            for i in range(300):
+                console.output(b"line %03d\r\n" % i)
+            console.output(b"caf" + cut)
+            await until(lambda: client.output().endswith(b"caf" + cut))
+            group.cancel_scope.cancel()
+    text, _ = recorded(tmp_path)
+    assert text == client.output().decode("utf-8", "replace")
+    assert text.endswith("caf\ufffd") and len(hubs) == 0
+
+
+async def test_retention_passes_during_a_session_leave_its_recording_whole(
+    tmp_path: Path,
+) -> None:
+    old = tmp_path / "0b6f8d3c-8d0e-4b8e-9a57-3c1c5b7b2a10" / "20200101T000000Z-00000000-001.cast"
+    old.parent.mkdir(mode=0o700)
+    old.write_text('{"version": 2, "width": 80, "height": 24, "timestamp": 1577836800}\n')
+    os.utime(old, (0, 0))
+    console = FakeConsole()
+    # The pruner passes on start and after each of the recording's rotations, in its thread.
+    hubs = Hubs(recording_settings(tmp_path, retention=Policy(keep_days=7)))
+    assert hubs.pruner is not None
+    client = FakeConnection(SUBPROTOCOL)
+
+    async def body() -> None:
+        for i in range(400):
+            console.output(b"line %03d\r\n" % i)
+            if i % 50 == 0:
+                await anyio.sleep(0.01)  # let passes run while it records
+        await until(lambda: client.output().endswith(b"line 399\r\n"))
+        await until(lambda: hubs.pruner is not None and hubs.pruner.passes > 1)
+        client.leave()
+
+    try:
+        await run_sessions(hubs, [make_session(console, client)], body)
+    finally:
+        hubs.pruner.stop(timeout=5)
+    assert not old.exists()  # the passes deleted what the policy does not keep ...
+    text, parts = recorded(tmp_path)  # ... and nothing of the recording
+    assert len(parts) > 2
+    assert text == client.output().decode()

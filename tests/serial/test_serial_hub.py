@@ -431,3 +431,29 @@ async def test_the_hello_comes_first_even_when_the_client_falls_behind_before_re
     # Queued before it fell behind: hello, pong; then the skip and the screen.
     assert kinds == ["hello", "pong", "skipped", "output"]
     assert isinstance(items[3], bytes) and items[3].endswith(b"line 1999\r\n")
+
+
+async def test_a_client_is_sent_no_output_the_recorder_has_not_had() -> None:
+    recorder = FakeRecorder()
+    hub = Hub(scrollback=256, client_queue=4096, recorder=recorder)
+    keeping_up = hub.attach(full=True, framed=True)
+    behind = hub.attach(full=False, framed=False)
+
+    def recorded() -> bytes:
+        return b"".join(d for kind, d in recorder.events if kind == "o" and isinstance(d, bytes))
+
+    got = bytearray()
+    for i in range(3000):
+        hub.publish(b"%d," % i)
+        if i % 7 == 0:
+            got += output(await drain(hub, keeping_up))
+            assert recorded().startswith(got)
+        if i % 500 == 0:  # the slow one skips; whatever it is sent was recorded before
+            for chunk in await drain(hub, behind):
+                assert isinstance(chunk, bytes)
+                assert chunk.removeprefix(RESET).split(b"]\r\n")[-1] in recorded()
+    hub.detach(keeping_up)
+    hub.detach(behind)
+    assert recorder.closed == 1
+    hub.publish(b"after the end")
+    assert recorded().endswith(b"2999,")
