@@ -22,8 +22,9 @@ Hooks, protocols and plugins
     tests load it alone with ``PluginManager(load_entrypoints=False, plugins=[...])``).
 
 Domain XML (``Protocol.xml_edit``, ``XMLEdit.xml_edit``)
-    :class:`EditOptions` (what was asked for) in; :class:`ConsoleEdit` made of
-    :class:`Slot` (with :class:`Compare`) and :class:`DeviceRef` out.
+    :class:`EditOptions` (what was asked for, the edit's own :class:`XMLOption` values
+    included) in; :class:`ConsoleEdit` made of :class:`Slot` (with :class:`Compare`)
+    and :class:`DeviceRef` out, or :class:`EditError` for options it cannot serve.
     :func:`load_fragment` reads an XML fragment shipped as package data with the safe
     parser; :func:`graphics_for_mode` changes how a ``<graphics>`` listens and keeps
     the rest. :func:`read_consoles` reads what a domain's metadata records
@@ -102,7 +103,15 @@ if TYPE_CHECKING:
     )
     from broker.configfile import read_config
     from broker.errors import EXIT_USAGE, CommandError
-    from broker.hookspecs import PROJECT_NAME, ClientFile, Page, Protocol, XMLEdit, hookimpl
+    from broker.hookspecs import (
+        PROJECT_NAME,
+        ClientFile,
+        Page,
+        Protocol,
+        XMLEdit,
+        XMLOption,
+        hookimpl,
+    )
     from broker.plugins import PluginContext, PluginError, PluginManager
     from broker.service import (
         DEFAULT_READ_SIZE,
@@ -140,6 +149,7 @@ if TYPE_CHECKING:
         ConsoleEdit,
         ConsoleRecord,
         DeviceRef,
+        EditError,
         EditOptions,
         Slot,
         graphics_for_mode,
@@ -157,11 +167,13 @@ _SOURCES: dict[str, str] = {
     "Page": "broker.hookspecs",
     "ClientFile": "broker.hookspecs",
     "XMLEdit": "broker.hookspecs",
+    "XMLOption": "broker.hookspecs",
     "PluginContext": "broker.plugins",
     "PluginError": "broker.plugins",
     "PluginManager": "broker.plugins",
     # domain XML
     "EditOptions": "broker.xml",
+    "EditError": "broker.xml",
     "ConsoleEdit": "broker.xml",
     "Slot": "broker.xml",
     "Compare": "broker.xml",
@@ -252,6 +264,7 @@ __all__ = [
     "ConsoleRecord",
     "ConsoleTLS",
     "DeviceRef",
+    "EditError",
     "EditOptions",
     "Endpoint",
     "EndpointRequest",
@@ -272,6 +285,7 @@ __all__ = [
     "TunnelChannel",
     "WebSocketChannel",
     "XMLEdit",
+    "XMLOption",
     "assets_dir",
     "at_least",
     "content_type",

@@ -116,6 +116,10 @@ class Protocol:
     #: The session handler, for a protocol that needs nothing else from its plugin's
     #: context; :meth:`session_handler` returns it (or :func:`broker.service.raw_proxy`).
     handler: SessionHandler | None = attrs.field(default=None, eq=False, repr=False)
+    #: Options of its XML edit (:class:`XMLOption`), which ``xml enable``
+    #: offers as ``--option NAME=VALUE`` (and their own flags) and the libvirt hook's
+    #: policy takes: SPICE's ``spice.tls`` and ``spice.usbredir``.
+    xml_options: tuple[XMLOption, ...] = attrs.field(default=(), converter=tuple)
 
     def __attrs_post_init__(self) -> None:
         if not self.console:
@@ -257,6 +261,87 @@ def console_broker_service(context: PluginContext) -> AbstractAsyncContextManage
     """
 
 
+_OPTION_NAME = re.compile(r"[a-z0-9][a-z0-9-]*\.[a-z0-9][a-z0-9-]*\Z")
+_TRUE, _FALSE = ("yes", "true", "on", "1"), ("no", "false", "off", "0")
+
+
+@attrs.frozen
+class XMLOption:
+    """An option of one plugin's XML edit (SPICE's secure channels, say), declared with
+    the edit (``Protocol.xml_options``, ``XMLEdit.xml_options``).
+
+    The operator sets it with ``--option NAME=VALUE`` on ``xml enable`` and
+    ``enable DOMAIN`` (or with its own :attr:`flag`), and as :attr:`policy_key` in the
+    libvirt hook's policy; the core checks the value before any edit, and the edit reads
+    it with ``options.value(OPTION)``. Its type is its default's: ``bool`` (``yes``,
+    ``no``, ``true``, ``false``, ``on``, ``off``, ``1``, ``0``), ``int`` (within
+    :attr:`minimum` and :attr:`maximum`) or ``str``.
+    """
+
+    #: ``PLUGIN.KEY`` (``spice.tls``): lower-case, one dot.
+    name: str = attrs.field()
+    #: One sentence for ``--help``.
+    help: str
+    default: bool | int | str
+    #: A command-line flag of its own (``--spice-tls``): a switch for a ``bool``, else
+    #: it takes the value. Empty: ``--option NAME=VALUE`` only.
+    flag: str = ""
+    minimum: int | None = None
+    maximum: int | None = None
+    #: Its key in the libvirt hook's policy; empty: :attr:`name`.
+    policy_key: str = ""
+
+    @name.validator
+    def _check_name(self, _attribute: object, value: str) -> None:
+        if not _OPTION_NAME.match(value):
+            raise ValueError(f"XML option name {value!r} must be PLUGIN.KEY, lower-case")
+
+    def __attrs_post_init__(self) -> None:
+        if self.flag and not re.fullmatch(r"--[a-z0-9][a-z0-9-]*", self.flag):
+            raise ValueError(f"XML option flag {self.flag!r} must be --lower-case-words")
+        if not isinstance(self.default, bool | int | str):
+            raise ValueError(f"XML option {self.name}: a default of bool, int or str")
+
+    @property
+    def key(self) -> str:
+        """Its key in the libvirt hook's policy."""
+        return self.policy_key or self.name
+
+    def parse(self, raw: object) -> bool | int | str:
+        """The value of *raw* (a string from the command line, or a TOML value), or
+        ValueError naming the option."""
+        if isinstance(self.default, bool):
+            if isinstance(raw, bool):
+                return raw
+            text = str(raw).strip().lower()
+            if text in _TRUE or text in _FALSE:
+                return text in _TRUE
+            raise ValueError(f"{self.name}: expected yes or no, got {raw!r}")
+        if isinstance(self.default, int):
+            try:
+                number = raw if isinstance(raw, int) and not isinstance(raw, bool) else int(
+                    str(raw).strip()
+                )
+            except ValueError:
+                raise ValueError(f"{self.name}: expected a whole number, got {raw!r}") from None
+            if (self.minimum is not None and number < self.minimum) or (
+                self.maximum is not None and number > self.maximum
+            ):
+                raise ValueError(
+                    f"{self.name}: must be between {self.minimum} and {self.maximum}"
+                )
+            return number
+        if not isinstance(raw, str):
+            raise ValueError(f"{self.name}: expected a string, got {raw!r}")
+        return raw
+
+    def text(self, value: bool | int | str) -> str:
+        """*value* as ``--option`` takes it (the form ``params`` holds)."""
+        if isinstance(value, bool):
+            return "yes" if value else "no"
+        return str(value)
+
+
 @attrs.frozen
 class XMLEdit:
     """An XML console edit that is no protocol, such as a guest-agent channel.
@@ -271,6 +356,8 @@ class XMLEdit:
     title: str
     #: One sentence on what it adds to a domain.
     description: str = ""
+    #: Options of the edit (see :attr:`Protocol.xml_options`).
+    xml_options: tuple[XMLOption, ...] = attrs.field(default=(), converter=tuple)
 
     def xml_edit(self, options: EditOptions) -> ConsoleEdit:
         """How to provision it (see :meth:`Protocol.xml_edit`)."""

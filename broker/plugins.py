@@ -19,7 +19,7 @@ import structlog
 
 from broker import hookspecs
 from broker.config import CORE_TABLES, ConfigTable, all_tables
-from broker.hookspecs import PROJECT_NAME, Protocol, XMLEdit
+from broker.hookspecs import PROJECT_NAME, Protocol, XMLEdit, XMLOption
 
 if TYPE_CHECKING:
     from prometheus_client import CollectorRegistry
@@ -217,6 +217,26 @@ class PluginManager:
                 )
             codes[refusal.close_code] = who
             found[refusal.reason] = (plugin_name, refusal)
+        return found
+
+    def xml_options(self) -> list[XMLOption]:
+        """The options every protocol's and XML edit's edit declares, checked: one name,
+        flag or policy key per option (:class:`PluginError` naming both owners)."""
+        reserved = {"--mode", "--listen", "--option", "--param", "--consoles", "--diff",
+                    "--check", "--in-place", "--no-validate", "--connect"}
+        owners: dict[str, str] = {}
+        found: list[XMLOption] = []
+        for name, (plugin, provider) in sorted(self.xml_providers().items()):
+            for option in provider.xml_options:
+                owner = f"{self.describe(plugin)} ({name})"
+                for key in {option.name, option.key, option.flag} - {""}:
+                    if key in reserved or key in owners:
+                        raise PluginError(
+                            f"XML option {key!r} of {owner} is "
+                            f"{'the core' if key in reserved else owners[key]}'s already"
+                        )
+                    owners[key] = owner
+                found.append(option)
         return found
 
     def xml_providers(self) -> dict[str, tuple[str, Protocol | XMLEdit]]:

@@ -209,3 +209,28 @@ def test_third_party_distribution_is_listed_called_and_disabled(example_installe
     disabled = _plugins_json({**env, DISABLE_ENV: "example"})
     assert "example" not in disabled
     assert {"vnc", "spice", "serial"} <= set(disabled)
+
+
+def test_two_edits_may_not_declare_one_xml_option_or_flag() -> None:
+    from broker.hookspecs import XMLOption
+
+    class Copycat:
+        @hookimpl
+        def console_broker_xml_edits(self) -> list[XMLEdit]:
+            flag = XMLOption("copy.tls", "TLS again", False, flag="--spice-tls")
+            return [XMLEdit(name="copy", title="copy", xml_options=(flag,))]
+
+    manager = PluginManager(disabled=(), plugins=[("copy", Copycat())])
+    with pytest.raises(PluginError, match="XML option '--spice-tls' of plugin 'spice'"):
+        manager.xml_options()
+
+    class Core:
+        @hookimpl
+        def console_broker_xml_edits(self) -> list[XMLEdit]:
+            return [XMLEdit(name="core", title="core",
+                            xml_options=(XMLOption("core.mode", "x", "", flag="--mode"),))]
+
+    with pytest.raises(PluginError, match="'--mode' of plugin 'core' .* is the core's already"):
+        PluginManager(disabled=(), load_entrypoints=False, plugins=[("core", Core())]).xml_options()
+    with pytest.raises(ValueError, match="PLUGIN.KEY"):
+        XMLOption("tls", "x", False)

@@ -14,6 +14,7 @@ Reading what a domain has enabled (for the broker)::
 :func:`read_consoles` also accepts an lxml tree of the live XML.
 """
 
+from broker.hookspecs import XMLOption
 from broker.xml._editor import EditResult, disable, enable
 from broker.xml._errors import (
     EditError,
@@ -65,6 +66,7 @@ __all__ = [
     "SchemaError",
     "Slot",
     "UnsafeXmlError",
+    "XMLOption",
     "XmlError",
     "check_schema",
     "console_edit",

@@ -13,11 +13,12 @@ or a restore. For every other operation it prints nothing and succeeds.
 from __future__ import annotations
 
 import tomllib
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import IO, Any
 
 import attrs
 
+from broker.hookspecs import XMLOption
 from broker.xml._errors import EditError, InputError, SchemaError
 from broker.xml._model import EditOptions, EditSource
 from broker.xml._ops import check_schema, enable_xml
@@ -28,7 +29,7 @@ POLICY_PATH = "/etc/console-broker/hook.toml"
 #: The operations whose standard output libvirt reads back as the new XML.
 REWRITE_OPERATIONS = ("migrate", "restore")
 
-_KEYS = {"consoles", "mode", "listen", "spice-tls", "usbredir"}
+_KEYS = ("consoles", "mode", "listen")
 
 
 @attrs.frozen
@@ -39,12 +40,18 @@ class HookPolicy:
     options: EditOptions
 
 
-def parse_policy(doc: Mapping[str, Any], where: str) -> HookPolicy:
-    """A :class:`HookPolicy` from a parsed TOML document."""
-    unknown = sorted(set(doc) - _KEYS)
+def parse_policy(
+    doc: Mapping[str, Any], where: str, xml_options: Sequence[XMLOption] = ()
+) -> HookPolicy:
+    """A :class:`HookPolicy` from a parsed TOML document; beside ``consoles``, ``mode``
+    and ``listen`` it takes the plugins' *xml_options* by their policy keys
+    (``spice-tls``, ``usbredir``)."""
+    by_key = {option.key: option for option in xml_options}
+    known = [*_KEYS, *sorted(by_key)]
+    unknown = sorted(set(doc) - set(known))
     if unknown:
         raise InputError(
-            f"{where}: unknown key(s) {', '.join(unknown)} (known: {', '.join(sorted(_KEYS))})"
+            f"{where}: unknown key(s) {', '.join(unknown)} (known: {', '.join(known)})"
         )
     consoles = doc.get("consoles")
     if (
@@ -53,23 +60,24 @@ def parse_policy(doc: Mapping[str, Any], where: str) -> HookPolicy:
         or not all(isinstance(c, str) for c in consoles)
     ):
         raise InputError(f"{where}: 'consoles' must be a non-empty list of protocol names")
-    types = {"mode": str, "listen": str, "spice-tls": bool, "usbredir": int}
-    for key, kind in types.items():
-        if key in doc and not isinstance(doc[key], kind):
-            raise InputError(f"{where}: {key!r} must be a {kind.__name__}")
+    for key in ("mode", "listen"):
+        if key in doc and not isinstance(doc[key], str):
+            raise InputError(f"{where}: {key!r} must be a str")
+    params = {}
+    for key, option in by_key.items():
+        if key in doc:
+            try:
+                params[option.name] = option.text(option.parse(doc[key]))
+            except ValueError as exc:
+                raise InputError(f"{where}: {key!r}: {exc}") from None
     try:
-        options = EditOptions(
-            mode=doc.get("mode", "fd"),
-            listen=doc.get("listen"),
-            tls=doc.get("spice-tls", False),
-            usbredir=doc.get("usbredir", 2),
-        )
+        options = EditOptions(mode=doc.get("mode", "fd"), listen=doc.get("listen"), params=params)
     except ValueError as exc:
         raise InputError(f"{where}: {exc}") from None
     return HookPolicy(tuple(consoles), options)
 
 
-def load_policy(path: str) -> HookPolicy | None:
+def load_policy(path: str, xml_options: Sequence[XMLOption] = ()) -> HookPolicy | None:
     """The policy in *path*, or None if there is no such file."""
     try:
         with open(path, "rb") as f:
@@ -78,7 +86,7 @@ def load_policy(path: str) -> HookPolicy | None:
         return None
     except (OSError, tomllib.TOMLDecodeError) as exc:
         raise InputError(f"cannot read the hook policy {path}: {exc}") from None
-    return parse_policy(doc, path)
+    return parse_policy(doc, path, xml_options)
 
 
 def run_hook(
@@ -88,13 +96,15 @@ def run_hook(
     *,
     policy_path: str = POLICY_PATH,
     edits: EditSource | None = None,
+    xml_options: Sequence[XMLOption] = (),
 ) -> list[str]:
     """Handle one hook call; returns remarks for standard error. *edits* gives the
-    protocols' edits (:func:`broker.xml.plugin_edits`); only a rewrite needs it."""
+    protocols' edits (:func:`broker.xml.plugin_edits`) and *xml_options* the options
+    the policy may set; only a rewrite needs them."""
     data = stdin.read(MAX_BYTES + 1)  # always drain what libvirt writes
     if operation not in REWRITE_OPERATIONS:
         return []
-    policy = load_policy(policy_path)
+    policy = load_policy(policy_path, xml_options)
     if policy is None:
         return []
     if edits is None:

@@ -20,6 +20,8 @@ from typing import Any
 import attrs
 from lxml import etree
 
+from broker.hookspecs import XMLOption
+
 #: The ways a graphical console can be reached.
 #:
 #: ``fd``: no listening socket at all (``<listen type='none'/>``); the broker
@@ -30,9 +32,6 @@ MODES = ("fd", "tcp", "websocket")
 DEFAULT_MODE = "fd"
 #: Where ``tcp`` and ``websocket`` listen unless told otherwise.
 DEFAULT_LISTEN = "127.0.0.1"
-#: The most USB redirection channels a domain may ask for.
-MAX_USBREDIR = 16
-
 _NAME = re.compile(r"[a-z0-9][a-z0-9-]*\Z")
 _PARAM = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*\Z")
 
@@ -76,16 +75,6 @@ def _check_listen(instance: EditOptions, _attribute: object, value: str | None) 
         raise ValueError(f"listen address {value!r} is not an IPv4 or IPv6 address") from None
 
 
-def _check_tls(instance: EditOptions, _attribute: object, value: bool) -> None:
-    if value and instance.mode == "fd":
-        raise ValueError("TLS needs a listening port: use the tcp or websocket mode")
-
-
-def _check_usbredir(_instance: object, _attribute: object, value: int) -> None:
-    if not 0 <= value <= MAX_USBREDIR:
-        raise ValueError(f"the number of USB redirection channels must be 0..{MAX_USBREDIR}")
-
-
 def _check_params(_instance: object, _attribute: object, value: Mapping[str, str]) -> None:
     for key in value:
         if not _PARAM.match(key):
@@ -104,11 +93,8 @@ class EditOptions:
     mode: str = attrs.field(default=DEFAULT_MODE, validator=_check_mode)
     #: The address ``tcp``/``websocket`` listen on; None means :data:`DEFAULT_LISTEN`.
     listen: str | None = attrs.field(default=None, validator=_check_listen)
-    #: Ask for TLS where a protocol sets it per domain (SPICE's secure channels).
-    tls: bool = attrs.field(default=False, validator=_check_tls)
-    #: How many USB redirection channels a protocol that carries USB adds (SPICE).
-    usbredir: int = attrs.field(default=2, validator=_check_usbredir)
-    #: Free-form ``NAME=VALUE`` settings for third-party plugins (``--param``).
+    #: ``NAME=VALUE`` settings (``--option``, alias ``--param``, and the flags plugins'
+    #: options declare): a plugin reads its own declared ones with :meth:`value`.
     params: Mapping[str, str] = attrs.field(
         factory=dict, converter=_frozen_mapping, validator=_check_params, hash=False
     )
@@ -117,6 +103,14 @@ class EditOptions:
     def listen_address(self) -> str:
         """The listen address to write: the one asked for, else :data:`DEFAULT_LISTEN`."""
         return self.listen or DEFAULT_LISTEN
+
+    def value(self, option: XMLOption) -> bool | int | str:
+        """*option*'s value: the one given (``params``), else its default; ValueError,
+        naming the option, for a value it does not take."""
+        raw = self.params.get(option.name)
+        return option.default if raw is None else option.parse(raw)
+
+
 
 
 class Compare(enum.Enum):

@@ -28,6 +28,11 @@ def console_edit(manager: PluginManager, protocol: str, options: EditOptions) ->
         known = ", ".join(sorted(providers)) or "none"
         raise EditError(f"unknown console protocol {protocol!r} (known: {known})")
     plugin, provider = providers[protocol]
+    for option in provider.xml_options:  # the plugin's options: checked before it edits
+        try:
+            options.value(option)
+        except ValueError as exc:
+            raise EditError(str(exc)) from None
     try:
         result: object = provider.xml_edit(options)
     except (XmlError, PluginError):

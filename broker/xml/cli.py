@@ -14,12 +14,13 @@ from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
 from broker.errors import CommandError
+from broker.hookspecs import XMLOption
 from broker.xml import _io
 from broker.xml._errors import XmlError
 from broker.xml._hook import POLICY_PATH, run_hook
 from broker.xml._libvirt import DEFAULT_URI, edit_domain
 from broker.xml._metadata import read_consoles
-from broker.xml._model import DEFAULT_LISTEN, MAX_USBREDIR, MODES, EditOptions
+from broker.xml._model import DEFAULT_LISTEN, MODES, EditOptions
 from broker.xml._ops import Outcome, disable_xml, enable_xml
 from broker.xml._plugins import plugin_edits
 from broker.xml._source import parse_document
@@ -63,6 +64,22 @@ def _consoles(value: str) -> list[str]:
     return names
 
 
+def _dest(option: XMLOption) -> str:
+    return "option_" + option.name.replace(".", "_").replace("-", "_")
+
+
+def _parsed(option: XMLOption) -> Callable[[str], bool | int | str]:
+    """argparse's type for *option*'s own flag."""
+
+    def parse(value: str) -> bool | int | str:
+        try:
+            return option.parse(value)
+        except ValueError as exc:
+            raise argparse.ArgumentTypeError(str(exc)) from None
+
+    return parse
+
+
 def _param(value: str) -> tuple[str, str]:
     name, sep, setting = value.partition("=")
     if not sep or not name:
@@ -70,25 +87,32 @@ def _param(value: str) -> tuple[str, str]:
     return name, setting
 
 
-def _usbredir(value: str) -> int:
+def _plugin_options() -> list[XMLOption]:
+    """The options the loaded plugins' edits declare (none when they cannot be loaded:
+    the command then reports why)."""
+    from broker.plugins import PluginError
+
     try:
-        count = int(value)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, got {value!r}") from None
-    if not 0 <= count <= MAX_USBREDIR:
-        raise argparse.ArgumentTypeError(f"must be between 0 and {MAX_USBREDIR}")
-    return count
+        return _manager().xml_options()
+    except PluginError:
+        return []
 
 
 def _options(args: argparse.Namespace) -> EditOptions:
+    """The edit options: ``--option``/``--param`` and the plugins' own flags, each
+    declared option's value checked before any edit."""
+    params = dict(args.param)
+    for option in _plugin_options():
+        flagged = getattr(args, _dest(option), None)
+        if flagged is not None:
+            params[option.name] = option.text(flagged)
+        if option.name in params:
+            try:
+                option.parse(params[option.name])
+            except ValueError as exc:
+                raise _error(str(exc)) from None
     try:
-        options = EditOptions(
-            mode=args.mode,
-            listen=args.listen,
-            tls=args.spice_tls,
-            usbredir=args.usbredir,
-            params=dict(args.param),
-        )
+        options = EditOptions(mode=args.mode, listen=args.listen, params=params)
     except ValueError as exc:
         raise _error(str(exc)) from None
     if options.listen is not None and ipaddress.ip_address(options.listen).is_unspecified:
@@ -246,26 +270,27 @@ def _add_edit_options(parser: argparse.ArgumentParser, *, required: bool = True)
         "0.0.0.0 or :: expose the console to the network)",
     )
     parser.add_argument(
-        "--spice-tls",
-        action="store_true",
-        help="make SPICE channels secure by default (defaultMode='secure'); the host needs "
-        "spice_tls = 1 and certificates in qemu.conf",
-    )
-    parser.add_argument(
-        "--usbredir",
-        type=_usbredir,
-        default=2,
-        metavar="N",
-        help="SPICE USB redirection channels to have at least (default 2; 0 adds none)",
-    )
-    parser.add_argument(
+        "--option",
         "--param",
+        dest="param",
         type=_param,
         action="append",
         default=[],
         metavar="NAME=VALUE",
-        help="a setting for a third-party plugin (repeatable)",
+        help="an option of a plugin's edit, such as spice.tls=yes (repeatable); the "
+        "loaded plugins' options follow",
     )
+    for option in _plugin_options():
+        if not option.flag:
+            continue
+        if isinstance(option.default, bool):
+            parser.add_argument(option.flag, dest=_dest(option), action="store_true",
+                                default=None, help=f"{option.help} ({option.name}=yes)")
+        else:
+            parser.add_argument(
+                option.flag, dest=_dest(option), type=_parsed(option), default=None,
+                metavar="VALUE", help=f"{option.help} ({option.name}; default {option.default})",
+            )
 
 
 def _register_xml(subparsers: Subparsers) -> None:
@@ -424,12 +449,15 @@ def _register_domain(subparsers: Subparsers) -> None:
 
 def _hook(args: argparse.Namespace) -> int:
     def body() -> int:
+        rewrite = args.operation in ("migrate", "restore")
+        manager = _manager() if rewrite else None
         notes = run_hook(
             args.operation,
             sys.stdin.buffer,
             sys.stdout.buffer,
             policy_path=args.policy,
-            edits=plugin_edits(_manager()) if args.operation in ("migrate", "restore") else None,
+            edits=plugin_edits(manager) if manager is not None else None,
+            xml_options=manager.xml_options() if manager is not None else (),
         )
         for note in notes:
             print(f"console-broker libvirt-hook: {args.domain}: {note}", file=sys.stderr)
@@ -464,8 +492,9 @@ def _register_hook(subparsers: Subparsers) -> None:
         "--policy",
         default=POLICY_PATH,
         metavar="FILE",
-        help=f"the TOML policy (default {POLICY_PATH}; keys: consoles, mode, listen, "
-        "spice-tls, usbredir); without it the hook changes nothing",
+        help=f"the TOML policy (default {POLICY_PATH}; keys: consoles, mode, listen, and "
+        "the plugins' XML options, such as spice-tls and usbredir); without it the hook "
+        "changes nothing",
     )
     parser.set_defaults(func=_hook)
 

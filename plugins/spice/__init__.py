@@ -8,6 +8,7 @@ from broker.api import Protocol, hookimpl
 
 from ._config import TABLE
 from ._config import console_broker_config_tables as console_broker_config_tables
+from ._options import OPTIONS as SPICE_XML_OPTIONS
 from ._refusals import CHANNEL_REFUSED
 
 if TYPE_CHECKING:
@@ -84,6 +85,7 @@ PROTOCOL = Spice(
     view_only=True,
     multi_connection=True,
     native_clients=True,
+    xml_options=SPICE_XML_OPTIONS,
 )
 
 

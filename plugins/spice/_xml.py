@@ -16,11 +16,14 @@ from broker.api import (
     Compare,
     ConsoleEdit,
     DeviceRef,
+    EditError,
     EditOptions,
     Slot,
     graphics_for_mode,
     load_fragment,
 )
+
+from ._options import TLS, USBREDIR
 
 TEMPLATES = "broker_xml_templates"
 
@@ -36,6 +39,10 @@ def _usb_disabled(devices: etree._Element) -> bool:
 def xml_edit(options: EditOptions) -> ConsoleEdit:
     """The SPICE display and its companions, as ``options`` ask."""
     mode = "tcp" if options.mode == "websocket" else options.mode
+    tls, wanted_usbredir = options.value(TLS), options.value(USBREDIR)
+    assert isinstance(tls, bool) and isinstance(wanted_usbredir, int)
+    if tls and mode == "fd":
+        raise EditError("spice.tls: TLS needs a listening port: use the tcp or websocket mode")
 
     def graphics(
         current: Sequence[etree._Element], _devices: etree._Element
@@ -46,7 +53,7 @@ def xml_edit(options: EditOptions) -> ConsoleEdit:
             load_fragment(TEMPLATES, f"spice/{mode}.xml"),
             listen=None if mode == "fd" else options.listen_address,
         )
-        if options.tls:
+        if tls:
             for key, value in load_fragment(TEMPLATES, "spice/tls.xml").attrib.items():
                 if key != "type":
                     el.set(key, value)
@@ -62,7 +69,7 @@ def xml_edit(options: EditOptions) -> ConsoleEdit:
     ) -> list[etree._Element]:
         if _usb_disabled(devices):
             return list(current)
-        missing = max(0, options.usbredir - len(current))
+        missing = max(0, wanted_usbredir - len(current))
         return [*current, *(load_fragment(TEMPLATES, "spice/usbredir.xml") for _ in range(missing))]
 
     def video(current: Sequence[etree._Element], _devices: etree._Element) -> list[etree._Element]:
@@ -106,6 +113,6 @@ def xml_edit(options: EditOptions) -> ConsoleEdit:
             ),
         ],
         devices=[DeviceRef("graphics", "spice")],
-        settings={"tls": "yes" if options.tls else "no"},
+        settings={"tls": "yes" if tls else "no"},
         notes=notes,
     )

@@ -114,6 +114,29 @@ def test_bad_options_are_usage_errors(cli: CliRunner) -> None:
         cli("xml", "enable", stdin=SAMPLE)  # --consoles is required
 
 
+def test_a_plugins_xml_options_by_flag_or_by_name(cli: CliRunner) -> None:
+    """--spice-tls and --usbredir are the SPICE plugin's declared options (XMLOption), the
+    same as --option spice.tls=yes and --option spice.usbredir=N."""
+    by_flag = cli(*ENABLE, "--mode", "tcp", "--spice-tls", "--usbredir", "3", stdin=SAMPLE)
+    by_name = cli(*ENABLE, "--mode", "tcp", "--option", "spice.tls=yes",
+                  "--option", "spice.usbredir=3", stdin=SAMPLE)
+    assert by_flag.status == 0 and by_flag.stdout == by_name.stdout
+    assert read_consoles(parse_document(by_name.stdout))["spice"].settings == {"tls": "yes"}
+    assert len(parse_document(by_name.stdout).root.findall("devices/redirdev")) == 3
+    done = cli(*ENABLE, "--option", "spice.usbredir=many", stdin=SAMPLE)
+    assert done.status == 2 and "spice.usbredir: expected a whole number" in done.stderr
+    done = cli(*ENABLE, "--spice-tls", stdin=SAMPLE)  # fd mode has no port for TLS
+    assert done.status == 2 and "spice.tls: TLS needs a listening port" in done.stderr
+
+
+def test_a_plugins_flags_come_with_the_plugin(monkeypatch: pytest.MonkeyPatch) -> None:
+    enable = ["xml", "enable", "--consoles", "vnc", "--spice-tls", "-"]
+    assert build_parser().parse_args(enable).option_spice_tls is True
+    monkeypatch.setenv("CONSOLE_BROKER_DISABLE_PLUGINS", "spice")
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(enable)
+
+
 def test_a_missing_file_is_reported(cli: CliRunner, tmp_path: Path) -> None:
     done = cli(*ENABLE, str(tmp_path / "nope.xml"))
     assert done.status == 2 and "cannot read" in done.stderr

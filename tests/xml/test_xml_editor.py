@@ -114,12 +114,19 @@ def test_options_are_checked() -> None:
         EditOptions(mode="fd", listen="127.0.0.1")
     with pytest.raises(ValueError, match="not an IPv4 or IPv6"):
         EditOptions(mode="tcp", listen="example.org")
-    with pytest.raises(ValueError, match="TLS"):
-        EditOptions(mode="fd", tls=True)
     with pytest.raises(ValueError, match="unknown mode"):
         EditOptions(mode="vnc")
-    with pytest.raises(ValueError, match=r"0\.\.16"):
-        EditOptions(usbredir=17)
+
+
+def test_the_spice_edits_own_options_are_checked(manager: PluginManager) -> None:
+    """spice.tls and spice.usbredir are the SPICE plugin's (XMLOption), not the core's."""
+    with pytest.raises(EditError, match=r"spice\.tls: TLS needs a listening port"):
+        enable(NO_CONSOLES, ["spice"], manager, mode="fd", params={"spice.tls": "yes"})
+    with pytest.raises(EditError, match=r"spice\.usbredir: must be between 0 and 16"):
+        enable(NO_CONSOLES, ["spice"], manager, params={"spice.usbredir": "17"})
+    with pytest.raises(EditError, match=r"spice\.tls: expected yes or no"):
+        enable(NO_CONSOLES, ["spice"], manager, mode="tcp", params={"spice.tls": "maybe"})
+    assert {o.name for o in manager.xml_options()} == {"spice.tls", "spice.usbredir"}
 
 
 # -- what is kept ----------------------------------------------------------------
@@ -157,7 +164,7 @@ def test_spice_settings_are_kept_and_tls_toggles_default_mode(manager: PluginMan
         b" passwd='sp' defaultMode='secure'>\n      <image compression='off'/>\n"
         b"      <clipboard copypaste='no'/>\n    </graphics>",
     )
-    with_tls = enable(data, ["spice"], manager, mode="tcp", tls=True)
+    with_tls = enable(data, ["spice"], manager, mode="tcp", params={"spice.tls": "yes"})
     el = graphics(with_tls, "spice")
     assert el.get("defaultMode") == "secure" and el.get("passwd") == "sp"
     assert el.get("tlsPort") is None and el.get("port") is None and el.get("autoport") == "yes"
@@ -168,12 +175,12 @@ def test_spice_settings_are_kept_and_tls_toggles_default_mode(manager: PluginMan
 
 
 def test_spice_adds_agent_usbredir_and_video_only_where_missing(manager: PluginManager) -> None:
-    out = enable(NO_CONSOLES, ["spice"], manager, usbredir=3)
+    out = enable(NO_CONSOLES, ["spice"], manager, params={"spice.usbredir": "3"})
     found = devices(out)
     assert [c.get("name") for c in found.iterfind("channel/target")] == ["com.redhat.spice.0"]
     assert len(found.findall("redirdev")) == 3
     assert [m.get("type") for m in found.iterfind("video/model")] == ["qxl"]
-    again = enable(SAMPLE, ["spice"], manager, usbredir=0)
+    again = enable(SAMPLE, ["spice"], manager, params={"spice.usbredir": "0"})
     assert [m.get("type") for m in devices(again).iterfind("video/model")] == ["vga"]
     assert devices(again).find("redirdev") is None
 

@@ -79,6 +79,8 @@ def test_a_bad_policy_fails_the_hook_with_a_reason(cli: CliRunner, tmp_path: Pat
         ('consoles = "vnc"', "non-empty list"),
         ('consoles = ["vnc"]\nmode = "carrier-pigeon"', "unknown mode"),
         ('consoles = ["vnc"]\ncolour = "blue"', "unknown key(s) colour"),
+        ('consoles = ["spice"]\nusbredir = "many"', "'usbredir': spice.usbredir: expected a whole"),
+        ('consoles = ["spice"]\nspice-tls = "maybe"', "'spice-tls': spice.tls: expected yes or no"),
         ("consoles = [", "cannot read the hook policy"),
     ):
         path = tmp_path / "bad.toml"
@@ -112,3 +114,18 @@ def test_spice_graphics_already_there_are_switched_too(cli: CliRunner, policy: P
     root = etree.fromstring(done.stdout)
     assert [g.get("listen") for g in root.iterfind("devices/graphics")] == ["192.0.2.7"] * 2
     assert root.find("devices/channel") is None and root.find("devices/redirdev") is None
+
+
+def test_the_policy_takes_the_plugins_xml_options(cli: CliRunner, tmp_path: Path) -> None:
+    """spice-tls and usbredir are the SPICE plugin's options, by their policy keys."""
+    path = tmp_path / "hook.toml"
+    path.write_text(POLICY + "spice-tls = true\nusbredir = 0\n")
+    data = SAMPLE.replace(
+        b"  </devices>", b"  <graphics type='spice' autoport='yes'/>\n  </devices>"
+    )
+    done = cli("libvirt-hook", "--policy", str(path), "dom", "migrate", "begin", "-", stdin=data)
+    assert done.status == 0, done.stderr
+    spice = [g for g in etree.fromstring(done.stdout).iterfind("devices/graphics")
+             if g.get("type") == "spice"]
+    assert [g.get("defaultMode") for g in spice] == ["secure"]
+    assert read_consoles(parse_document(done.stdout))["spice"].settings == {"tls": "yes"}
