@@ -230,7 +230,8 @@ def test_two_edits_may_not_declare_one_xml_option_or_flag() -> None:
             return [XMLEdit(name="core", title="core",
                             xml_options=(XMLOption("core.mode", "x", "", flag="--mode"),))]
 
-    with pytest.raises(PluginError, match="'--mode' of plugin 'core' .* is the core's already"):
-        PluginManager(disabled=(), load_entrypoints=False, plugins=[("core", Core())]).xml_options()
-    with pytest.raises(ValueError, match="PLUGIN.KEY"):
+    core = PluginManager(disabled=(), load_entrypoints=False, plugins=[("core", Core())])
+    with pytest.raises(PluginError, match=r"'--mode' of plugin 'core' .* is the core's already"):
+        core.xml_options()
+    with pytest.raises(ValueError, match=r"PLUGIN\.KEY"):
         XMLOption("tls", "x", False)
