@@ -147,7 +147,10 @@ class PluginManager:
         """(plugin name, item) for every item of every plugin's *hook* list, checked."""
         for impl in getattr(self._pm.hook, hook).get_hookimpls():
             plugin_name = self._pm.get_name(impl.plugin) or repr(impl.plugin)
-            result = impl.function()
+            try:
+                result = impl.function()
+            except (TypeError, ValueError) as exc:  # a declaration that is not one
+                raise PluginError(f"plugin {plugin_name!r}: {hook}: {exc}") from exc
             if not isinstance(result, list | tuple) or not all(
                 isinstance(item, kind) for item in result
             ):
@@ -277,31 +280,15 @@ class PluginManager:
         """Every plugin's configuration tables, checking the contract."""
         owners = {table.name: "the core" for table in CORE_TABLES}
         found: list[ConfigTable[Any]] = []
-        caller = self._pm.hook.console_broker_config_tables
-        for impl in caller.get_hookimpls():
-            plugin_name = self._pm.get_name(impl.plugin) or repr(impl.plugin)
-            try:
-                result = impl.function()
-            except (TypeError, ValueError) as exc:  # a table that is not one
+        for plugin_name, table in self._declared("console_broker_config_tables", ConfigTable):
+            if table.name in owners:
+                owner = owners[table.name]
                 raise PluginError(
-                    f"plugin {plugin_name!r}: console_broker_config_tables: {exc}"
-                ) from exc
-            if not isinstance(result, list | tuple) or not all(
-                isinstance(t, ConfigTable) for t in result
-            ):
-                raise PluginError(
-                    f"plugin {plugin_name!r}: console_broker_config_tables must return a "
-                    f"list of broker.config.ConfigTable, got {result!r}"
+                    f"configuration table {table.name!r} is declared by both "
+                    f"{owner if owner == 'the core' else repr(owner)} and {plugin_name!r}"
                 )
-            for table in result:
-                if table.name in owners:
-                    owner = owners[table.name]
-                    raise PluginError(
-                        f"configuration table {table.name!r} is declared by both "
-                        f"{owner if owner == 'the core' else repr(owner)} and {plugin_name!r}"
-                    )
-                owners[table.name] = plugin_name
-                found.append(table)
+            owners[table.name] = plugin_name
+            found.append(table)
         return all_tables(found)[len(CORE_TABLES):]
 
     def plugin_infos(self) -> list[PluginInfo]:
