@@ -61,6 +61,10 @@ def _names(names: Iterable[str]) -> tuple[str, ...]:
     return tuple(names)
 
 
+def _xml_options(options: Iterable[XMLOption]) -> tuple[XMLOption, ...]:
+    return tuple(options)
+
+
 @attrs.frozen
 class Protocol:
     """A console protocol a plugin serves.
@@ -119,7 +123,7 @@ class Protocol:
     #: Options of its XML edit (:class:`XMLOption`), which ``xml enable``
     #: offers as ``--option NAME=VALUE`` (and their own flags) and the libvirt hook's
     #: policy takes: SPICE's ``spice.tls`` and ``spice.usbredir``.
-    xml_options: tuple[XMLOption, ...] = attrs.field(default=(), converter=tuple)
+    xml_options: tuple[XMLOption, ...] = attrs.field(default=(), converter=_xml_options)
 
     def __attrs_post_init__(self) -> None:
         if not self.console:
@@ -357,7 +361,7 @@ class XMLEdit:
     #: One sentence on what it adds to a domain.
     description: str = ""
     #: Options of the edit (see :attr:`Protocol.xml_options`).
-    xml_options: tuple[XMLOption, ...] = attrs.field(default=(), converter=tuple)
+    xml_options: tuple[XMLOption, ...] = attrs.field(default=(), converter=_xml_options)
 
     def xml_edit(self, options: EditOptions) -> ConsoleEdit:
         """How to provision it (see :meth:`Protocol.xml_edit`)."""

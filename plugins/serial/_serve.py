@@ -30,8 +30,7 @@ import anyio
 import anyio.abc
 import attrs
 
-from broker.api import ClientClosed, Config, Session
-from broker.api import WebSocketChannel as ClientChannel
+from broker.api import ClientChannel, ClientClosed, Config, Session
 
 from . import _control as control
 from ._config import TABLE, recordings_directory
