@@ -432,9 +432,7 @@ async def test_retention_passes_during_a_session_leave_its_recording_whole(
     old.write_text('{"version": 2, "width": 80, "height": 24, "timestamp": 1577836800}\n')
     os.utime(old, (0, 0))
     console = FakeConsole()
-    # The pruner passes on start and after each of the recording's rotations, in its thread.
     hubs = Hubs(recording_settings(tmp_path, retention=Policy(keep_days=7)))
-    assert hubs.pruner is not None
     client = FakeConnection(SUBPROTOCOL)
 
     async def body() -> None:
@@ -446,10 +444,11 @@ async def test_retention_passes_during_a_session_leave_its_recording_whole(
         await until(lambda: hubs.pruner is not None and hubs.pruner.passes > 1)
         client.leave()
 
-    try:
+    # The plugin's service: the pruner passes on start and after each of the recording's
+    # rotations, in its thread.
+    async with hubs.pruning():
+        assert hubs.pruner is not None
         await run_sessions(hubs, [make_session(console, client)], body)
-    finally:
-        hubs.pruner.stop(timeout=5)
     assert not old.exists()  # the passes deleted what the policy does not keep ...
     text, parts = recorded(tmp_path)  # ... and nothing of the recording
     assert len(parts) > 2
