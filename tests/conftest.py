@@ -10,17 +10,19 @@ from __future__ import annotations
 
 import os
 import shutil
-import subprocess
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 from console_broker_testbed import Testbed, TestbedError
+from distributions import installed
 
 #: The third-party example distribution (console-broker-example-plugin).
 EXAMPLE = Path(__file__).parent / "plugin_example"
+#: The QEMU monitor plugin, the worked example of docs/plugins.md
+#: (console-broker-qemu-monitor).
+MONITOR_EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "qemu-monitor"
 
 # The tests' Python subprocesses (``python -m broker.cli``, ``python -c ...``) must import
 # the broker this test process does. Python would put their working directory, the
@@ -92,14 +94,19 @@ def remote_viewer() -> str:
 @pytest.fixture(scope="module")
 def example_installed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
     """Install the third-party example distribution into this environment (per module)."""
-    source = tmp_path_factory.mktemp("example") / "plugin_example"
-    shutil.copytree(EXAMPLE, source)  # the build leaves its output beside the sources
-    pip = [sys.executable, "-m", "pip", "--disable-pip-version-check", "-q"]
-    subprocess.run([*pip, "install", "--no-deps", str(source)], check=True, capture_output=True)
-    try:
+    with installed(EXAMPLE, "console-broker-example-plugin", tmp_path_factory.mktemp("example")):
         yield
-    finally:
-        subprocess.run([*pip, "uninstall", "-y", "console-broker-example-plugin"], check=True)
+
+
+@pytest.fixture(scope="module")
+def monitor_installed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+    """Install the QEMU monitor example (examples/qemu-monitor,
+    console-broker-qemu-monitor) into this environment (per module): the tests' ``python
+    -m broker.cli`` and served brokers load it through its entry point, as they would any
+    third-party plugin. The other modules see the built-in plugins only."""
+    scratch = tmp_path_factory.mktemp("qemu-monitor")
+    with installed(MONITOR_EXAMPLE, "console-broker-qemu-monitor", scratch):
+        yield
 
 
 @pytest.fixture(scope="session")
