@@ -44,6 +44,8 @@ from spicebroker import (
 from spicerelay import TestClient, spice_port
 from websockets.exceptions import InvalidStatus
 
+from broker.api import PLAIN_PORT, handle_for_token
+
 pytestmark = pytest.mark.vm
 CHANNEL_REFUSED = 4107
 #: SPICE_MSG_MAIN_CHANNELS_LIST: QEMU's answer to ATTACH_CHANNELS.
@@ -247,7 +249,11 @@ def test_native_channels_link_through_connect_with_what_the_vv_file_says(
         assert status == 200 and served.decode() == doc["vv"]
         vv = doc["vv"]
         assert "type=spice" in vv and f"proxy=http://127.0.0.1:{broker.connect_port}" in vv
-        assert "delete-this-file=1" in vv and "127.0.0.1:59" not in vv
+        assert "delete-this-file=1" in vv
+        # No VM address: the host is the session handle, the only port the CONNECT target's.
+        fields = dict(line.split("=", 1) for line in vv.splitlines() if "=" in line)
+        assert fields["host"] == handle_for_token(doc["token"]) and "tls-port" not in fields
+        assert fields["port"] == str(PLAIN_PORT)
         channels = link_session(lambda: connect_client(vv))
         main, display, inputs = channels.main, channels.display, channels.inputs
         session_id = channels.session_id
