@@ -145,7 +145,9 @@ level = "debug"
             if status == 200:
                 break
             if self.process.poll() is not None or time.monotonic() > deadline:
-                raise AssertionError(f"the broker did not come up:\n{self.log_text()}")
+                text = self.log_text()
+                self.stop()  # the process ended (or is ended) and its log file closed
+                raise AssertionError(f"the broker did not come up:\n{text}")
             time.sleep(0.1)
 
     @property
