@@ -102,7 +102,7 @@ if TYPE_CHECKING:
         tcp_port,
     )
     from broker.configfile import read_config
-    from broker.errors import EXIT_USAGE, CommandError
+    from broker.errors import EXIT_USAGE, CommandError, PluginError
     from broker.hookspecs import (
         PROJECT_NAME,
         ClientFile,
@@ -112,7 +112,7 @@ if TYPE_CHECKING:
         XMLOption,
         hookimpl,
     )
-    from broker.plugins import PluginContext, PluginError, PluginManager
+    from broker.plugins import PluginContext, PluginManager
     from broker.service import (
         DEFAULT_READ_SIZE,
         PLUGIN_CODES,
@@ -169,7 +169,7 @@ _SOURCES: dict[str, str] = {
     "XMLEdit": "broker.hookspecs",
     "XMLOption": "broker.hookspecs",
     "PluginContext": "broker.plugins",
-    "PluginError": "broker.plugins",
+    "PluginError": "broker.errors",
     "PluginManager": "broker.plugins",
     # domain XML
     "EditOptions": "broker.xml",

@@ -19,3 +19,8 @@ class CommandError(Exception):
     def __init__(self, message: str, status: int = EXIT_FAILURE) -> None:
         super().__init__(message)
         self.status = status
+
+
+class PluginError(Exception):
+    """A plugin could not be loaded or broke the plugin contract (or, raised by a plugin,
+    a configuration it cannot use): the command or the broker stops with its message."""

@@ -19,6 +19,7 @@ import structlog
 
 from broker import hookspecs
 from broker.config import CORE_TABLES, ConfigTable, all_tables
+from broker.errors import PluginError as PluginError  # where it always was
 from broker.hookspecs import PROJECT_NAME, Protocol, XMLEdit, XMLOption
 
 if TYPE_CHECKING:
@@ -29,10 +30,6 @@ if TYPE_CHECKING:
 
 #: Comma-separated plugin (entry-point) names that are not loaded.
 DISABLE_ENV = "CONSOLE_BROKER_DISABLE_PLUGINS"
-
-
-class PluginError(Exception):
-    """A plugin could not be loaded or broke the hook contract."""
 
 
 _Metric = TypeVar("_Metric")

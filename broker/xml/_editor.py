@@ -23,7 +23,7 @@ from collections.abc import Iterable, Sequence
 import attrs
 from lxml import etree
 
-from broker.plugins import PluginError
+from broker.errors import PluginError
 from broker.xml import _layout as lay
 from broker.xml._errors import EditError, XmlError
 from broker.xml._metadata import (

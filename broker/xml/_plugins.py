@@ -12,7 +12,7 @@ from __future__ import annotations
 import functools
 from typing import TYPE_CHECKING
 
-from broker.plugins import PluginError
+from broker.errors import PluginError
 from broker.xml._errors import EditError, XmlError
 from broker.xml._model import ConsoleEdit, EditOptions, EditSource
 

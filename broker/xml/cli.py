@@ -49,7 +49,7 @@ def _manager() -> PluginManager:
 
 def _run(action: Callable[[], int]) -> int:
     """Run a command body, turning the package's errors into one-line command errors."""
-    from broker.plugins import PluginError
+    from broker.errors import PluginError
 
     try:
         return action()
@@ -90,7 +90,7 @@ def _param(value: str) -> tuple[str, str]:
 def _plugin_options() -> list[XMLOption]:
     """The options the loaded plugins' edits declare (none when they cannot be loaded:
     the command then reports why)."""
-    from broker.plugins import PluginError
+    from broker.errors import PluginError
 
     try:
         return _manager().xml_options()
