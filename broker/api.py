@@ -3,7 +3,8 @@
 A plugin, the built-in ``broker_vnc``, ``broker_spice`` and ``broker_serial`` as much
 as a third-party one, imports ``broker.api`` and no other module of ``broker``: the
 rest is the core's own and changes without notice. import-linter holds the built-in
-plugins and the example plugin of ``tests/plugin_example`` to that
+plugins, the QEMU monitor example (``examples/qemu-monitor``) and the test plugin of
+``tests/plugin_example`` to that
 (``[tool.importlinter]`` in ``pyproject.toml``, run by ``tox -e type``).
 
 The names, by group (each is documented where it is defined; docs/plugins.md tells
