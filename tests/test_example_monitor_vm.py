@@ -9,13 +9,13 @@ import json
 import os
 import re
 import threading
-import time
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import libvirt
+import pagekit
 import pytest
 from console_broker_testbed import Testbed
 from servedbroker import ServedBroker
@@ -248,19 +248,10 @@ def test_the_page_and_its_files_are_served(served: Served) -> None:
 
 
 def wait_until(browser: Any, what: str, check: Any, timeout: float = 60.0) -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        value = check()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            state = browser.execute_script(
-                "const cb = window.consoleBroker || {}; return [cb.state, cb.closeCode, "
-                "cb.closeReason, document.getElementById('log').textContent, "
-                "document.getElementById('notice').textContent]"
-            )
-            raise AssertionError(f"{what}: not seen; the page: {state}")
-        time.sleep(0.2)
+    return pagekit.wait_until(
+        browser, what, check, timeout,
+        shows=lambda: browser.execute_script("return document.getElementById('log').textContent"),
+    )
 
 
 def page_state(browser: Any) -> Any:

@@ -4,10 +4,10 @@ connected through a real ``console-broker serve`` to the tiny guest's serial con
 from __future__ import annotations
 
 import contextlib
-import time
 from collections.abc import Iterator
 from typing import Any
 
+import pagekit
 import pytest
 from console_broker_testbed import Testbed
 from serialkit import Client, Served, serial_guest
@@ -42,18 +42,8 @@ def screen(browser: Any) -> str:
 
 
 def wait_until(browser: Any, what: str, check: Any, timeout: float = 60.0) -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        value = check()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            state = browser.execute_script(
-                "const cb = window.consoleBroker || {}; return [cb.state, cb.role, "
-                "cb.closeCode, cb.closeReason, document.getElementById('notice').textContent]"
-            )
-            raise AssertionError(f"{what}: not seen; state {state}; screen:\n{screen(browser)}")
-        time.sleep(0.2)
+    return pagekit.wait_until(browser, what, check, timeout,
+                              shows=lambda: f"screen:\n{screen(browser)}")
 
 
 def type_into(browser: Any, text: str) -> None:
