@@ -390,6 +390,6 @@ def console_broker_commands(subparsers: argparse._SubParsersAction[Any]) -> None
     implementations run; nothing is returned). Add a parser with
     ``subparsers.add_parser(name, help=..., description=...)`` and set its
     handler with ``parser.set_defaults(func=run)``: ``run(args)`` returns the
-    exit status and may raise :class:`broker.cli.CommandError` for a one-line
+    exit status and may raise :class:`broker.api.CommandError` for a one-line
     error. A name the core or another plugin took already is argparse's error.
     """

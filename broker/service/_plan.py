@@ -17,7 +17,7 @@ Modes recorded, and what they become:
 ``websocket`` QEMU's own WebSocket port (the live ``websocket`` attribute)
 ``tls``       tcp mode where the graphics listens for TLS on a port of its own
               (SPICE's live ``tlsPort``) and the protocol's plugin configured
-              TLS to it (``console_broker_console_tls``): a TCP connection to
+              TLS to it (the protocol's ``console_tls``): a TCP connection to
               that port, then the TLS handshake. With TLS configured the broker
               prefers that port; without, it uses the plain ``port``, and a
               graphics with a TLS port only is refused with what to set

@@ -289,7 +289,7 @@ class Session:
         return self.claims.view_only
 
 
-#: What ``console_broker_session_handler`` returns: runs one session to its end.
+#: What a protocol's ``session_handler`` returns: runs one session to its end.
 SessionHandler: TypeAlias = Callable[[Session], Awaitable[None]]
 
 

@@ -1,7 +1,7 @@
 """Domain XML provisioning: make a libvirt domain console-ready.
 
 Each protocol plugin contributes its edit through the
-``console_broker_xml_edit`` hook (a :class:`ConsoleEdit` made of
+``xml_edit`` of a protocol or XML edit object (a :class:`ConsoleEdit` made of
 :class:`Slot`); this package merges, orders, records and validates them,
 keeping everything else of the document as it was, byte for byte.
 

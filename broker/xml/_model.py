@@ -1,6 +1,6 @@
 """The value types of domain XML provisioning.
 
-A protocol plugin answers the ``console_broker_xml_edit`` hook with a
+A protocol's (or XML edit's) ``xml_edit`` returns a
 :class:`ConsoleEdit`: the mode it provisions and a list of :class:`Slot`.
 A slot owns some children of ``<devices>`` (those its XPath selects) and
 says what they should become; the core (:mod:`broker.xml._editor`) does the
