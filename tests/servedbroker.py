@@ -136,18 +136,24 @@ level = "debug"
             preexec_fn=end_with_parent if nofile is None else lambda: _limited(nofile),
         )
         self.tokens: list[str] = []
-        deadline = time.monotonic() + 30
+        if not self.healthy(30):
+            text = self.log_text()
+            self.stop()  # the process ended (or is ended) and its log file closed
+            raise AssertionError(f"the broker did not come up:\n{text}")
+
+    def healthy(self, timeout: float) -> bool:
+        """Wait until ``/healthz`` answers 200 (True), the process ends or *timeout*
+        passes (False)."""
+        deadline = time.monotonic() + timeout
         while True:
             try:
                 status, _ = self.get("/healthz")
             except OSError:
                 status = 0
             if status == 200:
-                break
+                return True
             if self.process.poll() is not None or time.monotonic() > deadline:
-                text = self.log_text()
-                self.stop()  # the process ended (or is ended) and its log file closed
-                raise AssertionError(f"the broker did not come up:\n{text}")
+                return False
             time.sleep(0.1)
 
     @property

@@ -476,7 +476,15 @@ def _pid_alive(pid: int) -> bool:
 @contextmanager
 def running_guest(testbed: Testbed, **kwargs: Any) -> Iterator[tuple[Any, SerialConsole]]:
     """Define and boot a guest; yield (domain, serial console); remove it after."""
-    dom = testbed.define(testbed.guest_xml(**kwargs))
+    with booted(testbed, testbed.guest_xml(**kwargs)) as running:
+        yield running
+
+
+@contextmanager
+def booted(testbed: Testbed, xml: str) -> Iterator[tuple[Any, SerialConsole]]:
+    """Define the domain *xml* (one with a serial console) and boot it; yield (domain,
+    serial console); remove it after."""
+    dom = testbed.define(xml)
     try:
         serial = testbed.boot(dom)
         assert serial is not None

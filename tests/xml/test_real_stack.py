@@ -13,7 +13,7 @@ from typing import Any
 
 import libvirt
 import pytest
-from console_broker_testbed import SerialConsole, Testbed
+from console_broker_testbed import SerialConsole, Testbed, booted
 from lxml import etree
 from websockets.sync.client import connect as ws_connect
 
@@ -67,16 +67,8 @@ def enabled_guest(testbed: Testbed, mode: str) -> Iterator[tuple[Any, SerialCons
     plain = testbed.guest_xml(testbed.unique_name(mode), serial=False)
     done = cli("xml", "enable", "--consoles", "vnc,spice,serial", "--mode", mode, "-", stdin=plain)
     assert done.returncode == 0, done.stderr
-    dom = testbed.define(done.stdout)
-    try:
-        serial = testbed.boot(dom)  # the serial console is a libvirt console stream
-        assert serial is not None
-        try:
-            yield dom, serial
-        finally:
-            serial.close()
-    finally:
-        testbed.remove(dom)
+    with booted(testbed, done.stdout) as running:  # serial: a libvirt console stream
+        yield running
 
 
 def assert_serial_shell(serial: SerialConsole) -> None:
