@@ -3,6 +3,13 @@
 ``token`` resolves a domain through libvirt (:func:`resolve_domain`), checks
 that a loaded plugin serves the protocol, signs a token with the state
 directory's key and prints the console URLs (the contract in docs/tokens.md).
+
+A control plane mints tokens for node brokers elsewhere with the same command:
+``--node`` (the token's node; the domain is then a UUID and libvirt is never
+asked), ``--key-dir`` (its own signing key instead of the state directory's)
+and ``--public-url`` (the node's URL behind the front door). With the three,
+neither libvirt nor ``broker.state_dir`` is touched, and no configuration file
+is needed (``tokens.max_ttl`` and the rest then have their defaults).
 """
 
 from __future__ import annotations
@@ -16,10 +23,11 @@ from collections.abc import Callable
 from datetime import datetime
 from pathlib import Path
 from typing import TypeAlias
-from urllib.parse import urlencode
+from urllib.parse import urlencode, urlsplit, urlunsplit
 
 import attrs
 import structlog
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from broker.config import (
     Config,
@@ -30,7 +38,13 @@ from broker.config import (
 )
 from broker.configfile import read_config
 from broker.errors import EXIT_USAGE, CommandError
-from broker.keys import KeyFileError, generate_keypair, load_private_key, load_public_keys
+from broker.keys import (
+    KeyFileError,
+    generate_keypair,
+    load_private_key,
+    load_public_keys,
+    private_key_path,
+)
 from broker.plugins import PluginContext, PluginManager
 from broker.tokens import IssuedToken, TokenIssuer
 
@@ -82,13 +96,43 @@ def resolve_domain(uri: str, domain: str) -> DomainRef:
         conn.close()
 
 
-def uuid_only(domain: str) -> DomainRef:
-    """*domain* taken as a UUID without asking libvirt (``--uuid``)."""
+def uuid_only(domain: str, *, why: str = "--uuid takes a domain UUID") -> DomainRef:
+    """*domain* taken as a UUID without asking libvirt (``--uuid``, ``--node``).
+
+    *why* ends the usage error for a name: the option that asked for a UUID, and why.
+    """
     try:
         return DomainRef(uuid=str(uuid.UUID(domain)))
     except ValueError:
-        raise CommandError(f"{domain!r} is not a UUID (--uuid takes a domain UUID)",
-                           EXIT_USAGE) from None
+        raise CommandError(f"{domain!r} is not a UUID ({why})", EXIT_USAGE) from None
+
+
+def public_url(value: str) -> str:
+    """``--public-url``: an http(s) URL with a host, no query or fragment, no user
+    name; returned without a trailing slash (``argparse.ArgumentTypeError`` if not)."""
+    parts = urlsplit(value)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise argparse.ArgumentTypeError(
+            f"{value!r} is not an http:// or https:// URL with a host"
+        )
+    try:
+        parts.port  # noqa: B018 - parsing it is the check
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{value!r}: the port must be 0 to 65535") from None
+    if parts.query or parts.fragment or value.endswith(("?", "#")):
+        raise argparse.ArgumentTypeError(f"{value!r} must not have a query or a fragment")
+    if parts.username is not None or parts.password is not None:
+        raise argparse.ArgumentTypeError(f"{value!r} must not carry a user name or password")
+    return urlunsplit(parts).rstrip("/")  # urlsplit lower-cases the scheme
+
+
+def node_name(value: str) -> str:
+    """``--node``: a node name, neither empty nor with spaces or control characters."""
+    if not value or not value.isprintable() or any(ch.isspace() for ch in value):
+        raise argparse.ArgumentTypeError(
+            f"{value!r} is not a node name (non-empty, no spaces or control characters)"
+        )
+    return value
 
 
 class _Stderr:
@@ -145,9 +189,37 @@ def console_links(config: Config, issued: IssuedToken) -> ConsoleLinks:
 # --- token ------------------------------------------------------------------------------
 
 
+def _in_effect(config: Config, args: argparse.Namespace) -> Config:
+    """*config* with ``--node`` and ``--public-url`` in place of ``broker.node`` and
+    ``broker.public_url``: what the links and a client file are made from."""
+    changes: dict[str, str] = {}
+    if args.node is not None:
+        changes["node"] = args.node
+    if args.public_url is not None:
+        changes["public_url"] = args.public_url
+    if not changes:
+        return config
+    return attrs.evolve(config, broker=attrs.evolve(config.broker, **changes))
+
+
+def _signing_key(config: Config, key_dir: Path | None) -> Ed25519PrivateKey:
+    """The private key of ``--key-dir``, else of the state directory."""
+    path = private_key_path(key_dir) if key_dir is not None else config.private_key_path
+    try:
+        return load_private_key(path)
+    except KeyFileError as exc:
+        hint = ""
+        if not path.exists():
+            keygen = "console-broker keygen"
+            if key_dir is not None:
+                keygen += f" --state-dir {key_dir}"
+            hint = f"; run '{keygen}' first"
+        raise CommandError(f"{exc}{hint}") from None
+
+
 def _token_command(args: argparse.Namespace) -> int:
     _log_to_stderr()
-    config = _config(args)
+    config = _in_effect(_config(args), args)
     PluginManager().plugin_for(args.protocol)  # PluginError names the loaded protocols
     ttl = config.tokens.default_ttl if args.ttl is None else args.ttl
     if not 1 <= ttl <= config.tokens.max_ttl:
@@ -155,14 +227,17 @@ def _token_command(args: argparse.Namespace) -> int:
             f"--ttl must be between 1 and tokens.max_ttl ({config.tokens.max_ttl}) seconds",
             EXIT_USAGE,
         )
-    try:
-        private_key = load_private_key(config.private_key_path)
-    except KeyFileError as exc:
-        hint = "; run 'console-broker keygen' first" if not config.private_key_path.exists() else ""
-        raise CommandError(f"{exc}{hint}") from None
-    if args.uuid:
+    domain: DomainRef | None = None
+    if args.node is not None:
+        domain = uuid_only(
+            args.domain,
+            why="with --node, DOMAIN must be the domain's UUID: a token for a node elsewhere "
+            "is made without asking libvirt, so a name cannot be looked up",
+        )
+    elif args.uuid:
         domain = uuid_only(args.domain)
-    else:
+    private_key = _signing_key(config, args.key_dir)
+    if domain is None:
         domain = resolve_domain(args.connect or config.libvirt.uri, args.domain)
     issuer = TokenIssuer(private_key, config.node_name)
     try:
@@ -237,10 +312,13 @@ def register_token(subparsers: Subparsers) -> None:
         description=(
             "Sign a short-lived, single-use token for one domain and protocol with the "
             "state directory's key, and print the console page URL and the WebSocket URL "
-            "(see docs/tokens.md)."
+            "(see docs/tokens.md). A control plane minting tokens for node brokers "
+            "elsewhere gives --node, --key-dir and --public-url: then neither libvirt nor "
+            "the state directory is used, and no configuration file is needed."
         ),
     )
-    parser.add_argument("domain", metavar="DOMAIN", help="domain name or UUID")
+    parser.add_argument("domain", metavar="DOMAIN",
+                        help="domain name or UUID (a UUID with --uuid or --node)")
     parser.add_argument("--protocol", "-p", required=True, help="protocol, e.g. vnc, spice, serial")
     parser.add_argument("--ttl", type=int, metavar="S", help="lifetime in seconds "
                         "(default: tokens.default_ttl)")
@@ -256,7 +334,9 @@ def register_token(subparsers: Subparsers) -> None:
     parser.add_argument(
         "--client-file", "--vv", metavar="FILE",
         help="write the native client's connection file (SPICE: a virt-viewer .vv file for "
-        "remote-viewer) to FILE, mode 0600",
+        "remote-viewer) to FILE, mode 0600; needs this configuration's CONNECT listener "
+        "(listen.connect_port). A control plane fetches {public_url}/file/{protocol}"
+        "?token=... from the node instead",
     )
     _add_config_option(parser)
     parser.add_argument("--connect", "-c", metavar="URI", help="libvirt URI (default: libvirt.uri)")
@@ -264,6 +344,30 @@ def register_token(subparsers: Subparsers) -> None:
         "--uuid",
         action="store_true",
         help="DOMAIN is a UUID: issue without asking libvirt (for issuers off the hypervisor)",
+    )
+    elsewhere = parser.add_argument_group(
+        "minting for a node elsewhere (a control plane)",
+        "With all three, neither libvirt nor the state directory is used, and no "
+        "configuration file is needed: --ttl is bounded by the tokens.max_ttl of the "
+        "configuration read, if any, else by its default (300 s).",
+    )
+    elsewhere.add_argument(
+        "--node", type=node_name, metavar="NODE",
+        help="the token's node claim: the broker.node of the node broker that is to accept "
+        "it (default: this configuration's broker.node, else the host name). DOMAIN must "
+        "then be a UUID, a name is a usage error: libvirt is not asked (as with --uuid; "
+        "--connect is unused)",
+    )
+    elsewhere.add_argument(
+        "--key-dir", type=Path, metavar="DIR",
+        help="directory holding the issuer's signing-key.pem, as 'console-broker keygen "
+        "--state-dir DIR' makes it (default: broker.state_dir)",
+    )
+    elsewhere.add_argument(
+        "--public-url", type=public_url, metavar="URL",
+        help="base URL of the node as clients reach it, e.g. https://console.example/n/node1: "
+        "the printed page, websocket and file links start with it (default: "
+        "broker.public_url, else derived from listen)",
     )
     parser.set_defaults(func=_token_command)
 

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -313,3 +315,234 @@ def test_token_libvirt_unreachable(keyed_config: Path, capsys: pytest.CaptureFix
     )
     assert status == 1 and out == ""
     assert f"cannot reach libvirt at {uri}" in err
+
+
+# --- token for a node elsewhere (a control plane): --node, --key-dir, --public-url -------
+
+NODE_URL = "https://console.example/n/node1"
+#: Runs ``console-broker ARGS`` with libvirt's connection functions made to fail loudly
+#: and /etc/console-broker/broker.toml replaced by the path argv[1] names: nothing may ask
+#: libvirt for a connection, and no configuration but the one the test gives is read.
+NO_LIBVIRT = """
+import sys
+from pathlib import Path
+
+import libvirt
+
+def refuse(*args, **kwargs):
+    raise SystemExit("libvirt was asked for a connection")
+
+libvirt.open = libvirt.openReadOnly = libvirt.openAuth = refuse
+import broker.config
+
+broker.config.DEFAULT_CONFIG_PATH = Path(sys.argv[1])
+from broker.cli import main
+
+sys.exit(main(sys.argv[2:]))
+"""
+
+
+@pytest.fixture
+def control_plane_keys(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> Path:
+    """A control plane's key directory, as ``keygen --state-dir`` makes it."""
+    keys = tmp_path / "control-plane"
+    assert run(capsys, "keygen", "--state-dir", str(keys))[0] == 0
+    return keys
+
+
+def run_elsewhere(
+    tmp_path: Path, *argv: str, config: Path | None = None
+) -> subprocess.CompletedProcess[str]:
+    """``console-broker ARGV`` in a process with an empty HOME, no libvirt connection
+    possible, and no configuration file but *config* (through CONSOLE_BROKER_CONFIG)."""
+    home = tmp_path / "home"
+    home.mkdir(exist_ok=True)
+    env = {
+        "PATH": "/usr/bin:/bin",
+        "HOME": str(home),
+        "PYTHONSAFEPATH": "1",
+        "LIBVIRT_DEFAULT_URI": "qemu:///system?socket=/nonexistent/libvirt-sock",
+    }
+    if config is not None:
+        env["CONSOLE_BROKER_CONFIG"] = str(config)
+    return subprocess.run(
+        [sys.executable, "-c", NO_LIBVIRT, str(tmp_path / "no-etc-config.toml"), *argv],
+        capture_output=True, text=True, env=env, timeout=60, check=False,
+    )
+
+
+@pytest.mark.parametrize("with_config", [False, True], ids=["no-config", "node-config"])
+def test_token_for_a_node_elsewhere(
+    tmp_path: Path, control_plane_keys: Path, with_config: bool
+) -> None:
+    """What a control plane runs: no libvirt asked (even with --connect), no state
+    directory touched, no configuration needed; the links are under the node's URL."""
+    config = None
+    node_state = tmp_path / "node-state"
+    if with_config:  # a node's configuration: none of it may be used but the limits
+        config = tmp_path / "node.toml"
+        config.write_text(
+            f'[broker]\nnode = "hv1"\nstate_dir = "{node_state}"\n'
+            'public_url = "http://hv1.internal:6080"\n'
+            '[libvirt]\nuri = "qemu:///system?socket=/nonexistent/libvirt-sock"\n'
+        )
+    done = run_elsewhere(
+        tmp_path, "token", DOMAIN, "-p", "vnc", "--json", "--view-only",
+        "--node", "node1", "--key-dir", str(control_plane_keys), "--public-url", NODE_URL + "/",
+        "--connect", "qemu:///system?socket=/nonexistent/libvirt-sock",
+        config=config,
+    )
+    assert done.returncode == 0, done.stderr
+    assert "libvirt was asked" not in done.stderr
+    assert not node_state.exists()
+    doc: dict[str, Any] = json.loads(done.stdout)
+    token = doc["token"]
+    # The JSON document of any other token, in shape.
+    assert set(doc) == {
+        "page", "websocket", "token", "expires_at", "protocol", "domain", "node",
+        "view_only", "device", "jti",
+    }
+    assert doc["page"] == f"{NODE_URL}/console/vnc/?token={token}"
+    assert doc["websocket"] == f"wss://console.example/n/node1/ws/vnc?token={token}"
+    assert doc["domain"] == {"name": None, "uuid": DOMAIN}
+    assert doc["node"] == "node1" and doc["view_only"] is True
+    verifier = TokenVerifier(
+        load_public_keys([control_plane_keys / "signing-key.pub.pem"]),
+        replay_cache=ReplayCache(10),
+    )
+    claims = verifier.verify(token, protocol="vnc", node="node1", domain=DOMAIN)
+    assert claims.rights is Rights.VIEW and claims.jti == doc["jti"]
+
+
+def test_token_for_a_node_elsewhere_text(
+    tmp_path: Path, control_plane_keys: Path
+) -> None:
+    done = run_elsewhere(
+        tmp_path, "token", DOMAIN.upper(), "-p", "serial", "--node", "node1",
+        "--key-dir", str(control_plane_keys), "--public-url", NODE_URL,
+    )
+    assert done.returncode == 0, done.stderr
+    lines = dict(line.split(":", 1) for line in done.stdout.splitlines())
+    assert lines["domain"].strip() == DOMAIN
+    assert lines["protocol"].strip() == "serial (full control), node node1"
+    assert lines["page"].strip().startswith(f"{NODE_URL}/console/serial/?token=")
+    assert lines["websocket"].strip().startswith("wss://console.example/n/node1/ws/serial?token=")
+    assert "file" not in lines
+
+
+def test_token_ttl_bounded_by_the_configuration_in_effect(
+    tmp_path: Path, control_plane_keys: Path
+) -> None:
+    argv = ("token", DOMAIN, "-p", "vnc", "--node", "node1",
+            "--key-dir", str(control_plane_keys), "--public-url", NODE_URL)
+    done = run_elsewhere(tmp_path, *argv, "--ttl", "301")  # the defaults: max_ttl 300
+    assert done.returncode == 2
+    assert "--ttl must be between 1 and tokens.max_ttl (300) seconds" in done.stderr
+    config = tmp_path / "limits.toml"
+    config.write_text("[tokens]\nmax_ttl = 120\ndefault_ttl = 30\n")
+    done = run_elsewhere(tmp_path, *argv, "--ttl", "121", "--config", str(config))
+    assert done.returncode == 2
+    assert "--ttl must be between 1 and tokens.max_ttl (120) seconds" in done.stderr
+    done = run_elsewhere(tmp_path, *argv, "--json", "--config", str(config))
+    assert done.returncode == 0, done.stderr
+    token = json.loads(done.stdout)["token"]
+    verifier = TokenVerifier(
+        load_public_keys([control_plane_keys / "signing-key.pub.pem"]),
+        replay_cache=ReplayCache(10),
+    )
+    claims = verifier.verify(token)
+    assert claims.expires_at - claims.issued_at == 30  # the file's default_ttl
+
+
+def test_token_node_needs_a_uuid(
+    keyed_config: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    status, out, err = run(
+        capsys, "token", "web1", "-p", "vnc", "--node", "node1", "--config", str(keyed_config)
+    )
+    assert status == 2 and out == ""
+    assert (
+        "'web1' is not a UUID (with --node, DOMAIN must be the domain's UUID: a token for "
+        "a node elsewhere is made without asking libvirt, so a name cannot be looked up)"
+    ) in err
+
+
+@pytest.mark.parametrize(
+    ("url", "message"),
+    [
+        ("ftp://console.example/n/node1", "is not an http:// or https:// URL with a host"),
+        ("console.example/n/node1", "is not an http:// or https:// URL with a host"),
+        ("https:///n/node1", "is not an http:// or https:// URL with a host"),
+        ("https://console.example:99999/n/node1", "the port must be 0 to 65535"),
+        ("https://console.example/n/node1?x=1", "must not have a query or a fragment"),
+        ("https://console.example/n/node1?", "must not have a query or a fragment"),
+        ("https://console.example/n/node1#top", "must not have a query or a fragment"),
+        ("https://user:pw@console.example/n/node1", "must not carry a user name or password"),
+    ],
+)
+def test_token_bad_public_url(
+    keyed_config: Path, capsys: pytest.CaptureFixture[str], url: str, message: str
+) -> None:
+    with pytest.raises(SystemExit) as info:
+        main(["token", DOMAIN, "-p", "vnc", "--uuid", "--public-url", url,
+              "--config", str(keyed_config)])
+    assert info.value.code == 2
+    err = capsys.readouterr().err
+    assert f"argument --public-url: {url!r} {message}".replace("' the", "': the") in err
+
+
+@pytest.mark.parametrize("node", ["", "node 1", "node\x01"])
+def test_token_bad_node(
+    keyed_config: Path, capsys: pytest.CaptureFixture[str], node: str
+) -> None:
+    with pytest.raises(SystemExit) as info:
+        main(["token", DOMAIN, "-p", "vnc", "--node", node, "--config", str(keyed_config)])
+    assert info.value.code == 2
+    assert f"argument --node: {node!r} is not a node name" in capsys.readouterr().err
+
+
+def test_token_public_url_with_the_node_configuration(
+    keyed_config: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """--public-url alone: the links under it (scheme lower-cased, no trailing slash),
+    the node and key of the configuration."""
+    status, out, err = run(
+        capsys, "token", DOMAIN, "--uuid", "-p", "vnc", "--json",
+        "--public-url", "HTTP://127.0.0.1:8080/hv1/", "--config", str(keyed_config),
+    )
+    assert status == 0, err
+    doc = json.loads(out)
+    assert doc["page"] == f"http://127.0.0.1:8080/hv1/console/vnc/?token={doc['token']}"
+    assert doc["websocket"] == f"ws://127.0.0.1:8080/hv1/ws/vnc?token={doc['token']}"
+    assert verifier_for(keyed_config).verify(doc["token"], node="hv1").domain_uuid == DOMAIN
+
+
+def test_token_key_dir_without_a_key(
+    tmp_path: Path, config_file: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    missing = tmp_path / "no-keys"
+    status, out, err = run(
+        capsys, "token", DOMAIN, "-p", "vnc", "--node", "node1", "--key-dir", str(missing),
+        "--public-url", NODE_URL, "--config", str(config_file),
+    )
+    assert status == 1 and out == ""
+    assert (
+        f"{missing / 'signing-key.pem'}: no such private key file; "
+        f"run 'console-broker keygen --state-dir {missing}' first"
+    ) in err
+    assert not missing.exists()
+
+
+def test_token_client_file_for_a_node_elsewhere(
+    tmp_path: Path, control_plane_keys: Path
+) -> None:
+    """--client-file keeps needing the configuration's CONNECT listener (docs/tokens.md:
+    a control plane fetches the node's /file/ URL instead)."""
+    done = run_elsewhere(
+        tmp_path, "token", DOMAIN, "-p", "spice", "--node", "node1",
+        "--key-dir", str(control_plane_keys), "--public-url", NODE_URL,
+        "--client-file", str(tmp_path / "console.vv"),
+    )
+    assert done.returncode == 2 and done.stdout == ""
+    assert "--client-file: no connection file for spice with this configuration" in done.stderr
+    assert not (tmp_path / "console.vv").exists()
