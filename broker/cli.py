@@ -63,7 +63,7 @@ def _register_plugins(subparsers: argparse._SubParsersAction[argparse.ArgumentPa
 
 
 def _registrars() -> list[Callable[[argparse._SubParsersAction[argparse.ArgumentParser]], None]]:
-    from broker import token_cli
+    from broker import front, token_cli
     from broker.service import cli as service_cli
     from broker.xml import cli as xml_cli
 
@@ -72,6 +72,7 @@ def _registrars() -> list[Callable[[argparse._SubParsersAction[argparse.Argument
         *xml_cli.REGISTRARS,
         *token_cli.REGISTRARS,
         *service_cli.REGISTRARS,
+        *front.REGISTRARS,
         _register_plugin_commands,
     ]
 
