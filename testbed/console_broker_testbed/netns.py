@@ -16,6 +16,7 @@ machine's one libvirtd. Needs root and iproute2.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import ipaddress
 import os
@@ -220,22 +221,6 @@ def _running(pid: int) -> bool:
 
 
 def _signal(pid: int, number: int) -> None:
-    try:
+    with contextlib.suppress(ProcessLookupError):
         os.kill(pid, number)
-    except ProcessLookupError:
-        pass
 
-
-def stale(prefix: str = "cb") -> list[str]:
-    """Namespaces named like a :class:`Network`'s whose process is gone."""
-    try:
-        names = os.listdir(_NETNS_DIR)
-    except FileNotFoundError:
-        return []
-    found = []
-    for name in names:
-        tag = name.split("-", 1)[0]
-        if name.startswith(prefix) and tag[len(prefix):].isdigit():
-            if not os.path.exists(f"/proc/{tag[len(prefix):]}"):
-                found.append(name)
-    return found

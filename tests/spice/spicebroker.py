@@ -16,7 +16,7 @@ import ssl
 import struct
 import subprocess
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
@@ -227,9 +227,10 @@ def _xwd_pixels(path: Path) -> tuple[int, int, bytes]:
 
 class RemoteViewer:
     """remote-viewer (Debian virt-viewer) opening a .vv file on its own Xvfb screen, whose
-    frame buffer is dumped into *directory* (``Xvfb_screen0``)."""
+    frame buffer is dumped into *directory* (``Xvfb_screen0``); *prefix*: the command
+    remote-viewer runs under (``ip netns exec HOST`` to run it in another host)."""
 
-    def __init__(self, vv: Path, directory: Path) -> None:
+    def __init__(self, vv: Path, directory: Path, prefix: Sequence[str] = ()) -> None:
         self.vv = vv
         self.directory = directory
         number = _free_display()
@@ -248,7 +249,8 @@ class RemoteViewer:
             env = {**os.environ, "DISPLAY": f":{number}", "SPICE_DEBUG": "1"}
             with self.log.open("wb") as log:
                 self.viewer = subprocess.Popen(
-                    ["remote-viewer", str(vv)], env=env, stdout=log, stderr=subprocess.STDOUT
+                    [*prefix, "remote-viewer", str(vv)], env=env, stdout=log,
+                    stderr=subprocess.STDOUT,
                 )
         except BaseException:
             self.close()
