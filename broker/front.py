@@ -435,35 +435,48 @@ def _resolve(value: str, base: Path | None, spec: KeySpec) -> str:
     return str(base / value)
 
 
+@attrs.frozen
+class _Parsed:
+    """A table as read: the valid keys' values (absent keys: their defaults), and the
+    keys that have a problem (or are required and missing)."""
+
+    values: dict[str, Any]
+    bad: frozenset[str]
+
+    def known(self, *keys: str) -> bool:
+        """Whether every one of *keys* has a valid value (a cross-check may use them)."""
+        return not self.bad.intersection(keys)
+
+
 def _parse_table(
     specs: list[KeySpec], value: dict[str, Any], where: str, base: Path | None,
     problems: list[str],
-) -> dict[str, Any] | None:
-    """The keyword arguments of a table's class from the file's *value*, or None when
-    a key has a problem (each appended to *problems*, named ``{where}.{key}``)."""
+) -> _Parsed:
+    """A table of the file's, each problem appended to *problems* (named
+    ``{where}.{key}``)."""
     by_name = {spec.name: spec for spec in specs}
-    kwargs: dict[str, Any] = {}
-    ok = True
+    values = {spec.name: spec.default for spec in specs if not spec.required}
+    bad: set[str] = set()
     for name, raw in value.items():
         spec = by_name.get(name)
         if spec is None:
             problems.append(f"{where}.{name}: unknown key ({where.split('[')[0]} has: "
                             f"{', '.join(by_name)})")
-            ok = False
+            bad.add(name)
             continue
         converted, problem = _typed(spec, raw)
         if problem is None and spec.check is not None:
             problem = spec.check(converted)
         if problem is not None:
             problems.append(f"{where}.{name}: {problem}")
-            ok = False
+            bad.add(name)
             continue
-        kwargs[name] = _resolve(converted, base, spec) if spec.path else converted
+        values[name] = _resolve(converted, base, spec) if spec.path else converted
     for spec in specs:
         if spec.required and spec.name not in value:
             problems.append(f"{where}.{spec.name}: required key missing")
-            ok = False
-    return kwargs if ok else None
+            bad.add(spec.name)
+    return _Parsed({k: v for k, v in values.items() if k not in bad}, frozenset(bad))
 
 
 def nodes_from_dict(data: dict[str, Any], source: Path | None = None) -> FrontDoor:
@@ -474,18 +487,16 @@ def nodes_from_dict(data: dict[str, Any], source: Path | None = None) -> FrontDo
     for name in data:
         if name not in dict(_TABLES):
             problems.append(f"{name}: unknown key (the file has: [front], [[node]])")
-    front: FrontSettings | None = None
+    front: _Parsed | None = None
     raw_front = data.get("front")
     if raw_front is None:
         problems.append("front: the [front] table is missing")
     elif not isinstance(raw_front, dict):
         problems.append(f"front: must be a table ([front]), not {_type_name(raw_front)}")
     else:
-        kwargs = _parse_table(key_specs(FrontSettings, "front"), raw_front, "front", base,
-                              problems)
-        if kwargs is not None:
-            front = FrontSettings(**kwargs)
-    nodes: list[Node | None] = []
+        front = _parse_table(key_specs(FrontSettings, "front"), raw_front, "front", base,
+                             problems)
+    nodes: list[_Parsed] = []
     raw_nodes = data.get("node")
     if raw_nodes is None or raw_nodes == []:
         problems.append("node: no [[node]] table: name at least one node")
@@ -495,50 +506,62 @@ def nodes_from_dict(data: dict[str, Any], source: Path | None = None) -> FrontDo
         )
     else:
         specs = key_specs(Node, "node")
-        for index, raw in enumerate(raw_nodes, 1):
-            kwargs = _parse_table(specs, raw, f"node[{index}]", base, problems)
-            nodes.append(None if kwargs is None else Node(**kwargs))
+        nodes = [
+            _parse_table(specs, raw, f"node[{index}]", base, problems)
+            for index, raw in enumerate(raw_nodes, 1)
+        ]
     problems.extend(_cross_checks(front, nodes))
     if problems:
         where = str(source) if source is not None else "<nodes>"
         raise NodesFileError([f"{where}: {problem}" for problem in problems])
     assert front is not None
-    return FrontDoor(front=front, nodes=tuple(n for n in nodes if n is not None),
-                     source=source)
+    return FrontDoor(
+        front=FrontSettings(**front.values),
+        nodes=tuple(Node(**node.values) for node in nodes),
+        source=source,
+    )
 
 
-def _cross_checks(front: FrontSettings | None, nodes: list[Node | None]) -> list[str]:
-    """Problems involving several keys or nodes, each naming them."""
+def _cross_checks(front: _Parsed | None, nodes: list[_Parsed]) -> list[str]:
+    """Problems involving several keys or nodes, each naming them; a check runs only
+    when the keys it involves are valid themselves."""
     problems: list[str] = []
     names: dict[str, int] = {}
     targets: dict[tuple[str, int], int] = {}
     front_ports: dict[int, int] = {}
-    listen_port = int(front.listen.rpartition(":")[2]) if front is not None else None
+    listen_port = None
+    if front is not None and front.known("listen"):
+        listen_port = int(front.values["listen"].rpartition(":")[2])
     for index, node in enumerate(nodes, 1):
-        if node is None:
-            continue
-        where = f"node[{index}]"
-        if node.name in names:
-            problems.append(f"{where}.name: {node.name!r} is also node[{names[node.name]}]'s")
-        names.setdefault(node.name, index)
-        target = (node.address.lower(), node.port)
-        if target in targets:
-            problems.append(
-                f"{where}.address, {where}.port: the same broker as node[{targets[target]}] "
-                "(one broker is one node)"
-            )
-        targets.setdefault(target, index)
-        if not node.tls_name and _is_ip(node.address):
+        where, values = f"node[{index}]", node.values
+        if node.known("name"):
+            name = values["name"]
+            if name in names:
+                problems.append(f"{where}.name: {name!r} is also node[{names[name]}]'s")
+            names.setdefault(name, index)
+        if node.known("address", "port"):
+            target = (values["address"].lower(), values["port"])
+            if target in targets:
+                problems.append(
+                    f"{where}.address, {where}.port: the same broker as "
+                    f"node[{targets[target]}] (one broker is one node)"
+                )
+            targets.setdefault(target, index)
+        if node.known("address", "tls_name") and not values["tls_name"] and _is_ip(
+            values["address"]
+        ):
             problems.append(
                 f"{where}.tls_name: required when address is an IP address: nginx verifies "
                 "a node's certificate by DNS name only"
             )
-        if bool(node.connect_port) != bool(node.front_connect_port):
+        if not node.known("connect_port", "front_connect_port"):
+            continue
+        if bool(values["connect_port"]) != bool(values["front_connect_port"]):
             problems.append(
                 f"{where}.connect_port, {where}.front_connect_port: set both (the front "
                 "forwards its front_connect_port to the node's connect_port) or neither"
             )
-        port = node.front_connect_port
+        port = values["front_connect_port"]
         if port and port in front_ports:
             problems.append(
                 f"{where}.front_connect_port: {port} is also node[{front_ports[port]}]'s"
@@ -592,6 +615,12 @@ class _Conf:
     def __call__(self, *words: str) -> None:
         self.line(" ".join(words) + ";")
 
+    def long(self, *words: str, parts: tuple[str, ...]) -> None:
+        """A directive whose last arguments, *parts*, go on lines of their own."""
+        self.line(" ".join(words))
+        for index, part in enumerate(parts):
+            self.line(f"    {part}" + (";" if index == len(parts) - 1 else ""))
+
     def comment(self, text: str) -> None:
         width = 88 - 4 * self.depth
         for line in textwrap.wrap(text, width - 2):
@@ -609,14 +638,14 @@ class _Conf:
         return "\n".join(self.lines) + "\n"
 
 
-#: The access log's format: never the query string (it holds tokens).
+#: The access log's format, in parts nginx joins: never the query string (it holds tokens).
 _HTTP_LOG = (
-    "'$remote_addr [$time_local] \"$request_method $uri $server_protocol\" $status "
-    "$body_bytes_sent $request_time $upstream_addr \"$http_user_agent\"'"
+    "'$remote_addr [$time_local] \"$request_method $uri $server_protocol\" '",
+    "'$status $body_bytes_sent $request_time $upstream_addr \"$http_user_agent\"'",
 )
 _STREAM_LOG = (
-    "'$remote_addr [$time_local] connect $server_port to $upstream_addr $status "
-    "$bytes_received $bytes_sent $session_time'"
+    "'$remote_addr [$time_local] connect $server_port to $upstream_addr '",
+    "'$status $bytes_received $bytes_sent $session_time'",
 )
 _TEMP_PATHS = ("client_body", "proxy", "fastcgi", "uwsgi", "scgi")
 
@@ -648,12 +677,11 @@ def render_nginx(door: FrontDoor) -> str:
     """The standalone nginx.conf of the front door for *door*'s nodes."""
     front = door.front
     conf = _Conf()
-    source = f" --nodes {door.source.absolute()}" if door.source is not None else ""
-    conf.comment(
-        f"The console front door's nginx configuration, written by `console-broker front "
-        f"nginx{source}`. Do not edit it: change the nodes file and write it again "
-        "(docs/front.md explains every directive)."
-    )
+    nodes = f" --nodes {door.source.absolute()}" if door.source is not None else ""
+    conf.line("# The console front door's nginx configuration, written by")
+    conf.line(f"#     console-broker front nginx{nodes}")
+    conf.line("# Do not edit it: change the nodes file and write it again (docs/front.md")
+    conf.line("# explains every directive).")
     conf.line()
     if door.has_connect and front.stream_module:
         conf("load_module", _quoted(front.stream_module))
@@ -681,7 +709,7 @@ def _http(conf: _Conf, door: FrontDoor) -> None:
     conf("server_tokens", "off")
     conf("default_type", "application/octet-stream")
     if front.access_log:
-        conf("log_format", "console_front", "escape=default", _HTTP_LOG)
+        conf.long("log_format", "console_front", "escape=default", parts=_HTTP_LOG)
         conf("access_log", _quoted(front.access_log), "console_front")
     else:
         conf("access_log", "off")
@@ -758,7 +786,7 @@ def _stream(conf: _Conf, door: FrontDoor) -> None:
         "verified)."
     )
     if front.access_log:
-        conf("log_format", "console_front_connect", _STREAM_LOG)
+        conf.long("log_format", "console_front_connect", parts=_STREAM_LOG)
         conf("access_log", _quoted(front.access_log), "console_front_connect")
     conf("proxy_connect_timeout", f"{front.connect_timeout}s")
     conf("proxy_timeout", f"{front.session_timeout}s")
