@@ -32,12 +32,15 @@ import tomllib
 import typing
 from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
-from typing import Any, Generic, TypeVar, overload
+from typing import TYPE_CHECKING, Any, Generic, TypeVar, overload
 from urllib.parse import urlsplit
 
 import attrs
 
 from broker.keys import PRIVATE_KEY_NAME, PUBLIC_KEY_NAME
+
+if TYPE_CHECKING:
+    from cryptography import x509
 
 #: Read when no file is named and ``CONSOLE_BROKER_CONFIG`` is unset, if it exists.
 DEFAULT_CONFIG_PATH = Path("/etc/console-broker/broker.toml")
@@ -117,6 +120,83 @@ def _base_url(value: Any) -> str | None:
     return None
 
 
+def _proxy_url(value: Any) -> str | None:
+    if not value:
+        return None
+    parts = urlsplit(value)
+    if parts.scheme != "http" or not parts.hostname:
+        return "must be an http:// URL with a host and a port (http://console.example:7001)"
+    try:
+        port = parts.port
+    except ValueError:
+        return "must have a port from 1 to 65535"
+    if not port:
+        return "must name its port (http://host:port)"
+    if parts.username is not None or parts.password is not None:
+        return "must not hold a user name or password"
+    if parts.path not in ("", "/") or parts.query or parts.fragment or value.endswith(("?", "#")):
+        return "must be http://host:port, with nothing after the port"
+    return None
+
+
+def _split_unescaped(text: str, separators: str) -> list[str]:
+    """*text* cut at each of *separators* not escaped with ``\\``, the separators kept
+    as parts of their own."""
+    parts, current, escaped = [], "", False
+    for char in text:
+        if escaped:
+            current, escaped = current + char, False
+        elif char == "\\":
+            current, escaped = current + char, True
+        elif char in separators:
+            parts += [current, char]
+            current = ""
+        else:
+            current += char
+    return [*parts, current]
+
+
+def _strip_unescaped(text: str) -> str:
+    """*text* without its leading whitespace and its trailing whitespace not escaped."""
+    text = text.lstrip()
+    stripped = text.rstrip()
+    kept = len(stripped)
+    if kept < len(text) and (len(stripped) - len(stripped.rstrip("\\"))) % 2 == 1:
+        kept += 1  # an odd run of backslashes escapes the first space after it
+    return text[:kept]
+
+
+def rfc4514_name(text: str) -> x509.Name:
+    """The :class:`~cryptography.x509.Name` of an RFC 4514 string (``CN=front,O=Example``,
+    as ``Name.rfc4514_string()`` prints it); spaces around ``,``, ``+`` and an attribute's
+    ``=`` and the case of attribute keys do not matter. ValueError if it is no name."""
+    from cryptography import x509
+
+    attributes = []
+    for part in _split_unescaped(text, ",+"):
+        if part in (",", "+"):
+            attributes.append(part)
+            continue
+        key, equals, value = part.partition("=")
+        attributes.append(f"{key.strip()}{equals}{_strip_unescaped(value)}")
+    name = x509.Name.from_rfc4514_string("".join(attributes))
+    if not len(name):
+        raise ValueError("an empty name")
+    return name
+
+
+def _rfc4514_names(value: Any) -> str | None:
+    for text in value:
+        try:
+            rfc4514_name(text)
+        except ValueError:
+            return (
+                f"{text!r} is not an RFC 4514 name (KEY=value pairs joined with ',', the "
+                "most specific first: \"CN=front.console.example,O=Example\")"
+            )
+    return None
+
+
 def _origins(value: Any) -> str | None:
     for origin in value:
         parts = urlsplit(origin)
@@ -166,6 +246,14 @@ class BrokerSection:
         "http(s)://host:port.",
         _base_url,
     )
+    public_connect_url: str = setting(
+        "",
+        "The HTTP proxy native clients are told to use (http://host:port), when they "
+        "reach the CONNECT listener through something else, e.g. a front door's port for "
+        "this node. Empty: http://listen.connect_host:listen.connect_port (a wildcard "
+        "address gives the public URL's host). Needs listen.connect_port.",
+        _proxy_url,
+    )
 
 
 @attrs.frozen
@@ -197,6 +285,23 @@ class TLSSection:
         "carry it, so remote-viewer can verify the broker; empty: the files carry no CA "
         "and clients rely on their own trust store.",
         path=True,
+    )
+    client_ca: str = setting(
+        "",
+        "PEM file of the CA whose client certificates the broker requires: every "
+        "connection to either listener must show a certificate it signed (a front door's), "
+        "or the TLS handshake fails; the CONNECT listener then speaks TLS too. Needs "
+        "tls.cert and tls.key. Empty: no client certificate is asked for.",
+        path=True,
+    )
+    client_subjects: tuple[str, ...] = setting(
+        (),
+        "Subjects of the client certificates accepted, as RFC 4514 strings "
+        "(\"CN=front.console.example,O=Example\", the most specific part first, as "
+        "openssl's -nameopt RFC2253 prints them), compared as names; a connection with "
+        "another is refused after the handshake (403). Empty: any certificate "
+        "tls.client_ca signed. Needs tls.client_ca.",
+        _rfc4514_names,
     )
 
 
@@ -469,6 +574,21 @@ class Config:
         host = _bracketed(host)
         scheme = "https" if self.tls_enabled else "http"
         return f"{scheme}://{host}:{self.listen.port}"
+
+    @property
+    def connect_proxy_url(self) -> str | None:
+        """The HTTP proxy URL native clients are given (``http://host:port``):
+        ``broker.public_connect_url``, else the CONNECT listener's address (a wildcard
+        address gives :attr:`public_url`'s host); None without a CONNECT listener."""
+        if not self.listen.connect_port:
+            return None
+        if self.broker.public_connect_url:
+            parts = urlsplit(self.broker.public_connect_url)
+            return f"http://{_bracketed(parts.hostname or '')}:{parts.port}"
+        host = self.listen.connect_host
+        if host in _WILDCARD_HOSTS:
+            host = urlsplit(self.public_url).hostname or "127.0.0.1"
+        return f"http://{_bracketed(host)}:{self.listen.connect_port}"
 
     @property
     def allowed_origins(self) -> tuple[str, ...]:
@@ -787,6 +907,20 @@ def _cross_checks(config: Config) -> list[str]:
         problems.append("tls.cert, tls.key: set both (TLS) or neither (plain HTTP)")
     if config.tls.ca and not config.tls.cert:
         problems.append("tls.ca: names the CA of tls.cert, which is not set")
+    if config.tls.client_ca and not config.tls.cert:
+        problems.append(
+            "tls.client_ca: client certificates need TLS (tls.cert, tls.key), which is not set"
+        )
+    if config.tls.client_subjects and not config.tls.client_ca:
+        problems.append(
+            "tls.client_subjects: names accepted client certificates, but tls.client_ca "
+            "(the CA that signs them) is not set"
+        )
+    if config.broker.public_connect_url and not config.listen.connect_port:
+        problems.append(
+            "broker.public_connect_url: names a way to the CONNECT listener, which is off "
+            "(listen.connect_port = 0)"
+        )
     if config.tokens.default_ttl > config.tokens.max_ttl:
         problems.append(
             f"tokens.default_ttl: {config.tokens.default_ttl} exceeds "

@@ -2,11 +2,11 @@
 
 remote-viewer reads a ``[virt-viewer]`` section: ``type=spice``, ``host`` and ``port``
 (or ``tls-port``) of the SPICE server, and ``proxy``, an HTTP proxy it sends one
-``CONNECT host:port`` to per channel. The broker is that proxy (``listen.connect_port``),
-and ``host`` is the token's session handle
-(:func:`broker.api.handle_for_token`): no VM address appears in the file,
-and the file is as secret as the token (``delete-this-file=1`` asks remote-viewer to
-remove it once read).
+``CONNECT host:port`` to per channel. The broker is that proxy (``listen.connect_port``;
+behind a front door, the front's port for it: ``broker.public_connect_url``), and
+``host`` is the token's session handle (:func:`broker.api.handle_for_token`): no VM
+address appears in the file, and the file is as secret as the token
+(``delete-this-file=1`` asks remote-viewer to remove it once read).
 
 The port tells the broker what the tunnel carries. A broker with TLS (``[tls]``) gets
 ``tls-port`` (:data:`~broker.api.TLS_PORT`) and no ``port``, with
@@ -21,7 +21,6 @@ for a listener on loopback or a trusted network.
 from __future__ import annotations
 
 from pathlib import Path
-from urllib.parse import urlsplit
 
 from broker.api import PLAIN_PORT, TLS_PORT, ClientFile, Config, PluginError, handle_for_token
 
@@ -29,16 +28,10 @@ CONTENT_TYPE = "application/x-virt-viewer"
 
 
 def proxy_url(config: Config) -> str | None:
-    """``http://host:port`` of the broker's CONNECT listener, or None when it has none."""
-    port = config.listen.connect_port
-    if not port:
-        return None
-    host = config.listen.connect_host
-    if host in ("0.0.0.0", "::", ""):  # noqa: S104 - naming the wildcard, not binding it
-        host = urlsplit(config.public_url).hostname or "127.0.0.1"
-    if ":" in host:
-        host = f"[{host}]"
-    return f"http://{host}:{port}"
+    """The HTTP proxy the file names (:attr:`Config.connect_proxy_url
+    <broker.api.Config.connect_proxy_url>`: ``broker.public_connect_url``, else the
+    CONNECT listener's address), or None when the broker has no CONNECT listener."""
+    return config.connect_proxy_url
 
 
 def _clean(text: str) -> str:

@@ -14,7 +14,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
-from broker.config import Config, ListenSection, TLSSection
+from broker.config import BrokerSection, Config, ListenSection, TLSSection
 from broker.plugins import PluginError
 from broker.service._connect import PLAIN_PORT, TLS_PORT, token_for_handle
 
@@ -65,6 +65,37 @@ def test_a_broker_with_tls_gives_the_tls_port_its_ca_and_its_subject(tmp_path: P
     )
     made = vv_file(TOKEN, "guest", bare)
     assert made is not None and "ca" not in _section(made.body)
+
+
+def test_the_proxy_line_names_the_public_connect_url(tmp_path: Path) -> None:
+    """Behind a front door the file names the front's port for this node, and with
+    client certificates the tunnel's TLS is still the broker's own, as without."""
+    paths = make_certificates(tmp_path, names=("hv1.example",), client=True)
+    front = "http://console.example:7001"
+    config = Config(
+        broker=BrokerSection(public_connect_url=front),
+        listen=ListenSection(connect_host="10.0.0.5", connect_port=6081),
+        tls=TLSSection(cert=str(paths["server"]), key=str(paths["server-key"]),
+                       ca=str(paths["ca"]), client_ca=str(paths["ca"])),
+    )
+    made = vv_file(TOKEN, "guest", config)
+    assert made is not None
+    section = _section(made.body)
+    assert section["proxy"] == front
+    assert section["tls-port"] == str(TLS_PORT) and section["host-subject"] == "CN=server"
+    # unset: the CONNECT listener's own address; a wildcard gives the public URL's host
+    config = Config(listen=ListenSection(connect_host="10.0.0.5", connect_port=6081))
+    assert config.connect_proxy_url == "http://10.0.0.5:6081"
+    config = Config(
+        broker=BrokerSection(public_url="https://consoles.example/hv1"),
+        listen=ListenSection(connect_host="::", connect_port=6081),
+    )
+    assert config.connect_proxy_url == "http://consoles.example:6081"
+    config = Config(listen=ListenSection(connect_host="2001:db8::5", connect_port=6081))
+    assert config.connect_proxy_url == "http://[2001:db8::5]:6081"
+    # no CONNECT listener: no file, whatever the URL
+    config = Config(broker=BrokerSection(public_connect_url=front))
+    assert config.connect_proxy_url is None and vv_file(TOKEN, "guest", config) is None
 
 
 def test_host_subject_keeps_the_certificates_order_and_escapes(tmp_path: Path) -> None:
