@@ -425,7 +425,7 @@ def _config_command(args: argparse.Namespace) -> int:
         load_public_keys(Path(p) for p in config.tokens.public_keys)
     except KeyFileError as exc:
         raise CommandError(f"tokens.public_keys: {exc}") from None
-    for name in ("cert", "key"):
+    for name in ("cert", "key", "client_ca"):
         value = getattr(config.tls, name)
         if value and not Path(value).is_file():
             raise CommandError(f"tls.{name}: {value}: no such file")

@@ -1,4 +1,4 @@
-"""Test certificates: a CA, a server certificate and optionally a client certificate,
+"""Test certificates: a CA, a server certificate and optionally client certificates,
 made with cryptography, in the file names QEMU's TLS directories use."""
 
 from __future__ import annotations
@@ -6,6 +6,7 @@ from __future__ import annotations
 import datetime
 import ipaddress
 import uuid
+from collections.abc import Mapping
 from pathlib import Path
 
 from cryptography import x509
@@ -15,11 +16,20 @@ from cryptography.x509.oid import NameOID
 
 
 def make_certificates(
-    directory: Path, *, names: tuple[str, ...] = ("127.0.0.1",), client: bool = False
+    directory: Path,
+    *,
+    names: tuple[str, ...] = ("127.0.0.1",),
+    client: bool = False,
+    clients: Mapping[str, str] = {},
 ) -> dict[str, Path]:
     """A CA and a server certificate for *names* (IP addresses or DNS names), with
     QEMU's file names (ca-cert.pem, server-cert.pem, server-key.pem); with *client*,
-    a client certificate too (client-cert.pem, client-key.pem)."""
+    a client certificate too (client-cert.pem, client-key.pem, subject ``CN=client``).
+
+    *clients* makes more client certificates: file stem (``front``: front-cert.pem,
+    front-key.pem, keys ``front`` and ``front-key``) to subject, an RFC 4514 string
+    (``"CN=front.console.example,O=Example"``).
+    """
     now = datetime.datetime.now(datetime.UTC)
     ca_key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
     ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, f"test CA {uuid.uuid4()}")])
@@ -43,11 +53,18 @@ def make_certificates(
     paths = {"ca": directory / "ca-cert.pem"}
     paths["ca"].write_bytes(ca.public_bytes(serialization.Encoding.PEM))
 
-    def leaf(stem: str, purpose: x509.ObjectIdentifier, sans: list[x509.GeneralName]) -> None:
+    def leaf(
+        stem: str,
+        purpose: x509.ObjectIdentifier,
+        sans: list[x509.GeneralName],
+        subject: x509.Name | None = None,
+    ) -> None:
         key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+        if subject is None:
+            subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, stem)])
         builder = (
             x509.CertificateBuilder()
-            .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, stem)]))
+            .subject_name(subject)
             .issuer_name(ca_name)
             .public_key(key.public_key())
             .serial_number(x509.random_serial_number())
@@ -87,4 +104,7 @@ def make_certificates(
     leaf("server", x509.ExtendedKeyUsageOID.SERVER_AUTH, sans)
     if client:
         leaf("client", x509.ExtendedKeyUsageOID.CLIENT_AUTH, [])
+    for stem, subject in clients.items():
+        leaf(stem, x509.ExtendedKeyUsageOID.CLIENT_AUTH, [],
+             x509.Name.from_rfc4514_string(subject))
     return paths

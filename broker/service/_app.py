@@ -56,6 +56,7 @@ import broker
 from broker.config import Config
 from broker.hookspecs import ClientFile, Page, Protocol
 from broker.plugins import PluginContext, PluginError, PluginManager
+from broker.service._clientcert import ClientCertificates, ClientTLS
 from broker.service._connect import token_for_handle
 from broker.service._connection import LISTENER, BrokerConnection, ConnectionLimits
 from broker.service._gate import AcceptGuard, ConnectionGate, http_response, watch_listener
@@ -171,6 +172,7 @@ class Broker:
         plugins: PluginManager,
         metrics: Metrics | None = None,
         ssl_context: ssl.SSLContext | None = None,
+        client_ssl_context: ssl.SSLContext | None = None,
     ) -> None:
         self.config = config
         self.metrics = metrics if metrics is not None else Metrics()
@@ -203,6 +205,14 @@ class Broker:
         self._pending: weakref.WeakKeyDictionary[ServerConnection, Pending | _PendingRefusal] = (
             weakref.WeakKeyDictionary()
         )
+        #: Client certificates both listeners require (``tls.client_ca``):
+        #: *client_ssl_context* asks for them; the tunnels' own TLS uses *ssl_context*.
+        self._client_tls: ClientTLS | None = None
+        if client_ssl_context is not None:
+            self._client_tls = ClientTLS(
+                client_ssl_context, ClientCertificates.from_config(config, self.metrics),
+                config.limits.handshake_timeout, self._runner.close_timeout,
+            )
         self._stop: anyio.Event | None = None
         self._group: anyio.abc.TaskGroup | None = None
         #: The (host, port) pairs listened on, once serving.
@@ -298,7 +308,8 @@ class Broker:
         config = self.config
         ping = config.proxy.ping_interval or None
         limits = ConnectionLimits(
-            self._gate, config.limits.max_request_head, config.limits.write_timeout
+            self._gate, config.limits.max_request_head, config.limits.write_timeout,
+            self._client_tls,
         )
         server = await serve(
             self._handle,
@@ -315,7 +326,8 @@ class Broker:
             max_size=config.proxy.max_message,
             max_queue=config.proxy.max_queue,
             write_limit=config.proxy.write_buffer,
-            ssl=self._ssl,
+            # With client certificates each connection does its TLS (BrokerConnection).
+            ssl=self._ssl if self._client_tls is None else None,
             logger=logging.getLogger("websockets.server"),
             create_connection=cast(
                 type[ServerConnection], functools.partial(BrokerConnection, limits=limits)
@@ -328,6 +340,7 @@ class Broker:
             "broker.listening",
             addresses=[f"{host}:{port}" for host, port in self.addresses],
             tls=self._ssl is not None,
+            client_certificates=self._client_tls is not None,
             node=self._node,
             protocols=sorted(self._handlers),
         )
@@ -352,6 +365,7 @@ class Broker:
                 read_size=config.proxy.read_size,
                 gate=self._gate,
                 guard=guards[-1],
+                client_tls=self._client_tls,
             )
             group.start_soon(listener.serve, tunnels, tunnel_scope)
             _log.info(

@@ -21,19 +21,26 @@ with what a hostile client must not be able to get around:
   never cut. A client that leaves the keepalive ping (``proxy.ping_interval``)
   unanswered for as long, which websockets then closes with 1011, ends as
   ``client_stalled`` too.
+
+With client certificates (``tls.client_ca``), the listener accepts plain TCP and each
+connection starts TLS itself, so that a failed handshake is seen with the peer's address
+(:mod:`broker.service._clientcert`): only a connection whose certificate is accepted
+goes on, as if asyncio had done the handshake; one with a subject not accepted is
+answered 403 before its request is read.
 """
 
 from __future__ import annotations
 
 import asyncio
 from collections.abc import Callable
-from typing import Any
+from typing import Any, cast
 
 import attrs
 from websockets.asyncio.server import Server, ServerConnection
 from websockets.exceptions import InvalidMessage
 from websockets.server import ServerProtocol
 
+from broker.service._clientcert import NOT_ACCEPTED, ClientTLS
 from broker.service._gate import (
     HEAD_TOO_LARGE,
     MALFORMED,
@@ -55,6 +62,9 @@ class ConnectionLimits:
     max_head: int
     #: ``limits.write_timeout``.
     write_timeout: float
+    #: TLS with client certificates, done by each connection (None: the listener's
+    #: own TLS, if any).
+    client_tls: ClientTLS | None = None
 
 
 class BrokerConnection(ServerConnection):
@@ -77,9 +87,54 @@ class BrokerConnection(ServerConnection):
         #: Called once, before a client that stopped reading is cut.
         self.on_stall: Callable[[], None] | None = None
 
-    # --- before the request ------------------------------------------------------------
+    # --- TLS with client certificates ----------------------------------------------------
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        tls = self._limits.client_tls
+        if tls is None:
+            self._connected(transport)
+            return
+        raw = cast(asyncio.Transport, transport)
+        raw.pause_reading()  # nothing is read before start_tls takes the transport over
+        task = asyncio.get_running_loop().create_task(self._start_tls(raw, tls))
+        _handshakes.add(task)
+        task.add_done_callback(_handshakes.discard)
+
+    async def _start_tls(self, raw: asyncio.Transport, tls: ClientTLS) -> None:
+        """The TLS handshake and the client certificate's check; then, if accepted, the
+        connection as asyncio would have made it, with what arrived meanwhile."""
+        peername = raw.get_extra_info("peername")
+        peer = str(peername[0]) if peername else "?"
+        held = _Held()
+        try:
+            transport = await asyncio.get_running_loop().start_tls(
+                raw, held, tls.context, server_side=True,
+                ssl_handshake_timeout=tls.handshake_timeout,
+                ssl_shutdown_timeout=tls.shutdown_timeout,
+            )
+        except OSError as exc:  # ssl.SSLError, a timeout, a connection lost
+            tls.certificates.handshake_failed(exc, LISTENER, peer)
+            raw.abort()
+            return
+        if transport is None or held.lost:  # gone as the handshake ended
+            raw.abort()
+            return
+        reason = tls.certificates.check(transport.get_extra_info("ssl_object"))
+        if reason is not None:
+            tls.certificates.refused(LISTENER, peer, reason)
+            transport.write(http_response(403, NOT_ACCEPTED))
+            transport.close()
+            return
+        transport.set_protocol(self)
+        self._connected(transport)
+        for data in held.data:
+            self.data_received(data)
+        if held.eof:
+            self.eof_received()
+
+    # --- before the request ------------------------------------------------------------
+
+    def _connected(self, transport: asyncio.BaseTransport) -> None:
         super().connection_made(transport)
         self.recv_messages.pause = lambda: self._pause_reading("queue")
         self.recv_messages.resume = lambda: self._resume_reading("queue")
@@ -190,6 +245,29 @@ class BrokerConnection(ServerConnection):
         self.stalled = True
         if self.on_stall is not None:
             self.on_stall()
+
+
+class _Held(asyncio.Protocol):
+    """What the TLS layer delivers before the connection takes it over: the handshake
+    may end with the request's first bytes, an end of file or a lost connection."""
+
+    def __init__(self) -> None:
+        self.data: list[bytes] = []
+        self.eof = False
+        self.lost = False
+
+    def data_received(self, data: bytes) -> None:
+        self.data.append(data)
+
+    def eof_received(self) -> None:
+        self.eof = True
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.lost = True
+
+
+#: The TLS handshakes under way (a task the loop alone holds may be collected).
+_handshakes: set[asyncio.Task[None]] = set()
 
 
 def _keepalive_failed(connection: ServerConnection) -> bool:

@@ -13,7 +13,9 @@ Names (all prefixed ``console_broker_``):
 ``connections_refused_total{listener,reason}`` counter: connections closed before their
                                             request: ``pending_limit``, ``client_pending_limit``,
                                             ``request_head_too_large``, ``malformed_request``,
-                                            ``out_of_descriptors``
+                                            ``out_of_descriptors``, ``client_certificate``
+                                            (``tls.client_ca``: none, another CA's, a subject
+                                            not accepted)
 ``accept_errors_total{listener,error}``     counter: failed accepts (``EMFILE``, ``ENFILE``, ...)
 """
 

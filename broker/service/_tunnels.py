@@ -8,6 +8,11 @@ refusal's status, and closes), does the TLS handshake inside the tunnel where th
 has TLS, and hands the tunnel to the broker as the session's client
 (:class:`~broker.service._session.TunnelChannel`). The broker owns admission and
 sessions; this module only speaks the listener's side of HTTP and TLS.
+
+With client certificates (``tls.client_ca``; :mod:`broker.service._clientcert`) the
+listener speaks TLS itself: each connection's TLS handshake, with the broker's
+certificate and the client's required, comes before the CONNECT head (a subject not
+accepted is answered 403), and the tunnel's own TLS runs inside that one.
 """
 
 from __future__ import annotations
@@ -21,8 +26,9 @@ from typing import Any
 import anyio
 import anyio.abc
 import structlog
-from anyio.streams.tls import TLSStream
+from anyio.streams.tls import TLSAttribute, TLSStream
 
+from broker.service._clientcert import NOT_ACCEPTED, ClientTLS
 from broker.service._connect import (
     MAX_HEAD,
     TLS_PORT,
@@ -63,6 +69,7 @@ class TunnelListener:
         read_size: int,
         gate: ConnectionGate,
         guard: AcceptGuard,
+        client_tls: ClientTLS | None = None,
     ) -> None:
         self._admit = admit
         self._run = run
@@ -73,6 +80,7 @@ class TunnelListener:
         self._read_size = read_size
         self._gate = gate
         self._guard = guard
+        self._client_tls = client_tls
 
     async def serve(
         self, listener: anyio.abc.Listener[anyio.abc.SocketStream], scope: anyio.CancelScope
@@ -87,14 +95,16 @@ class TunnelListener:
 
     async def handle(self, stream: anyio.abc.SocketStream) -> None:
         """One tunnel: counted as pending until its head is answered (refused at once over
-        the caps); then :meth:`tunnel`."""
+        the caps, with no answer where a TLS handshake is expected); then the client's
+        certificate, with client certificates, and :meth:`tunnel`."""
         address = stream.extra(anyio.abc.SocketAttribute.remote_address, ("?",))  # noqa: S610
         peer = str(address[0]) if isinstance(address, tuple) else "?"
         refusal = self._gate.enter(peer, LISTENER)
         if refusal is not None:
             with anyio.CancelScope(shield=True), contextlib.suppress(OSError):
-                with anyio.move_on_after(1.0):
-                    await stream.send(http_response(refusal.status, refusal.text))
+                if self._client_tls is None:
+                    with anyio.move_on_after(1.0):
+                        await stream.send(http_response(refusal.status, refusal.text))
                 await stream.aclose()
             return
         pending = True
@@ -106,12 +116,40 @@ class TunnelListener:
                 self._gate.leave(peer, LISTENER)
 
         try:
-            await self.tunnel(stream, peer, leave)
+            outer: anyio.abc.ByteStream | None = stream
+            if self._client_tls is not None:
+                outer = await self._accept_client(stream, peer, self._client_tls)
+            if outer is not None:
+                await self.tunnel(outer, peer, leave)
         finally:
             leave()
 
+    async def _accept_client(
+        self, stream: anyio.abc.SocketStream, peer: str, tls: ClientTLS
+    ) -> anyio.abc.ByteStream | None:
+        """The TLS handshake with a client certificate required, and its check; None (the
+        connection closed) if the client is refused."""
+        try:
+            with anyio.fail_after(tls.handshake_timeout):
+                outer = await TLSStream.wrap(
+                    stream, server_side=True, ssl_context=tls.context,
+                    standard_compatible=False,
+                )
+        except (ssl.SSLError, TimeoutError, anyio.EndOfStream, anyio.BrokenResourceError,
+                OSError) as exc:
+            tls.certificates.handshake_failed(exc, LISTENER, peer)
+            with anyio.CancelScope(shield=True), contextlib.suppress(OSError):
+                await stream.aclose()
+            return None
+        reason = tls.certificates.check(outer.extra(TLSAttribute.ssl_object))  # noqa: S610
+        if reason is None:
+            return outer
+        tls.certificates.refused(LISTENER, peer, reason)
+        await _answer(outer, 403, NOT_ACCEPTED, close=True)
+        return None
+
     async def tunnel(
-        self, stream: anyio.abc.SocketStream, client: str, answered: Callable[[], None]
+        self, stream: anyio.abc.ByteStream, client: str, answered: Callable[[], None]
     ) -> None:
         """Read the CONNECT head, admit its token like a WebSocket's, answer 200 and run the
         session on the tunnel (or answer the refusal's status and close). *answered* is
@@ -176,7 +214,7 @@ class TunnelListener:
         return None
 
     async def _start_tls(
-        self, stream: anyio.abc.SocketStream, client: str
+        self, stream: anyio.abc.ByteStream, client: str
     ) -> anyio.abc.ByteStream | None:
         """TLS inside the tunnel, with the broker's certificate; None (the tunnel
         closed) if the handshake fails."""
@@ -196,7 +234,7 @@ class TunnelListener:
         return None
 
 
-async def _answer(stream: anyio.abc.SocketStream, status: int, text: str, *, close: bool) -> bool:
+async def _answer(stream: anyio.abc.ByteStream, status: int, text: str, *, close: bool) -> bool:
     """Answer the CONNECT (nothing for *status* 0); False once the tunnel is closed."""
     try:
         if status == 200:

@@ -28,6 +28,8 @@ _log = structlog.get_logger("broker.service")
 
 
 def _ssl_context(config: Config) -> ssl.SSLContext | None:
+    """The broker's server context (``[tls]``), asking nothing of clients: the tunnels'
+    own TLS, and both listeners' without client certificates."""
     if not config.tls_enabled:
         return None
     context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
@@ -36,6 +38,20 @@ def _ssl_context(config: Config) -> ssl.SSLContext | None:
         context.load_cert_chain(config.tls.cert, config.tls.key)
     except (OSError, ssl.SSLError) as exc:
         raise CommandError(f"tls.cert, tls.key: cannot load the certificate: {exc}") from None
+    return context
+
+
+def _client_ssl_context(config: Config) -> ssl.SSLContext | None:
+    """The listeners' server context with client certificates (``tls.client_ca``):
+    required, and signed by that CA alone; None without them."""
+    context = _ssl_context(config) if config.tls.client_ca else None
+    if context is None:
+        return None
+    context.verify_mode = ssl.CERT_REQUIRED
+    try:
+        context.load_verify_locations(cafile=config.tls.client_ca)
+    except (OSError, ssl.SSLError) as exc:
+        raise CommandError(f"tls.client_ca: cannot load the CA: {exc}") from None
     return context
 
 
@@ -88,6 +104,7 @@ def build_broker(config: Config, plugins: PluginManager | None = None) -> Broker
         resolver=LibvirtResolver(config.libvirt.uri, stream_buffer=config.proxy.write_buffer),
         plugins=plugins if plugins is not None else PluginManager(),
         ssl_context=_ssl_context(config),
+        client_ssl_context=_client_ssl_context(config),
     )
 
 
