@@ -82,7 +82,10 @@ class ClientCertificates:
             return "no certificate"
         if not self.subjects:
             return None
-        subject = x509.load_der_x509_certificate(der).subject
+        try:
+            subject = x509.load_der_x509_certificate(der).subject
+        except ValueError:  # OpenSSL took it, cryptography cannot read it
+            return "certificate not readable"
         if subject in self.subjects:
             return None
         return f"subject not accepted: {_clean(subject.rfc4514_string())}"

@@ -127,6 +127,7 @@ class BrokerConnection(ServerConnection):
             return
         transport.set_protocol(self)
         self._connected(transport)
+        held.successor = self
         for data in held.data:
             self.data_received(data)
         if held.eof:
@@ -249,12 +250,14 @@ class BrokerConnection(ServerConnection):
 
 class _Held(asyncio.Protocol):
     """What the TLS layer delivers before the connection takes it over: the handshake
-    may end with the request's first bytes, an end of file or a lost connection."""
+    may end with the request's first bytes, an end of file or a lost connection (whose
+    call, scheduled before the takeover, is passed on to the *successor*)."""
 
     def __init__(self) -> None:
         self.data: list[bytes] = []
         self.eof = False
         self.lost = False
+        self.successor: asyncio.Protocol | None = None
 
     def data_received(self, data: bytes) -> None:
         self.data.append(data)
@@ -264,6 +267,8 @@ class _Held(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.lost = True
+        if self.successor is not None:
+            self.successor.connection_lost(exc)
 
 
 #: The TLS handshakes under way (a task the loop alone holds may be collected).
