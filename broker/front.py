@@ -277,8 +277,9 @@ class FrontSettings:
         path=True,
     )
     temp_dir: str = _key(
-        "Directory for nginx's temporary files (its *_temp_path directives); empty: "
-        "nginx's built-in paths (Debian: /var/lib/nginx).",
+        "An existing directory for nginx's temporary files (nginx makes client_body, "
+        "proxy, fastcgi, uwsgi and scgi in it). Empty: nginx's built-in paths (Debian: "
+        "/var/lib/nginx).",
         "",
         path=True,
     )
@@ -297,7 +298,7 @@ class Node:
 
     name: str = _key(
         "The node's name: its paths are /n/{name}/ on the front. Lower-case letters, "
-        "digits and '-'; unique. Use the broker's broker.node.",
+        "digits and '-'; unique. As a rule, the node broker's broker.node.",
         check=_node_name,
     )
     address: str = _key(
@@ -591,10 +592,17 @@ def load_nodes(path: Path) -> FrontDoor:
 # --- nginx.conf -------------------------------------------------------------------------
 
 
-def _quoted(value: str) -> str:
-    """*value* as an nginx string: in double quotes, ``\\`` and ``"`` escaped (nginx's
-    parser undoes exactly these); the loader refused what cannot be quoted."""
+_BARE = re.compile(r"[A-Za-z0-9._/:@%+,=~-]+")
+
+
+def _argument(value: str) -> str:
+    """*value* as one nginx argument: as it is when it is plain (``/run/nginx.pid``:
+    Debian's init script reads the pid file's name from nginx.conf unquoted), else in
+    double quotes with ``\\`` and ``"`` escaped (nginx's parser undoes exactly these).
+    The loader refused what cannot be quoted."""
     assert _unquotable(value) is None, value
+    if _BARE.fullmatch(value) and not value.startswith("#"):
+        return value
     return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
 
 
@@ -652,9 +660,9 @@ _TEMP_PATHS = ("client_body", "proxy", "fastcgi", "uwsgi", "scgi")
 
 def _proxy_tls(conf: _Conf, front: FrontSettings) -> None:
     """The TLS directives towards node brokers, the same in http and stream."""
-    conf("proxy_ssl_certificate", _quoted(front.client_cert))
-    conf("proxy_ssl_certificate_key", _quoted(front.client_key))
-    conf("proxy_ssl_trusted_certificate", _quoted(front.node_ca))
+    conf("proxy_ssl_certificate", _argument(front.client_cert))
+    conf("proxy_ssl_certificate_key", _argument(front.client_key))
+    conf("proxy_ssl_trusted_certificate", _argument(front.node_ca))
     conf("proxy_ssl_verify", "on")
     conf("proxy_ssl_verify_depth", "2")
     conf("proxy_ssl_protocols", "TLSv1.2", "TLSv1.3")
@@ -684,13 +692,13 @@ def render_nginx(door: FrontDoor) -> str:
     conf.line("# explains every directive).")
     conf.line()
     if door.has_connect and front.stream_module:
-        conf("load_module", _quoted(front.stream_module))
+        conf("load_module", _argument(front.stream_module))
     if front.user:
         conf("user", front.user)
     conf("worker_processes", str(front.worker_processes or "auto"))
     conf("worker_rlimit_nofile", str(2 * front.worker_connections))
-    conf("pid", _quoted(front.pid))
-    conf("error_log", _quoted(front.error_log))
+    conf("pid", _argument(front.pid))
+    conf("error_log", _argument(front.error_log))
     conf.line()
     with conf.block("events"):
         conf("worker_connections", str(front.worker_connections))
@@ -710,12 +718,12 @@ def _http(conf: _Conf, door: FrontDoor) -> None:
     conf("default_type", "application/octet-stream")
     if front.access_log:
         conf.long("log_format", "console_front", "escape=default", parts=_HTTP_LOG)
-        conf("access_log", _quoted(front.access_log), "console_front")
+        conf("access_log", _argument(front.access_log), "console_front")
     else:
         conf("access_log", "off")
     if front.temp_dir:
         for name in _TEMP_PATHS:
-            conf(f"{name}_temp_path", _quoted(str(Path(front.temp_dir) / name)))
+            conf(f"{name}_temp_path", _argument(str(Path(front.temp_dir) / name)))
     conf.line()
     conf.comment("WebSocket upgrades pass on; other requests close their node connection.")
     with conf.block("map", "$http_upgrade", "$connection_upgrade"):
@@ -729,8 +737,8 @@ def _http(conf: _Conf, door: FrontDoor) -> None:
     with conf.block("server"):
         conf("listen", front.listen, "ssl")
         conf("server_name", front.server_name)
-        conf("ssl_certificate", _quoted(front.cert))
-        conf("ssl_certificate_key", _quoted(front.key))
+        conf("ssl_certificate", _argument(front.cert))
+        conf("ssl_certificate_key", _argument(front.key))
         conf("ssl_protocols", "TLSv1.2", "TLSv1.3")
         conf("ssl_session_cache", "shared:console_front:10m")
         conf("absolute_redirect", "off")
@@ -787,7 +795,7 @@ def _stream(conf: _Conf, door: FrontDoor) -> None:
     )
     if front.access_log:
         conf.long("log_format", "console_front_connect", parts=_STREAM_LOG)
-        conf("access_log", _quoted(front.access_log), "console_front_connect")
+        conf("access_log", _argument(front.access_log), "console_front_connect")
     conf("proxy_connect_timeout", f"{front.connect_timeout}s")
     conf("proxy_timeout", f"{front.session_timeout}s")
     conf("proxy_socket_keepalive", "on")

@@ -100,12 +100,12 @@ EXPECTED = r"""# The console front door's nginx configuration, written by
 # Do not edit it: change the nodes file and write it again (docs/front.md
 # explains every directive).
 
-load_module "/usr/lib/nginx/modules/ngx_stream_module.so";
+load_module /usr/lib/nginx/modules/ngx_stream_module.so;
 user nginx;
 worker_processes 4;
 worker_rlimit_nofile 8192;
-pid "DIR/run/nginx.pid";
-error_log "stderr";
+pid DIR/run/nginx.pid;
+error_log stderr;
 
 events {
     worker_connections 4096;
@@ -117,12 +117,12 @@ http {
     log_format console_front escape=default
         '$remote_addr [$time_local] "$request_method $uri $server_protocol" '
         '$status $body_bytes_sent $request_time $upstream_addr "$http_user_agent"';
-    access_log "DIR/log/access.log" console_front;
-    client_body_temp_path "/var/cache/front/client_body";
-    proxy_temp_path "/var/cache/front/proxy";
-    fastcgi_temp_path "/var/cache/front/fastcgi";
-    uwsgi_temp_path "/var/cache/front/uwsgi";
-    scgi_temp_path "/var/cache/front/scgi";
+    access_log DIR/log/access.log console_front;
+    client_body_temp_path /var/cache/front/client_body;
+    proxy_temp_path /var/cache/front/proxy;
+    fastcgi_temp_path /var/cache/front/fastcgi;
+    uwsgi_temp_path /var/cache/front/uwsgi;
+    scgi_temp_path /var/cache/front/scgi;
 
     # WebSocket upgrades pass on; other requests close their node connection.
     map $http_upgrade $connection_upgrade {
@@ -141,8 +141,8 @@ http {
     server {
         listen [::]:8443 ssl;
         server_name console.example;
-        ssl_certificate "DIR/tls/front.pem";
-        ssl_certificate_key "DIR/tls/front-key.pem";
+        ssl_certificate DIR/tls/front.pem;
+        ssl_certificate_key DIR/tls/front-key.pem;
         ssl_protocols TLSv1.2 TLSv1.3;
         ssl_session_cache shared:console_front:10m;
         absolute_redirect off;
@@ -163,9 +163,9 @@ http {
         proxy_send_timeout 43200s;
         proxy_socket_keepalive on;
         proxy_next_upstream off;
-        proxy_ssl_certificate "DIR/tls/front-client.pem";
-        proxy_ssl_certificate_key "DIR/tls/front-client-key.pem";
-        proxy_ssl_trusted_certificate "/etc/ssl/nodes-ca.pem";
+        proxy_ssl_certificate DIR/tls/front-client.pem;
+        proxy_ssl_certificate_key DIR/tls/front-client-key.pem;
+        proxy_ssl_trusted_certificate /etc/ssl/nodes-ca.pem;
         proxy_ssl_verify on;
         proxy_ssl_verify_depth 2;
         proxy_ssl_protocols TLSv1.2 TLSv1.3;
@@ -236,14 +236,14 @@ stream {
     log_format console_front_connect
         '$remote_addr [$time_local] connect $server_port to $upstream_addr '
         '$status $bytes_received $bytes_sent $session_time';
-    access_log "DIR/log/access.log" console_front_connect;
+    access_log DIR/log/access.log console_front_connect;
     proxy_connect_timeout 60s;
     proxy_timeout 43200s;
     proxy_socket_keepalive on;
     proxy_ssl on;
-    proxy_ssl_certificate "DIR/tls/front-client.pem";
-    proxy_ssl_certificate_key "DIR/tls/front-client-key.pem";
-    proxy_ssl_trusted_certificate "/etc/ssl/nodes-ca.pem";
+    proxy_ssl_certificate DIR/tls/front-client.pem;
+    proxy_ssl_certificate_key DIR/tls/front-client-key.pem;
+    proxy_ssl_trusted_certificate /etc/ssl/nodes-ca.pem;
     proxy_ssl_verify on;
     proxy_ssl_verify_depth 2;
     proxy_ssl_protocols TLSv1.2 TLSv1.3;
@@ -285,18 +285,25 @@ def test_defaults(tmp_path: Path) -> None:
         "user www-data;",
         "worker_processes auto;",
         "worker_rlimit_nofile 16384;",
-        'pid "/run/nginx.pid";',
-        'error_log "/var/log/nginx/error.log";',
+        "pid /run/nginx.pid;",
+        "error_log /var/log/nginx/error.log;",
         "    worker_connections 8192;",
-        '    access_log "/var/log/nginx/access.log" console_front;',
+        "    access_log /var/log/nginx/access.log console_front;",
         "        proxy_read_timeout 86400s;",
         "        proxy_connect_timeout 10s;",
-        f'        ssl_certificate "{tmp_path}/front.pem";',
+        f"        ssl_certificate {tmp_path}/front.pem;",
         "        listen 0.0.0.0:443 ssl;",
         "            proxy_ssl_name node2.example;",
     ):
         assert f"\n{line}\n" in text
     assert "load_module" not in text and "stream {" not in text and "_temp_path" not in text
+    # Debian's /etc/init.d/nginx finds the pid file like this (signals, log rotation).
+    uncommented = "".join(line for line in text.splitlines(True) if not line.startswith("#"))
+    found = subprocess.run(
+        ["awk", 'BEGIN { RS="[;{}]" } { if ($1 == "pid") print $2 }'],
+        input=uncommented, capture_output=True, text=True, check=True,
+    ).stdout
+    assert found.split() == ["/run/nginx.pid"]
 
 
 def test_stream_module_built_in_and_no_access_log(tmp_path: Path) -> None:
