@@ -277,6 +277,7 @@ def _token_command(args: argparse.Namespace) -> int:
         }
         if client_file is not None:
             doc[client_file.name] = client_file.body
+        if protocol.native_clients:
             doc["file"] = links.file
         json.dump(doc, sys.stdout, indent=2)
         sys.stdout.write("\n")
@@ -292,6 +293,8 @@ def _token_command(args: argparse.Namespace) -> int:
     print(f"websocket: {links.websocket}")
     if client_file is not None:
         print(f"file:      {links.file} ({client_file.suffix or client_file.name} file)")
+    elif protocol.native_clients:
+        print(f"file:      {links.file} (the node makes the file)")
     return 0
 
 

@@ -546,3 +546,18 @@ def test_token_client_file_for_a_node_elsewhere(
     assert done.returncode == 2 and done.stdout == ""
     assert "--client-file: no connection file for spice with this configuration" in done.stderr
     assert not (tmp_path / "console.vv").exists()
+
+
+def test_token_for_a_node_elsewhere_names_the_nodes_file_url(
+    tmp_path: Path, control_plane_keys: Path
+) -> None:
+    """A control plane cannot make the .vv file (no CONNECT listener of its own), but it
+    hands out the URL the node serves it at, under the node's public URL."""
+    done = run_elsewhere(
+        tmp_path, "token", DOMAIN, "-p", "spice", "--node", "node1",
+        "--key-dir", str(control_plane_keys), "--public-url", NODE_URL, "--json",
+    )
+    assert done.returncode == 0, done.stderr
+    doc = json.loads(done.stdout)
+    assert doc["file"] == f"{NODE_URL}/file/spice?token={doc['token']}"
+    assert "vv" not in doc
