@@ -169,6 +169,8 @@ def test_only_the_front_door_reaches_a_node_broker(cluster: Cluster) -> None:
     verify_node.check_hostname = False
     for port in (NODE_PORT, NODE_CONNECT_PORT):
         assert _https_status(front.host, address, port, verify_node) is None
+    refused = [e for e in node.events("tls.client_refused") if e.get("reason") == "no certificate"]
+    assert {e["listener"] for e in refused} == {"http", "connect"}, refused
     # the same host with the front's certificate gets an answer (a control)
     with_cert = ssl.create_default_context(cafile=str(node.certs["ca"]))
     with_cert.check_hostname = False
