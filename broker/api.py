@@ -66,6 +66,15 @@ Native clients through the CONNECT listener
     the target port for TLS inside the tunnel, :data:`PLAIN_PORT` the one a broker
     without TLS names.
 
+Native clients on the user's machine (``Protocol.open_client``, ``console-broker open``)
+    A protocol declares the flags it adds to the command with :class:`OpenOption`
+    (``Protocol.open_options``); its ``open_client`` gets a :class:`NativeClient`: the
+    token, the broker's URLs, the options, and ``connect()`` (the broker's WebSocket),
+    ``local_listener()`` (a :class:`LocalListener`), ``bridge()`` (bytes both ways; a
+    :class:`BridgeEnd` says which side ended), ``run_viewer()``, ``close_text()`` and
+    ``status()``. :class:`OpenError` is the one line the command prints when it cannot
+    go on.
+
 Configuration (``console_broker_config_tables``) and commands (``console_broker_commands``)
     A plugin declares its tables with :class:`ConfigTable` (a frozen attrs class whose
     fields are declared with :func:`setting`, checked with :func:`at_least`,
@@ -107,12 +116,14 @@ if TYPE_CHECKING:
     from broker.hookspecs import (
         PROJECT_NAME,
         ClientFile,
+        OpenOption,
         Page,
         Protocol,
         XMLEdit,
         XMLOption,
         hookimpl,
     )
+    from broker.native import BridgeEnd, LocalListener, NativeClient, OpenError
     from broker.plugins import PluginContext, PluginManager
     from broker.service import (
         DEFAULT_READ_SIZE,
@@ -169,6 +180,7 @@ _SOURCES: dict[str, str] = {
     "ClientFile": "broker.hookspecs",
     "XMLEdit": "broker.hookspecs",
     "XMLOption": "broker.hookspecs",
+    "OpenOption": "broker.hookspecs",
     "PluginContext": "broker.plugins",
     "PluginError": "broker.errors",
     "PluginManager": "broker.plugins",
@@ -222,6 +234,11 @@ _SOURCES: dict[str, str] = {
     "token_for_handle": "broker.service._connect",
     "TLS_PORT": "broker.service._connect",
     "PLAIN_PORT": "broker.service._connect",
+    # native clients: console-broker open
+    "NativeClient": "broker.native",
+    "OpenError": "broker.native",
+    "LocalListener": "broker.native",
+    "BridgeEnd": "broker.native",
     # configuration and commands
     "Config": "broker.config",
     "ConfigError": "broker.config",
@@ -251,6 +268,7 @@ __all__ = [
     "PROJECT_NAME",
     "TLS_PORT",
     "VIEW_ONLY_UNSUPPORTED",
+    "BridgeEnd",
     "Check",
     "Claims",
     "ClientChannel",
@@ -269,7 +287,11 @@ __all__ = [
     "EditOptions",
     "Endpoint",
     "EndpointRequest",
+    "LocalListener",
     "MessageChannel",
+    "NativeClient",
+    "OpenError",
+    "OpenOption",
     "Page",
     "PluginContext",
     "PluginError",

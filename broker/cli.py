@@ -63,7 +63,7 @@ def _register_plugins(subparsers: argparse._SubParsersAction[argparse.ArgumentPa
 
 
 def _registrars() -> list[Callable[[argparse._SubParsersAction[argparse.ArgumentParser]], None]]:
-    from broker import front, token_cli
+    from broker import front, native, token_cli
     from broker.service import cli as service_cli
     from broker.xml import cli as xml_cli
 
@@ -73,6 +73,7 @@ def _registrars() -> list[Callable[[argparse._SubParsersAction[argparse.Argument
         *token_cli.REGISTRARS,
         *service_cli.REGISTRARS,
         *front.REGISTRARS,
+        native.register,
         _register_plugin_commands,
     ]
 

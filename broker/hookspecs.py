@@ -33,6 +33,7 @@ if TYPE_CHECKING:
     from contextlib import AbstractAsyncContextManager
 
     from broker.config import ConfigTable
+    from broker.native import NativeClient
     from broker.plugins import PluginContext
     from broker.service import ConsoleTLS, Endpoint, EndpointRequest, Refusal, SessionHandler
     from broker.xml import ConsoleEdit, EditOptions
@@ -63,6 +64,47 @@ def _names(names: Iterable[str]) -> tuple[str, ...]:
 
 def _xml_options(options: Iterable[XMLOption]) -> tuple[XMLOption, ...]:
     return tuple(options)
+
+
+def _open_options(options: Iterable[OpenOption]) -> tuple[OpenOption, ...]:
+    return tuple(options)
+
+
+#: The flags ``console-broker open`` has of its own: no protocol's
+#: :attr:`Protocol.open_options` may take one.
+OPEN_FLAGS = ("--token", "--viewer", "--no-viewer", "--listen", "--ca", "--help")
+_OPEN_FLAG = re.compile(r"--[a-z0-9][a-z0-9-]*\Z")
+
+
+@attrs.frozen
+class OpenOption:
+    """A flag a protocol adds to ``console-broker open`` (serial's ``--take``, say),
+    declared with the protocol (:attr:`Protocol.open_options`).
+
+    The command offers the flags of every loaded protocol, their help suffixed with the
+    protocol's name; the protocol's :meth:`Protocol.open_client` reads the values in
+    ``client.options``, keyed by the flag without its dashes and with ``_`` for ``-``
+    (``--read-only`` is ``options["read_only"]``). Two protocols declaring one flag,
+    or a flag of the command's own (:data:`OPEN_FLAGS`), is a load error.
+    """
+
+    #: ``--lower-case-words``.
+    flag: str = attrs.field()
+    #: One sentence for ``--help``.
+    help: str
+    #: Empty: a switch (its value is True or False). Else the flag takes a value (a
+    #: ``str``, None when not given), shown as this name in ``--help``.
+    metavar: str = ""
+
+    @flag.validator
+    def _check_flag(self, _attribute: object, value: str) -> None:
+        if not _OPEN_FLAG.match(value):
+            raise ValueError(f"open option flag {value!r} must be --lower-case-words")
+
+    @property
+    def key(self) -> str:
+        """Its key in ``NativeClient.options``: ``--read-only`` is ``read_only``."""
+        return self.flag[2:].replace("-", "_")
 
 
 @attrs.frozen
@@ -124,6 +166,9 @@ class Protocol:
     #: offers as ``--option NAME=VALUE`` (and their own flags) and the libvirt hook's
     #: policy takes: SPICE's ``spice.tls`` and ``spice.usbredir``.
     xml_options: tuple[XMLOption, ...] = attrs.field(default=(), converter=_xml_options)
+    #: Flags the protocol adds to ``console-broker open`` (:class:`OpenOption`), which
+    #: its :meth:`open_client` reads in ``client.options``.
+    open_options: tuple[OpenOption, ...] = attrs.field(default=(), converter=_open_options)
 
     def __attrs_post_init__(self) -> None:
         if not self.console:
@@ -176,6 +221,21 @@ class Protocol:
         TCP address. Raise :class:`broker.service.Refused` with a reason (say
         ``console_unreachable``) when it cannot; the core closes what it returns."""
         raise NotImplementedError(f"protocol {self.name!r} opens no endpoint of its own")
+
+    async def open_client(self, client: NativeClient) -> int:
+        """``console-broker open``: bridge a native client on the user's machine to a
+        console of this protocol, and return the command's exit status.
+
+        Called on the user's machine (no broker, no configuration, no libvirt there),
+        in an anyio event loop, with a :class:`broker.native.NativeClient`: the token,
+        the broker's URLs, the command's options (this protocol's
+        :attr:`open_options` in ``client.options``), and the means to connect the
+        broker's WebSocket (``client.connect()``), listen locally, bridge bytes, start
+        a viewer and say what happened. Raise :class:`broker.native.OpenError` with
+        one line for the user. Default: the protocol has no native client."""
+        from broker.native import OpenError
+
+        raise OpenError(f"{self.name} has no native client")
 
 
 def _headers(headers: Iterable[tuple[str, str]]) -> tuple[tuple[str, str], ...]:

@@ -20,7 +20,7 @@ import structlog
 from broker import hookspecs
 from broker.config import CORE_TABLES, ConfigTable, all_tables
 from broker.errors import PluginError as PluginError  # where it always was
-from broker.hookspecs import PROJECT_NAME, Protocol, XMLEdit, XMLOption
+from broker.hookspecs import OPEN_FLAGS, PROJECT_NAME, Protocol, XMLEdit, XMLOption
 
 if TYPE_CHECKING:
     from prometheus_client import CollectorRegistry
@@ -176,7 +176,24 @@ class PluginManager:
                     f"{self.describe(found[protocol.name][0])} and {self.describe(plugin_name)}"
                 )
             found[protocol.name] = (plugin_name, protocol)
+        self._check_open_options(found)
         return found
+
+    def _check_open_options(self, protocols: Mapping[str, tuple[str, Protocol]]) -> None:
+        """One owner per ``console-broker open`` flag: the command's own
+        (:data:`~broker.hookspecs.OPEN_FLAGS`) or one protocol's."""
+        owners: dict[str, str] = {}
+        for name, (plugin_name, protocol) in sorted(protocols.items()):
+            owner = f"{self.describe(plugin_name)} (protocol {name!r})"
+            for option in protocol.open_options:
+                if option.flag in OPEN_FLAGS or option.flag in owners:
+                    other = (
+                        "the open command" if option.flag in OPEN_FLAGS else owners[option.flag]
+                    )
+                    raise PluginError(
+                        f"the open option {option.flag} of {owner} is {other}'s already"
+                    )
+                owners[option.flag] = owner
 
     def _collect_xml_edits(self) -> dict[str, tuple[str, XMLEdit]]:
         """edit name -> (plugin name, edit); a name a protocol or another edit has is an
