@@ -37,8 +37,6 @@ from urllib.parse import urlsplit
 
 import attrs
 
-from broker.keys import PRIVATE_KEY_NAME, PUBLIC_KEY_NAME
-
 if TYPE_CHECKING:
     from cryptography import x509
 
@@ -46,6 +44,11 @@ if TYPE_CHECKING:
 DEFAULT_CONFIG_PATH = Path("/etc/console-broker/broker.toml")
 #: Names the configuration file when no ``--config`` is given.
 CONFIG_ENV = "CONSOLE_BROKER_CONFIG"
+#: The private key's file name in the state directory (:mod:`broker.keys` makes and reads
+#: the files; their names are here, so that this module loads without cryptography).
+PRIVATE_KEY_NAME = "signing-key.pem"
+#: The public key's file name in the state directory.
+PUBLIC_KEY_NAME = "signing-key.pub.pem"
 
 #: Checks a value; returns a problem ("must be ...") or None.
 Check = Callable[[Any], str | None]

@@ -26,10 +26,10 @@ import attrs
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
-#: The private key's file name in the state directory.
-PRIVATE_KEY_NAME = "signing-key.pem"
-#: The public key's file name in the state directory.
-PUBLIC_KEY_NAME = "signing-key.pub.pem"
+# The key pair's file names in the state directory (the configuration's, which documents them).
+from broker.config import PRIVATE_KEY_NAME as PRIVATE_KEY_NAME
+from broker.config import PUBLIC_KEY_NAME as PUBLIC_KEY_NAME
+
 #: Where ``generate_keypair(force=True)`` keeps the public key it replaced.
 PREVIOUS_PUBLIC_KEY_NAME = "signing-key.previous.pub.pem"
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 import contextlib
 import typing
 from collections.abc import Awaitable, Callable, Mapping
-from typing import Any, TypeAlias
+from typing import TYPE_CHECKING, Any, TypeAlias
 
 import anyio.abc
 import attrs
@@ -20,7 +20,9 @@ from websockets.asyncio.server import ServerConnection
 from websockets.exceptions import ConnectionClosed
 
 from broker.service._pump import DEFAULT_READ_SIZE, ClientClosed, PumpEnd, Traffic, pump
-from broker.tokens import Claims
+
+if TYPE_CHECKING:
+    from broker.tokens import Claims  # tokens imports jwt: not on the client side
 
 
 @attrs.frozen
