@@ -10,6 +10,10 @@ asked), ``--key-dir`` (its own signing key instead of the state directory's)
 and ``--public-url`` (the node's URL behind the front door). With the three,
 neither libvirt nor ``broker.state_dir`` is touched, and no configuration file
 is needed (``tokens.max_ttl`` and the rest then have their defaults).
+
+The commands import the server dependencies (cryptography through :mod:`broker.keys`,
+PyJWT through :mod:`broker.tokens`, libvirt) when they run, not with this module, which
+``console-broker --help`` imports on a client-only install too.
 """
 
 from __future__ import annotations
@@ -22,12 +26,11 @@ import uuid
 from collections.abc import Callable
 from datetime import datetime
 from pathlib import Path
-from typing import TypeAlias
+from typing import TYPE_CHECKING, TypeAlias
 from urllib.parse import urlencode, urlsplit, urlunsplit
 
 import attrs
 import structlog
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from broker.config import (
     Config,
@@ -38,15 +41,12 @@ from broker.config import (
 )
 from broker.configfile import read_config
 from broker.errors import EXIT_USAGE, CommandError
-from broker.keys import (
-    KeyFileError,
-    generate_keypair,
-    load_private_key,
-    load_public_keys,
-    private_key_path,
-)
 from broker.plugins import PluginContext, PluginManager
-from broker.tokens import IssuedToken, TokenIssuer
+
+if TYPE_CHECKING:
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+    from broker.tokens import IssuedToken
 
 #: What each ``register`` function is given (a string: the class is generic only to mypy).
 Subparsers: TypeAlias = "argparse._SubParsersAction[argparse.ArgumentParser]"
@@ -204,6 +204,8 @@ def _in_effect(config: Config, args: argparse.Namespace) -> Config:
 
 def _signing_key(config: Config, key_dir: Path | None) -> Ed25519PrivateKey:
     """The private key of ``--key-dir``, else of the state directory."""
+    from broker.keys import KeyFileError, load_private_key, private_key_path
+
     path = private_key_path(key_dir) if key_dir is not None else config.private_key_path
     try:
         return load_private_key(path)
@@ -218,6 +220,8 @@ def _signing_key(config: Config, key_dir: Path | None) -> Ed25519PrivateKey:
 
 
 def _token_command(args: argparse.Namespace) -> int:
+    from broker.tokens import TokenIssuer
+
     _log_to_stderr()
     config = _in_effect(_config(args), args)
     PluginManager().plugin_for(args.protocol)  # PluginError names the loaded protocols
@@ -379,6 +383,8 @@ def register_token(subparsers: Subparsers) -> None:
 
 
 def _keygen_command(args: argparse.Namespace) -> int:
+    from broker.keys import KeyFileError, generate_keypair
+
     state_dir = args.state_dir if args.state_dir is not None else _config(args).state_dir
     try:
         files = generate_keypair(state_dir, force=args.force)
@@ -422,6 +428,8 @@ def _config_command(args: argparse.Namespace) -> int:
         render = render_markdown if args.format == "markdown" else render_defaults
         sys.stdout.write(render(tables))
         return 0
+    from broker.keys import KeyFileError, load_public_keys
+
     path = find_config(args.check)
     config = _config(argparse.Namespace(config=path))
     try:

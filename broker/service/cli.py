@@ -1,4 +1,9 @@
-"""The ``serve`` command: run the broker until SIGTERM or SIGINT."""
+"""The ``serve`` command: run the broker until SIGTERM or SIGINT.
+
+The broker's own modules (and with them libvirt, lxml, cryptography, PyJWT and
+prometheus_client) are imported when it is built, not with this module, which
+``console-broker --help`` imports on a client-only install too.
+"""
 
 from __future__ import annotations
 
@@ -8,19 +13,18 @@ import signal
 import ssl
 from collections.abc import Callable
 from pathlib import Path
-from typing import TypeAlias
+from typing import TYPE_CHECKING, TypeAlias
 
 import anyio
 import structlog
 
 from broker.config import Config, ConfigError, find_config, load_config
 from broker.errors import CommandError
-from broker.keys import KeyFileError, ensure_keypair, load_public_keys
 from broker.plugins import PluginManager
-from broker.service._app import Broker
-from broker.service._libvirt import LibvirtResolver
 from broker.service._logging import configure_logging
-from broker.tokens import ReplayCache, TokenVerifier
+
+if TYPE_CHECKING:
+    from broker.service._app import Broker
 
 Subparsers: TypeAlias = "argparse._SubParsersAction[argparse.ArgumentParser]"
 
@@ -75,6 +79,11 @@ def raise_file_limit(sessions: int) -> None:
 def build_broker(config: Config, plugins: PluginManager | None = None) -> Broker:
     """A broker for *config*: the key pair ensured, keys loaded, plugins (*plugins*, else
     those that load) and libvirt set up."""
+    from broker.keys import KeyFileError, ensure_keypair, load_public_keys
+    from broker.service._app import Broker
+    from broker.service._libvirt import LibvirtResolver
+    from broker.tokens import ReplayCache, TokenVerifier
+
     try:
         files = ensure_keypair(config.state_dir)
         keys = load_public_keys(config.public_key_paths)

@@ -19,13 +19,12 @@ from typing import IO, Any
 import attrs
 
 from broker.hookspecs import XMLOption
+from broker.xml._constants import POLICY_PATH
 from broker.xml._errors import EditError, InputError, SchemaError
 from broker.xml._model import EditOptions, EditSource
 from broker.xml._ops import check_schema, enable_xml
 from broker.xml._source import MAX_BYTES, parse_document
 
-#: Where the hook reads the host's policy (``--policy`` overrides it).
-POLICY_PATH = "/etc/console-broker/hook.toml"
 #: The operations whose standard output libvirt reads back as the new XML.
 REWRITE_OPERATIONS = ("migrate", "restore")
 

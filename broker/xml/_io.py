@@ -10,11 +10,9 @@ import stat
 import sys
 import tempfile
 
+from broker.xml._constants import STDIN
 from broker.xml._errors import InputError
 from broker.xml._source import MAX_BYTES
-
-#: The name that means standard input.
-STDIN = "-"
 
 
 def read_input(path: str, *, max_bytes: int = MAX_BYTES) -> bytes:

@@ -19,9 +19,6 @@ from broker.xml._metadata import read_consoles
 from broker.xml._ops import Outcome
 from broker.xml._source import parse_document
 
-#: The libvirt connection used unless ``--connect`` says otherwise.
-DEFAULT_URI = "qemu:///system"
-
 _UUID = re.compile(
     r"[0-9a-fA-F]{8}-?[0-9a-fA-F]{4}-?[0-9a-fA-F]{4}-?[0-9a-fA-F]{4}-?[0-9a-fA-F]{12}\Z"
 )

@@ -21,17 +21,8 @@ import attrs
 from lxml import etree
 
 from broker.hookspecs import XMLOption
+from broker.xml._constants import DEFAULT_LISTEN, DEFAULT_MODE, MODES
 
-#: The ways a graphical console can be reached.
-#:
-#: ``fd``: no listening socket at all (``<listen type='none'/>``); the broker
-#: asks libvirt for a connected socket (virDomainOpenGraphicsFD).
-#: ``tcp``: QEMU listens on an automatically chosen TCP port.
-#: ``websocket``: QEMU also serves its own WebSocket port (VNC only).
-MODES = ("fd", "tcp", "websocket")
-DEFAULT_MODE = "fd"
-#: Where ``tcp`` and ``websocket`` listen unless told otherwise.
-DEFAULT_LISTEN = "127.0.0.1"
 _NAME = re.compile(r"[a-z0-9][a-z0-9-]*\Z")
 _PARAM = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*\Z")
 

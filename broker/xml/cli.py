@@ -2,6 +2,10 @@
 
 Exit status: 0 done (or, with ``--check``, nothing to do); 1 ``--check``
 found changes to make; 2 the input, the plugins or libvirt refused.
+
+The commands import the editor (lxml) and libvirt when they run: building their parsers,
+which every ``console-broker --help`` does, takes only :mod:`broker.xml._constants` and
+the plugins' option declarations, on a client-only install too.
 """
 
 from __future__ import annotations
@@ -15,18 +19,11 @@ from typing import TYPE_CHECKING, Any
 
 from broker.errors import CommandError
 from broker.hookspecs import XMLOption
-from broker.xml import _io
-from broker.xml._errors import XmlError
-from broker.xml._hook import POLICY_PATH, run_hook
-from broker.xml._libvirt import DEFAULT_URI, edit_domain
-from broker.xml._metadata import read_consoles
-from broker.xml._model import DEFAULT_LISTEN, MODES, EditOptions
-from broker.xml._ops import Outcome, disable_xml, enable_xml
-from broker.xml._plugins import plugin_edits
-from broker.xml._source import parse_document
+from broker.xml._constants import DEFAULT_LISTEN, DEFAULT_URI, MODES, POLICY_PATH, STDIN
 
 if TYPE_CHECKING:
     from broker.plugins import PluginManager
+    from broker.xml import EditOptions, Outcome
 
     Subparsers = argparse._SubParsersAction[argparse.ArgumentParser]
 
@@ -50,6 +47,7 @@ def _manager() -> PluginManager:
 def _run(action: Callable[[], int]) -> int:
     """Run a command body, turning the package's errors into one-line command errors."""
     from broker.errors import PluginError
+    from broker.xml import XmlError
 
     try:
         return action()
@@ -101,6 +99,8 @@ def _plugin_options() -> list[XMLOption]:
 def _options(args: argparse.Namespace) -> EditOptions:
     """The edit options: ``--option``/``--param`` and the plugins' own flags, each
     declared option's value checked before any edit."""
+    from broker.xml import EditOptions
+
     params = dict(args.param)
     for option in _plugin_options():
         flagged = getattr(args, _dest(option), None)
@@ -129,8 +129,10 @@ def _notes(notes: Sequence[str]) -> None:
 
 
 def _emit(args: argparse.Namespace, outcome: Outcome) -> int:
+    from broker.xml import _io
+
     _notes(outcome.notes)
-    name = "<stdin>" if args.file == _io.STDIN else args.file
+    name = "<stdin>" if args.file == STDIN else args.file
     if args.check:
         if outcome.changed:
             print(f"{name}: needs changes", file=sys.stderr)
@@ -152,11 +154,13 @@ def _emit(args: argparse.Namespace, outcome: Outcome) -> int:
 
 
 def _check_in_place(args: argparse.Namespace) -> None:
-    if args.in_place and args.file == _io.STDIN:
+    if args.in_place and args.file == STDIN:
         raise _error("--in-place needs a FILE, not standard input")
 
 
 def _xml_enable(args: argparse.Namespace) -> int:
+    from broker.xml import _io, enable_xml, plugin_edits
+
     _check_in_place(args)
     options = _options(args)
 
@@ -175,6 +179,8 @@ def _xml_enable(args: argparse.Namespace) -> int:
 
 
 def _xml_disable(args: argparse.Namespace) -> int:
+    from broker.xml import _io, disable_xml, plugin_edits
+
     _check_in_place(args)
 
     def body() -> int:
@@ -188,6 +194,8 @@ def _xml_disable(args: argparse.Namespace) -> int:
 
 
 def _xml_show(args: argparse.Namespace) -> int:
+    from broker.xml import _io, parse_document, read_consoles
+
     def body() -> int:
         records = read_consoles(parse_document(_io.read_input(args.file)))
         if args.json:
@@ -217,7 +225,7 @@ def _add_file(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "file",
         nargs="?",
-        default=_io.STDIN,
+        default=STDIN,
         metavar="FILE",
         help="the domain XML to read; '-' or nothing reads standard input",
     )
@@ -352,6 +360,8 @@ def _register_xml(subparsers: Subparsers) -> None:
 
 
 def _report(args: argparse.Namespace, result: Any, verb: str) -> int:
+    from broker.xml import _io
+
     outcome: Outcome = result.outcome
     _notes(outcome.notes)
     if args.dry_run:
@@ -369,6 +379,9 @@ def _report(args: argparse.Namespace, result: Any, verb: str) -> int:
 
 
 def _domain_enable(args: argparse.Namespace) -> int:
+    from broker.xml import enable_xml, plugin_edits
+    from broker.xml._libvirt import edit_domain
+
     options = _options(args)
 
     def body() -> int:
@@ -384,6 +397,9 @@ def _domain_enable(args: argparse.Namespace) -> int:
 
 
 def _domain_disable(args: argparse.Namespace) -> int:
+    from broker.xml import disable_xml, plugin_edits
+    from broker.xml._libvirt import edit_domain
+
     def body() -> int:
         edits = plugin_edits(_manager())
 
@@ -448,6 +464,9 @@ def _register_domain(subparsers: Subparsers) -> None:
 
 
 def _hook(args: argparse.Namespace) -> int:
+    from broker.xml import plugin_edits
+    from broker.xml._hook import run_hook
+
     def body() -> int:
         rewrite = args.operation in ("migrate", "restore")
         manager = _manager() if rewrite else None
