@@ -274,6 +274,15 @@ class ListenSection:
     connect_host: str = setting(
         "127.0.0.1", "Address the HTTP CONNECT listener listens on.", not_empty
     )
+    connect_proxy_protocol: bool = setting(
+        False,
+        "Every connection to the HTTP CONNECT listener starts with a PROXY protocol v1 "
+        "header (a front door's TCP relay: nginx's stream proxy_protocol on), whose client "
+        "address is the session's, for the per-client limits and the logs. The header is "
+        "believed only from http.trusted_proxies; a connection from another peer, or "
+        "without a valid header within limits.handshake_timeout, is refused. Needs "
+        "listen.connect_port and http.trusted_proxies.",
+    )
 
 
 @attrs.frozen
@@ -923,6 +932,16 @@ def _cross_checks(config: Config) -> list[str]:
         problems.append(
             "broker.public_connect_url: names a way to the CONNECT listener, which is off "
             "(listen.connect_port = 0)"
+        )
+    if config.listen.connect_proxy_protocol and not config.listen.connect_port:
+        problems.append(
+            "listen.connect_proxy_protocol: reads a PROXY header on the CONNECT listener, "
+            "which is off (listen.connect_port = 0)"
+        )
+    if config.listen.connect_proxy_protocol and not config.http.trusted_proxies:
+        problems.append(
+            "listen.connect_proxy_protocol: the PROXY header is believed only from "
+            "http.trusted_proxies, which is empty: every connection would be refused"
         )
     if config.tokens.default_ttl > config.tokens.max_ttl:
         problems.append(

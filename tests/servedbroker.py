@@ -71,7 +71,8 @@ class ServedBroker:
     (``server``, ``server-key``, ``ca``), the CA also in ``tls.ca``; *command*: the
     ``console-broker`` command line that serves and issues tokens (default: this
     interpreter's ``-m broker.cli``); *limits_config*: more keys in ``[limits]``;
-    *nofile*: the broker process's limit of open descriptors (RLIMIT_NOFILE).
+    *nofile*: the broker process's limit of open descriptors (RLIMIT_NOFILE);
+    *listen_config*: more keys in ``[listen]``.
     """
 
     def __init__(
@@ -89,6 +90,7 @@ class ServedBroker:
         command: Sequence[str] = CLI,
         limits_config: str = "",
         nofile: int | None = None,
+        listen_config: str = "",
     ) -> None:
         self.directory = directory
         self.command = list(command)
@@ -98,7 +100,7 @@ class ServedBroker:
         self.stop_timeout = grace + 10 if stop_timeout is None else stop_timeout
         self.port = free_port()
         self.connect_port = free_port() if connect_port else None
-        listen = f"port = {self.port}\n"
+        listen = f"port = {self.port}\n{listen_config}"
         if self.connect_port is not None:
             listen += f"connect_port = {self.connect_port}\n"
         self.tls = tls

@@ -366,11 +366,13 @@ class Broker:
                 gate=self._gate,
                 guard=guards[-1],
                 client_tls=self._client_tls,
+                proxy_protocol=self._proxies if config.listen.connect_proxy_protocol else None,
             )
             group.start_soon(listener.serve, tunnels, tunnel_scope)
             _log.info(
                 "broker.connect_listening",
                 addresses=[f"{host}:{port}" for host, port in self.connect_addresses],
+                proxy_protocol=config.listen.connect_proxy_protocol,
             )
         task_status.started(self.port)
         try:

@@ -104,7 +104,17 @@ class ConnectParser:
         return ConnectRequest(host, port, rest)
 
 
+#: Why a connection that opens with a PROXY protocol header is refused by a listener
+#: that does not expect one.
+UNEXPECTED_PROXY_HEADER = (
+    "a PROXY protocol header (a relay's proxy_protocol on), but "
+    "listen.connect_proxy_protocol is off"
+)
+
+
 def _request_line(line: bytes) -> tuple[str, int]:
+    if line.startswith(b"PROXY "):
+        raise ConnectError(400, UNEXPECTED_PROXY_HEADER)
     parts = line.split(b" ")
     if len(parts) != 3:
         raise ConnectError(400, "malformed request line")

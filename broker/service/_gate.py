@@ -10,7 +10,10 @@ no token from exhausting either:
   ``limits.max_pending_per_client``. A connection over a cap is answered at once (503, or
   429 for one address) and closed before its request is parsed. A trusted proxy's
   connections count against the overall cap only: the proxy speaks for many clients, and
-  reads their request heads itself before it forwards them.
+  reads their request heads itself before it forwards them. A TCP relay's connection
+  that names its client in a PROXY header (the CONNECT listener's
+  ``listen.connect_proxy_protocol``) is counted for that client from then on
+  (:meth:`ConnectionGate.move`): the relay reads nothing of what it passes on.
 * :class:`AcceptGuard` turns accept errors into log lines and metrics. When the process is
   out of descriptors (``EMFILE``, ``ENFILE``) or the kernel out of buffers (``ENOBUFS``,
   ``ENOMEM``) accepting fails: the guard gives back its *reserve descriptor* for a moment
@@ -113,6 +116,21 @@ class ConnectionGate:
         self.pending += 1
         self._by_peer[peer] += 1
         self._metrics.connections_pending.labels(listener).inc()
+        return None
+
+    def move(self, peer: str, client: str, listener: str) -> GateRefusal | None:
+        """A connection counted for *peer* turns out to be *client*'s (the PROXY header
+        of a trusted relay): count it for *client* from now on, or the refusal (counted;
+        it stays *peer*'s until it leaves) if *client* is at its cap."""
+        if client == peer:
+            return None
+        if self._by_peer[client] >= self.per_client and not self._proxies.trusts(client):
+            self.refused(CLIENT_FULL, listener)
+            return CLIENT_FULL
+        self._by_peer[peer] -= 1
+        if self._by_peer[peer] <= 0:
+            del self._by_peer[peer]
+        self._by_peer[client] += 1
         return None
 
     def leave(self, peer: str, listener: str) -> None:

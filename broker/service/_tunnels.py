@@ -13,6 +13,16 @@ With client certificates (``tls.client_ca``; :mod:`broker.service._clientcert`) 
 listener speaks TLS itself: each connection's TLS handshake, with the broker's
 certificate and the client's required, comes before the CONNECT head (a subject not
 accepted is answered 403), and the tunnel's own TLS runs inside that one.
+
+With ``listen.connect_proxy_protocol`` every connection opens with a PROXY protocol v1
+header (:mod:`broker.service._proxyprotocol`), sent in the clear by a TCP relay (a front
+door's nginx stream proxy) before anything else, its TLS included. The header is read
+(at most a line, within ``limits.handshake_timeout``) and believed only from a peer in
+``http.trusted_proxies``; its client address is then the connection's, for the pending
+cap per client, the session's limits and the logs. A connection without a valid header,
+or from another peer, is closed without an answer and logged as
+``connect.proxy_refused``. So a connection goes: TCP, PROXY header, outer TLS (client
+certificates), CONNECT head, the tunnel's TLS.
 """
 
 from __future__ import annotations
@@ -20,7 +30,7 @@ from __future__ import annotations
 import contextlib
 import ssl
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
 
 import anyio
@@ -32,12 +42,20 @@ from broker.service._clientcert import NOT_ACCEPTED, ClientTLS
 from broker.service._connect import (
     MAX_HEAD,
     TLS_PORT,
+    UNEXPECTED_PROXY_HEADER,
     ConnectError,
     ConnectParser,
     ConnectRequest,
 )
-from broker.service._gate import AcceptGuard, ConnectionGate, http_response
+from broker.service._gate import AcceptGuard, ConnectionGate, GateRefusal, http_response
+from broker.service._proxyprotocol import (
+    MAX_LINE,
+    ProxyHeader,
+    ProxyHeaderError,
+    ProxyHeaderParser,
+)
 from broker.service._refusals import Refused
+from broker.service._request import TrustedProxies
 from broker.service._session import TunnelChannel
 from broker.service._tls import tls_error
 
@@ -52,6 +70,9 @@ Run = Callable[[TunnelChannel, Any], Awaitable[None]]
 Count = Callable[[str], None]
 #: The listener's name in logs and metrics.
 LISTENER = "connect"
+#: A connection refused for its PROXY header: counted in ``connections_refused_total``
+#: with this reason, and closed without an answer (status and text unused).
+PROXY_REFUSED = GateRefusal(400, "proxy_protocol", "no valid PROXY header from a trusted relay")
 
 
 class TunnelListener:
@@ -70,6 +91,7 @@ class TunnelListener:
         gate: ConnectionGate,
         guard: AcceptGuard,
         client_tls: ClientTLS | None = None,
+        proxy_protocol: TrustedProxies | None = None,
     ) -> None:
         self._admit = admit
         self._run = run
@@ -81,6 +103,8 @@ class TunnelListener:
         self._gate = gate
         self._guard = guard
         self._client_tls = client_tls
+        #: With ``listen.connect_proxy_protocol``: the peers whose PROXY header is believed.
+        self._relays = proxy_protocol
 
     async def serve(
         self, listener: anyio.abc.Listener[anyio.abc.SocketStream], scope: anyio.CancelScope
@@ -95,8 +119,10 @@ class TunnelListener:
 
     async def handle(self, stream: anyio.abc.SocketStream) -> None:
         """One tunnel: counted as pending until its head is answered (refused at once over
-        the caps, with no answer where a TLS handshake is expected); then the client's
-        certificate, with client certificates, and :meth:`tunnel`."""
+        the caps, with no answer where a TLS handshake is expected); its PROXY header, with
+        ``listen.connect_proxy_protocol`` (then counted for the header's client, 429 over
+        that client's cap); the client's certificate, with client certificates; then
+        :meth:`tunnel`."""
         address = stream.extra(anyio.abc.SocketAttribute.remote_address, ("?",))  # noqa: S610
         peer = str(address[0]) if isinstance(address, tuple) else "?"
         refusal = self._gate.enter(peer, LISTENER)
@@ -107,25 +133,100 @@ class TunnelListener:
                         await stream.send(http_response(refusal.status, refusal.text))
                 await stream.aclose()
             return
-        pending = True
+        counted: str | None = peer  # whose pending connection this is, until answered
 
         def leave() -> None:
-            nonlocal pending
-            if pending:
-                pending = False
-                self._gate.leave(peer, LISTENER)
+            nonlocal counted
+            if counted is not None:
+                self._gate.leave(counted, LISTENER)
+                counted = None
 
         try:
+            client = peer
             outer: anyio.abc.ByteStream | None = stream
-            if self._client_tls is not None:
-                outer = await self._accept_client(stream, peer, self._client_tls)
-            if outer is not None:
-                await self.tunnel(outer, peer, leave)
+            if self._relays is not None:
+                relayed = await self._proxy_header(stream, peer, self._relays)
+                if relayed is None:
+                    return
+                outer, client = relayed
+            elif self._client_tls is not None:
+                outer = await self._unexpected_header(stream, peer, self._client_tls)
+            if self._client_tls is not None and outer is not None:
+                outer = await self._accept_client(outer, peer, self._client_tls)
+            if outer is None:
+                return
+            refusal = self._gate.move(peer, client, LISTENER)
+            if refusal is not None:  # the client's own cap on pending connections
+                await _answer(outer, refusal.status, refusal.text, close=True)
+                return
+            counted = client
+            await self.tunnel(outer, client, leave)
         finally:
             leave()
 
-    async def _accept_client(
+    async def _proxy_header(
+        self, stream: anyio.abc.SocketStream, peer: str, relays: TrustedProxies
+    ) -> tuple[anyio.abc.ByteStream, str] | None:
+        """The PROXY header that opens the connection: the stream to go on with (the bytes
+        read past the header first) and the client's address; None (the connection
+        closed, the refusal logged and counted) without a valid header from a trusted
+        peer."""
+        parser = ProxyHeaderParser()
+        header: ProxyHeader | None = None
+        detail = ""
+        try:
+            with anyio.fail_after(self._timeout):
+                while header is None:
+                    event = parser.next_event()
+                    if isinstance(event, ProxyHeader):
+                        header = event
+                    else:
+                        parser.receive_data(await stream.receive(MAX_LINE))
+        except ProxyHeaderError as exc:
+            detail = exc.detail
+        except TimeoutError:
+            detail = f"no PROXY header within {self._timeout:g} s (limits.handshake_timeout)"
+        except (anyio.EndOfStream, anyio.BrokenResourceError, OSError):
+            detail = "the connection closed before its PROXY header was complete"
+        if header is not None and relays.trusts(peer):
+            client = header.client(peer)
+            if not header.rest:
+                return stream, client
+            return _Replayed(stream, header.rest), client
+        if header is not None:
+            detail = ("a PROXY header from a peer not in http.trusted_proxies (it named "
+                      f"{header.client(peer)})")
+        self._gate.refused(PROXY_REFUSED, LISTENER)
+        _log.warning("connect.proxy_refused", peer=peer, detail=detail)
+        with anyio.CancelScope(shield=True), contextlib.suppress(OSError):
+            await stream.aclose()
+        return None
+
+    async def _unexpected_header(
         self, stream: anyio.abc.SocketStream, peer: str, tls: ClientTLS
+    ) -> anyio.abc.ByteStream | None:
+        """Without ``listen.connect_proxy_protocol``, before a TLS handshake: a relay that
+        sends a PROXY header (nginx's ``proxy_protocol on``) would only fail the handshake,
+        which is logged at debug level; refuse it with a warning that says why. The stream
+        to go on with (its first bytes received again), or None (closed)."""
+        try:
+            with anyio.fail_after(tls.handshake_timeout):
+                first = await stream.receive(MAX_LINE)
+        except (TimeoutError, anyio.EndOfStream, anyio.BrokenResourceError, OSError) as exc:
+            tls.certificates.handshake_failed(exc, LISTENER, peer)  # as the handshake would
+            with anyio.CancelScope(shield=True), contextlib.suppress(OSError):
+                await stream.aclose()
+            return None
+        if not first.startswith(b"PROXY "):
+            return _Replayed(stream, first)
+        self._gate.refused(PROXY_REFUSED, LISTENER)
+        _log.warning("connect.proxy_refused", peer=peer, detail=UNEXPECTED_PROXY_HEADER)
+        with anyio.CancelScope(shield=True), contextlib.suppress(OSError):
+            await stream.aclose()
+        return None
+
+    async def _accept_client(
+        self, stream: anyio.abc.ByteStream, peer: str, tls: ClientTLS
     ) -> anyio.abc.ByteStream | None:
         """The TLS handshake with a client certificate required, and its check; None (the
         connection closed) if the client is refused."""
@@ -248,3 +349,30 @@ async def _answer(stream: anyio.abc.ByteStream, status: int, text: str, *, close
             await stream.aclose()
         return False
     return True
+
+
+class _Replayed(anyio.abc.ByteStream):
+    """*stream* with *first* (bytes read from it already) received before the rest."""
+
+    def __init__(self, stream: anyio.abc.ByteStream, first: bytes) -> None:
+        self._stream = stream
+        self._first = first
+
+    async def receive(self, max_bytes: int = 65536) -> bytes:
+        if self._first:
+            data, self._first = self._first[:max_bytes], self._first[max_bytes:]
+            return data
+        return await self._stream.receive(max_bytes)
+
+    async def send(self, item: bytes) -> None:
+        await self._stream.send(item)
+
+    async def send_eof(self) -> None:
+        await self._stream.send_eof()
+
+    async def aclose(self) -> None:
+        await self._stream.aclose()
+
+    @property
+    def extra_attributes(self) -> Mapping[Any, Callable[[], Any]]:
+        return self._stream.extra_attributes
