@@ -376,7 +376,7 @@ def register_token(subparsers: Subparsers) -> None:
         "the printed page, websocket and file links start with it (default: "
         "broker.public_url, else derived from listen)",
     )
-    parser.set_defaults(func=_token_command)
+    parser.set_defaults(func=_token_command, needs_server=True)
 
 
 # --- keygen -----------------------------------------------------------------------------
@@ -416,7 +416,7 @@ def register_keygen(subparsers: Subparsers) -> None:
     parser.add_argument("--force", action="store_true",
                         help="replace an existing key (its public key is kept as the previous)")
     _add_config_option(parser)
-    parser.set_defaults(func=_keygen_command)
+    parser.set_defaults(func=_keygen_command, needs_server=True)
 
 
 # --- config -----------------------------------------------------------------------------
@@ -460,7 +460,7 @@ def register_config(subparsers: Subparsers) -> None:
                         metavar="FILE", help="check FILE (default: the file the broker reads)")
     parser.add_argument("--format", choices=("toml", "markdown"), default="toml",
                         help="with --defaults: TOML, or the reference table of docs/config.md")
-    parser.set_defaults(func=_config_command)
+    parser.set_defaults(func=_config_command, needs_server=True)
 
 
 REGISTRARS: list[Callable[[Subparsers], None]] = [register_keygen, register_config, register_token]

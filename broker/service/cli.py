@@ -174,7 +174,7 @@ def register_serve(subparsers: Subparsers) -> None:
         help="configuration file (default: $CONSOLE_BROKER_CONFIG, else "
         "/etc/console-broker/broker.toml if it exists, else the built-in defaults)",
     )
-    parser.set_defaults(func=_serve_command)
+    parser.set_defaults(func=_serve_command, needs_server=True)
 
 
 REGISTRARS: list[Callable[[Subparsers], None]] = [register_serve]

@@ -312,6 +312,7 @@ def _register_xml(subparsers: Subparsers) -> None:
             "concern is kept byte for byte; the result validates against libvirt's schema."
         ),
     )
+    parser.set_defaults(needs_server=True)
     commands = parser.add_subparsers(title="xml commands", metavar="COMMAND", required=True)
 
     enable = commands.add_parser(
@@ -440,7 +441,7 @@ def _register_domain(subparsers: Subparsers) -> None:
     )
     _add_domain(enable)
     _add_edit_options(enable)
-    enable.set_defaults(func=_domain_enable)
+    enable.set_defaults(func=_domain_enable, needs_server=True)
 
     disable = subparsers.add_parser(
         "disable",
@@ -457,7 +458,7 @@ def _register_domain(subparsers: Subparsers) -> None:
         metavar="LIST",
         help="only these protocols (default: everything the metadata records)",
     )
-    disable.set_defaults(func=_domain_disable)
+    disable.set_defaults(func=_domain_disable, needs_server=True)
 
 
 # -- libvirt-hook --------------------------------------------------------------
@@ -515,7 +516,7 @@ def _register_hook(subparsers: Subparsers) -> None:
         "the plugins' XML options, such as spice-tls and usbredir); without it the hook "
         "changes nothing",
     )
-    parser.set_defaults(func=_hook)
+    parser.set_defaults(func=_hook, needs_server=True)
 
 
 REGISTRARS: list[Callable[[Subparsers], None]] = [_register_xml, _register_domain, _register_hook]
