@@ -11,14 +11,19 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import subprocess
 import sys
+import tomllib
 from pathlib import Path
 
 import pytest
 
 import broker.cli
-from broker.cli import SERVER_MODULES, build_parser, main
+from broker.cli import SERVER_INSTALL, SERVER_MODULES, build_parser, main
+
+REPO = Path(__file__).resolve().parents[1]
+PROJECT = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
 
 #: Every command that needs the server side, with arguments it parses with.
 SERVER_COMMANDS: dict[tuple[str, ...], list[str]] = {
@@ -38,6 +43,13 @@ SERVER_COMMANDS: dict[tuple[str, ...], list[str]] = {
 CLIENT_MODULES = ["broker.cli", "broker.native", "broker_vnc", "broker_spice", "broker_serial"]
 
 LINE = "console-broker {} needs the server dependencies: pip install 'console-broker[server]'"
+
+
+def _name(requirement: str) -> str:
+    """The normalised distribution name of a requirement (PEP 503)."""
+    match = re.match(r"[A-Za-z0-9._-]+", requirement)
+    assert match is not None, requirement
+    return re.sub(r"[-_.]+", "-", match.group()).lower()
 
 
 def without_server(code: str, *missing: str) -> subprocess.CompletedProcess[str]:
@@ -68,6 +80,14 @@ def _leaves(
         for name, sub in action.choices.items():
             found.update(_leaves(sub, (*prefix, name), server))
     return found
+
+
+def test_the_server_modules_are_the_server_extra() -> None:
+    extra = {_name(r) for r in PROJECT["optional-dependencies"]["server"]}
+    assert extra == {_name(d) for d in SERVER_MODULES.values()}
+    base = {_name(r) for r in PROJECT["dependencies"]}
+    assert base == {"pluggy", "anyio", "websockets", "attrs", "structlog"}
+    assert SERVER_INSTALL == "pip install 'console-broker[server]'"
 
 
 def test_the_client_side_imports_no_server_module() -> None:
