@@ -259,6 +259,15 @@ class FrontSettings:
         DEBIAN_STREAM_MODULE,
         path=True,
     )
+    proxy_protocol: bool = _key(
+        "Open each connection to a node's CONNECT listener with a PROXY protocol v1 "
+        "header naming the native client (nginx's proxy_protocol), so that the node's "
+        "per-client limits and logs see the client, not the front. The nodes then need "
+        "listen.connect_proxy_protocol = true and the fronts in http.trusted_proxies; a "
+        "node without them refuses every connection (and one with them, a front "
+        "without this).",
+        True,
+    )
 
 
 @attrs.frozen(kw_only=True)
@@ -393,6 +402,9 @@ def _typed(spec: KeySpec, raw: Any) -> tuple[Any, str | None]:
     if spec.type is int:
         ok = isinstance(raw, int) and not isinstance(raw, bool)
         return raw, None if ok else f"must be an integer, not {_type_name(raw)}"
+    if spec.type is bool:
+        ok = isinstance(raw, bool)
+        return raw, None if ok else f"must be true or false, not {_type_name(raw)}"
     if not isinstance(raw, str):
         return raw, f"must be a string, not {_type_name(raw)}"
     return raw, unquotable(raw)
@@ -567,11 +579,13 @@ def render_markdown() -> str:
     out = ["| key | type | default | meaning |", "| --- | --- | --- | --- |"]
     for table, schema in _TABLES:
         for spec in key_specs(schema, table):
-            kind = "seconds or string" if spec.duration else {str: "string", int: "integer"}[
-                spec.type
-            ]
+            kind = "seconds or string" if spec.duration else {
+                str: "string", int: "integer", bool: "boolean"
+            }[spec.type]
             if spec.required:
                 default = "required"
+            elif isinstance(spec.default, bool):
+                default = f"`{str(spec.default).lower()}`"
             elif isinstance(spec.default, str):
                 default = f'`"{spec.default}"`'
             else:

@@ -5,7 +5,8 @@ front door, nginx) routes ``/n/{node}/...`` to that node's broker with the prefi
 stripped, over TLS that verifies the node's certificate and shows the front's client
 certificate. Native clients' HTTP CONNECT cannot go through nginx's http module, so
 each node's CONNECT listener gets a TCP port of its own on the front, in nginx's
-stream module, forwarded over TLS with the same client certificate.
+stream module, forwarded over TLS with the same client certificate, after a PROXY
+protocol header that names the client (``proxy_protocol``, unless turned off).
 
 The node list is a TOML file (``nodes.toml``), read and checked by
 :mod:`broker._frontnodes` (whose public names this module re-exports).
@@ -256,7 +257,12 @@ def _stream(conf: _Conf, door: FrontDoor) -> None:
     conf.comment(
         "Native clients' HTTP CONNECT: one front port per node, its bytes passed to the "
         "node's CONNECT listener over TLS (the front's client certificate, the node's "
-        "verified)."
+        "verified)"
+        + (
+            ", after a PROXY protocol header naming the client (the nodes need "
+            "listen.connect_proxy_protocol)."
+            if front.proxy_protocol else "."
+        )
     )
     if front.access_log:
         conf.long("log_format", "console_front_connect", parts=_STREAM_LOG)
@@ -274,6 +280,8 @@ def _stream(conf: _Conf, door: FrontDoor) -> None:
             conf("listen", _address(front.connect_host, node.front_connect_port))
             conf("proxy_pass", _address(node.address, node.connect_port))
             conf("proxy_ssl_name", node.verify_name)
+            if front.proxy_protocol:
+                conf("proxy_protocol", "on")
 
 
 # --- the command ------------------------------------------------------------------------
@@ -334,7 +342,8 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
             "verifies the node and shows the front's client certificate, passes WebSocket "
             "upgrades and X-Forwarded-For, answers 404 for unknown nodes and a 502 page "
             "naming a node that does not answer, and forwards each node's front_connect_port "
-            "to its CONNECT listener (stream module). Every problem in FILE is reported at "
+            "to its CONNECT listener (stream module; with a PROXY protocol header naming the "
+            "client unless proxy_protocol = false). Every problem in FILE is reported at "
             "once (exit status 2). Check the result with `nginx -t -c OUTPUT`; after "
             "changing the node list, write it again and run `nginx -s reload`."
         ),

@@ -233,7 +233,8 @@ http {
 stream {
     # Native clients' HTTP CONNECT: one front port per node, its bytes passed to the
     # node's CONNECT listener over TLS (the front's client certificate, the node's
-    # verified).
+    # verified), after a PROXY protocol header naming the client (the nodes need
+    # listen.connect_proxy_protocol).
     log_format console_front_connect
         '$remote_addr [$time_local] connect $server_port to $upstream_addr '
         '$status $bytes_received $bytes_sent $session_time';
@@ -255,6 +256,7 @@ stream {
         listen 192.0.2.10:7001;
         proxy_pass 10.0.1.1:6081;
         proxy_ssl_name node1.example;
+        proxy_protocol on;
     }
 }
 """
@@ -316,6 +318,19 @@ def test_stream_module_built_in_and_no_access_log(tmp_path: Path) -> None:
     assert "    access_log off;\n" in text and "console_front_connect" not in text
 
 
+def test_the_proxy_protocol_header_can_be_turned_off(tmp_path: Path) -> None:
+    """proxy_protocol = true (the default) writes ``proxy_protocol on;`` in every stream
+    server; false, nowhere (the nodes then see the front as every native client)."""
+    nodes = (NODE1 + "connect_port = 6081\nfront_connect_port = 7001\n"
+             + NODE2 + "connect_port = 6081\nfront_connect_port = 7002\n")
+    door = load_nodes(write_nodes(tmp_path, FRONT + nodes))
+    assert door.front.proxy_protocol is True
+    assert render_nginx(door).count("        proxy_protocol on;\n") == 2
+    door = load_nodes(write_nodes(tmp_path, FRONT + "proxy_protocol = false\n" + nodes))
+    text = render_nginx(door)
+    assert "proxy_protocol on" not in text and "PROXY" not in text
+
+
 def test_paths_and_durations(tmp_path: Path) -> None:
     """Relative paths are taken from the nodes file's directory, absolute ones kept;
     durations take seconds or a unit."""
@@ -360,7 +375,7 @@ PROBLEMS = [
      "front.bogus: unknown key (front has: server_name, listen, cert, key, node_ca, "
      "client_cert, client_key, connect_host, connect_timeout, session_timeout, "
      "worker_processes, worker_connections, user, pid, error_log, access_log, temp_dir, "
-     "stream_module)"),
+     "stream_module, proxy_protocol)"),
     ("listen = 443\n", NODE1, "front.listen: must be a string, not an integer"),
     ('listen = "console.example:443"\n', NODE1, "front.listen: must be IP:PORT or [IPv6]:PORT"),
     ('listen = "::1:443"\n', NODE1, "front.listen: must be IP:PORT or [IPv6]:PORT"),
@@ -377,6 +392,10 @@ PROBLEMS = [
     ("worker_connections = 1.5\n", NODE1,
      "front.worker_connections: must be an integer, not a float"),
     ("worker_processes = -1\n", NODE1, "front.worker_processes: must be at least 0"),
+    ("proxy_protocol = 1\n", NODE1, "front.proxy_protocol: must be true or false, not an "
+     "integer"),
+    ('proxy_protocol = "on"\n', NODE1, "front.proxy_protocol: must be true or false, not a "
+     "string"),
     ('user = "Root!"\n', NODE1, "front.user: must be a user name"),
     ('temp_dir = ["a"]\n', NODE1, "front.temp_dir: must be a string, not an array"),
     ('pid = ""\n', NODE1, "front.pid: must not be empty"),
@@ -469,7 +488,7 @@ def test_every_problem_at_once_exit_status_2(
         f"{path}: front.bogus: unknown key (front has: server_name, listen, cert, key, "
         "node_ca, client_cert, client_key, connect_host, connect_timeout, session_timeout, "
         "worker_processes, worker_connections, user, pid, error_log, access_log, temp_dir, "
-        "stream_module)",
+        "stream_module, proxy_protocol)",
         f"{path}: node[1].port: must be a TCP port (1-65535)",
         f"{path}: node[2].name: 'node1' is also node[1]'s",
     ]
@@ -816,14 +835,79 @@ def test_the_brokers_see_the_client_address(cluster: Cluster) -> None:
     ]
 
 
+class RelayedNode(ServedBroker):
+    """A node broker whose CONNECT listener speaks TLS requiring the front's client
+    certificate and reads the front's PROXY headers (127.0.0.1 trusted); its own
+    requests show the front's certificate."""
+
+    def __init__(self, directory: Path, certs: dict[str, Path]) -> None:
+        self.certs = certs
+        tls = (
+            f'[tls]\ncert = "{certs["server"]}"\nkey = "{certs["server-key"]}"\n'
+            f'client_ca = "{certs["ca"]}"\n[libvirt]\nuri = "test:///default"\n'
+        )
+        super().__init__(
+            directory, protocol="vnc", connect_port=True, extra_config=tls,
+            listen_config="connect_proxy_protocol = true\n",
+            http_config='trusted_proxies = ["127.0.0.1"]\n',
+        )
+
+    def get(self, path: str) -> tuple[int, bytes]:
+        context = ssl.create_default_context(cafile=str(self.certs["ca"]))
+        context.check_hostname = False
+        context.load_cert_chain(self.certs["client"], self.certs["client-key"])
+        connection = http.client.HTTPSConnection("127.0.0.1", self.port, context=context,
+                                                 timeout=5)
+        try:
+            connection.request("GET", path)
+            reply = connection.getresponse()
+            return reply.status, reply.read()
+        finally:
+            connection.close()
+
+
+def test_a_connect_port_brings_the_client_address_to_a_broker(
+    nginx: str, tmp_path: Path, certs: dict[str, Path]
+) -> None:
+    """The generated stream server in front of a real node broker: the PROXY header
+    before the front's TLS, then the client's CONNECT; the broker answers its own
+    refusal through the front and logs the client's address, not the front's."""
+    (tmp_path / "node").mkdir()
+    (tmp_path / "front").mkdir()
+    node = RelayedNode(tmp_path / "node", certs)
+    assert node.connect_port is not None
+    front_port = free_port()
+    front = Nginx(nginx, tmp_path / "front", certs, node_table(
+        "node1", node.port, connect_port=node.connect_port, front_connect_port=front_port))
+    try:
+        with socket.create_connection(("127.0.0.1", front_port), timeout=10,
+                                      source_address=("127.0.0.2", 0)) as sock:
+            sock.sendall(b"CONNECT not-a-handle:443 HTTP/1.1\r\nHost: x\r\n\r\n")
+            answer = b""
+            while chunk := sock.recv(65536):
+                answer += chunk
+        assert answer.startswith(b"HTTP/1.1 401 "), answer
+        deadline = time.monotonic() + 10
+        while not [e for e in node.events("request.refused") if e.get("route") == "connect"]:
+            assert time.monotonic() < deadline, node.log_text()[-3000:]
+            time.sleep(0.05)
+        refused = [e for e in node.events("request.refused") if e.get("route") == "connect"]
+        assert refused[-1]["client"] == "127.0.0.2"
+        assert not node.events("connect.proxy_refused")
+    finally:
+        front.stop()
+        node.stop()
+
+
 # --- what the front sends: a node that shows it -----------------------------------------
 
 
 class EchoNode:
     """A TLS node on loopback that requires the front's client certificate: an HTTPS
     server answering each request with what it got (path, headers, the client
-    certificate's subject, the SNI name), and a TLS byte echo standing in for a CONNECT
-    listener."""
+    certificate's subject, the SNI name), and a byte echo standing in for a CONNECT
+    listener: it reads the PROXY protocol header in the clear, then speaks TLS, sends the
+    header back and the client certificate's subject, and echoes."""
 
     def __init__(self, certs: dict[str, Path]) -> None:
         self.server_names: list[str | None] = []
@@ -856,16 +940,21 @@ class EchoNode:
 
         class Echo(socketserver.BaseRequestHandler):
             def handle(self) -> None:
-                assert isinstance(self.request, ssl.SSLSocket)
-                self.request.sendall(f"subject={_subject(self.request)}\n".encode())
-                while data := self.request.recv(65536):
-                    self.request.sendall(data)
+                header = b""  # byte by byte: nothing of the TLS handshake is read here
+                while not header.endswith(b"\r\n") and len(header) < 107:
+                    data = self.request.recv(1)
+                    if not data:
+                        return
+                    header += data
+                with context.wrap_socket(self.request, server_side=True) as tls:
+                    tls.sendall(header + f"subject={_subject(tls)}\n".encode())
+                    while data := tls.recv(65536):
+                        tls.sendall(data)
 
         self.http = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self.http.socket = context.wrap_socket(self.http.socket, server_side=True)
         self.echo = socketserver.ThreadingTCPServer(("127.0.0.1", 0), Echo)
         self.echo.daemon_threads = True
-        self.echo.socket = context.wrap_socket(self.echo.socket, server_side=True)
         self.threads = [
             threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05})
             for server in (self.http, self.echo)
@@ -950,14 +1039,21 @@ def test_what_a_node_gets(echo_front: tuple[Nginx, int]) -> None:
 
 
 def tunnel(port: int) -> socket.socket:
-    """A connection to a front CONNECT port, past the echo's greeting line."""
-    sock = socket.create_connection(("127.0.0.1", port), timeout=10)
+    """A connection from 127.0.0.2 to a front CONNECT port, past the echo's greeting:
+    the PROXY header nginx sent ahead of its TLS (the client's address and port, the
+    front's), and the subject of the client certificate it showed in that TLS."""
+    sock = socket.create_connection(("127.0.0.1", port), timeout=10,
+                                    source_address=("127.0.0.2", 0))
     greeting = b""
-    while not greeting.endswith(b"\n"):
+    while greeting.count(b"\n") < 2:
         data = sock.recv(1)
         assert data, greeting
         greeting += data
-    assert greeting == b"subject=commonName=client\n"
+    client_port = sock.getsockname()[1]
+    assert greeting == (
+        f"PROXY TCP4 127.0.0.2 127.0.0.1 {client_port} {port}\r\n"
+        "subject=commonName=client\n"
+    ).encode()
     return sock
 
 
@@ -975,7 +1071,8 @@ def test_a_connect_port_reaches_its_node_over_tls(
     echo_front: tuple[Nginx, int], echo_node: EchoNode
 ) -> None:
     """Bytes on the front's port reach the node's CONNECT listener over TLS with the
-    front's client certificate and the node's tls_name, and come back."""
+    front's client certificate and the node's tls_name, after the PROXY header in the
+    clear (nginx sends it before its TLS handshake), and come back."""
     front, port = echo_front
     with tunnel(port) as sock:
         request = b"CONNECT handle:443 HTTP/1.1\r\n\r\n" + os.urandom(100_000)
