@@ -14,6 +14,11 @@ checks, in this order:
 5. what the caller expects: protocol, node, domain;
 6. single use: the ``jti`` is consumed in a :class:`ReplayCache`.
 
+A handoff handle (``h.`` and 32 random characters, :mod:`broker.handoff`) is accepted
+wherever a token is: steps 1-3 become a look-up in the verifier's
+:class:`~broker.handoff.HandoffTable` (an unknown handle is invalid), steps 4-6 are
+the same. :meth:`TokenVerifier.hand_off` issues one for a live session's claims.
+
 Each refusal is a :class:`TokenRefused` subclass with a ``reason`` (the value
 logged as ``token.rejected``). No message, log line or ``repr`` holds a token.
 
@@ -45,6 +50,7 @@ import jwt
 import structlog
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
+from broker.handoff import Handoff, HandoffTable, handle_id, is_handle
 from broker.keys import (
     KeyFileError,
     generate_keypair,
@@ -437,6 +443,7 @@ class TokenVerifier:
         leeway: int = 5,
         max_ttl: int = 300,
         now: Clock = time.time,
+        handoffs: HandoffTable | None = None,
     ) -> None:
         self._keys = {key_fingerprint(key): key for key in public_keys}
         if not self._keys:
@@ -447,6 +454,8 @@ class TokenVerifier:
         self._leeway = leeway
         self._max_ttl = max_ttl
         self._now = now
+        #: The handoff handles this verifier issued and accepts (see :meth:`hand_off`).
+        self.handoffs = handoffs if handoffs is not None else HandoffTable(leeway=leeway)
 
     @property
     def key_ids(self) -> frozenset[str]:
@@ -495,9 +504,43 @@ class TokenVerifier:
         )
         return claims
 
-    def used(self, claims: Claims) -> bool:
-        """Whether the token of *claims* (verified) has been used up already."""
-        return claims.jti in self._cache
+    def used(self, claims: Claims | str) -> bool:
+        """Whether the token of *claims* (verified; or of this ``jti``) has been used up
+        already."""
+        return (claims if isinstance(claims, str) else claims.jti) in self._cache
+
+    def session_jti(self, token: str, *, protocol: str, node: str) -> str:
+        """The ``jti`` of the session *token* (a token or a handle) opens, as proof that a
+        client holds it: a token's shape, signature and claims, protocol and node, but
+        not its lifetime (a session outlives its token, which may have expired since);
+        a handle's :func:`~broker.handoff.handle_id`, which only its holder can compute.
+        The caller looks that ``jti`` up among the sessions it runs. Raises
+        :class:`TokenRefused` (logged as ``token.rejected``)."""
+        if is_handle(token):
+            return handle_id(token)
+        try:
+            claims = self._verified_claims(token)
+            if claims.protocol != protocol:
+                raise WrongProtocol(
+                    f"the token is for protocol {claims.protocol!r}, not {protocol!r}", claims
+                )
+            if claims.node != node:
+                raise WrongNode(f"the token is for node {claims.node!r}, not {node!r}", claims)
+        except TokenRefused as exc:
+            _log.warning(
+                "token.rejected",
+                reason=exc.reason,
+                detail=exc.detail,
+                jti=exc.claims.jti if exc.claims is not None else None,
+            )
+            raise
+        return claims.jti
+
+    def hand_off(self, claims: Claims, *, ttl: int) -> Handoff:
+        """A handoff handle for the live session of *claims*, valid *ttl* seconds (at
+        most ``max_ttl``) from now, accepted by :meth:`verify` like a token. Raises
+        :class:`~broker.handoff.HandoffLimit`."""
+        return self.handoffs.issue(claims, ttl=min(ttl, self._max_ttl), now=self._now())
 
     def consume(self, claims: Claims) -> None:
         """Use up a token checked with ``verify(..., consume=False)``.
@@ -516,12 +559,22 @@ class TokenVerifier:
         except TokenRefused as exc:
             exc.claims = claims
             raise
+        self.handoffs.used(claims.jti)
 
     def _check(
         self, token: str, *, protocol: str | None, node: str | None, domain: str | None
     ) -> Claims:
-        claims = self._verified_claims(token)
         now = self._now()
+        if is_handle(token):
+            found = self.handoffs.claims(token, now=now)
+            if found is None:
+                raise InvalidToken(
+                    "unknown handoff handle: malformed, expired a while ago, or issued by "
+                    "another broker process"
+                )
+            claims = found
+        else:
+            claims = self._verified_claims(token)
         if claims.not_before > now + self._leeway:
             raise NotYetValidToken("the token is not valid yet", claims)
         if claims.expires_at <= now - self._leeway:

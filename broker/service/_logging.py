@@ -3,7 +3,7 @@
 ``configure_logging`` sets up structlog and routes the standard library's
 logging (websockets, libvirtaio) through the same renderer. The last
 processor before rendering, :func:`redact`, replaces anything shaped like a
-token (a JWS: three base64url parts, or a ``token=`` query parameter) in
+token (a JWS: three base64url parts, a handoff handle, or a ``token=`` query parameter) in
 every string value, so a token cannot reach a log line even by accident;
 the code never logs one in the first place. websockets logs request lines
 (with their query string) at debug level: its loggers are kept at
@@ -22,6 +22,8 @@ import structlog
 
 _JWS = re.compile(r"eyJ[A-Za-z0-9_-]{4,}\.[A-Za-z0-9_-]{4,}\.[A-Za-z0-9_-]+")
 _TOKEN_PARAM = re.compile(r"(?i)(token=)[^&\s\"']+")
+#: A handoff handle (broker.handoff.HANDLE), not inside a longer word.
+_HANDLE = re.compile(r"(?<![A-Za-z0-9_-])h\.[A-Za-z0-9_-]{32}(?![A-Za-z0-9_-])")
 REDACTED = "[redacted]"
 
 #: Loggers of libraries that would log request lines or payloads at debug level.
@@ -33,6 +35,8 @@ def scrub(text: str) -> str:
     """*text* with anything token-shaped replaced by ``[redacted]``."""
     if "eyJ" in text:
         text = _JWS.sub(REDACTED, text)
+    if "h." in text:
+        text = _HANDLE.sub(REDACTED, text)
     if "token=" in text.lower():
         text = _TOKEN_PARAM.sub(r"\1" + REDACTED, text)
     return text
