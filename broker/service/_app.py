@@ -3,8 +3,8 @@
 Theory of operation. websockets' asyncio server accepts connections; for
 each request, :meth:`Broker._process_request` decides before any upgrade:
 
-1. plain HTTP (``/healthz``, ``/metrics``, console pages, client files) is answered
-   at once;
+1. plain HTTP (``/healthz``, ``/metrics``, console pages, client files, handoff
+   handles) is answered at once;
 2. a WebSocket request is checked, cheapest first and without touching the
    token until it must: a real upgrade, a known protocol, the Origin, then the
    token (verified and used up), the session limits, and the resolver (domain
@@ -39,6 +39,7 @@ import ssl
 import time
 import weakref
 from collections.abc import Iterable
+from datetime import UTC, datetime
 from typing import Any, cast
 from urllib.parse import urlsplit
 
@@ -54,6 +55,7 @@ from websockets.typing import Subprotocol
 
 import broker
 from broker.config import Config
+from broker.handoff import HandoffLimit
 from broker.hookspecs import ClientFile, Page, Protocol
 from broker.plugins import PluginContext, PluginError, PluginManager
 from broker.service._clientcert import ClientCertificates, ClientTLS
@@ -75,11 +77,13 @@ from broker.service._refusals import (
     TOKEN_REFUSALS,
     UNKNOWN_PROTOCOL,
     VIEW_ONLY_UNSUPPORTED,
+    WRONG_PROTOCOL,
     Refusal,
     Refused,
 )
 from broker.service._request import (
     FileRoute,
+    HandoffRoute,
     NotAllowed,
     NotFound,
     OriginPolicy,
@@ -88,6 +92,7 @@ from broker.service._request import (
     RedirectRoute,
     TrustedProxies,
     WebSocketRoute,
+    bearer_token,
     loggable,
     loggable_path,
     route,
@@ -489,6 +494,8 @@ class Broker:
             return self._page(found)
         if isinstance(found, FileRoute):
             return await self._client_file(found, client)
+        if isinstance(found, HandoffRoute):
+            return self._handoff(request, found, client)
         if isinstance(found, RedirectRoute):
             return _text(301, "moved", headers=[("Location", found.location)])
         if isinstance(found, NotFound):
@@ -681,6 +688,60 @@ class Broker:
         disposition = f'attachment; filename="console{made.suffix}"'
         return _response(200, made.body.encode(), made.content_type,
                          [("Content-Disposition", disposition)])
+
+    # --- handoff handles -----------------------------------------------------------------
+
+    def _handoff(self, request: Request, found: HandoffRoute, client: str) -> Response:
+        """``POST /handoff/{protocol}`` with ``Authorization: Bearer T``: a handoff handle
+        for the session T opened, while it lives on this broker (T proves it: a token's
+        signature, a handle's own value; not its lifetime)."""
+        try:
+            if self._runner.closing:
+                raise Refused(SHUTDOWN)
+            if found.protocol not in self._handlers:
+                raise Refused(UNKNOWN_PROTOCOL, f"no handler for {found.protocol!r}")
+            why = self._origin.check(request.headers.get("Origin"))
+            if why is not None:
+                raise Refused(FOREIGN_ORIGIN, why)
+            token = bearer_token(request.headers.get_all("Authorization"))
+            try:
+                jti = self._verifier.session_jti(token, protocol=found.protocol, node=self._node)
+            except TokenRefused as exc:
+                raise Refused(TOKEN_REFUSALS.get(exc.reason, INVALID_TOKEN), exc.detail) from None
+            claims = self._runner.by_token.get(jti)
+            if claims is None:
+                if self._verifier.used(jti):
+                    raise Refused(REPLAYED_TOKEN, "the token's session has ended")
+                raise Refused(INVALID_TOKEN, "no session of this token is open on this broker")
+            if claims.protocol != found.protocol:
+                raise Refused(
+                    WRONG_PROTOCOL, f"the session is {claims.protocol!r}, not {found.protocol!r}"
+                )
+            try:
+                handoff = self._verifier.hand_off(claims, ttl=self.config.tokens.default_ttl)
+            except HandoffLimit as exc:
+                raise Refused(LIMIT_REACHED, str(exc)) from None
+        except Refused as exc:
+            return self._refuse_plainly(exc, found.protocol, client)
+        issued = handoff.claims
+        ttl = issued.expires_at - issued.issued_at
+        self.metrics.handoffs.labels(issued.protocol).inc()
+        _log.info(
+            "token.handoff", protocol=issued.protocol, domain=issued.domain_uuid,
+            client=client, jti=handoff.parent, handoff=issued.jti,
+            rights=issued.rights.value, expires_at=issued.expires_at,
+        )
+        query = f"token={handoff.handle}"
+        doc = {
+            "token": handoff.handle,
+            "protocol": issued.protocol,
+            "expires_in": ttl,
+            "expires_at": datetime.fromtimestamp(issued.expires_at, UTC)
+            .isoformat().replace("+00:00", "Z"),
+            "page": f"{self.config.public_url}/console/{issued.protocol}/?{query}",
+            "websocket": f"{self.config.ws_url}/ws/{issued.protocol}?{query}",
+        }
+        return _response(200, json.dumps(doc).encode() + b"\n", "application/json")
 
     # --- HTTP CONNECT (native clients) ---------------------------------------------------
 

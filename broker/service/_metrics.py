@@ -17,6 +17,7 @@ Names (all prefixed ``console_broker_``):
                                             (``tls.client_ca``: none, another CA's, a subject
                                             not accepted)
 ``accept_errors_total{listener,error}``     counter: failed accepts (``EMFILE``, ``ENFILE``, ...)
+``handoffs_total{protocol}``                counter: handoff handles issued
 """
 
 from __future__ import annotations
@@ -87,6 +88,12 @@ class Metrics:
             "console_broker_accept_errors",
             "Connections the listeners failed to accept, by listener and error (EMFILE, ...).",
             ["listener", "error"],
+            registry=r,
+        )
+        self.handoffs = Counter(
+            "console_broker_handoffs",
+            "Handoff handles issued (POST /handoff/{protocol}), by protocol.",
+            ["protocol"],
             registry=r,
         )
 

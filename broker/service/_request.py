@@ -8,12 +8,15 @@ Routes (see docs/service.md)::
     /ws/{protocol}?token=T       the WebSocket endpoint of a console
     /console/{protocol}/{path}   the console page ("" is the page itself) and its assets
     /file/{protocol}?token=T     a native client's connection file (a .vv for SPICE)
+    /handoff/{protocol}          POST, the token in ``Authorization: Bearer``: a handoff
+                                 handle for the live session the token opened
     /healthz                     liveness and libvirt reachability (JSON)
     /metrics                     Prometheus text format
 
 When ``broker.public_url`` has a path (a reverse proxy serving the broker
 under a prefix), requests may arrive with or without that prefix. A WebSocket
-endpoint answers GET only, the others GET and HEAD (:class:`NotAllowed`).
+endpoint answers GET only, the handoff endpoint POST only, the others GET and HEAD
+(:class:`NotAllowed`).
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ from urllib.parse import parse_qs, unquote, urlsplit
 
 import attrs
 
+from broker.handoff import HANDLE
 from broker.service._refusals import BAD_REQUEST, INVALID_TOKEN, Refused
 
 _PROTOCOL = re.compile(r"[a-z0-9][a-z0-9-]{0,62}\Z")
@@ -54,6 +58,13 @@ class FileRoute:
 
     protocol: str
     token: str = attrs.field(repr=False)
+
+
+@attrs.frozen
+class HandoffRoute:
+    """``POST /handoff/{protocol}``: a handoff handle; the token is in a header."""
+
+    protocol: str
 
 
 @attrs.frozen
@@ -92,11 +103,16 @@ class NotAllowed:
     allow: tuple[str, ...]
 
 
-Route = WebSocketRoute | FileRoute | PageRoute | RedirectRoute | PlainRoute | NotFound | NotAllowed
+Route = (
+    WebSocketRoute | FileRoute | HandoffRoute | PageRoute | RedirectRoute | PlainRoute
+    | NotFound | NotAllowed
+)
 
-#: The methods of a WebSocket endpoint, and of every other endpoint.
+#: The methods of a WebSocket endpoint, of the handoff endpoint, and of every other one.
 WEBSOCKET_METHODS = ("GET",)
+HANDOFF_METHODS = ("POST",)
 HTTP_METHODS = ("GET", "HEAD")
+_METHODS = {"ws": WEBSOCKET_METHODS, "handoff": HANDOFF_METHODS}
 
 
 def strip_prefix(path: str, prefix: str) -> str:
@@ -126,7 +142,7 @@ def route(target: str, prefix: str = "", method: str = "GET") -> Route:
     endpoint = _endpoint(path, segments)
     if endpoint is None:
         return NotFound(path)
-    allow = WEBSOCKET_METHODS if endpoint == "ws" else HTTP_METHODS
+    allow = _METHODS.get(endpoint, HTTP_METHODS)
     if method not in allow:
         return NotAllowed(allow)
     if endpoint == "plain":
@@ -135,6 +151,10 @@ def route(target: str, prefix: str = "", method: str = "GET") -> Route:
         return WebSocketRoute(segments[2], _token(parts.query))
     if endpoint == "file":
         return FileRoute(segments[2], _token(parts.query))
+    if endpoint == "handoff":
+        if "token" in _fields(parts.query):
+            raise Refused(BAD_REQUEST, "the token goes in the Authorization header, not the query")
+        return HandoffRoute(segments[2])
     if len(segments) == 3:
         query = f"?{parts.query}" if parts.query else ""
         return RedirectRoute(f"{segments[2]}/{query}")
@@ -145,23 +165,26 @@ def route(target: str, prefix: str = "", method: str = "GET") -> Route:
 
 
 def _endpoint(path: str, segments: list[str]) -> str | None:
-    """Which kind of endpoint *path* names: ``plain``, ``ws``, ``file``, ``console``, or
-    None (nothing lives there)."""
+    """Which kind of endpoint *path* names: ``plain``, ``ws``, ``file``, ``handoff``,
+    ``console``, or None (nothing lives there)."""
     if path in ("/healthz", "/metrics"):
         return "plain"
     if len(segments) < 3 or not _PROTOCOL.match(segments[2]):
         return None
-    if segments[1] in ("ws", "file") and len(segments) == 3:
+    if segments[1] in ("ws", "file", "handoff") and len(segments) == 3:
         return segments[1]
     return "console" if segments[1] == "console" else None
 
 
-def _token(query: str) -> str:
+def _fields(query: str) -> dict[str, list[str]]:
     try:
-        fields = parse_qs(query, keep_blank_values=True, strict_parsing=False, max_num_fields=16)
+        return parse_qs(query, keep_blank_values=True, strict_parsing=False, max_num_fields=16)
     except ValueError:
         raise Refused(BAD_REQUEST, "too many query parameters") from None
-    tokens = fields.get("token", [])
+
+
+def _token(query: str) -> str:
+    tokens = _fields(query).get("token", [])
     if len(tokens) > 1:
         raise Refused(BAD_REQUEST, "more than one token in the query")
     if not tokens or not tokens[0]:
@@ -169,13 +192,29 @@ def _token(query: str) -> str:
     return tokens[0]
 
 
+def bearer_token(values: list[str]) -> str:
+    """The token of the ``Authorization`` header's *values*: exactly one, ``Bearer
+    TOKEN`` (the scheme in any case). Raises :class:`Refused` (``invalid_token`` when
+    there is none, ``bad_request`` for two); the details never quote the value."""
+    if len(values) > 1:
+        raise Refused(BAD_REQUEST, "more than one Authorization header")
+    if not values:
+        raise Refused(INVALID_TOKEN, "no Authorization header (Bearer TOKEN)")
+    scheme, _, token = values[0].strip().partition(" ")
+    token = token.strip()
+    if scheme.lower() != "bearer" or not token or " " in token:
+        raise Refused(INVALID_TOKEN, "the Authorization header is not 'Bearer TOKEN'")
+    return token
+
+
 # --- what a request log line may hold ----------------------------------------------------
 
 
 def loggable(text: str) -> str:
     """*text* (a path segment, a method) as a log line may hold it: ``[redacted]`` when it
-    is long or holds the start of a JWS part, as a token put where it does not belong would."""
-    if len(text) > MAX_LOGGED_SEGMENT or _JSON_B64.search(text):
+    is long or holds the start of a JWS part or a handoff handle, as a token put where it
+    does not belong would."""
+    if len(text) > MAX_LOGGED_SEGMENT or _JSON_B64.search(text) or HANDLE.search(text):
         return REDACTED
     return text
 

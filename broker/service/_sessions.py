@@ -136,6 +136,9 @@ class SessionRunner:
         self.lives: dict[str, set[Live]] = {}
         #: Groups of ``multi_connection`` sessions, by token jti, while their first lives.
         self.groups: dict[str, SessionGroup] = {}
+        #: The claims of each open session by its token's jti (a group's first
+        #: connection): what a handoff handle is issued for.
+        self.by_token: dict[str, Claims] = {}
         #: How long closing a WebSocket may take.
         self.close_timeout = max(0.1, min(5.0, config.limits.shutdown_grace))
         #: True once the broker is shutting down: a session opening now ends at once.
@@ -259,6 +262,8 @@ class SessionRunner:
                 return
             live = Live(session_id, domain, endpoint.kind if endpoint is not None else "none")
             self.lives.setdefault(domain, set()).add(live)
+            if not joined:
+                self.by_token[claims.jti] = claims
             connection.on_stall = functools.partial(live.end, CLIENT_STALLED)
             if self.closing:
                 live.end(SHUTDOWN)
@@ -346,6 +351,8 @@ class SessionRunner:
                         ending = CLIENT_CLOSED
                 ending = live.ending or ending or CONSOLE_CLOSED
                 self._forget(live)
+                if not joined and self.by_token.get(claims.jti) is claims:
+                    del self.by_token[claims.jti]
                 await self.close(connection, ending)
                 log.info(
                     "session.closed", reason=ending.reason, code=ending.close_code,
