@@ -9,7 +9,9 @@ The hosts (``console_broker_testbed.netns``):
   with its own node name, certificate and configuration: TLS on both listeners, the
   front's client certificate required (``tls.client_ca``, ``tls.client_subjects``), the
   control plane's public key the only one trusted (``tokens.trust_local_key = false``),
-  the fronts' X-Forwarded-For believed, ``broker.public_url`` naming the front door.
+  the fronts' X-Forwarded-For and PROXY protocol headers believed (``http.trusted_proxies``,
+  ``listen.connect_proxy_protocol``: the generated stream servers send one ahead of each
+  native client's connection), ``broker.public_url`` naming the front door.
 
 The control plane is a key directory and the ``console-broker token`` command run with
 it, the node's name and public URL, and a domain UUID: no libvirt, no broker config.
@@ -83,6 +85,7 @@ host = "{address}"
 port = {NODE_PORT}
 connect_host = "{address}"
 connect_port = {NODE_CONNECT_PORT}
+connect_proxy_protocol = true
 [tls]
 cert = "{self.certs['server']}"
 key = "{self.certs['server-key']}"

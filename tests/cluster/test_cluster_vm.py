@@ -153,6 +153,9 @@ def test_remote_viewer_reaches_a_nodes_guest_through_the_front_door_only(
     tunnels = [e for e in node.events("session.opened")
                if e.get("domain") == guests["node2"].UUIDString() and e.get("protocol") == "spice"]
     assert tunnels
+    # the front's PROXY protocol header named the client: the node counts and logs it
+    assert {e["client"] for e in tunnels} == {CLIENT_ADDRESS}, tunnels
+    assert not node.events("connect.proxy_refused")
 
 
 def test_only_the_front_door_reaches_a_node_broker(cluster: Cluster) -> None:
@@ -163,14 +166,21 @@ def test_only_the_front_door_reaches_a_node_broker(cluster: Cluster) -> None:
         with pytest.raises(OSError) as unreachable:
             cluster.client.connect(address, port, timeout=5)
         assert unreachable.value.errno == errno.ENETUNREACH
-    # a host on the nodes' network without the front's client certificate is refused
+    # a host on the nodes' network without the front's client certificate is refused (on
+    # the CONNECT listener after the PROXY header it expects first)
     front = cluster.fronts[0]
     verify_node = ssl.create_default_context(cafile=str(node.certs["ca"]))
     verify_node.check_hostname = False
-    for port in (NODE_PORT, NODE_CONNECT_PORT):
-        assert _https_status(front.host, address, port, verify_node) is None
+    header = f"PROXY TCP4 {CLIENT_ADDRESS} {front.address} 40000 7001\r\n".encode()
+    assert _https_status(front.host, address, NODE_PORT, verify_node) is None
+    assert _https_status(front.host, address, NODE_CONNECT_PORT, verify_node, header) is None
     refused = [e for e in node.events("tls.client_refused") if e.get("reason") == "no certificate"]
     assert {e["listener"] for e in refused} == {"http", "connect"}, refused
+    # and without the header, before any TLS
+    assert _https_status(front.host, address, NODE_CONNECT_PORT, verify_node) is None
+    proxy_refused = node.events("connect.proxy_refused")
+    assert proxy_refused and proxy_refused[-1]["detail"] == (
+        "no PROXY header: the connection starts with a TLS handshake"), proxy_refused
     # the same host with the front's certificate gets an answer (a control)
     with_cert = ssl.create_default_context(cafile=str(node.certs["ca"]))
     with_cert.check_hostname = False
@@ -178,11 +188,14 @@ def test_only_the_front_door_reaches_a_node_broker(cluster: Cluster) -> None:
     assert _https_status(front.host, address, NODE_PORT, with_cert) == 200
 
 
-def _https_status(host: Any, address: str, port: int, context: ssl.SSLContext) -> int | None:
-    """``GET /healthz`` from *host* to *address*:*port* over TLS: the status, or None when
-    the connection is refused during or right after the handshake."""
+def _https_status(host: Any, address: str, port: int, context: ssl.SSLContext,
+                  proxy_header: bytes = b"") -> int | None:
+    """``GET /healthz`` from *host* to *address*:*port* over TLS (after *proxy_header*, in
+    the clear): the status, or None when the connection is refused during or right after
+    the handshake."""
     sock = host.connect(address, port, timeout=10)
     try:
+        sock.sendall(proxy_header)
         with context.wrap_socket(sock) as tls:
             tls.settimeout(10)
             tls.sendall(b"GET /healthz HTTP/1.1\r\nHost: node\r\nConnection: close\r\n\r\n")
