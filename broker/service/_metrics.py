@@ -15,7 +15,9 @@ Names (all prefixed ``console_broker_``):
                                             ``request_head_too_large``, ``malformed_request``,
                                             ``out_of_descriptors``, ``client_certificate``
                                             (``tls.client_ca``: none, another CA's, a subject
-                                            not accepted)
+                                            not accepted), ``proxy_protocol`` (the CONNECT
+                                            listener: no valid PROXY header from a trusted
+                                            relay, or one not expected)
 ``accept_errors_total{listener,error}``     counter: failed accepts (``EMFILE``, ``ENFILE``, ...)
 ``handoffs_total{protocol}``                counter: handoff handles issued
 """
