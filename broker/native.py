@@ -32,9 +32,11 @@ import binascii
 import enum
 import ipaddress
 import json
+import os
 import re
 import shlex
 import shutil
+import socket
 import ssl
 import subprocess
 import sys
@@ -362,8 +364,7 @@ class NativeClient:
                 f"cannot reach the broker at {where}: no answer within {OPEN_TIMEOUT:g} s"
             ) from None
         except OSError as exc:
-            why = exc.strerror or str(exc) or type(exc).__name__
-            raise OpenError(f"cannot reach the broker at {where}: {why}") from None
+            raise OpenError(f"cannot reach the broker at {where}: {_why(exc)}") from None
         except InvalidURI as exc:
             raise OpenError(f"the WebSocket URL is malformed: {exc}") from None
         except InvalidHandshake as exc:
@@ -464,9 +465,7 @@ class NativeClient:
         With ``--no-viewer``, say what to connect a viewer to and return None. The
         viewer is terminated when the command ends. :class:`OpenError` when it is not
         installed (*package*: the Debian package of the default viewer)."""
-        template = shlex.split(self.viewer) if self.viewer is not None else list(default)
-        if not template:
-            raise OpenError("--viewer is empty")
+        template = self._viewer_template(default)
         try:
             argv = [part.format_map(fields) for part in template]
         except (KeyError, IndexError, ValueError) as exc:
@@ -476,21 +475,39 @@ class NativeClient:
             shown = shlex.join([part.format_map(fields) for part in default])
             self.status(f"no viewer started: connect one yourself, e.g. {shown}")
             return None
-        program = shutil.which(argv[0])
-        if program is None:
-            if self.viewer is not None:
-                raise OpenError(f"--viewer: {argv[0]} not found (not installed, or not on PATH)")
-            raise OpenError(
-                f"{argv[0]} not found: install the Debian package {package}, or pass --viewer"
-            )
+        program = self.check_viewer(default, package)
         try:
             process = await anyio.open_process(
-                [program, *argv[1:]], stdin=subprocess.DEVNULL, stdout=None, stderr=None
+                [program or argv[0], *argv[1:]], stdin=subprocess.DEVNULL, stdout=None,
+                stderr=None,
             )
         except OSError as exc:
             raise OpenError(f"cannot start {argv[0]}: {exc.strerror or exc}") from None
         self._viewers.append(process)
         return process
+
+    def _viewer_template(self, default: Sequence[str]) -> list[str]:
+        try:
+            template = shlex.split(self.viewer) if self.viewer is not None else list(default)
+        except ValueError as exc:
+            raise OpenError(f"--viewer: {exc}") from None
+        if not template:
+            raise OpenError("--viewer is empty")
+        return template
+
+    def check_viewer(self, default: Sequence[str], package: str) -> str | None:
+        """The program :meth:`run_viewer` would start (``--viewer``'s, else *default*'s),
+        found on ``PATH``; None with ``--no-viewer``. :class:`OpenError` when it is not
+        installed: call it before :meth:`connect` uses the token up."""
+        if not self.start_viewer:
+            return None
+        name = self._viewer_template(default)[0]
+        program = shutil.which(name)
+        if program is not None:
+            return program
+        if self.viewer is not None:
+            raise OpenError(f"--viewer: {name} not found (not installed, or not on PATH)")
+        raise OpenError(f"{name} not found: install the Debian package {package}, or pass --viewer")
 
     async def end_viewers(self) -> None:
         """Terminate the viewers :meth:`run_viewer` started that still run (SIGTERM,
@@ -510,6 +527,13 @@ class NativeClient:
         """One line on stderr: ``console-broker: TEXT``."""
         line = " ".join(str(text).split())
         print(f"console-broker: {line}", file=sys.stderr, flush=True)
+
+
+def _why(exc: OSError) -> str:
+    """An OSError's reason in words (asyncio's connect error says only which address)."""
+    if isinstance(exc, socket.gaierror) or not exc.errno or exc.errno < 0:
+        return exc.strerror or str(exc) or type(exc).__name__
+    return os.strerror(exc.errno)
 
 
 def _refused(status: int, body: bytes) -> str:
@@ -686,10 +710,25 @@ async def run_client(protocol: Protocol, client: NativeClient) -> int:
     return int(status)
 
 
+def _leaves(error: BaseException) -> list[BaseException]:
+    if isinstance(error, BaseExceptionGroup):
+        return [leaf for inner in error.exceptions for leaf in _leaves(inner)]
+    return [error]
+
+
 def _open_command(args: argparse.Namespace) -> int:
     try:
         protocol, client = prepare(args)
-        return anyio.run(run_client, protocol, client)
+        try:
+            return anyio.run(run_client, protocol, client)
+        except BaseExceptionGroup as group:  # an OpenError from a task of open_client's
+            leaves = _leaves(group)
+            if any(isinstance(leaf, KeyboardInterrupt) for leaf in leaves):
+                raise KeyboardInterrupt from None
+            first = next((leaf for leaf in leaves if isinstance(leaf, OpenError)), None)
+            if first is None:
+                raise
+            raise first from None
     except OpenError as exc:
         raise CommandError(str(exc)) from None
     except KeyboardInterrupt:
