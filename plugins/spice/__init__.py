@@ -17,6 +17,7 @@ if TYPE_CHECKING:
         ConsoleEdit,
         ConsoleTLS,
         EditOptions,
+        NativeClient,
         Page,
         PluginContext,
         Refusal,
@@ -74,13 +75,20 @@ class Spice(Protocol):
 
         return vv_file(token, title, context.config)
 
+    async def open_client(self, client: NativeClient) -> int:
+        """``console-broker open``: remote-viewer on a local port, every channel a
+        WebSocket of the session (see broker_spice._open)."""
+        from ._open import open_spice
+
+        return await open_spice(client)
+
 
 PROTOCOL = Spice(
     name="spice",
     title="SPICE",
     description=(
         "The VM's display, input, clipboard, audio and USB over SPICE: spice-html5 in the "
-        "browser, or remote-viewer with a .vv file."
+        "browser, or remote-viewer (console-broker open, or a .vv file)."
     ),
     view_only=True,
     multi_connection=True,

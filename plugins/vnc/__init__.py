@@ -17,7 +17,14 @@ from broker.api import Protocol, hookimpl
 from ._config import console_broker_config_tables as console_broker_config_tables
 
 if TYPE_CHECKING:
-    from broker.api import ConsoleEdit, EditOptions, Page, PluginContext, SessionHandler
+    from broker.api import (
+        ConsoleEdit,
+        EditOptions,
+        NativeClient,
+        Page,
+        PluginContext,
+        SessionHandler,
+    )
 
 
 class VNC(Protocol):
@@ -49,6 +56,13 @@ class VNC(Protocol):
         from ._page import page
 
         return page(path, context.config.http.assets_dir)
+
+    async def open_client(self, client: NativeClient) -> int:
+        """``console-broker open``: a native VNC viewer on a local port, bridged to the
+        broker (see broker_vnc._open)."""
+        from ._open import open_vnc
+
+        return await open_vnc(client)
 
 
 PROTOCOL = VNC(
