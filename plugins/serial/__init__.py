@@ -4,14 +4,15 @@ Sessions share one libvirt console stream per console (``shared_console``):
 a fan-out hub (:mod:`broker_serial._hub`) sends every client the output, lets
 one writer type, replays the scrollback to clients that attach and records
 the console when asked. The page is xterm.js; the protocol and its control
-messages are in docs/serial.md.
+messages are in docs/serial.md. ``console-broker open`` attaches a terminal
+(:mod:`broker_serial._terminal`).
 """
 
 from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from broker.api import Protocol, hookimpl
+from broker.api import OpenOption, Protocol, hookimpl
 
 from ._config import console_broker_config_tables as console_broker_config_tables
 from ._control import SUBPROTOCOL
@@ -20,7 +21,14 @@ if TYPE_CHECKING:
     import argparse
     from contextlib import AbstractAsyncContextManager
 
-    from broker.api import ConsoleEdit, EditOptions, Page, PluginContext, SessionHandler
+    from broker.api import (
+        ConsoleEdit,
+        EditOptions,
+        NativeClient,
+        Page,
+        PluginContext,
+        SessionHandler,
+    )
 
     from ._serve import Hubs
 
@@ -43,6 +51,13 @@ class Serial(Protocol):
 
         return page(path, context.config.http.assets_dir)
 
+    async def open_client(self, client: NativeClient) -> int:
+        """``console-broker open``: the console in this terminal, or on a local port with
+        ``--listen`` (see broker_serial._terminal; nothing of the server side loads)."""
+        from ._terminal import open_serial
+
+        return await open_serial(client)
+
 
 def hubs_of(context: PluginContext) -> Hubs:
     """The hubs of the broker *context* belongs to, made on first use."""
@@ -62,6 +77,12 @@ PROTOCOL = Serial(
     subprotocols=(SUBPROTOCOL, "binary"),
     shared_console=True,
     view_only=True,
+    open_options=(
+        OpenOption(
+            "--take",
+            "take the keyboard when attaching, from whichever client has it (a full token)",
+        ),
+    ),
 )
 
 
