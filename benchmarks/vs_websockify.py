@@ -25,7 +25,7 @@ a time budget, the memory guard or repeated failures), with the memory (PSS) and
 CPU each one costs. Every process of the benchmark raises its open-file limit as far
 as it may, and the output says how far that was.
 
-    .venv/bin/pip install -e '.[bench]'
+    .venv/bin/pip install -e '.[server,bench]'
     .venv/bin/python benchmarks/vs_websockify.py [--mib 1024] [--sessions 10000]
 """
 
