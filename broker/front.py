@@ -222,6 +222,12 @@ def _http(conf: _Conf, door: FrontDoor) -> None:
         conf("proxy_set_header", "X-Forwarded-Proto", "https")
         conf("proxy_buffering", "off")
         conf("proxy_request_buffering", "off")
+        # unbuffered, a node's bytes pass through one proxy_buffer_size buffer: 16k
+        # (4k by default) halves nginx's CPU per GiB (docs/benchmarks.md); nginx then
+        # wants proxy_buffers and proxy_busy_buffers_size to fit it
+        conf("proxy_buffer_size", "16k")
+        conf("proxy_buffers", "4", "16k")
+        conf("proxy_busy_buffers_size", "16k")
         conf("proxy_connect_timeout", f"{front.connect_timeout}s")
         conf("proxy_read_timeout", f"{front.session_timeout}s")
         conf("proxy_send_timeout", f"{front.session_timeout}s")

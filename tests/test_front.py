@@ -159,6 +159,9 @@ http {
         proxy_set_header X-Forwarded-Proto https;
         proxy_buffering off;
         proxy_request_buffering off;
+        proxy_buffer_size 16k;
+        proxy_buffers 4 16k;
+        proxy_busy_buffers_size 16k;
         proxy_connect_timeout 60s;
         proxy_read_timeout 43200s;
         proxy_send_timeout 43200s;
