@@ -39,8 +39,12 @@ SERVER_COMMANDS: dict[tuple[str, ...], list[str]] = {
     ("token",): ["domain", "--protocol", "vnc"],
 }
 
-#: The modules the client side loads: the command line, ``open`` and the plugins.
-CLIENT_MODULES = ["broker.cli", "broker.native", "broker_vnc", "broker_spice", "broker_serial"]
+#: The modules the client side loads: the command line, ``open``, the plugins and their
+#: native clients (which ``open_client`` imports when it runs).
+CLIENT_MODULES = [
+    "broker.cli", "broker.native", "broker_vnc", "broker_spice", "broker_serial",
+    "broker_vnc._open", "broker_spice._open", "broker_serial._terminal",
+]
 
 LINE = "console-broker {} needs the server dependencies: pip install 'console-broker[server]'"
 

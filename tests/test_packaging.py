@@ -5,7 +5,9 @@ The checks of pyproject.toml against the tree run everywhere. The others check t
 installed copy that ``scripts/test`` builds from this checkout (the wheel, installed not
 editable into tox's ``py`` environment): run from the checkout itself (the editable
 ``.venv``) they are skipped, and when ``CI`` is set they fail, since CI must test what a
-user installs.
+user installs. That copy has the server side (tox.ini's extras: server and test); the
+wheel installed with its base dependencies alone, as on a workstation, is
+tests/test_client_install.py's.
 """
 
 from __future__ import annotations
