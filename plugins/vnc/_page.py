@@ -1,7 +1,8 @@
 """The VNC console page: noVNC, served by the broker at ``/console/vnc/``.
 
 * ``""``: the page (``web/console.html``); it reads the token from its own URL;
-* ``app/console.js``, ``app/console.css``: the page's script and style (``web/``);
+* ``app/console.js``, ``app/handoff.js``, ``app/console.css``: the page's scripts
+  (``handoff.js``: "Open in native client") and style (``web/``);
 * ``novnc/core/...``, ``novnc/vendor/...``: noVNC's ES modules, from
   ``@novnc/novnc`` in the assets directory.
 
@@ -28,7 +29,11 @@ from broker.api import Page, assets_dir, content_type, package_file
 NOVNC = Path("@novnc/novnc")
 
 _log = structlog.get_logger("broker.vnc")
-_APP = {"app/console.js": "console.js", "app/console.css": "console.css"}
+_APP = {
+    "app/console.js": "console.js",
+    "app/handoff.js": "handoff.js",
+    "app/console.css": "console.css",
+}
 #: The page loads nothing but its own origin's scripts and styles, talks to its
 #: own origin only (the console's WebSocket), and may not be framed.
 CSP = (

@@ -3,6 +3,7 @@
 // token authenticated the user) and enforces view-only itself; the page only mirrors it.
 import RFB from '../novnc/core/rfb.js';
 import KeyTable from '../novnc/core/input/keysym.js';
+import { setupHandoff } from './handoff.js';
 
 // What the user reads for each WebSocket close code (the broker's table: docs/service.md,
 // "Refusals and close codes"; a test keeps this list complete).
@@ -147,6 +148,8 @@ function start() {
 
     setState('connecting', 'Connecting\u2026');
     const rfb = new RFB($('screen'), socket, { shared: true });
+    // "Open in native client": a handoff handle for this session, while it is connected.
+    const handoff = setupHandoff('vnc', token, () => rfb.focus());
     window.consoleRFB = rfb;
     rfb.viewOnly = status.viewOnly;
     rfb.scaleViewport = $('scale').checked;
@@ -154,6 +157,7 @@ function start() {
 
     rfb.addEventListener('connect', () => {
         setState('connected', 'Connected');
+        handoff(true);
         if (!status.viewOnly) {
             for (const id of controls) $(id).disabled = false;
         }
@@ -172,6 +176,7 @@ function start() {
     rfb.addEventListener('disconnect', () => {
         // The socket's close event carries the broker's reason; let it arrive first.
         setTimeout(() => {
+            handoff(false);
             setState('disconnected', 'Disconnected');
             const [message, detail] = closeMessage(closeEvent, securityReason);
             showEnd(message, detail);
