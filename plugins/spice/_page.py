@@ -1,11 +1,12 @@
 """The SPICE console page: spice-html5 from the broker's assets directory.
 
-``/console/spice/`` is the page (``web/console.html``); ``app/console.js`` and
-``app/console.css`` are its own; ``spice-html5/src/...`` are spice-html5's ES modules,
-read from ``@spice-project/spice-html5`` in the assets directory the console pages
-share: ``http.assets_dir`` (:func:`broker.api.assets_dir`: by default the source
-tree's ``node_modules`` when the broker runs from one, where ``scripts/setup-host``
-installs it with ``npm ci``). Without spice-html5 the page is an error page (503)
+``/console/spice/`` is the page (``web/console.html``); ``app/console.js``,
+``app/handoff.js`` ("Open in native client") and ``app/console.css`` are its own;
+``spice-html5/src/...`` are spice-html5's ES modules, read from
+``@spice-project/spice-html5`` in the assets directory the console pages share:
+``http.assets_dir`` (:func:`broker.api.assets_dir`: by default the source tree's
+``node_modules`` when the broker runs from one, where ``scripts/setup-host`` installs
+it with ``npm ci``). Without spice-html5 the page is an error page (503)
 saying what to install. Nothing outside spice-html5's ``src/`` is served, and only
 ``.js`` (:func:`broker.api.package_file`).
 """
@@ -23,7 +24,11 @@ from broker.api import Page, assets_dir, content_type, package_file
 SPICE_HTML5 = Path("@spice-project/spice-html5")
 
 _log = structlog.get_logger("broker.spice")
-_APP = {"app/console.js": "console.js", "app/console.css": "console.css"}
+_APP = {
+    "app/console.js": "console.js",
+    "app/handoff.js": "handoff.js",
+    "app/console.css": "console.css",
+}
 #: Own-origin scripts, styles and WebSockets only; spice-html5 draws images from blobs
 #: and data URLs and sets styles on its canvases; the page may not be framed.
 CSP = (

@@ -3,6 +3,7 @@
 // URL; the broker binds them to the session the main channel opened, applies the channel
 // policy (view-only) and logs in to QEMU itself: the password the page sends is ignored.
 import * as SpiceHtml5 from '../spice-html5/src/main.js';
+import { setupHandoff } from './handoff.js';
 
 // Close codes of the broker (docs/service.md) and what the user is told.
 const CLOSE_MESSAGES = {
@@ -79,6 +80,8 @@ function start() {
     let ended = false;
     let sc;
     const ctrlAltDel = document.getElementById('ctrl-alt-del');
+    // "Open in native client": a handoff handle for this session, while it is connected.
+    const handoff = setupHandoff('spice', token);
     try {
         sc = new SpiceHtml5.SpiceMainConn({
             uri: url.href,
@@ -88,6 +91,7 @@ function start() {
             password: '',
             onerror: (e) => {
                 if (!ended) {
+                    handoff(false);
                     setState('disconnected', 'Disconnected');
                     showEnd(e && e.message ? e.message : 'The connection failed.');
                 }
@@ -95,6 +99,7 @@ function start() {
             onsuccess: () => {
                 setState('connected', 'Connected');
                 ctrlAltDel.disabled = claims.rights === 'view';
+                handoff(true);
             },
             onagent: () => {},
         });
@@ -106,6 +111,7 @@ function start() {
     window.spiceConnection = sc;
     sc.ws.addEventListener('close', (event) => {
         ended = true;
+        handoff(false);
         const text = CLOSE_MESSAGES[event.code] || ('Closed (' + event.code + ').');
         setState('disconnected', 'Disconnected');
         showEnd(event.reason ? text + ' (' + event.reason + ')' : text);
