@@ -74,6 +74,9 @@ MAX_MESSAGE = 16 * 1024 * 1024
 READ_SIZE = 65536
 #: Seconds the broker has to answer the WebSocket handshake.
 OPEN_TIMEOUT = 20.0
+#: The close codes of the core's refusals before a session (a broker with
+#: ``http.refusals = "close"`` upgrades and closes with one; plugins' codes start at 4100).
+REFUSED_BEFORE_A_SESSION = range(4000, 4100)
 #: Exit status after Ctrl+C (128 + SIGINT), as a shell reports it.
 EXIT_INTERRUPTED = 130
 
@@ -374,12 +377,17 @@ class NativeClient:
 
     def close_text(self, ws: ClientConnection) -> str:
         """How the broker ended *ws*, in words: ``the console closed: vm_stopped (4100):
-        VM stopped``."""
+        VM stopped``; a refusal before the session (``http.refusals = "close"``) as
+        :meth:`connect` says one: ``the broker refused the token: token already used
+        (4004)``."""
         code, reason = ws.close_code, ws.close_reason or ""
         if code is None or code == 1006:
             return "the connection to the broker was lost (no close frame)"
         known = self.refusals.get(code, ())
         match = next((r for r in known if r[1] == reason), known[0] if known else None)
+        if REFUSED_BEFORE_A_SESSION.start <= code < REFUSED_BEFORE_A_SESSION.stop:
+            # the broker upgraded only to say why it refuses (http.refusals = "close")
+            return _refused_words(reason or (match[1] if match else ""), code)
         if match is None:
             return f"the console closed with code {code}: {reason or 'no reason given'}"
         return f"the console closed: {match[0]} ({code}): {reason or match[1]}"
@@ -536,13 +544,16 @@ def _why(exc: OSError) -> str:
     return os.strerror(exc.errno)
 
 
+def _refused_words(text: str, code: int) -> str:
+    words = " ".join(text.split())[:200] or "no reason given"
+    what = "the token" if "token" in words.lower() else "the console"
+    return f"the broker refused {what}: {words} ({code})"
+
+
 def _refused(status: int, body: bytes) -> str:
     """The broker's answer to a refused handshake, in one line."""
     text = body.decode("utf-8", "replace")
-    text = re.sub(r"<[^>]*>", " ", text)  # a front door's HTML error page
-    words = " ".join(text.split())[:200] or "no reason given"
-    what = "the token" if status == 401 else "the console"
-    return f"the broker refused {what}: {words} ({status})"
+    return _refused_words(re.sub(r"<[^>]*>", " ", text), status)  # a front's HTML page
 
 
 # --- the command ---------------------------------------------------------------------------
