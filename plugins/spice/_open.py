@@ -25,6 +25,7 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
+import signal
 import struct
 import tempfile
 from pathlib import Path
@@ -48,6 +49,8 @@ MAIN = 1
 #: ``SPICE_CHANNEL_*`` names, for what the command says.
 CHANNELS = {1: "main", 2: "display", 3: "inputs", 4: "cursor", 5: "playback", 6: "record",
             7: "tunnel", 8: "smartcard", 9: "usbredir", 10: "port", 11: "webdav"}
+#: Signals that end a viewer on purpose (its exit is then no failure).
+ENDING_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
 #: Seconds a connection has to send its link header.
 LINK_TIMEOUT = 10.0
 
@@ -152,9 +155,9 @@ class SpiceOpen:
         """End the command when the viewer exits."""
         code = await viewer.wait()
         if self.status is None:
-            self.status = 0 if code == 0 else 1
-            client = self.client
-            client.status("the viewer exited" + ("" if code == 0 else f" (status {code})"))
+            ended = code == 0 or -code in ENDING_SIGNALS  # closed, or ended on purpose
+            self.status = 0 if ended else 1
+            self.client.status("the viewer exited" + ("" if ended else f" (status {code})"))
         group.cancel_scope.cancel()
 
 

@@ -8,7 +8,8 @@ virt-viewer, the default), TigerVNC (``--viewer 'xtigervncviewer {host}::{port}'
 One console is one WebSocket: the token is used by the first :meth:`connect`, which
 happens once the local port listens and the viewer is found, before the viewer starts
 when the command starts it (a refused token is then said at once, before any window
-opens), and when the first connection arrives with
+opens; the broker's first RFB bytes are read then too, so that a refusal after the
+upgrade is said at once as well), and when the first connection arrives with
 ``--no-viewer`` (the broker gives a client ``limits.handshake_timeout`` to finish RFB's
 handshake, and a user starting a viewer by hand may take longer). The local listener
 takes that first connection only and closes. The command ends when the viewer
@@ -30,6 +31,8 @@ if TYPE_CHECKING:
 #: The viewer started without ``--viewer``, and its Debian package.
 DEFAULT_VIEWER = ("remote-viewer", "vnc://{host}:{port}")
 VIEWER_PACKAGE = "virt-viewer"
+#: Seconds the broker has to send its first RFB bytes once the WebSocket is open.
+VERSION_TIMEOUT = 30.0
 
 
 def _url_host(host: str) -> str:
@@ -57,6 +60,26 @@ async def first_connection(
     return accepted[0] if accepted else None
 
 
+async def server_version(client: NativeClient, ws: ClientConnection) -> bytes:
+    """The broker's first RFB bytes (its ProtocolVersion, sent as soon as the session
+    opens), read before the viewer starts; :class:`OpenError` with the broker's reason
+    when it closes instead (a refusal after the upgrade, ``http.refusals = "close"``)."""
+    from websockets.exceptions import ConnectionClosed
+
+    from broker.api import OpenError
+
+    try:
+        with anyio.fail_after(VERSION_TIMEOUT):
+            message = await ws.recv()
+    except ConnectionClosed:
+        raise OpenError(client.close_text(ws)) from None
+    except TimeoutError:
+        raise OpenError(
+            f"the broker sent no RFB greeting within {VERSION_TIMEOUT:g} s"
+        ) from None
+    return message if isinstance(message, bytes) else message.encode()
+
+
 async def open_vnc(client: NativeClient) -> int:
     """The VNC console of ``client``'s token in a native viewer; the exit status."""
     from broker.api import BridgeEnd
@@ -65,8 +88,10 @@ async def open_vnc(client: NativeClient) -> int:
     try:
         async with await client.local_listener() as listener:
             client.check_viewer(DEFAULT_VIEWER, VIEWER_PACKAGE)  # before the token is used
+            first = b""
             if client.start_viewer:
                 ws = await client.connect()
+                first = await server_version(client, ws)
             viewer = await client.run_viewer(
                 DEFAULT_VIEWER, VIEWER_PACKAGE, host=_url_host(listener.host),
                 port=listener.port,
@@ -78,12 +103,14 @@ async def open_vnc(client: NativeClient) -> int:
             assert viewer is not None
             client.status(f"the viewer exited (status {viewer.returncode}) before it connected")
             return 1
-        if ws is None:
-            try:
+        try:
+            if ws is None:
                 ws = await client.connect()
-            except BaseException:
-                await stream.aclose()
-                raise
+            elif first:
+                await stream.send(first)
+        except BaseException:
+            await stream.aclose()
+            raise
         client.status("connected: the viewer shows the console")
         end = await client.bridge(stream, ws)
         if end is BridgeEnd.BROKER:
