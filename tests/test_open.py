@@ -172,6 +172,8 @@ def test_the_client_names_the_websocket_and_origin() -> None:
 
 def test_close_text_names_the_reason() -> None:
     refusals = {4100: [("vm_stopped", "VM stopped")],
+                4004: [("replayed_token", "token already used")],
+                4012: [("vm_not_running", "VM not running")],
                 1000: [("console_closed", "console closed"), ("client_closed", "client closed")]}
     client = client_for(refusals=refusals)
 
@@ -185,6 +187,11 @@ def test_close_text_names_the_reason() -> None:
         "the console closed: client_closed (1000): client closed"
     )
     assert client.close_text(ws(4100)) == "the console closed: vm_stopped (4100): VM stopped"
+    # refusals before a session, after the upgrade (http.refusals = "close")
+    assert client.close_text(ws(4004, "token already used")) == (
+        "the broker refused the token: token already used (4004)"
+    )
+    assert client.close_text(ws(4012)) == "the broker refused the console: VM not running (4012)"
     assert client.close_text(ws(4999, "odd")) == "the console closed with code 4999: odd"
     assert "lost" in client.close_text(ws(None))
     assert "lost" in client.close_text(ws(1006))

@@ -225,28 +225,71 @@ def _xwd_pixels(path: Path) -> tuple[int, int, bytes]:
     return width, height, pixels
 
 
+class XScreen:
+    """An Xvfb screen of its own (1024x768, white root) whose frame buffer is dumped into
+    *directory* (``Xvfb_screen0``), for native clients to draw on: :attr:`env` is the
+    environment to start them with."""
+
+    def __init__(self, directory: Path) -> None:
+        self.directory = directory
+        self.number = _free_display()
+        self.xvfb = subprocess.Popen(
+            ["Xvfb", f":{self.number}", "-screen", "0", "1024x768x24", "-wr", "-nolisten",
+             "tcp", "-fbdir", str(directory)],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        )
+        try:
+            deadline = time.monotonic() + 10
+            while not Path(f"/tmp/.X11-unix/X{self.number}").exists():
+                assert time.monotonic() < deadline, "Xvfb did not start"
+                assert self.xvfb.poll() is None, "Xvfb exited"
+                time.sleep(0.1)
+        except BaseException:
+            self.close()
+            raise
+        self.env = {**os.environ, "DISPLAY": f":{self.number}"}
+
+    def colors(self) -> collections.Counter[bytes]:
+        """How many pixels of each colour (RGB bytes) the screen shows."""
+        _width, _height, pixels = _xwd_pixels(self.directory / "Xvfb_screen0")
+        return collections.Counter(pixels[i : i + 3] for i in range(0, len(pixels), 4))
+
+    def wait_for_the_guests_screen(
+        self, alive: Callable[[], bool], detail: Callable[[], str], timeout: float = 60.0
+    ) -> None:
+        """Until the screen shows the guest's VGA text console: black with text in VGA grey
+        (0xA8A8A8: the 6-bit palette); the root is white (-wr), GTK's chrome light. The
+        client must still run (*alive*); *detail*: what to show when it does not."""
+        colors: collections.Counter[bytes] = collections.Counter()
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline and alive():
+            time.sleep(1.0)
+            colors = self.colors()
+            if colors[b"\0\0\0"] > 100_000 and colors[b"\xa8\xa8\xa8"] > 500:
+                break
+        text = f"{colors.most_common(8)}\n{detail()}"
+        assert colors[b"\0\0\0"] > 100_000, text
+        assert colors[b"\xa8\xa8\xa8"] > 500, text
+        assert alive(), detail()
+
+    def close(self) -> None:
+        self.xvfb.terminate()
+        self.xvfb.wait(timeout=10)
+
+
 class RemoteViewer:
-    """remote-viewer (Debian virt-viewer) opening a .vv file on its own Xvfb screen, whose
-    frame buffer is dumped into *directory* (``Xvfb_screen0``); *prefix*: the command
-    remote-viewer runs under (``ip netns exec HOST`` to run it in another host)."""
+    """remote-viewer (Debian virt-viewer) opening a .vv file on its own Xvfb screen
+    (:class:`XScreen`), whose frame buffer is dumped into *directory*; *prefix*: the
+    command remote-viewer runs under (``ip netns exec HOST`` to run it in another host)."""
 
     def __init__(self, vv: Path, directory: Path, prefix: Sequence[str] = ()) -> None:
         self.vv = vv
         self.directory = directory
-        number = _free_display()
-        self.xvfb = subprocess.Popen(
-            ["Xvfb", f":{number}", "-screen", "0", "1024x768x24", "-wr", "-nolisten", "tcp",
-             "-fbdir", str(directory)],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-        )
+        self.screen = XScreen(directory)
         self.viewer: subprocess.Popen[bytes] | None = None
         self.log = directory / "remote-viewer.log"
         try:
-            deadline = time.monotonic() + 10
-            while not Path(f"/tmp/.X11-unix/X{number}").exists():
-                assert time.monotonic() < deadline, "Xvfb did not start"
-                time.sleep(0.1)
-            env = {**os.environ, "DISPLAY": f":{number}", "SPICE_DEBUG": "1"}
+            env = {**self.screen.env, "SPICE_DEBUG": "1"}
             with self.log.open("wb") as log:
                 self.viewer = subprocess.Popen(
                     [*prefix, "remote-viewer", str(vv)], env=env, stdout=log,
@@ -257,20 +300,11 @@ class RemoteViewer:
             raise
 
     def wait_for_the_guests_screen(self, timeout: float = 60.0) -> None:
-        """Until the screen shows the guest's VGA text console: black with text in VGA grey
-        (0xA8A8A8: the 6-bit palette); the root is white (-wr), GTK's chrome light."""
-        colors: collections.Counter[bytes] = collections.Counter()
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            time.sleep(1.0)
-            _width, _height, pixels = _xwd_pixels(self.directory / "Xvfb_screen0")
-            colors = collections.Counter(pixels[i : i + 3] for i in range(0, len(pixels), 4))
-            if colors[b"\0\0\0"] > 100_000 and colors[b"\xa8\xa8\xa8"] > 500:
-                break
-        detail = f"{colors.most_common(8)}\n{self.log_tail()}"
-        assert colors[b"\0\0\0"] > 100_000, detail
-        assert colors[b"\xa8\xa8\xa8"] > 500, detail
-        assert self.viewer is not None and self.viewer.poll() is None, self.log_tail()
+        """Until the screen shows the guest's VGA text console (see :class:`XScreen`)."""
+        self.screen.wait_for_the_guests_screen(
+            lambda: self.viewer is not None and self.viewer.poll() is None, self.log_tail,
+            timeout,
+        )
 
     def log_tail(self) -> str:
         return self.log.read_text(errors="replace")[-4000:] if self.log.exists() else ""
@@ -279,8 +313,7 @@ class RemoteViewer:
         if self.viewer is not None:
             self.viewer.terminate()
             self.viewer.wait(timeout=10)
-        self.xvfb.terminate()
-        self.xvfb.wait(timeout=10)
+        self.screen.close()
 
     def __enter__(self) -> RemoteViewer:
         return self
