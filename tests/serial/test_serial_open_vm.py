@@ -169,10 +169,15 @@ def test_type_read_detach_and_the_terminal_is_as_it_was(
     tmux.type(pane, "echo hello-$((6*7))")
     tmux.wait_for(pane, "\nhello-42")
     assert echoed(tmux.screen(pane), "hello-42")
-    # Ctrl+C is the guest's: it interrupts the guest's command, not this one.
+    # Ctrl+C is the guest's: it interrupts the guest's command, not this one (pressed
+    # until the prompt is back: one that came before the guest ran sleep did nothing).
+    prompts = tmux.screen(pane).count("guest# ")
     tmux.type(pane, "sleep 30")
-    time.sleep(0.5)
-    tmux.key(pane, "C-c")
+    deadline = time.monotonic() + 20
+    while tmux.screen(pane).count("guest# ") <= prompts:
+        assert time.monotonic() < deadline, tmux.screen(pane)
+        time.sleep(0.5)
+        tmux.key(pane, "C-c")
     tmux.type(pane, "echo after-$((2+2))")
     tmux.wait_for(pane, "\nafter-4")
     # The window's size goes to the broker (the recording has it), and its changes.
@@ -181,6 +186,8 @@ def test_type_read_detach_and_the_terminal_is_as_it_was(
     tmux.type(pane, "echo resized-$((3+3))")
     tmux.wait_for(pane, "\nresized-6")
     tmux.tmux("resize-window", "-t", pane, "-x", "120", "-y", "40")  # as stty -a saw it
+    tmux.type(pane, "echo back-$((4+5))")  # the size went out before these keys
+    tmux.wait_for(pane, "\nback-9")
     # Ctrl+] detaches: exit status 0, back in the shell with the terminal as it was.
     tmux.key(pane, "C-]")
     tmux.wait_for(pane, "[console-broker] detached")
@@ -331,12 +338,14 @@ def test_listen_gives_the_console_to_a_tcp_client(served: Served, guest: Any) ->
                     busy += chunk
                 assert busy == b"[console-broker: another client is connected to this port]\r\n"
         # The session outlives its TCP client: the next one types on.
-        with socket.create_connection(("127.0.0.1", port), timeout=5) as again:
+        again, seen = connect_when_free(port)
+        with again:
             again.sendall(b"echo again-$((7*7))\n")
-            seen = b""
             again.settimeout(10)
             while b"again-49\r\n" not in seen.replace(b"again-$((7*7))", b""):
-                seen += again.recv(65536)
+                chunk = again.recv(65536)
+                assert chunk, seen
+                seen += chunk
         command.send_signal(signal.SIGINT)
         _, errors = command.communicate(timeout=15)
         assert command.returncode == 130
@@ -347,3 +356,21 @@ def test_listen_gives_the_console_to_a_tcp_client(served: Served, guest: Any) ->
         if command.poll() is None:
             command.kill()
             command.wait()
+
+
+def connect_when_free(port: int, timeout: float = 10) -> tuple[socket.socket, bytes]:
+    """A connection to ``--listen``'s *port* once the previous client is gone (until the
+    command has seen it leave, a new one is told the port is busy); what it was sent."""
+    deadline = time.monotonic() + timeout
+    while True:
+        sock = socket.create_connection(("127.0.0.1", port), timeout=5)
+        sock.settimeout(0.5)
+        try:
+            first = sock.recv(65536)
+        except TimeoutError:
+            return sock, b""
+        if not first.startswith(b"[console-broker: another client"):
+            return sock, first
+        sock.close()
+        assert time.monotonic() < deadline
+        time.sleep(0.1)
