@@ -467,6 +467,8 @@ async def _close(ws: ClientConnection) -> None:
 
 #: Output kept while no TCP client is connected (``--listen``), for the next one.
 REPLAY = 65536
+#: Seconds a new TCP client waits for the current one to leave (it may be closing).
+BUSY_WAIT = 0.5
 #: What a second TCP client is told before it is closed (``--listen``).
 BUSY = b"[console-broker: another client is connected to this port]\r\n"
 
@@ -508,11 +510,15 @@ async def serve_port(
     broker says about roles goes to *status*."""
     attachment = Attachment(take=take, framed=ws.subprotocol == SUBPROTOCOL, detach_hint="")
     replay = _Replay()
+    #: The client that has the port, and (once it was sent the output kept) the one
+    #: the output goes to: two sends on one stream must not overlap.
     current: anyio.abc.ByteStream | None = None
+    live: anyio.abc.ByteStream | None = None
+    #: Set when the current client has gone.
+    free = anyio.Event()
     result: list[int] = []
 
     async def from_broker(group: anyio.abc.TaskGroup) -> None:
-        nonlocal current
         try:
             while True:
                 message = await ws.recv()
@@ -522,32 +528,35 @@ async def serve_port(
                             status(line)
                         continue
                     message = message.encode()
-                if current is None:
+                if live is None:
                     replay.add(message)
                     continue
                 try:
-                    await current.send(message)
+                    await live.send(message)
                 except (anyio.BrokenResourceError, anyio.ClosedResourceError, OSError):
-                    stream, current = current, None
-                    await stream.aclose()
+                    await live.aclose()  # its task sees it closed, and frees the port
         except ConnectionClosed:
             status(close_text(ws))
             result.append(1)
             group.cancel_scope.cancel()
 
     async def client(stream: anyio.abc.SocketStream) -> None:
-        nonlocal current
+        nonlocal current, live, free
         async with stream:
+            with anyio.move_on_after(BUSY_WAIT):  # the previous client may be leaving
+                while current is not None:
+                    await free.wait()
             if current is not None:
                 with contextlib.suppress(Exception):
                     await stream.send(BUSY)
                 return
-            current = stream
+            current, free = stream, anyio.Event()
             peer = _peer(stream)
             status(f"{peer} connected")
             try:
                 while pending := replay.take():  # output may come while this is sent
                     await stream.send(pending)
+                live = stream
                 while True:
                     data = await stream.receive(READ_SIZE)
                     out, lines = attachment.keys(data)
@@ -561,7 +570,8 @@ async def serve_port(
                 pass
             finally:
                 if current is stream:
-                    current = None
+                    current = live = None
+                    free.set()
             status(f"{peer} disconnected")  # not when the session's end cancelled this
 
     async with anyio.create_task_group() as group:

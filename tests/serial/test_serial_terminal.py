@@ -546,9 +546,14 @@ async def test_listen_one_client_at_a_time_and_output_kept_between_them() -> Non
         await anyio.sleep(0.1)
         third = await anyio.connect_tcp(local.host, local.port)
         assert await receive(third, b"while away\r\n") == b"while away\r\n"
-        await ws.close(4100, "VM stopped")
-        assert await receive(third, b"") == b""  # closed with the session
+        # A client that comes as the previous one leaves gets the port.
         await third.aclose()
+        fourth = await anyio.connect_tcp(local.host, local.port)
+        await fourth.send(b"pwd\n")
+        assert await ws.recv() == b"pwd\n"
+        await ws.close(4100, "VM stopped")
+        assert await receive(fourth, b"") == b""  # closed with the session
+        await fourth.aclose()
         with anyio.fail_after(5):
             while not result:
                 await anyio.sleep(0.01)
