@@ -44,6 +44,7 @@ SERVER_MODULES: dict[str, str] = {
     "cryptography": "cryptography",
     "jwt": "PyJWT",
     "prometheus_client": "prometheus-client",
+    "PIL": "pillow",
 }
 #: How to install them.
 SERVER_INSTALL = "pip install 'console-broker[server]'"
@@ -111,7 +112,7 @@ def _register_plugins(subparsers: argparse._SubParsersAction[argparse.ArgumentPa
 
 
 def _registrars() -> list[Callable[[argparse._SubParsersAction[argparse.ArgumentParser]], None]]:
-    from broker import front, native, token_cli
+    from broker import front, native, screenshots, token_cli
     from broker.service import cli as service_cli
     from broker.xml import cli as xml_cli
 
@@ -119,6 +120,7 @@ def _registrars() -> list[Callable[[argparse._SubParsersAction[argparse.Argument
         _register_plugins,
         *xml_cli.REGISTRARS,
         *token_cli.REGISTRARS,
+        screenshots.register,
         *service_cli.REGISTRARS,
         *front.REGISTRARS,
         native.register,

@@ -49,6 +49,10 @@ hookimpl = pluggy.HookimplMarker(PROJECT_NAME)
 _PROTOCOL_NAME = re.compile(r"[a-z0-9][a-z0-9-]*")
 #: The ways a protocol's console endpoint is reached (:attr:`Protocol.endpoint`).
 ENDPOINTS = ("console", "plugin", "none")
+#: The core's own token purpose that is no console protocol: a token whose protocol claim
+#: is ``screenshot`` grants one screenshot of its domain's screen (``GET /screenshot``,
+#: docs/service.md), and nothing else. No plugin may declare a protocol of this name.
+SCREENSHOT = "screenshot"
 
 
 def _check_protocol_name(_instance: object, _attribute: object, value: str) -> None:
@@ -150,6 +154,11 @@ class Protocol:
     #: token's session handle, and the tunnel is the session's client
     #: (a :class:`broker.service.TunnelChannel`).
     native_clients: bool = False
+    #: A token of this protocol also grants a screenshot of its domain's screen
+    #: (``GET /screenshot?token=``), view rights being enough: for protocols that show
+    #: the VM's display (VNC, SPICE). The screenshot is the core's, through libvirt,
+    #: whatever the protocol; the token is used up by it as by a session.
+    screenshots: bool = False
 
     #: How a session's console endpoint is reached: ``console`` (the core opens the
     #: domain's console that ``xml enable`` recorded under :attr:`console`: a graphics

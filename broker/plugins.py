@@ -20,7 +20,7 @@ import structlog
 from broker import hookspecs
 from broker.config import CORE_TABLES, ConfigTable, all_tables
 from broker.errors import PluginError as PluginError  # where it always was
-from broker.hookspecs import OPEN_FLAGS, PROJECT_NAME, Protocol, XMLEdit, XMLOption
+from broker.hookspecs import OPEN_FLAGS, PROJECT_NAME, SCREENSHOT, Protocol, XMLEdit, XMLOption
 
 if TYPE_CHECKING:
     from prometheus_client import CollectorRegistry
@@ -170,6 +170,11 @@ class PluginManager:
         """protocol name -> (plugin name, protocol), checking the contract."""
         found: dict[str, tuple[str, Protocol]] = {}
         for plugin_name, protocol in self._declared("console_broker_protocols", Protocol):
+            if protocol.name == SCREENSHOT:
+                raise PluginError(
+                    f"{self.describe(plugin_name)} declares the protocol {SCREENSHOT!r}: the "
+                    "name is the core's own (screenshot tokens)"
+                )
             if protocol.name in found:
                 raise PluginError(
                     f"protocol {protocol.name!r} is declared by both "
@@ -211,9 +216,14 @@ class PluginManager:
 
     def _collect_refusals(self) -> dict[str, tuple[str, Refusal]]:
         """reason -> (plugin name, refusal): codes in the plugins' range, none taken."""
-        from broker.service._refusals import CORE_REFUSALS, PLUGIN_CODES, Refusal
+        from broker.service._refusals import (
+            CORE_REFUSALS,
+            HTTP_REFUSALS,
+            PLUGIN_CODES,
+            Refusal,
+        )
 
-        core = {r.reason for r in CORE_REFUSALS}
+        core = {r.reason for r in (*CORE_REFUSALS, *HTTP_REFUSALS)}
         codes = {r.close_code: "the core" for r in CORE_REFUSALS}
         found: dict[str, tuple[str, Refusal]] = {}
         for plugin_name, refusal in self._declared("console_broker_refusals", Refusal):

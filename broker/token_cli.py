@@ -1,8 +1,9 @@
 """The ``keygen``, ``config`` and ``token`` commands.
 
 ``token`` resolves a domain through libvirt (:func:`resolve_domain`), checks
-that a loaded plugin serves the protocol, signs a token with the state
-directory's key and prints the console URLs (the contract in docs/tokens.md).
+that a loaded plugin serves the protocol (or that it is the core's own purpose
+``screenshot``), signs a token with the state directory's key and prints the console
+URLs, or a screenshot token's URL (the contract in docs/tokens.md).
 
 A control plane mints tokens for node brokers elsewhere with the same command:
 ``--node`` (the token's node; the domain is then a UUID and libvirt is never
@@ -41,6 +42,7 @@ from broker.config import (
 )
 from broker.configfile import read_config
 from broker.errors import EXIT_USAGE, CommandError
+from broker.hookspecs import SCREENSHOT
 from broker.plugins import PluginContext, PluginManager
 
 if TYPE_CHECKING:
@@ -174,6 +176,9 @@ class ConsoleLinks:
     #: Where the broker serves a native client's connection file for the token (only
     #: useful for protocols whose plugin makes one).
     file: str = attrs.field(repr=False)
+    #: Where the broker answers the screen of the token's domain as PNG (a ``screenshot``
+    #: token's, or one of a protocol that grants screenshots).
+    screenshot: str = attrs.field(repr=False)
 
 
 def console_links(config: Config, issued: IssuedToken) -> ConsoleLinks:
@@ -183,6 +188,7 @@ def console_links(config: Config, issued: IssuedToken) -> ConsoleLinks:
         page=f"{config.public_url}/console/{protocol}/?{query}",
         websocket=f"{config.ws_url}/ws/{protocol}?{query}",
         file=f"{config.public_url}/file/{protocol}?{query}",
+        screenshot=f"{config.public_url}/screenshot?{query}",
     )
 
 
@@ -224,7 +230,14 @@ def _token_command(args: argparse.Namespace) -> int:
 
     _log_to_stderr()
     config = _in_effect(_config(args), args)
-    PluginManager().plugin_for(args.protocol)  # PluginError names the loaded protocols
+    screenshot = args.protocol == SCREENSHOT  # the core's own purpose, no plugin's
+    if not screenshot:
+        PluginManager().plugin_for(args.protocol)  # PluginError names the loaded protocols
+    elif args.device is not None or args.client_file:
+        raise CommandError(
+            "--device and --client-file are for consoles, not for a screenshot token",
+            EXIT_USAGE,
+        )
     ttl = config.tokens.default_ttl if args.ttl is None else args.ttl
     if not 1 <= ttl <= config.tokens.max_ttl:
         raise CommandError(
@@ -251,6 +264,8 @@ def _token_command(args: argparse.Namespace) -> int:
     except ValueError as exc:
         raise CommandError(f"--device: {exc}", EXIT_USAGE) from None
     links = console_links(config, issued)
+    if screenshot:
+        return _print_screenshot_token(args, issued, domain, links, ttl)
     plugin_name, protocol = PluginManager().protocols[args.protocol]
     client_file = protocol.client_file(
         issued.token, domain.name or domain.uuid, PluginContext(plugin_name, config)
@@ -302,6 +317,34 @@ def _token_command(args: argparse.Namespace) -> int:
     return 0
 
 
+def _print_screenshot_token(
+    args: argparse.Namespace, issued: IssuedToken, domain: DomainRef, links: ConsoleLinks,
+    ttl: int,
+) -> int:
+    """A ``screenshot`` token: its URL (no page, no WebSocket)."""
+    if args.json:
+        doc = {
+            "screenshot": links.screenshot,
+            "token": issued.token,
+            "expires_at": _iso(issued.expires_at),
+            "protocol": issued.claims.protocol,
+            "domain": {"name": domain.name, "uuid": domain.uuid},
+            "node": issued.claims.node,
+            "view_only": issued.claims.view_only,
+            "device": None,
+            "jti": issued.claims.jti,
+        }
+        json.dump(doc, sys.stdout, indent=2)
+        sys.stdout.write("\n")
+        return 0
+    label = f"{domain.name} ({domain.uuid})" if domain.name else domain.uuid
+    print(f"domain:     {label}")
+    print(f"purpose:    screenshot, node {issued.claims.node}")
+    print(f"expires:    {_iso(issued.expires_at)} (in {ttl} s, single use)")
+    print(f"screenshot: {links.screenshot}")
+    return 0
+
+
 def _add_config_option(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--config",
@@ -326,7 +369,11 @@ def register_token(subparsers: Subparsers) -> None:
     )
     parser.add_argument("domain", metavar="DOMAIN",
                         help="domain name or UUID (a UUID with --uuid or --node)")
-    parser.add_argument("--protocol", "-p", required=True, help="protocol, e.g. vnc, spice, serial")
+    parser.add_argument(
+        "--protocol", "-p", required=True,
+        help="protocol, e.g. vnc, spice, serial; or screenshot: a token for one screenshot "
+        "of the domain's screen (GET /screenshot), no console",
+    )
     parser.add_argument("--ttl", type=int, metavar="S", help="lifetime in seconds "
                         "(default: tokens.default_ttl)")
     parser.add_argument("--view-only", action="store_true", help="grant view-only rights")

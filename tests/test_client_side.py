@@ -37,6 +37,7 @@ SERVER_COMMANDS: dict[tuple[str, ...], list[str]] = {
     ("keygen",): [],
     ("config",): ["--defaults"],
     ("token",): ["domain", "--protocol", "vnc"],
+    ("screenshot",): ["domain", "-o", "shot.png"],
 }
 
 #: The modules the client side loads: the command line, ``open``, the plugins and their

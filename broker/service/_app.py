@@ -4,7 +4,8 @@ Theory of operation. websockets' asyncio server accepts connections; for
 each request, :meth:`Broker._process_request` decides before any upgrade:
 
 1. plain HTTP (``/healthz``, ``/metrics``, console pages, client files, handoff
-   handles) is answered at once;
+   handles, screenshots) is answered at once (a screenshot after the worker thread
+   that takes it, :mod:`broker.service._screenshots`);
 2. a WebSocket request is checked, cheapest first and without touching the
    token until it must: a real upgrade, a known protocol, the Origin, then the
    token (verified and used up), the session limits, and the resolver (domain
@@ -56,7 +57,7 @@ from websockets.typing import Subprotocol
 import broker
 from broker.config import Config
 from broker.handoff import HandoffLimit
-from broker.hookspecs import ClientFile, Page, Protocol
+from broker.hookspecs import SCREENSHOT, ClientFile, Page, Protocol
 from broker.plugins import PluginContext, PluginError, PluginManager
 from broker.service._clientcert import ClientCertificates, ClientTLS
 from broker.service._connect import token_for_handle
@@ -90,6 +91,7 @@ from broker.service._request import (
     PageRoute,
     PlainRoute,
     RedirectRoute,
+    ScreenshotRoute,
     TrustedProxies,
     WebSocketRoute,
     bearer_token,
@@ -97,6 +99,7 @@ from broker.service._request import (
     loggable_path,
     route,
 )
+from broker.service._screenshots import Screenshots
 from broker.service._session import (
     SessionGroup,
     SessionHandler,
@@ -202,6 +205,8 @@ class Broker:
         #: TLS to consoles with a TLS port of their own, by protocol.
         self._console_tls = self._load_console_tls(plugins, self._contexts)
         self._runner = SessionRunner(config, self.metrics, resolver, self._counts)
+        #: ``GET /screenshot``: bounded, in worker threads.
+        self.screenshots = Screenshots(resolver)
         #: Connections not yet past their request, on both listeners.
         self._gate = ConnectionGate(
             total=limits.max_pending, per_client=limits.max_pending_per_client,
@@ -496,6 +501,8 @@ class Broker:
             return await self._client_file(found, client)
         if isinstance(found, HandoffRoute):
             return self._handoff(request, found, client)
+        if isinstance(found, ScreenshotRoute):
+            return await self._screenshot(found, client)
         if isinstance(found, RedirectRoute):
             return _text(301, "moved", headers=[("Location", found.location)])
         if isinstance(found, NotFound):
@@ -742,6 +749,57 @@ class Broker:
             "websocket": f"{self.config.ws_url}/ws/{issued.protocol}?{query}",
         }
         return _response(200, json.dumps(doc).encode() + b"\n", "application/json")
+
+    # --- screenshots ----------------------------------------------------------------------
+
+    def _grants_screenshots(self, protocol: str) -> bool:
+        """Whether a token for *protocol* grants a screenshot: the core's own purpose
+        ``screenshot``, or a protocol whose plugin declares ``Protocol.screenshots``."""
+        if protocol == SCREENSHOT:
+            return True
+        entry = self._handlers.get(protocol)
+        return entry is not None and entry[0].screenshots
+
+    async def _screenshot(self, found: ScreenshotRoute, client: str) -> Response:
+        """``GET /screenshot?token=T``: the screen of T's domain as PNG. T is checked as a
+        session's would be (signature, expiry, node, not used yet), for the ``screenshot``
+        purpose or a protocol that grants screenshots, with any rights; its domain must
+        exist and run. T is used up once a capture slot is taken, before the capture."""
+        try:
+            if self._runner.closing:
+                raise Refused(SHUTDOWN)
+            claims = self._verify(found.token, None)
+            if not self._grants_screenshots(claims.protocol):
+                raise Refused(
+                    WRONG_PROTOCOL, f"a {claims.protocol!r} token grants no screenshots"
+                )
+            if self._verifier.used(claims):
+                raise Refused(REPLAYED_TOKEN, "the token was already used")
+            target = await self._resolver.target(claims, None)
+            taken = await self.screenshots.take(
+                target, max_width=found.max_width, before=lambda: self._use_up(claims)
+            )
+        except Refused as exc:
+            self.metrics.screenshots.labels(exc.refusal.reason).inc()
+            return self._refuse_plainly(exc, SCREENSHOT, client)
+        shot = taken.shot
+        self.metrics.screenshots.labels("ok").inc()
+        _log.info(
+            "screenshot.taken", domain=claims.domain_uuid, domain_name=target.domain_name,
+            protocol=claims.protocol, jti=claims.jti, client=client, width=shot.width,
+            height=shot.height, screen=f"{shot.screen_width}x{shot.screen_height}",
+            bytes=len(shot.png), ms=round(taken.duration_ms, 1),
+        )
+        return _response(
+            200, shot.png, "image/png",
+            [("Content-Disposition", 'inline; filename="screenshot.png"')],
+        )
+
+    def _use_up(self, claims: Claims) -> None:
+        try:
+            self._verifier.consume(claims)
+        except TokenRefused as exc:
+            raise Refused(TOKEN_REFUSALS.get(exc.reason, INVALID_TOKEN), exc.detail) from None
 
     # --- HTTP CONNECT (native clients) ---------------------------------------------------
 

@@ -46,6 +46,7 @@ import libvirt
 import structlog
 from lxml import etree
 
+from broker.screenshots import Capture, capture
 from broker.service._eventloop import register_event_loop
 from broker.service._lvstream import LibvirtByteStream
 from broker.service._plan import EndpointPlan, plan_endpoint
@@ -144,6 +145,12 @@ class Resolver(Protocol):
 
     async def ending_for(self, domain_uuid: str) -> Refusal | None:
         """Why sessions on the domain must end now (stopped, undefined), or None."""
+        ...
+
+    def capture_screenshot(self, target: Target, *, max_bytes: int) -> Capture:
+        """The screen of *target*'s domain as the hypervisor sends it, at most *max_bytes*.
+        Blocking: called in a worker thread. Raises
+        :class:`~broker.screenshots.ScreenshotError` or :class:`Refused`."""
         ...
 
 
@@ -424,6 +431,11 @@ class LibvirtResolver:
         return Endpoint(
             LibvirtByteStream(stream, buffer_limit=self._stream_buffer), "stream", plan.describe()
         )
+
+    def capture_screenshot(self, target: Target, *, max_bytes: int) -> Capture:
+        """:func:`broker.screenshots.capture` of *target*'s domain (a blocking stream of
+        this connection: call it in a worker thread)."""
+        return capture(self._connection(), target.handle, max_bytes=max_bytes)
 
     async def ending_for(self, domain_uuid: str) -> Refusal | None:
         try:

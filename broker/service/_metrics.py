@@ -20,6 +20,8 @@ Names (all prefixed ``console_broker_``):
                                             relay, or one not expected)
 ``accept_errors_total{listener,error}``     counter: failed accepts (``EMFILE``, ``ENFILE``, ...)
 ``handoffs_total{protocol}``                counter: handoff handles issued
+``screenshots_total{result}``               counter: ``GET /screenshot`` answered: ``ok``, or
+                                            the reason it was refused
 """
 
 from __future__ import annotations
@@ -96,6 +98,12 @@ class Metrics:
             "console_broker_handoffs",
             "Handoff handles issued (POST /handoff/{protocol}), by protocol.",
             ["protocol"],
+            registry=r,
+        )
+        self.screenshots = Counter(
+            "console_broker_screenshots",
+            "GET /screenshot requests answered, by result (ok, or the refusal's reason).",
+            ["result"],
             registry=r,
         )
 

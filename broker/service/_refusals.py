@@ -25,7 +25,8 @@ class Refusal:
     reason: str
     #: HTTP status before the upgrade (0: the reason only ends open sessions).
     status: int
-    #: WebSocket close code after the upgrade.
+    #: WebSocket close code after the upgrade (0: the reason only answers a plain HTTP
+    #: request, :data:`HTTP_REFUSALS`).
     close_code: int
     #: What the client is told (HTTP body, close frame reason).
     text: str
@@ -91,6 +92,22 @@ CONSOLE_AUTH_FAILED = _r(
 )
 # The client's outgoing buffer stayed full for limits.write_timeout: it stopped reading.
 CLIENT_STALLED = _r("client_stalled", 0, 4108, "the client stopped reading")
+
+# --- answers of GET /screenshot alone: HTTP only, no close code (docs/service.md) -----------
+
+NO_SCREEN = _r("no_screen", 404, 0, "the VM has no screen (no video device)")
+SCREENSHOT_BUSY = _r("screenshot_busy", 429, 0, "too many screenshots at once; try again")
+SCREENSHOT_FAILED = _r("screenshot_failed", 502, 0, "the hypervisor could not take a screenshot")
+SCREENSHOT_TOO_LARGE = _r("screenshot_too_large", 502, 0, "the screen is too large to capture")
+SCREENSHOT_TIMEOUT = _r("screenshot_timeout", 504, 0, "the screenshot took too long")
+#: The refusals only an HTTP endpoint answers (never a session's): no close code.
+HTTP_REFUSALS: tuple[Refusal, ...] = (
+    NO_SCREEN,
+    SCREENSHOT_BUSY,
+    SCREENSHOT_FAILED,
+    SCREENSHOT_TOO_LARGE,
+    SCREENSHOT_TIMEOUT,
+)
 
 #: Every refusal, in table order (docs/service.md).
 REFUSALS: tuple[Refusal, ...] = (

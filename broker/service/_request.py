@@ -10,13 +10,14 @@ Routes (see docs/service.md)::
     /file/{protocol}?token=T     a native client's connection file (a .vv for SPICE)
     /handoff/{protocol}          POST, the token in ``Authorization: Bearer``: a handoff
                                  handle for the live session the token opened
+    /screenshot?token=T          GET: the token's domain's screen as PNG (``max_width=N``)
     /healthz                     liveness and libvirt reachability (JSON)
     /metrics                     Prometheus text format
 
 When ``broker.public_url`` has a path (a reverse proxy serving the broker
 under a prefix), requests may arrive with or without that prefix. A WebSocket
-endpoint answers GET only, the handoff endpoint POST only, the others GET and HEAD
-(:class:`NotAllowed`).
+endpoint and the screenshot endpoint answer GET only (a HEAD would use a token up for
+nothing), the handoff endpoint POST only, the others GET and HEAD (:class:`NotAllowed`).
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from urllib.parse import parse_qs, unquote, urlsplit
 import attrs
 
 from broker.handoff import HANDLE
+from broker.screenshots import width_bound
 from broker.service._refusals import BAD_REQUEST, INVALID_TOKEN, Refused
 
 _PROTOCOL = re.compile(r"[a-z0-9][a-z0-9-]{0,62}\Z")
@@ -68,6 +70,15 @@ class HandoffRoute:
 
 
 @attrs.frozen
+class ScreenshotRoute:
+    """``GET /screenshot?token=...[&max_width=N]``: the token's domain's screen as PNG."""
+
+    token: str = attrs.field(repr=False)
+    #: ``max_width``: scale down to at most this many pixels wide (None: as it is).
+    max_width: int | None = None
+
+
+@attrs.frozen
 class PageRoute:
     """``/console/{protocol}/{path}``: a page or asset a plugin may serve."""
 
@@ -104,15 +115,17 @@ class NotAllowed:
 
 
 Route = (
-    WebSocketRoute | FileRoute | HandoffRoute | PageRoute | RedirectRoute | PlainRoute
-    | NotFound | NotAllowed
+    WebSocketRoute | FileRoute | HandoffRoute | ScreenshotRoute | PageRoute | RedirectRoute
+    | PlainRoute | NotFound | NotAllowed
 )
 
-#: The methods of a WebSocket endpoint, of the handoff endpoint, and of every other one.
+#: The methods of a WebSocket endpoint, of the handoff endpoint, of the screenshot
+#: endpoint, and of every other one.
 WEBSOCKET_METHODS = ("GET",)
 HANDOFF_METHODS = ("POST",)
+SCREENSHOT_METHODS = ("GET",)
 HTTP_METHODS = ("GET", "HEAD")
-_METHODS = {"ws": WEBSOCKET_METHODS, "handoff": HANDOFF_METHODS}
+_METHODS = {"ws": WEBSOCKET_METHODS, "handoff": HANDOFF_METHODS, "screenshot": SCREENSHOT_METHODS}
 
 
 def strip_prefix(path: str, prefix: str) -> str:
@@ -147,6 +160,8 @@ def route(target: str, prefix: str = "", method: str = "GET") -> Route:
         return NotAllowed(allow)
     if endpoint == "plain":
         return PlainRoute(path[1:])
+    if endpoint == "screenshot":
+        return ScreenshotRoute(_token(parts.query), _max_width(parts.query))
     if endpoint == "ws":
         return WebSocketRoute(segments[2], _token(parts.query))
     if endpoint == "file":
@@ -165,10 +180,12 @@ def route(target: str, prefix: str = "", method: str = "GET") -> Route:
 
 
 def _endpoint(path: str, segments: list[str]) -> str | None:
-    """Which kind of endpoint *path* names: ``plain``, ``ws``, ``file``, ``handoff``,
-    ``console``, or None (nothing lives there)."""
+    """Which kind of endpoint *path* names: ``plain``, ``screenshot``, ``ws``, ``file``,
+    ``handoff``, ``console``, or None (nothing lives there)."""
     if path in ("/healthz", "/metrics"):
         return "plain"
+    if path == "/screenshot":
+        return "screenshot"
     if len(segments) < 3 or not _PROTOCOL.match(segments[2]):
         return None
     if segments[1] in ("ws", "file", "handoff") and len(segments) == 3:
@@ -190,6 +207,19 @@ def _token(query: str) -> str:
     if not tokens or not tokens[0]:
         raise Refused(INVALID_TOKEN, "no token in the query")
     return tokens[0]
+
+
+def _max_width(query: str) -> int | None:
+    """The screenshot's ``max_width`` (one, within the bounds), or None."""
+    values = _fields(query).get("max_width", [])
+    if len(values) > 1:
+        raise Refused(BAD_REQUEST, "more than one max_width in the query")
+    if not values:
+        return None
+    try:
+        return width_bound(values[0])
+    except ValueError as exc:
+        raise Refused(BAD_REQUEST, str(exc)) from None
 
 
 def bearer_token(values: list[str]) -> str:

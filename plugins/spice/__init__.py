@@ -93,6 +93,7 @@ PROTOCOL = Spice(
     view_only=True,
     multi_connection=True,
     native_clients=True,
+    screenshots=True,  # a SPICE token may also take the display's screenshot (the core's)
     xml_options=SPICE_XML_OPTIONS,
 )
 

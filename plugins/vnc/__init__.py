@@ -70,6 +70,7 @@ PROTOCOL = VNC(
     title="VNC (RFB)",
     description="The VM's display over RFB: noVNC in the browser, or a native VNC viewer.",
     view_only=True,
+    screenshots=True,  # a VNC token may also take the display's screenshot (the core's)
 )
 
 

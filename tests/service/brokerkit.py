@@ -27,6 +27,7 @@ from broker.config import (
     ProxySection,
 )
 from broker.plugins import PluginManager
+from broker.screenshots import Capture, ScreenshotError
 from broker.service._app import Broker
 from broker.service._libvirt import ResolverEvents, Target
 from broker.service._metrics import Metrics
@@ -58,6 +59,10 @@ async def echo_console(stream: anyio.abc.SocketStream) -> None:
         pass
 
 
+def _no_screenshot() -> Capture:
+    raise ScreenshotError("no_screen", "the fake domain has no screen")
+
+
 @attrs.define
 class FakeDomain:
     uuid: str
@@ -66,6 +71,9 @@ class FakeDomain:
     consoles: tuple[str, ...] = ("vnc", "serial", "spice")
     busy: bool = False
     console: Console = echo_console
+    #: What :meth:`FakeResolver.capture_screenshot` does (in a worker thread): returns
+    #: the capture or raises.
+    screen: Callable[[], Capture] = _no_screenshot
 
 
 class FakeResolver:
@@ -131,6 +139,13 @@ class FakeResolver:
 
     async def ending_for(self, domain_uuid: str) -> Refusal | None:
         return None
+
+    def capture_screenshot(self, target: Target, *, max_bytes: int) -> Capture:
+        dom: FakeDomain = target.handle
+        captured = dom.screen()
+        if len(captured.data) > max_bytes:
+            raise ScreenshotError("too_large", f"more than {max_bytes} bytes")
+        return captured
 
     def stop(self, uuid: str, ending: Refusal) -> None:
         self.domains[uuid].running = False
