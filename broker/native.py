@@ -36,6 +36,7 @@ import os
 import re
 import shlex
 import shutil
+import signal
 import socket
 import ssl
 import subprocess
@@ -368,8 +369,8 @@ class NativeClient:
             ) from None
         except OSError as exc:
             raise OpenError(f"cannot reach the broker at {where}: {_why(exc)}") from None
-        except InvalidURI as exc:
-            raise OpenError(f"the WebSocket URL is malformed: {exc}") from None
+        except InvalidURI:  # its text quotes the URL, and so the token
+            raise OpenError("the WebSocket URL is malformed") from None
         except InvalidHandshake as exc:
             raise OpenError(
                 f"the server at {where} did not answer as a console broker: {exc}"
@@ -712,13 +713,39 @@ def prepare(args: argparse.Namespace) -> tuple[Protocol, NativeClient]:
     return protocol, client
 
 
+#: Signals that end the command as Ctrl+C does (exit status 128 + the signal's number).
+ENDING_SIGNALS = (signal.SIGTERM, signal.SIGHUP)
+
+
 async def run_client(protocol: Protocol, client: NativeClient) -> int:
-    """``protocol.open_client(client)``; its viewers end with it."""
+    """``protocol.open_client(client)``; its viewers end with it. SIGTERM or SIGHUP
+    cancel it (its ``finally`` blocks run) and make the status 128 + the signal's number;
+    a protocol watching these signals itself has them while it does."""
+    status: list[int] = []
+
+    async def main(group: anyio.abc.TaskGroup) -> None:
+        status.append(int(await protocol.open_client(client)))
+        group.cancel_scope.cancel()
+
+    async def watch(
+        group: anyio.abc.TaskGroup, *, task_status: anyio.abc.TaskStatus[None]
+    ) -> None:
+        with anyio.open_signal_receiver(*ENDING_SIGNALS) as signals:
+            task_status.started()
+            async for number in signals:
+                client.status(f"ended by {signal.Signals(number).name}")
+                status.append(128 + number)
+                group.cancel_scope.cancel()
+                return
+
     try:
-        status = await protocol.open_client(client)
+        async with anyio.create_task_group() as group:
+            if sys.platform != "win32":
+                await group.start(watch, group)
+            group.start_soon(main, group)
     finally:
         await client.end_viewers()
-    return int(status)
+    return status[0]
 
 
 def _leaves(error: BaseException) -> list[BaseException]:

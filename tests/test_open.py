@@ -572,6 +572,28 @@ def test_ctrl_c_ends_cleanly() -> None:
     assert "Traceback" not in err and "KeyboardInterrupt" not in err
 
 
+def test_sigterm_ends_cleanly() -> None:
+    """SIGTERM while a SPICE console waits for its client: the .vv file's directory is
+    removed, and the status is 143 (128 + SIGTERM), no traceback."""
+    token = fake_token("spice")
+    process = subprocess.Popen(
+        [*CLI, "open", "--no-viewer", f"http://127.0.0.1:9/console/spice/?token={token}"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )
+    assert process.stderr is not None
+    line = process.stderr.readline()
+    while "waiting for a SPICE client" not in line:
+        assert line, process.communicate(timeout=30)
+        line = process.stderr.readline()
+    vv = Path(line.rsplit(" ", 1)[1].rstrip(")\n"))
+    assert vv.name == "console.vv" and vv.stat().st_mode & 0o777 == 0o600
+    process.send_signal(signal.SIGTERM)
+    _out, err = process.communicate(timeout=30)
+    assert process.returncode == 128 + signal.SIGTERM
+    assert err == "console-broker: ended by SIGTERM\n"
+    assert not vv.parent.exists()
+
+
 def test_importing_the_client_side_loads_no_server_library() -> None:
     """broker.native (the command and what open_client gets) loads none of the libraries
     only a broker needs."""
