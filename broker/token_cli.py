@@ -226,9 +226,15 @@ def _signing_key(config: Config, key_dir: Path | None) -> Ed25519PrivateKey:
 
 
 def _token_command(args: argparse.Namespace) -> int:
-    from broker.tokens import TokenIssuer
+    from broker.tokens import MAX_NAME_LENGTH, TokenIssuer, valid_name
 
     _log_to_stderr()
+    if args.name is not None and not valid_name(args.name):
+        raise CommandError(
+            f"--name: 1 to {MAX_NAME_LENGTH} printable characters (no control characters), "
+            "not only spaces",
+            EXIT_USAGE,
+        )
     config = _in_effect(_config(args), args)
     screenshot = args.protocol == SCREENSHOT  # the core's own purpose, no plugin's
     if not screenshot:
@@ -259,7 +265,8 @@ def _token_command(args: argparse.Namespace) -> int:
     issuer = TokenIssuer(private_key, config.node_name)
     try:
         issued = issuer.issue(
-            domain.uuid, args.protocol, ttl=ttl, view_only=args.view_only, device=args.device
+            domain.uuid, args.protocol, ttl=ttl, view_only=args.view_only, device=args.device,
+            name=args.name,
         )
     except ValueError as exc:
         raise CommandError(f"--device: {exc}", EXIT_USAGE) from None
@@ -292,6 +299,7 @@ def _token_command(args: argparse.Namespace) -> int:
             "node": issued.claims.node,
             "view_only": issued.claims.view_only,
             "device": issued.claims.device,
+            "name": issued.claims.name,
             "jti": issued.claims.jti,
         }
         if client_file is not None:
@@ -307,6 +315,8 @@ def _token_command(args: argparse.Namespace) -> int:
     print(f"protocol:  {issued.claims.protocol} ({rights}), node {issued.claims.node}")
     if issued.claims.device is not None:
         print(f"device:    {issued.claims.device}")
+    if issued.claims.name is not None:
+        print(f"name:      {issued.claims.name}")
     print(f"expires:   {_iso(issued.expires_at)} (in {ttl} s, single use)")
     print(f"page:      {links.page}")
     print(f"websocket: {links.websocket}")
@@ -383,6 +393,12 @@ def register_token(subparsers: Subparsers) -> None:
         help="the console device, for console streams (serial): an alias such as serial1, "
         "or an index (0: the first serial port); default: the device the domain's console "
         "record names",
+    )
+    parser.add_argument(
+        "--name",
+        metavar="NAME",
+        help="who the token is for (a name claim: 1 to 64 printable characters), shown to "
+        "the console's other viewers on the VNC and SPICE pages (see docs/tokens.md)",
     )
     parser.add_argument("--json", action="store_true", help="print a JSON object instead")
     parser.add_argument(

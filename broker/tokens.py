@@ -95,6 +95,19 @@ MAX_TOKEN_LENGTH = 4096
 MAX_JTI_LENGTH = 128
 #: A ``dev`` claim: a libvirt device alias (``serial1``, ``console1``, ``ua-log``) or an index.
 DEVICE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
+#: Longest ``name`` claim accepted, in characters.
+MAX_NAME_LENGTH = 64
+
+
+def valid_name(value: object) -> bool:
+    """Whether *value* may be a ``name`` claim: a string of 1 to :data:`MAX_NAME_LENGTH`
+    printable characters (no control characters, no line breaks), not only spaces."""
+    return (
+        isinstance(value, str)
+        and 0 < len(value) <= MAX_NAME_LENGTH
+        and value.isprintable()
+        and not value.isspace()
+    )
 
 Clock = Callable[[], float]
 
@@ -206,6 +219,10 @@ class Claims:
     #: ``serial1`` or an index such as ``1``; None: the device the domain's console
     #: record names. Only console streams (serial) can be chosen this way.
     device: str | None = None
+    #: Who the token is for, as the issuer names them (``name``, optional): shown to the
+    #: other viewers of the console (docs/vnc.md, "Presence and control"), never checked.
+    #: None: the token names nobody.
+    name: str | None = None
 
     @property
     def view_only(self) -> bool:
@@ -225,6 +242,8 @@ class Claims:
         }
         if self.device is not None:
             payload["dev"] = self.device
+        if self.name is not None:
+            payload["name"] = self.name
         return payload
 
     @classmethod
@@ -265,6 +284,11 @@ class Claims:
         device = payload.get("dev")
         if device is not None and (not isinstance(device, str) or not DEVICE.fullmatch(device)):
             raise InvalidToken("claims: 'dev' must be a device alias or index")
+        who = payload.get("name")
+        if who is not None and not valid_name(who):
+            raise InvalidToken(
+                f"claims: 'name' must be a string of 1 to {MAX_NAME_LENGTH} printable characters"
+            )
         return cls(
             domain_uuid=domain_uuid,
             protocol=payload["proto"],
@@ -275,6 +299,7 @@ class Claims:
             expires_at=payload["exp"],
             jti=payload["jti"],
             device=device,
+            name=who,
         )
 
 
@@ -320,10 +345,12 @@ class TokenIssuer:
         ttl: int,
         view_only: bool = False,
         device: str | None = None,
+        name: str | None = None,
     ) -> IssuedToken:
         """Sign a token for *domain_uuid* and *protocol*, valid *ttl* seconds from now.
 
-        *device* names the console device (``dev`` claim): an alias or an index.
+        *device* names the console device (``dev`` claim): an alias or an index; *name*
+        who the token is for (``name`` claim), shown to the console's other viewers.
         """
         try:
             domain_uuid = _canonical_uuid(domain_uuid)
@@ -335,6 +362,10 @@ class TokenIssuer:
             raise ValueError(f"ttl must be a positive number of seconds, got {ttl!r}")
         if device is not None and not DEVICE.fullmatch(device):
             raise ValueError(f"{device!r} is not a device alias or index")
+        if name is not None and not valid_name(name):
+            raise ValueError(
+                f"a name is 1 to {MAX_NAME_LENGTH} printable characters, not {name!r}"
+            )
         issued_at = int(self._now())
         claims = Claims(
             domain_uuid=domain_uuid,
@@ -346,6 +377,7 @@ class TokenIssuer:
             expires_at=issued_at + ttl,
             jti=secrets.token_urlsafe(16),
             device=device,
+            name=name,
         )
         token = jwt.encode(
             claims.to_payload(),

@@ -400,7 +400,7 @@ def test_token_for_a_node_elsewhere(
     # The JSON document of any other token, in shape.
     assert set(doc) == {
         "page", "websocket", "token", "expires_at", "protocol", "domain", "node",
-        "view_only", "device", "jti",
+        "view_only", "device", "name", "jti",
     }
     assert doc["page"] == f"{NODE_URL}/console/vnc/?token={token}"
     assert doc["websocket"] == f"wss://console.example/n/node1/ws/vnc?token={token}"
