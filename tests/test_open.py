@@ -594,19 +594,23 @@ def test_sigterm_ends_cleanly() -> None:
     assert not vv.parent.exists()
 
 
-def test_importing_the_client_side_loads_no_server_library() -> None:
-    """broker.native (the command and what open_client gets) loads none of the libraries
-    only a broker needs."""
+def test_the_commands_path_loads_no_server_library() -> None:
+    """``console-broker open`` (the parser, the plugins, the protocol's open_client up to
+    the broker's WebSocket) loads none of the libraries only a broker needs."""
     code = (
         "import sys\n"
-        "import broker.native\n"
+        "from broker.cli import main\n"
+        "import broker_spice._open, broker_vnc._open\n"
+        f"status = main(['open', 'http://127.0.0.1:9/console/vnc/?token={TOKEN}',"
+        " '--viewer', 'true'])\n"
         "heavy = ('libvirt', 'lxml', 'cryptography', 'jwt', 'prometheus_client')\n"
-        "print(sorted(m for m in sys.modules if m.split('.')[0] in heavy))\n"
+        "print(status, sorted({m.split('.')[0] for m in sys.modules} & set(heavy)))\n"
     )
-    out = subprocess.run(
+    done = subprocess.run(
         [sys.executable, "-c", code], check=True, capture_output=True, text=True
-    ).stdout
-    assert out.strip() == "[]"
+    )
+    assert done.stdout.strip() == "1 []", done.stderr
+    assert "cannot reach the broker at 127.0.0.1:9" in done.stderr
 
 
 def test_the_api_names_are_the_native_modules() -> None:
