@@ -44,7 +44,10 @@ Sessions (``Protocol.session_handler``, ``Protocol.open_endpoint``)
     a :class:`WebSocketChannel`, or a :class:`TunnelChannel` through the CONNECT
     listener (:class:`MessageChannel` is the interface both offer); its console an
     :class:`Endpoint`; its ``group`` a :class:`SessionGroup` (``multi_connection``);
-    its ``claims`` the token's :class:`Claims`; its ``traffic`` a :class:`Traffic`.
+    its ``claims`` the token's :class:`Claims`; its ``traffic`` a :class:`Traffic`;
+    its ``seat`` a :class:`Seat` among the live sessions of its console (each a
+    :class:`Viewer`; :class:`PresenceState` is the whole as one seat sees it), whose
+    ``may_input`` says whether its input goes to the console now.
     :class:`ClientClosed` is raised once the client has gone. :func:`pump` moves bytes
     both ways until a side ends (:class:`PumpEnd`; :data:`DEFAULT_READ_SIZE`);
     :func:`raw_proxy` is a handler doing only that.
@@ -134,14 +137,17 @@ if TYPE_CHECKING:
         Endpoint,
         EndpointRequest,
         MessageChannel,
+        PresenceState,
         PumpEnd,
         Refusal,
         Refused,
+        Seat,
         Session,
         SessionGroup,
         SessionHandler,
         Traffic,
         TunnelChannel,
+        Viewer,
         WebSocketChannel,
         pump,
         raw_proxy,
@@ -212,6 +218,9 @@ _SOURCES: dict[str, str] = {
     "TunnelChannel": "broker.service",
     "Claims": "broker.tokens",
     "Traffic": "broker.service",
+    "Seat": "broker.service",
+    "Viewer": "broker.service",
+    "PresenceState": "broker.service",
     "ClientClosed": "broker.service",
     "pump": "broker.service",
     "PumpEnd": "broker.service",
@@ -296,16 +305,19 @@ __all__ = [
     "PluginContext",
     "PluginError",
     "PluginManager",
+    "PresenceState",
     "Protocol",
     "PumpEnd",
     "Refusal",
     "Refused",
+    "Seat",
     "Session",
     "SessionGroup",
     "SessionHandler",
     "Slot",
     "Traffic",
     "TunnelChannel",
+    "Viewer",
     "WebSocketChannel",
     "XMLEdit",
     "XMLOption",

@@ -142,6 +142,13 @@ class Protocol:
     #: Sessions of view-only tokens for a protocol that does not are refused
     #: (``view_only_unsupported``) rather than given full control.
     view_only: bool = False
+    #: The plugin gates its sessions' input by their presence: it drops a session's
+    #: input while ``session.may_input`` is false (``session.seat``, read as each
+    #: message is filtered), as it drops a view-only session's. Then the console's
+    #: input may be ``single`` (:meth:`input_mode`: one session at a time, which takes
+    #: it over or releases it), and its pages may open the control channel
+    #: ``/ws/{protocol}/control`` (presence and "Take control"; docs/service.md).
+    presence: bool = False
     #: A session of this protocol is several connections with one token (SPICE opens a
     #: WebSocket per channel, each with the same URL). The first connection uses the
     #: token up and opens the session; further connections with the same token are
@@ -207,6 +214,13 @@ class Protocol:
         starts. With one, the core prefers a console's TLS port in tcp mode; without
         one, a console listening for TLS only is refused (``console_unreachable``)."""
         return None
+
+    def input_mode(self, context: PluginContext) -> str:
+        """How the sessions of one console share its input, for a protocol with
+        :attr:`presence`: ``shared`` (the default: every full-rights session sends
+        input) or ``single`` (one at a time: the holder; the others watch). Called once
+        when a broker starts (the VNC and SPICE plugins read their ``input`` key)."""
+        return "shared"
 
     def page(self, path: str, context: PluginContext) -> Page | None:
         """``GET /console/{protocol}/{path}``: the page (*path* ``""``) or one of its assets

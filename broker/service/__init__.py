@@ -7,6 +7,7 @@ is a complete handler that does only that. docs/service.md describes the
 service, docs/plugins.md the hooks.
 """
 
+from broker.service._presence import PresenceState, Seat, Viewer
 from broker.service._pump import (
     DEFAULT_READ_SIZE,
     ClientClosed,
@@ -40,14 +41,17 @@ __all__ = [
     "Endpoint",
     "EndpointRequest",
     "MessageChannel",
+    "PresenceState",
     "PumpEnd",
     "Refusal",
     "Refused",
+    "Seat",
     "Session",
     "SessionGroup",
     "SessionHandler",
     "Traffic",
     "TunnelChannel",
+    "Viewer",
     "WebSocketChannel",
     "pump",
     "raw_proxy",

@@ -66,6 +66,7 @@ from broker.service._gate import AcceptGuard, ConnectionGate, http_response, wat
 from broker.service._libvirt import Resolver, Target
 from broker.service._limits import Limits, SessionCounts
 from broker.service._metrics import CONTENT_TYPE, Metrics
+from broker.service._presence import INPUT_MODES
 from broker.service._refusals import (
     BAD_REQUEST,
     FOREIGN_ORIGIN,
@@ -205,6 +206,7 @@ class Broker:
         #: TLS to consoles with a TLS port of their own, by protocol.
         self._console_tls = self._load_console_tls(plugins, self._contexts)
         self._runner = SessionRunner(config, self.metrics, resolver, self._counts)
+        self._runner.input_modes = self._load_input_modes(plugins, self._contexts)
         #: ``GET /screenshot``: bounded, in worker threads.
         self.screenshots = Screenshots(resolver)
         #: Connections not yet past their request, on both listeners.
@@ -260,6 +262,24 @@ class Broker:
                 )
             handlers[name] = (protocol, handler)
         return handlers
+
+    @staticmethod
+    def _load_input_modes(
+        plugins: PluginManager, contexts: dict[str, PluginContext]
+    ) -> dict[str, str]:
+        """The input mode of each protocol with presence (``Protocol.input_mode``)."""
+        modes: dict[str, str] = {}
+        for name, (plugin_name, protocol) in plugins.protocols.items():
+            if not protocol.presence:
+                continue
+            mode = protocol.input_mode(contexts[plugin_name])
+            if mode not in INPUT_MODES:
+                raise PluginError(
+                    f"{plugins.describe(plugin_name)}: input_mode() of {name!r} returned "
+                    f"{mode!r}, not one of {', '.join(INPUT_MODES)}"
+                )
+            modes[name] = mode
+        return modes
 
     @staticmethod
     def _load_console_tls(

@@ -22,6 +22,7 @@ from websockets.exceptions import ConnectionClosed
 from broker.service._pump import DEFAULT_READ_SIZE, ClientClosed, PumpEnd, Traffic, pump
 
 if TYPE_CHECKING:
+    from broker.service._presence import Seat
     from broker.tokens import Claims  # tokens imports jwt: not on the client side
 
 
@@ -218,6 +219,9 @@ class SessionGroup:
         self.closed = False
         #: The byte counts of the open connections (the idle timeout reads them all).
         self.traffic: list[Traffic] = []
+        #: The session's place among its console's sessions (its first connection's);
+        #: every connection of the group gets it as ``session.seat``.
+        self.seat: Seat | None = None
 
 
 @attrs.frozen
@@ -277,6 +281,10 @@ class Session:
     group: SessionGroup | None = attrs.field(default=None, eq=False, repr=False)
     #: True for a connection that joined its group (not the one that used the token up).
     joined: bool = False
+    #: Its place among the live sessions of its console (a :class:`Seat`; a group's
+    #: connections share their first's): who else is there, and whether its input goes
+    #: to the console now (:attr:`Seat.may_input`). None outside a broker (tests).
+    seat: Seat | None = attrs.field(default=None, eq=False, repr=False)
 
     @property
     def console_endpoint(self) -> Endpoint:
@@ -289,6 +297,15 @@ class Session:
     def view_only(self) -> bool:
         """The token grants viewing only: the plugin must drop the client's input."""
         return self.claims.view_only
+
+    @property
+    def may_input(self) -> bool:
+        """Whether the client's input goes to the console now: :attr:`Seat.may_input`
+        (full rights, and the holder of the console's input in ``single`` mode), or the
+        token's rights without a seat. Read it as each message is filtered."""
+        if self.seat is None:
+            return not self.claims.view_only
+        return self.seat.may_input
 
 
 #: What a protocol's ``session_handler`` returns: runs one session to its end.

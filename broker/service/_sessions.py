@@ -29,6 +29,7 @@ from broker.service._connection import BrokerConnection
 from broker.service._libvirt import Resolver, Target
 from broker.service._limits import SessionCounts
 from broker.service._metrics import Metrics
+from broker.service._presence import Presence, Seat
 from broker.service._pump import Traffic
 from broker.service._refusals import (
     CLIENT_CLOSED,
@@ -139,6 +140,13 @@ class SessionRunner:
         #: The claims of each open session by its token's jti (a group's first
         #: connection): what a handoff handle is issued for.
         self.by_token: dict[str, Claims] = {}
+        #: Every open session's place among its console's (a group's first connection).
+        self.presence = Presence()
+        #: The seat of each open session by its token's jti: what a control channel
+        #: joins.
+        self.seats: dict[str, Seat] = {}
+        #: The input mode of each protocol with presence (``Protocol.input_mode``).
+        self.input_modes: dict[str, str] = {}
         #: How long closing a WebSocket may take.
         self.close_timeout = max(0.1, min(5.0, config.limits.shutdown_grace))
         #: True once the broker is shutting down: a session opening now ends at once.
@@ -243,6 +251,7 @@ class SessionRunner:
             return
         endpoints: list[Endpoint] = []
         live: Live | None = None
+        seat: Seat | None = None
         traffic = Traffic(
             client_counter=self.metrics.bytes.labels(protocol.name, "to_client"),
             console_counter=self.metrics.bytes.labels(protocol.name, "to_console"),
@@ -264,6 +273,16 @@ class SessionRunner:
             self.lives.setdefault(domain, set()).add(live)
             if not joined:
                 self.by_token[claims.jti] = claims
+                seat = self.presence.join(
+                    domain=domain, console=protocol.console, id=session_id,
+                    protocol=protocol.name, full=not claims.view_only, address=client,
+                    name=claims.name, mode=self.input_modes.get(protocol.name),
+                )
+                self.seats[claims.jti] = seat
+                if members is not None:
+                    members.seat = seat
+            elif members is not None:
+                seat = members.seat
             connection.on_stall = functools.partial(live.end, CLIENT_STALLED)
             if self.closing:
                 live.end(SHUTDOWN)
@@ -300,6 +319,7 @@ class SessionRunner:
                 handshake_timeout=self.config.limits.handshake_timeout,
                 group=members,
                 joined=joined,
+                seat=seat,
             )
             handshake = time.monotonic() - pending.started
             self.metrics.sessions.labels(protocol.name).inc()
@@ -311,7 +331,7 @@ class SessionRunner:
                 endpoint=endpoint.description if endpoint is not None else None,
                 endpoint_kind=endpoint.kind if endpoint is not None else "none",
                 view_only=claims.view_only, subprotocol=connection.subprotocol,
-                joined=joined, handshake_ms=round(handshake * 1000, 2),
+                joined=joined, handshake_ms=round(handshake * 1000, 2), name=claims.name,
             )
             try:
                 with live.scope:
@@ -335,6 +355,10 @@ class SessionRunner:
                          detail=refused.detail, code=refused.refusal.close_code)
                 ending = refused.refusal
         finally:
+            if not joined and seat is not None:  # out of its console's presence at once
+                seat.leave()
+                if self.seats.get(claims.jti) is seat:
+                    del self.seats[claims.jti]
             with anyio.CancelScope(shield=True):
                 for opened in endpoints:
                     if not await self.shared.release(opened):
