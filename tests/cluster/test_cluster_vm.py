@@ -13,13 +13,14 @@ from __future__ import annotations
 import errno
 import ssl
 import struct
+import subprocess
 import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
-from clusterkit import NODE_CONNECT_PORT, NODE_PORT, Cluster, Front, Node, path_of
+from clusterkit import CLI, NODE_CONNECT_PORT, NODE_PORT, Cluster, Front, Node, path_of
 from console_broker_testbed import Testbed
 from servedbroker import enabled_guest, read_at_least, serial_answers
 from spicebroker import RemoteViewer, WebSocketSock, link_main
@@ -245,3 +246,63 @@ def test_with_one_nginx_replica_killed_new_sessions_go_through_the_other(
         front1.start()
     time.sleep(0.1)
     assert _vnc_through(cluster, guests, cluster.node("node1"), front1)[0] > 0
+
+
+def test_console_broker_open_through_the_front_door(
+    cluster: Cluster, guests: dict[str, Any], tmp_path: Path
+) -> None:
+    """A native VNC client on the client host through ``console-broker open``: the front
+    door's wss:// URL, verified with --ca, bridged to a local port a viewer connects to."""
+    node = cluster.node("node3")
+    page = _token(cluster, guests, node, "vnc")["page"]
+    assert page.startswith("https://console.example/n/node3/console/vnc/?token=")
+    port = 5999
+    log = tmp_path / "open.log"
+    with log.open("wb") as out:
+        opened = cluster.client.popen(
+            [*CLI, "open", page, "--no-viewer", "--listen", f"127.0.0.1:{port}",
+             "--ca", str(cluster.front_certs["ca"])],
+            stdout=out, stderr=subprocess.STDOUT,
+        )
+    try:
+        viewer = _first_connection(cluster, port, opened)
+        with viewer:
+            viewer.settimeout(15)
+            assert _recv_exactly(viewer, 12) == RFB_BANNER
+            viewer.sendall(RFB_BANNER)
+            count = _recv_exactly(viewer, 1)[0]
+            assert 1 in _recv_exactly(viewer, count)  # security None, as the broker offers
+            viewer.sendall(b"\x01")
+            assert _recv_exactly(viewer, 4) == b"\0\0\0\0"
+            viewer.sendall(b"\x01")
+            width, height = struct.unpack("!HH", _recv_exactly(viewer, 4))
+            assert width > 0 and height > 0
+        assert opened.wait(timeout=15) == 0, log.read_text()
+    finally:
+        if opened.poll() is None:
+            opened.kill()
+            opened.wait()
+    opened_events = [e for e in node.events("session.opened")
+                     if e.get("domain") == guests["node3"].UUIDString()]
+    assert opened_events and opened_events[-1]["client"] == CLIENT_ADDRESS
+
+
+def _first_connection(cluster: Cluster, port: int, opened: subprocess.Popen[bytes]) -> Any:
+    """The viewer's connection to ``open``'s local port, once it listens (the first
+    connection is the one bridged: no probing connection before it)."""
+    deadline = time.monotonic() + 30
+    while True:
+        try:
+            return cluster.client.connect("127.0.0.1", port, timeout=15)
+        except ConnectionRefusedError:
+            assert opened.poll() is None and time.monotonic() < deadline, "open did not listen"
+            time.sleep(0.1)
+
+
+def _recv_exactly(sock: Any, size: int) -> bytes:
+    data = b""
+    while len(data) < size:
+        chunk = sock.recv(size - len(data))
+        assert chunk, f"closed after {data!r}"
+        data += chunk
+    return data
