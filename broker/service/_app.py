@@ -62,6 +62,8 @@ from broker.plugins import PluginContext, PluginError, PluginManager
 from broker.service._clientcert import ClientCertificates, ClientTLS
 from broker.service._connect import token_for_handle
 from broker.service._connection import LISTENER, BrokerConnection, ConnectionLimits
+from broker.service._control import SUBPROTOCOL as CONTROL_SUBPROTOCOL
+from broker.service._control import ControlChannels, PendingControl
 from broker.service._gate import AcceptGuard, ConnectionGate, http_response, watch_listener
 from broker.service._libvirt import Resolver, Target
 from broker.service._limits import Limits, SessionCounts
@@ -84,6 +86,7 @@ from broker.service._refusals import (
     Refused,
 )
 from broker.service._request import (
+    ControlRoute,
     FileRoute,
     HandoffRoute,
     NotAllowed,
@@ -207,6 +210,8 @@ class Broker:
         self._console_tls = self._load_console_tls(plugins, self._contexts)
         self._runner = SessionRunner(config, self.metrics, resolver, self._counts)
         self._runner.input_modes = self._load_input_modes(plugins, self._contexts)
+        #: The sessions' control channels (``/ws/{protocol}/control``).
+        self._controls = ControlChannels(self._runner, verifier, self._node)
         #: ``GET /screenshot``: bounded, in worker threads.
         self.screenshots = Screenshots(resolver)
         #: Connections not yet past their request, on both listeners.
@@ -214,9 +219,9 @@ class Broker:
             total=limits.max_pending, per_client=limits.max_pending_per_client,
             proxies=self._proxies, metrics=self.metrics,
         )
-        self._pending: weakref.WeakKeyDictionary[ServerConnection, Pending | _PendingRefusal] = (
-            weakref.WeakKeyDictionary()
-        )
+        self._pending: weakref.WeakKeyDictionary[
+            ServerConnection, Pending | PendingControl | _PendingRefusal
+        ] = weakref.WeakKeyDictionary()
         #: Client certificates both listeners require (``tls.client_ca``):
         #: *client_ssl_context* asks for them; the tunnels' own TLS uses *ssl_context*.
         self._client_tls: ClientTLS | None = None
@@ -473,6 +478,8 @@ class Broker:
     ) -> Subprotocol | None:
         pending = self._pending.get(connection)
         wanted = pending.protocol.subprotocols if isinstance(pending, Pending) else ("binary",)
+        if isinstance(pending, PendingControl):
+            wanted = (CONTROL_SUBPROTOCOL,)
         for name in wanted:
             if name in offered:
                 return Subprotocol(name)
@@ -533,7 +540,7 @@ class Broker:
         self,
         connection: ServerConnection,
         request: Request,
-        found: WebSocketRoute,
+        found: WebSocketRoute | ControlRoute,
         client: str,
         started: float,
     ) -> Response | None:
@@ -557,6 +564,9 @@ class Broker:
         if why is not None:
             return self._refuse_plainly(Refused(FOREIGN_ORIGIN, why), found.protocol, client)
         try:
+            if isinstance(found, ControlRoute):
+                self._pending[connection] = self._controls.admit(protocol, found.token, client)
+                return None
             pending = await self._admit(protocol, handler, found.token, client, started)
         except Refused as exc:
             return self._refuse(connection, exc, found.protocol, client)
@@ -846,6 +856,9 @@ class Broker:
         pending = self._pending.pop(connection, None)
         if isinstance(pending, _PendingRefusal):
             await self._runner.close(connection, pending.refusal)
+            return
+        if isinstance(pending, PendingControl):  # a live session's control channel
+            await self._controls.serve(connection, pending)
             return
         if pending is None:  # cannot happen: every upgrade passed _check_websocket
             await self._runner.close(connection, INTERNAL_ERROR)

@@ -6,6 +6,8 @@ the request line's target and headers and acts on the result.
 Routes (see docs/service.md)::
 
     /ws/{protocol}?token=T       the WebSocket endpoint of a console
+    /ws/{protocol}/control?token=T   a live session's control channel (its presence
+                                 and input, for protocols with ``presence``)
     /console/{protocol}/{path}   the console page ("" is the page itself) and its assets
     /file/{protocol}?token=T     a native client's connection file (a .vv for SPICE)
     /handoff/{protocol}          POST, the token in ``Authorization: Bearer``: a handoff
@@ -49,6 +51,15 @@ _DEFAULT_PORTS = {"http": 80, "https": 443, "ws": 80, "wss": 443}
 @attrs.frozen
 class WebSocketRoute:
     """``/ws/{protocol}?token=...``; ``repr`` leaves the token out."""
+
+    protocol: str
+    token: str = attrs.field(repr=False)
+
+
+@attrs.frozen
+class ControlRoute:
+    """``/ws/{protocol}/control?token=...``: the control channel of the live session the
+    token opened; ``repr`` leaves the token out."""
 
     protocol: str
     token: str = attrs.field(repr=False)
@@ -117,6 +128,7 @@ class NotAllowed:
 Route = (
     WebSocketRoute | FileRoute | HandoffRoute | ScreenshotRoute | PageRoute | RedirectRoute
     | PlainRoute | NotFound | NotAllowed
+    | ControlRoute
 )
 
 #: The methods of a WebSocket endpoint, of the handoff endpoint, of the screenshot
@@ -126,6 +138,8 @@ HANDOFF_METHODS = ("POST",)
 SCREENSHOT_METHODS = ("GET",)
 HTTP_METHODS = ("GET", "HEAD")
 _METHODS = {"ws": WEBSOCKET_METHODS, "handoff": HANDOFF_METHODS, "screenshot": SCREENSHOT_METHODS}
+#: A session's control channel is a WebSocket endpoint too.
+_METHODS["control"] = WEBSOCKET_METHODS
 
 
 def strip_prefix(path: str, prefix: str) -> str:
@@ -164,6 +178,8 @@ def route(target: str, prefix: str = "", method: str = "GET") -> Route:
         return ScreenshotRoute(_token(parts.query), _max_width(parts.query))
     if endpoint == "ws":
         return WebSocketRoute(segments[2], _token(parts.query))
+    if endpoint == "control":
+        return ControlRoute(segments[2], _token(parts.query))
     if endpoint == "file":
         return FileRoute(segments[2], _token(parts.query))
     if endpoint == "handoff":
@@ -190,6 +206,8 @@ def _endpoint(path: str, segments: list[str]) -> str | None:
         return None
     if segments[1] in ("ws", "file", "handoff") and len(segments) == 3:
         return segments[1]
+    if segments[1] == "ws" and len(segments) == 4 and segments[3] == "control":
+        return "control"
     return "console" if segments[1] == "console" else None
 
 
