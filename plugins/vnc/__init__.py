@@ -51,6 +51,12 @@ class VNC(Protocol):
             ) from None
         return VNCSessionHandler(settings)
 
+    def input_mode(self, context: PluginContext) -> str:
+        """``vnc.input``: ``shared`` or ``single`` (one session holds the input)."""
+        from ._config import TABLE
+
+        return context.config.table(TABLE).input
+
     def page(self, path: str, context: PluginContext) -> Page | None:
         """The noVNC console page and its assets (see broker_vnc._page)."""
         from ._page import page
@@ -70,6 +76,7 @@ PROTOCOL = VNC(
     title="VNC (RFB)",
     description="The VM's display over RFB: noVNC in the browser, or a native VNC viewer.",
     view_only=True,
+    presence=True,  # input dropped while another session holds it (vnc.input = "single")
     screenshots=True,  # a VNC token may also take the display's screenshot (the core's)
 )
 

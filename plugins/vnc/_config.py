@@ -10,7 +10,7 @@ from typing import Any
 
 import attrs
 
-from broker.api import ConfigTable, hookimpl, setting
+from broker.api import ConfigTable, hookimpl, one_of, setting
 
 
 @attrs.frozen
@@ -24,6 +24,15 @@ class VNCSection:
         "one VM stay connected; false asks for exclusive access, and QEMU (sharePolicy "
         "'allow-exclusive') then disconnects the VM's other VNC clients. The browser's own "
         "flag is ignored.",
+    )
+    input: str = setting(
+        "shared",
+        "How the sessions of one VM's display share its keyboard and mouse: \"shared\" "
+        "(every full-rights session types) or \"single\" (one session at a time holds "
+        "them, the others watch, their input dropped by the broker; a full-rights "
+        "session takes control or releases it on its page). Sessions in websocket mode, "
+        "whose input the broker cannot drop, are refused with \"single\".",
+        one_of("shared", "single"),
     )
     tls_ca: str = setting(
         "",

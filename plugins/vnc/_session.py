@@ -16,7 +16,10 @@ sans-I/O layer in :mod:`broker_vnc.rfb`; docs/rfb.md and docs/vnc.md):
 4. Then the hot path: QEMU's bytes go to the browser as read (large reads,
    never parsed); the browser's messages go through
    :meth:`~broker_vnc.rfb.ClientMessageFilter.filter_data`, which frames them,
-   drops input in view-only sessions and refuses what it cannot parse.
+   drops input in view-only sessions and refuses what it cannot parse. With
+   ``vnc.input = "single"`` it also drops the input of a full-rights session that
+   does not hold the display's input now (``session.may_input``, read before each
+   message), and a press of one while nobody holds it claims it.
 
 Each of these ends the session with a reason of the core's table: QEMU
 refusing the login (``console_auth_failed``), QEMU breaking the protocol
@@ -24,7 +27,8 @@ refusing the login (``console_auth_failed``), QEMU breaking the protocol
 
 In ``websocket`` mode the endpoint is QEMU's own WebSocket port and the bytes
 pass through untouched: the browser speaks RFB with QEMU itself, so view-only
-cannot be enforced and view-only tokens are refused (``view_only_unsupported``).
+cannot be enforced and view-only tokens are refused (``view_only_unsupported``),
+as is every session when one session at a time holds the input (``single``).
 """
 
 from __future__ import annotations
@@ -90,17 +94,19 @@ class VNCSettings:
     shared: bool = True
     #: TLS toward QEMU (VeNCrypt X509*); None: no TLS.
     tls: ConsoleTLS | None = None
+    #: ``vnc.input``: ``single`` when one session at a time holds the display's input.
+    input: str = "shared"
 
     @classmethod
     def from_config(cls, section: VNCSection) -> VNCSettings:
         """Settings from the ``[vnc]`` table; OSError/ssl.SSLError
         when a certificate file cannot be loaded."""
         if not section.tls_ca:
-            return cls(shared=section.shared)
+            return cls(shared=section.shared, input=section.input)
         tls = ConsoleTLS.from_files(
             section.tls_ca, section.tls_cert, section.tls_key, section.tls_server_name
         )
-        return cls(shared=section.shared, tls=tls)
+        return cls(shared=section.shared, tls=tls, input=section.input)
 
 
 def graphics_password(xml: str, console: str = "vnc") -> bytes | None:
@@ -179,6 +185,12 @@ class VNCSessionHandler:
                 VIEW_ONLY_UNSUPPORTED,
                 "websocket mode passes RFB through unparsed: view-only cannot be enforced",
             )
+        if self.settings.input == "single":
+            raise Refused(
+                VIEW_ONLY_UNSUPPORTED,
+                "websocket mode passes RFB through unparsed: with vnc.input = single a "
+                "session that does not hold the input could not be made to watch",
+            )
         end = await pump(
             session.client,
             session.console_endpoint.stream,
@@ -232,7 +244,11 @@ class VNCSessionHandler:
             view_only=session.view_only,
             handshake_ms=round((time.monotonic() - started) * 1000, 2),
         )
-        flt = ClientMessageFilter(view_only=session.view_only)
+        seat = session.seat
+        flt = ClientMessageFilter(
+            view_only=not session.may_input,
+            claim=seat.claim if seat is not None and seat.single else None,
+        )
         await self._relay(session, login.stream, flt, downstream.take_trailing_data())
 
     async def _to_client(self, session: Session, data: bytes) -> None:
@@ -354,6 +370,7 @@ class VNCSessionHandler:
         failure: list[RFBProtocolError] = []
 
         async def to_console(data: bytes) -> None:
+            flt.view_only = not session.may_input  # the holder may have changed meanwhile
             forward = flt.filter_data(data)
             if forward:
                 traffic.count_to_console(len(forward))

@@ -19,6 +19,14 @@ Two ways to drive it, with the same decisions and errors:
   objects, and returns the bytes to forward, as slices of what was fed (often
   the very object fed). Use it on the hot path.
 
+Input is dropped while :attr:`ClientMessageFilter.view_only` is set, which the
+session may change between two feeds (a console whose input one session holds at a
+time switches it as the holder changes). With a :attr:`ClientMessageFilter.claim`
+callback, a *press* about to be dropped (a key going down, a pointer event with a
+button held) asks it first: when it answers True (the session may have the input
+now: nobody held it), ``view_only`` is cleared and the press and everything after
+it are forwarded.
+
 Buffering: a bytearray and a read offset; the consumed prefix is dropped only
 once it is at least half the buffer, so many small messages in a big feed stay
 linear. With ``filter_data`` and nothing pending, the fed bytes are framed in
@@ -29,8 +37,10 @@ from __future__ import annotations
 
 import re
 import struct
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Final
+
+import attrs
 
 from ._errors import RFBProtocolError, RFBUsageError, Side
 from ._events import NEED_DATA, ConnectionClosed, Event, NeedData, PixelFormat
@@ -107,6 +117,31 @@ _FULL_RUN: Final = _run((_POINTER_RE, _FBUR_RE, _KEY_RE, _EXT_KEY_RE, *_OTHER_RE
 #: View-only session: runs of forwarded and of dropped fixed-size messages.
 _VIEW_FORWARDED_RUN: Final = _run(_OTHER_RES)
 _VIEW_DROPPED_RUN: Final = _run(_INPUT_RES)
+#: The sizes of the fixed-size input messages (a dropped run is made of them), by their
+#: first byte; a QEMU message here is an extended key event (``_EXT_KEY_RE``).
+_INPUT_SIZES: Final[dict[int, int]] = {
+    ClientMessageType.POINTER_EVENT: 6,
+    ClientMessageType.KEY_EVENT: 8,
+    ClientMessageType.QEMU: 12,
+    ClientMessageType.XVP: 4,
+}
+
+
+def _press_at(src: Buffer, pos: int) -> bool:
+    """Whether the input message at *pos* is a press: a key going down (KeyEvent, QEMU
+    extended key event) or a pointer event with a button held."""
+    kind = src[pos]
+    if kind in (ClientMessageType.KEY_EVENT, ClientMessageType.POINTER_EVENT):
+        return src[pos + 1] != 0
+    if kind == ClientMessageType.QEMU:
+        return src[pos + 2] != 0 or src[pos + 3] != 0
+    return False
+
+
+def _is_press(message: ClientMessage) -> bool:
+    if isinstance(message, KeyEvent | QEMUExtendedKeyEvent):
+        return message.down
+    return isinstance(message, PointerEvent) and message.button_mask != 0
 
 
 class ClientMessageFilter:
@@ -114,7 +149,8 @@ class ClientMessageFilter:
 
     *view_only* drops input (KeyEvent, PointerEvent, ClientCutText except
     extended-clipboard caps/request/peek, QEMU extended key events, xvp,
-    SetDesktopSize); it may be changed at any time (:attr:`view_only`).
+    SetDesktopSize); it may be changed at any time (:attr:`view_only`). *claim*,
+    if given, is asked before a press is dropped (see the module's notes).
     *max_cut_text*, *max_encodings* and *max_screens* bound the variable-length
     messages; a longer one is an :class:`RFBProtocolError` as soon as its
     header arrives. *stripped_encodings* are removed from SetEncodings.
@@ -128,12 +164,15 @@ class ClientMessageFilter:
         max_encodings: int = DEFAULT_MAX_ENCODINGS,
         max_screens: int = DEFAULT_MAX_SCREENS,
         stripped_encodings: Iterable[int] = STRIPPED_ENCODINGS,
+        claim: Callable[[], bool] | None = None,
     ) -> None:
         if not 0 <= max_cut_text < 1 << 31:
             raise RFBUsageError("max_cut_text must be within 0 .. 2**31 - 1")
         if not 0 <= max_encodings <= 0xFFFF or not 0 <= max_screens <= 0xFF:
             raise RFBUsageError("max_encodings must fit a u16 and max_screens a u8")
         self.view_only = view_only
+        #: Asked before a press is dropped; True: the input is this session's now.
+        self.claim = claim
         self._max_cut_text = max_cut_text
         self._max_encodings = max_encodings
         self._max_screens = max_screens
@@ -193,6 +232,12 @@ class ClientMessageFilter:
         size, message, _ = parsed
         self._consume(pos + size)
         self._machine.advance("message")
+        if (
+            not message.forward and self.view_only and self.claim is not None
+            and _is_press(message) and self.claim()
+        ):
+            self.view_only = False
+            message = attrs.evolve(message, forward=True)
         return message
 
     # --- the fast path ------------------------------------------------------------
@@ -233,7 +278,12 @@ class ClientMessageFilter:
                 if dropped_end != pos:
                     if pos != run:
                         out.append(src[run:pos])
-                    pos = run = dropped_end
+                    press = self._claimed(src, pos, dropped_end)
+                    if press is None:
+                        pos = run = dropped_end
+                    else:  # the input is ours from the press on
+                        pos = run = press
+                        view_only = False
                     continue
             else:
                 pos = _FULL_RUN.match(src, pos).end()  # type: ignore[union-attr]
@@ -260,6 +310,21 @@ class ClientMessageFilter:
         if len(out) == 1 and type(out[0]) is bytes:
             return out[0]
         return b"".join(out)
+
+    def _claimed(self, src: Buffer, pos: int, end: int) -> int | None:
+        """The position of the first press in the dropped run ``src[pos:end]`` when
+        :attr:`claim` gave this session the input on it (``view_only`` cleared), else
+        None: the run is dropped."""
+        if self.claim is None:
+            return None
+        while pos < end:
+            if _press_at(src, pos):
+                if not self.claim():
+                    return None
+                self.view_only = False
+                return pos
+            pos += _INPUT_SIZES[src[pos]]
+        return None
 
     # --- framing ------------------------------------------------------------------
 
