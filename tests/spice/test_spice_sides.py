@@ -547,3 +547,18 @@ def test_a_refused_build_changes_nothing() -> None:
     with pytest.raises(SpiceUsageError):
         server.send(link_message(channel=(0,) * 1020))  # 4098 bytes: over the bound
     assert server.state is State.LINK_DUE
+
+
+@pytest.mark.parametrize("channel", [ChannelType.INPUTS, ChannelType.MAIN, ChannelType.CURSOR])
+def test_type_101_is_display_init_on_the_display_channel_only(channel: ChannelType) -> None:
+    """The inputs channel's KEY_DOWN (101) and the main channel's CLIENT_INFO have
+    DISPLAY_INIT's type: the server side forwards them as what they are on their channel
+    (it once read every channel's 101 as a DISPLAY_INIT, and a browser's first key on
+    the inputs channel ended it, a SpiceUsageError)."""
+    server = linked_server(channel)
+    keys = build_message(101, struct.pack("<I", 0x1E), mini_header=True) + build_message(
+        102, struct.pack("<I", 0x9E), mini_header=True
+    )
+    assert bytes(server.send(Data(keys))) == keys
+    assert not server.display_init_sent
+    assert server.close_guard() == b""  # no display: nothing to guard

@@ -137,6 +137,12 @@ class _Side:
         return self._mini_header
 
     @property
+    def at_boundary(self) -> bool:
+        """Whether the peer's messages so far came whole: every byte received is scanned
+        and ends between two messages (False before the link is done)."""
+        return self._scanner is not None and not self._chunks and self._scanner.at_boundary
+
+    @property
     def link(self) -> LinkMessage | None:
         """The channel's link message (the client's, as received or as sent to QEMU)."""
         return self._link
@@ -536,10 +542,13 @@ class ServerSide(_Side):
             self._do(Step.SEND_TICKET)
             self._ticket_sent = True
             assert self._mini_header is not None
+            # DISPLAY_INIT's type (101) is another message's on every other channel
+            # (the inputs channel's KEY_DOWN, the main channel's CLIENT_INFO)
+            display = self.channel_type is ChannelType.DISPLAY
             self._outgoing = MessageScanner(
                 mini_header=self._mini_header,
                 max_message_size=0xFFFFFFFF,
-                decoders={MSGC_DISPLAY_INIT: _DISPLAY_INIT_DECODER},
+                decoders={MSGC_DISPLAY_INIT: _DISPLAY_INIT_DECODER} if display else {},
             )
             prefix = build_auth_mechanism() if self.auth_selection else b""
             return prefix + event.encrypted
