@@ -45,6 +45,10 @@ class Spice(Protocol):
 
         return spice_channel
 
+    def input_mode(self, context: PluginContext) -> str:
+        """``spice.input``: ``shared`` or ``single`` (one session holds the input)."""
+        return context.config.table(TABLE).input
+
     def console_tls(self, context: PluginContext) -> ConsoleTLS | None:
         """TLS to QEMU's SPICE ``tlsPort`` when ``spice.tls_ca`` is set."""
         section = context.config.table(TABLE)
@@ -91,6 +95,7 @@ PROTOCOL = Spice(
         "browser, or remote-viewer (console-broker open, or a .vv file)."
     ),
     view_only=True,
+    presence=True,  # inputs dropped while another session holds them (spice.input)
     multi_connection=True,
     native_clients=True,
     screenshots=True,  # a SPICE token may also take the display's screenshot (the core's)

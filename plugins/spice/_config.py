@@ -9,7 +9,7 @@ from typing import Any
 
 import attrs
 
-from broker.api import ConfigTable, hookimpl, setting
+from broker.api import ConfigTable, hookimpl, one_of, setting
 
 _SPICE_CHANNELS = (
     "main", "display", "inputs", "cursor", "playback", "record", "tunnel", "smartcard",
@@ -35,6 +35,15 @@ class SpiceSection:
         "[\"usbredir\", \"webdav\"]); the broker answers them with permission denied. "
         "View-only sessions get display, cursor and playback only in any case.",
         _spice_channels,
+    )
+    input: str = setting(
+        "shared",
+        "How the sessions of one VM's display share its keyboard and mouse: \"shared\" "
+        "(every full-rights session types) or \"single\" (one session at a time holds "
+        "them, the others watch, their inputs channel's keyboard and mouse messages "
+        "dropped by the broker; a full-rights session takes control or releases it on "
+        "its page).",
+        one_of("shared", "single"),
     )
     tls_ca: str = setting(
         "",

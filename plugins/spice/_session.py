@@ -23,7 +23,15 @@ bound headers and track ``DISPLAY_INIT``), with one exception: on a view-only
 session's main channel the client's agent and mouse-mode messages
 (:data:`~broker_spice.protocol.VIEW_ONLY_MAIN_DROPPED`) are dropped whole by a
 :class:`~broker_spice.protocol.MessageFilter` (clipboard, file transfer and monitor
-configuration never reach the guest). Every other connection forwards its chunks as
+configuration never reach the guest). With ``spice.input = "single"``, a full-rights
+session's inputs channel drops its keyboard and mouse messages
+(:data:`~broker_spice.protocol.INPUTS_DROPPED`) while another session holds the
+display's input (``session.may_input``, asked as each message's header passes); a
+press while nobody holds it claims it. The server acknowledges mouse motions in
+bunches and clients stop moving the pointer while too many are unacknowledged, so the
+broker acknowledges the motions it dropped itself (a ``MOUSE_MOTION_ACK`` per bunch,
+put between two of the server's messages; under the mini header, which every current
+client uses). Every other connection forwards its chunks as
 they come. However the connection ends, the backend is
 closed through the guard: a display channel whose client never sent ``DISPLAY_INIT``
 gets the broker's own, and the broker waits (at most :data:`GUARD_TIMEOUT`) for QEMU to
@@ -51,6 +59,11 @@ from broker.api import (
 
 from ._refusals import CHANNEL_REFUSED
 from .protocol import (
+    INPUT_MOTION_ACK_BUNCH,
+    INPUTS_DROPPED,
+    INPUTS_MOTIONS,
+    INPUTS_PRESSES,
+    MSG_INPUTS_MOUSE_MOTION_ACK,
     NEED_DATA,
     PAUSED,
     VIEW_ONLY_MAIN_DROPPED,
@@ -71,6 +84,7 @@ from .protocol import (
     ServerSide,
     SpiceProtocolError,
     Ticket,
+    build_message,
     encrypt_ticket,
     ensure_same_framing,
 )
@@ -123,6 +137,16 @@ class ChannelProxy:
         )
         self.log = session.log
         self._pending: list[Event] = []
+        #: What the client was sent so far ends between two messages (the inputs
+        #: channel of a watching session puts motion acknowledgements there).
+        self._client_boundary = False
+        #: Held while bytes go to the client, where acknowledgements may be put (the
+        #: inputs channel of a session that may watch only).
+        self._to_client = anyio.Lock()
+        #: Mouse motions the broker dropped and acknowledged, in bunches.
+        self._acked = 0
+        #: The filter of the client's messages, once linked (None: none).
+        self._drop: MessageFilter | None = None
 
     # --- reading events -------------------------------------------------------------
 
@@ -228,12 +252,55 @@ class ChannelProxy:
         assert self.client.mini_header is not None
         return MessageFilter(VIEW_ONLY_MAIN_DROPPED, mini_header=self.client.mini_header)
 
+    def _input_filter(self) -> MessageFilter | None:
+        """The filter of the inputs channel of a session whose console's input one
+        session at a time holds; ``None`` elsewhere."""
+        seat = self.session.seat
+        if seat is None or not seat.single or self.client.channel_type is not ChannelType.INPUTS:
+            return None
+        assert self.client.mini_header is not None
+        return MessageFilter(INPUTS_DROPPED, mini_header=self.client.mini_header,
+                             gate=self._watching)
+
+    def _watching(self, msg_type: int) -> bool:
+        """Whether an input message of *msg_type* is dropped now: the session does not
+        hold the input, and this is no press that claims it while nobody does."""
+        if self.session.may_input:
+            return False
+        seat = self.session.seat
+        return not (msg_type in INPUTS_PRESSES and seat is not None and seat.claim())
+
+    @property
+    def _gated(self) -> bool:
+        """Whether this is a watching-capable inputs channel (its filter has a gate)."""
+        return self._drop is not None and self._drop.gate is not None
+
+    async def _acknowledge(self) -> None:
+        """Acknowledge the client's dropped mouse motions, a bunch at a time, where what
+        it was sent ends between two messages (else after the server's next message)."""
+        drop = self._drop
+        if drop is None or not drop.mini_header:  # a full header: a serial to fit in,
+            return  # not done (no current client uses the full header)
+        motions = sum(drop.dropped.get(msg_type, 0) for msg_type in INPUTS_MOTIONS)
+        owed = motions // INPUT_MOTION_ACK_BUNCH - self._acked
+        if owed <= 0:
+            return
+        async with self._to_client:
+            if not self._client_boundary:
+                return
+            ack = build_message(MSG_INPUTS_MOUSE_MOTION_ACK, mini_header=True)
+            out = _bytes(self.client.send(Data(ack * owed)))
+            self.session.traffic.count_to_client(len(out))
+            await self.session.client.send(out)
+            self._acked += owed
+
     def _filtered(self, drop: MessageFilter, event: Data) -> Data | None:
         known = len(drop.dropped)
         out = drop.feed(event.data)
         if len(drop.dropped) > known:  # logged once per message type
+            what = "spice.view_only_dropped" if drop.gate is None else "spice.input_dropped"
             for msg_type in list(drop.dropped)[known:]:
-                self.log.info("spice.view_only_dropped", message_type=msg_type)
+                self.log.info(what, message_type=msg_type)
         if not out:  # dropped messages are still the user at work: not idle
             self.session.traffic.last_activity = time.monotonic()
             return None
@@ -243,12 +310,16 @@ class ChannelProxy:
         session = self.session
         events, self._pending = self._pending, []
         events += self.client.available_events()  # what the client sent right after its ticket
-        drop = self._view_only_filter()
+        if self._drop is None:
+            self._drop = self._filter()
+        drop = self._drop
         try:
             while True:
                 for event in events:
                     if isinstance(event, Data):
                         kept = event if drop is None else self._filtered(drop, event)
+                        if drop is not None and drop.gate is not None:
+                            await self._acknowledge()
                         if kept is None:
                             continue
                         out = _bytes(self.server.send(kept))
@@ -278,13 +349,15 @@ class ChannelProxy:
                     if isinstance(event, MainInit) and not session.joined:
                         self.group_data[SESSION_ID] = event.session_id
                         self.log.info("spice.session_bound")
-                for event in events:
-                    if isinstance(event, Data):
-                        out = _bytes(self.client.send(event))
-                        session.traffic.count_to_client(len(out))
-                        await session.client.send(out)
-                    elif isinstance(event, ConnectionClosed):
-                        return
+                if self._gated:  # acknowledgements may be put between two chunks
+                    async with self._to_client:
+                        self._client_boundary = False
+                        if not await self._to_client_events(events):
+                            return
+                        self._client_boundary = self.server.at_boundary
+                    await self._acknowledge()
+                elif not await self._to_client_events(events):
+                    return
                 try:
                     data = await self.stream.receive(session.read_size)
                 except _CONSOLE_ERRORS:
@@ -298,7 +371,23 @@ class ChannelProxy:
         finally:
             scope.cancel()
 
+    async def _to_client_events(self, events: list[Event]) -> bool:
+        """Forward the server's *events* to the client; False at its end."""
+        session = self.session
+        for event in events:
+            if isinstance(event, Data):
+                out = _bytes(self.client.send(event))
+                session.traffic.count_to_client(len(out))
+                await session.client.send(out)
+            elif isinstance(event, ConnectionClosed):
+                return False
+        return True
+
+    def _filter(self) -> MessageFilter | None:
+        return self._view_only_filter() or self._input_filter()
+
     async def forward(self) -> None:
+        self._drop = self._filter()
         async with anyio.create_task_group() as group:
             group.start_soon(self._client_to_server, group.cancel_scope)
             group.start_soon(self._server_to_client, group.cancel_scope)

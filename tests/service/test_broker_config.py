@@ -184,7 +184,7 @@ def test_errors_name_file_and_key(tmp_path: Path, text: str, message: str) -> No
             "bogus: unknown key (tables: broker, listen, tls, http, libvirt, tokens, limits, "
             "proxy, logging, vnc, spice, serial)",
         ),
-        ("[vnc]\nshare = true\n", "vnc.share: unknown key (vnc has: shared, tls_ca"),
+        ("[vnc]\nshare = true\n", "vnc.share: unknown key (vnc has: shared, input, tls_ca"),
         ("[vnc]\nshared = 1\n", "vnc.shared: must be true or false, not an integer"),
         ('[vnc]\ntls_cert = "c.pem"\ntls_key = "k.pem"\n', "vnc.tls_cert: a client "
          "certificate needs vnc.tls_ca (TLS to QEMU)"),

@@ -191,6 +191,8 @@ def _proxy(chunks: list[bytes], *, view_only: bool, channel: ChannelType,
         log=structlog.get_logger("test"),
         traffic=Traffic(),
         view_only=view_only,
+        may_input=not view_only,
+        seat=None,
         joined=channel is not ChannelType.MAIN,
         read_size=65536,
     )

@@ -32,6 +32,8 @@ from ._connection import (
     ensure_same_framing,
 )
 from ._constants import (
+    INPUT_MOTION_ACK_BUNCH,
+    MSG_INPUTS_MOUSE_MOTION_ACK,
     MSG_MAIN_INIT,
     MSG_PING,
     MSG_SET_ACK,
@@ -68,7 +70,13 @@ from ._events import (
     caps_with,
     has_cap,
 )
-from ._filter import VIEW_ONLY_MAIN_DROPPED, MessageFilter
+from ._filter import (
+    INPUTS_DROPPED,
+    INPUTS_MOTIONS,
+    INPUTS_PRESSES,
+    VIEW_ONLY_MAIN_DROPPED,
+    MessageFilter,
+)
 from ._framing import MessageScanner
 from ._policy import VIEW_ONLY_CHANNELS, ChannelPolicy
 from ._state import State
@@ -89,6 +97,10 @@ __all__ = [
     "DEFAULT_MAX_CLIENT_MESSAGE",
     "DEFAULT_MAX_PENDING",
     "DEFAULT_MAX_SERVER_MESSAGE",
+    "INPUTS_DROPPED",
+    "INPUTS_MOTIONS",
+    "INPUTS_PRESSES",
+    "INPUT_MOTION_ACK_BUNCH",
     "MAX_PASSWORD_BYTES",
     "MSGC_ACK",
     "MSGC_ACK_SYNC",
@@ -99,6 +111,7 @@ __all__ = [
     "MSGC_MAIN_ATTACH_CHANNELS",
     "MSGC_MAIN_MOUSE_MODE_REQUEST",
     "MSGC_PONG",
+    "MSG_INPUTS_MOUSE_MOTION_ACK",
     "MSG_MAIN_INIT",
     "MSG_PING",
     "MSG_SET_ACK",

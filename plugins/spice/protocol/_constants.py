@@ -123,3 +123,17 @@ MSGC_MAIN_MIGRATE_END: Final = 109
 MSGC_MAIN_MIGRATE_DST_DO_SEAMLESS: Final = 110
 MSGC_MAIN_MIGRATE_CONNECTED_SEAMLESS: Final = 111
 MSGC_MAIN_QUALITY_INDICATOR: Final = 112
+#: The inputs channel's client messages (``SPICE_MSGC_INPUTS_*``): keyboard and mouse.
+MSGC_INPUTS_KEY_DOWN: Final = 101
+MSGC_INPUTS_KEY_UP: Final = 102
+MSGC_INPUTS_KEY_MODIFIERS: Final = 103
+MSGC_INPUTS_KEY_SCANCODE: Final = 104
+MSGC_INPUTS_MOUSE_MOTION: Final = 111
+MSGC_INPUTS_MOUSE_POSITION: Final = 112
+MSGC_INPUTS_MOUSE_PRESS: Final = 113
+MSGC_INPUTS_MOUSE_RELEASE: Final = 114
+#: ``SPICE_MSG_INPUTS_MOUSE_MOTION_ACK``: the server acknowledges every
+#: :data:`INPUT_MOTION_ACK_BUNCH` mouse motions; clients stop sending motions while
+#: twice as many are unacknowledged.
+MSG_INPUTS_MOUSE_MOTION_ACK: Final = 111
+INPUT_MOTION_ACK_BUNCH: Final = 4

@@ -1,4 +1,5 @@
-"""Dropping whole client messages by type: a view-only session's main channel.
+"""Dropping whole client messages by type: a view-only session's main channel, and the
+inputs channel of a session that watches while another holds the console's input.
 
 The channel policy keeps a view-only session off the channels that send input into the
 VM (inputs, record, usbredir, ...), but the main channel, which every session needs,
@@ -6,6 +7,10 @@ also carries the client's traffic to the guest agent (spice-vdagent): clipboard,
 transfer, monitor configuration. :class:`MessageFilter` removes whole messages of the
 given types from a client-to-server stream, chunk by chunk, without copying a chunk
 that keeps all its messages.
+
+A filter may ask, message by message, whether to drop (its *gate*): the inputs channel
+of a full-rights session drops keyboard and mouse only while the session does not hold
+the console's input (``spice.input = "single"``), which changes while it runs.
 
 It takes the :class:`~broker_spice.protocol.Data` bytes ``ClientSide`` hands out
 (already bounded and checked); the bytes it returns are a valid message stream again
@@ -18,9 +23,17 @@ serials was not verified; with the renumbering it does not matter).
 from __future__ import annotations
 
 import struct
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 from ._constants import (
+    MSGC_INPUTS_KEY_DOWN,
+    MSGC_INPUTS_KEY_MODIFIERS,
+    MSGC_INPUTS_KEY_SCANCODE,
+    MSGC_INPUTS_KEY_UP,
+    MSGC_INPUTS_MOUSE_MOTION,
+    MSGC_INPUTS_MOUSE_POSITION,
+    MSGC_INPUTS_MOUSE_PRESS,
+    MSGC_INPUTS_MOUSE_RELEASE,
     MSGC_MAIN_AGENT_DATA,
     MSGC_MAIN_AGENT_START,
     MSGC_MAIN_AGENT_TOKEN,
@@ -54,14 +67,42 @@ VIEW_ONLY_MAIN_DROPPED: frozenset[int] = frozenset(
     }
 )
 
+#: The inputs channel's client messages a watching session may not send: every keyboard
+#: and mouse message. Forwarded: the common ones (``ACK_SYNC``, ``ACK``, ``PONG``, ...).
+INPUTS_DROPPED: frozenset[int] = frozenset(
+    {
+        MSGC_INPUTS_KEY_DOWN,
+        MSGC_INPUTS_KEY_UP,
+        MSGC_INPUTS_KEY_MODIFIERS,
+        MSGC_INPUTS_KEY_SCANCODE,
+        MSGC_INPUTS_MOUSE_MOTION,
+        MSGC_INPUTS_MOUSE_POSITION,
+        MSGC_INPUTS_MOUSE_PRESS,
+        MSGC_INPUTS_MOUSE_RELEASE,
+    }
+)
+#: Of those, the presses (a key or a button going down; a scancode message may hold
+#: either, taken as one): a watching session pressing one while nobody holds the
+#: input claims it.
+INPUTS_PRESSES: frozenset[int] = frozenset(
+    {MSGC_INPUTS_KEY_DOWN, MSGC_INPUTS_KEY_SCANCODE, MSGC_INPUTS_MOUSE_PRESS}
+)
+#: Of those, the mouse motions, which the server acknowledges (in bunches).
+INPUTS_MOTIONS: frozenset[int] = frozenset({MSGC_INPUTS_MOUSE_MOTION, MSGC_INPUTS_MOUSE_POSITION})
+
 _SERIAL = struct.Struct("<Q")
 
 
 class MessageFilter:
-    """Drop whole messages of *types* from one client-to-server message stream."""
+    """Drop whole messages of *types* from one client-to-server message stream; with a
+    *gate*, only those for which ``gate(type)`` answers True when their header passes."""
 
-    def __init__(self, types: Iterable[int], *, mini_header: bool) -> None:
+    def __init__(
+        self, types: Iterable[int], *, mini_header: bool,
+        gate: Callable[[int], bool] | None = None,
+    ) -> None:
         self.types = frozenset(types)
+        self.gate = gate
         self.mini_header = mini_header
         self._header_size = header_size(mini_header)
         self._held = bytearray()  # the start of a header split across chunks
@@ -106,7 +147,9 @@ class MessageFilter:
             pos += need
             msg_type, size, serial, _sub_list = parse_header(header, self.mini_header)
             self._remaining = size
-            self._dropping = msg_type in self.types
+            self._dropping = msg_type in self.types and (
+                self.gate is None or self.gate(msg_type)
+            )
             if self._dropping:
                 self.dropped[msg_type] = self.dropped.get(msg_type, 0) + 1
                 self._dropped_total += 1
