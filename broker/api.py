@@ -78,6 +78,14 @@ Native clients on the user's machine (``Protocol.open_client``, ``console-broker
     ``status()``. :class:`OpenError` is the one line the command prints when it cannot
     go on.
 
+Recordings (``console_broker_recording_kinds``)
+    A plugin that records its sessions declares a :class:`RecordingKind` (its protocol,
+    its files' suffix and format, the page that plays them) and writes each part with
+    :class:`PartFile` (created in the shared layout, held while written so that
+    retention never deletes it), naming the recording with :func:`new_recording_id`;
+    the directory is :attr:`Config.recordings_dir`. The core lists, prunes and serves
+    them (``broker.recordings``).
+
 Configuration (``console_broker_config_tables``) and commands (``console_broker_commands``)
     A plugin declares its tables with :class:`ConfigTable` (a frozen attrs class whose
     fields are declared with :func:`setting`, checked with :func:`at_least`,
@@ -128,6 +136,7 @@ if TYPE_CHECKING:
     )
     from broker.native import BridgeEnd, LocalListener, NativeClient, OpenError
     from broker.plugins import PluginContext, PluginManager
+    from broker.recordings import PartFile, RecordingKind, new_recording_id
     from broker.service import (
         DEFAULT_READ_SIZE,
         PLUGIN_CODES,
@@ -248,6 +257,10 @@ _SOURCES: dict[str, str] = {
     "OpenError": "broker.native",
     "LocalListener": "broker.native",
     "BridgeEnd": "broker.native",
+    # recordings
+    "RecordingKind": "broker.recordings",
+    "PartFile": "broker.recordings",
+    "new_recording_id": "broker.recordings",
     # configuration and commands
     "Config": "broker.config",
     "ConfigError": "broker.config",
@@ -302,12 +315,14 @@ __all__ = [
     "OpenError",
     "OpenOption",
     "Page",
+    "PartFile",
     "PluginContext",
     "PluginError",
     "PluginManager",
     "PresenceState",
     "Protocol",
     "PumpEnd",
+    "RecordingKind",
     "Refusal",
     "Refused",
     "Seat",
@@ -329,6 +344,7 @@ __all__ = [
     "hookimpl",
     "load_config",
     "load_fragment",
+    "new_recording_id",
     "not_empty",
     "one_of",
     "package_file",

@@ -488,6 +488,39 @@ class LoggingSection:
     )
 
 
+@attrs.frozen
+class RecordingsSection:
+    """Where the plugins' session recordings go and how long they are kept: one
+    directory and one retention policy for every protocol (``serial.record``,
+    ``vnc.record``; see docs/recordings.md)."""
+
+    dir: str = setting(
+        "",
+        "Directory the recordings are written to (created 0700), one subdirectory per "
+        "domain UUID. Empty: 'recordings' in broker.state_dir.",
+        path=True,
+    )
+    keep_days: int = setting(
+        0,
+        "Days a recording file is kept after its last write; older files are deleted "
+        "(never a part being written). 0: kept forever.",
+        at_least(0),
+    )
+    max_total: int = setting(
+        0,
+        "Bytes all recording files in recordings.dir may take together; past it, the files "
+        "written longest ago are deleted first (never a part being written). 0: no limit.",
+        at_least(0),
+    )
+    prune_interval: float = setting(
+        3600.0,
+        "Seconds between two retention passes while the broker runs (it also prunes on "
+        "start and after a recording moves on to its next part), when "
+        "recordings.keep_days or recordings.max_total is set.",
+        at_least(1),
+    )
+
+
 #: Listen addresses meaning "every address" (named here, not bound).
 _WILDCARD_HOSTS = ("0.0.0.0", "::")  # noqa: S104
 _DEFAULT_PORTS = {"http": 80, "https": 443}
@@ -520,6 +553,7 @@ class Config:
     limits: LimitsSection = attrs.field(factory=LimitsSection)
     proxy: ProxySection = attrs.field(factory=ProxySection)
     logging: LoggingSection = attrs.field(factory=LoggingSection)
+    recordings: RecordingsSection = attrs.field(factory=RecordingsSection)
     #: The plugins' tables by name (instances of their declared classes): every table
     #: declared when the configuration was loaded, its defaults when the file has none.
     #: Read one with :meth:`table`.
@@ -570,6 +604,12 @@ class Config:
         """The trusted public key files, the local one first."""
         local = [self.state_dir / PUBLIC_KEY_NAME] if self.tokens.trust_local_key else []
         return [*local, *map(Path, self.tokens.public_keys)]
+
+    @property
+    def recordings_dir(self) -> Path:
+        """Where recordings go: ``recordings.dir`` (already resolved against the file's
+        directory), else ``recordings`` in ``broker.state_dir``."""
+        return Path(self.recordings.dir or self.state_dir / "recordings")
 
     @property
     def tls_enabled(self) -> bool:

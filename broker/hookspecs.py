@@ -35,6 +35,7 @@ if TYPE_CHECKING:
     from broker.config import ConfigTable
     from broker.native import NativeClient
     from broker.plugins import PluginContext
+    from broker.recordings import RecordingKind
     from broker.service import ConsoleTLS, Endpoint, EndpointRequest, Refusal, SessionHandler
     from broker.xml import ConsoleEdit, EditOptions
 
@@ -333,6 +334,22 @@ def console_broker_refusals() -> list[Refusal]:  # type: ignore[empty-body]
     session with one by raising :class:`broker.service.Refused`. A reason or code
     the core or another plugin declared is a load error; docs/service.md's table
     lists every loaded plugin's reasons.
+    """
+
+
+@hookspec
+def console_broker_recording_kinds() -> list[RecordingKind]:  # type: ignore[empty-body]
+    """Declare the recordings this plugin writes of its protocols' sessions.
+
+    Called once when the plugins are loaded; all results are collected. Each
+    :class:`broker.recordings.RecordingKind` names a protocol of this plugin, the
+    suffix of its files, their format and content type, and the page that plays them
+    back. The plugin writes the files (:class:`broker.recordings.PartFile`, in the
+    layout and with the header :mod:`broker.recordings` describes); the core lists them
+    (``console-broker recordings``, with a protocol column), prunes them under one
+    policy (``[recordings]``), and serves them to a recording token
+    (``console-broker token --recording ID``, ``GET /recording``). A protocol or a
+    suffix two kinds declare, or a protocol another plugin serves, is a load error.
     """
 
 

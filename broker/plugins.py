@@ -26,6 +26,7 @@ if TYPE_CHECKING:
     from prometheus_client import CollectorRegistry
 
     from broker.config import Config
+    from broker.recordings import RecordingKind
     from broker.service import Refusal
 
 #: Comma-separated plugin (entry-point) names that are not loaded.
@@ -134,6 +135,8 @@ class PluginManager:
         self.refusals = self._collect_refusals()
         #: The plugins' configuration tables, in file order (load_config's *tables*).
         self.config_tables = self._collect_config_tables()
+        #: The recordings the plugins write, by protocol (``console_broker_recording_kinds``).
+        self.recording_kinds = self._collect_recording_kinds()
 
     @property
     def hook(self) -> Any:
@@ -244,6 +247,41 @@ class PluginManager:
                 )
             codes[refusal.close_code] = who
             found[refusal.reason] = (plugin_name, refusal)
+        return found
+
+    def _collect_recording_kinds(self) -> dict[str, RecordingKind]:
+        """protocol -> kind: each a protocol of the declaring plugin, one kind per protocol
+        and per suffix; no protocol may take the recording tokens' name."""
+        from broker.recordings import RECORDING, RecordingKind
+
+        if RECORDING in self.protocols:
+            raise PluginError(
+                f"{self.describe(self.protocols[RECORDING][0])} declares the protocol "
+                f"{RECORDING!r}: the name is the core's own (recording tokens)"
+            )
+        found: dict[str, RecordingKind] = {}
+        suffixes: dict[str, str] = {}
+        for plugin_name, kind in self._declared("console_broker_recording_kinds", RecordingKind):
+            who = self.describe(plugin_name)
+            owner = self.protocols.get(kind.protocol)
+            if owner is None or owner[0] != plugin_name:
+                raise PluginError(
+                    f"{who}: recordings of the protocol {kind.protocol!r}, which it does not "
+                    "serve"
+                )
+            if kind.protocol in found:
+                raise PluginError(f"{who}: two recording kinds of {kind.protocol!r}")
+            other = next(
+                (s for s in suffixes if kind.suffix.endswith(s) or s.endswith(kind.suffix)),
+                None,
+            )
+            if other is not None:
+                raise PluginError(
+                    f"{who}: the recording suffix {kind.suffix!r} of {kind.protocol!r} "
+                    f"clashes with {other!r} of {suffixes[other]!r}"
+                )
+            suffixes[kind.suffix] = kind.protocol
+            found[kind.protocol] = kind
         return found
 
     def xml_options(self) -> list[XMLOption]:

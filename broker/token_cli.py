@@ -229,6 +229,13 @@ def _token_command(args: argparse.Namespace) -> int:
     from broker.tokens import MAX_NAME_LENGTH, TokenIssuer, valid_name
 
     _log_to_stderr()
+    if args.recording is not None:  # a token that plays a recording back, no console
+        from broker.recordings_cli import recording_token
+
+        return recording_token(args)
+    if args.domain is None or args.protocol is None:
+        raise CommandError("DOMAIN and --protocol are required (but with --recording)",
+                           EXIT_USAGE)
     if args.name is not None and not valid_name(args.name):
         raise CommandError(
             f"--name: 1 to {MAX_NAME_LENGTH} printable characters (no control characters), "
@@ -377,10 +384,11 @@ def register_token(subparsers: Subparsers) -> None:
             "the state directory is used, and no configuration file is needed."
         ),
     )
-    parser.add_argument("domain", metavar="DOMAIN",
-                        help="domain name or UUID (a UUID with --uuid or --node)")
+    parser.add_argument("domain", metavar="DOMAIN", nargs="?",
+                        help="domain name or UUID (a UUID with --uuid or --node); with "
+                        "--recording, optional (the recording's domain)")
     parser.add_argument(
-        "--protocol", "-p", required=True,
+        "--protocol", "-p",
         help="protocol, e.g. vnc, spice, serial; or screenshot: a token for one screenshot "
         "of the domain's screen (GET /screenshot), no console",
     )
@@ -401,6 +409,13 @@ def register_token(subparsers: Subparsers) -> None:
         "the console's other viewers on the VNC and SPICE pages (see docs/tokens.md)",
     )
     parser.add_argument("--json", action="store_true", help="print a JSON object instead")
+    parser.add_argument(
+        "--recording", metavar="ID",
+        help="a token that plays the recording ID back ('console-broker recordings' lists "
+        "the ids), view only: its playback page's URL (a VNC recording) and the URL that "
+        "serves its parts; DOMAIN and --protocol are then looked up in recordings.dir "
+        "(with --node, give both: DOMAIN's UUID and the recording's protocol)",
+    )
     parser.add_argument(
         "--client-file", "--vv", metavar="FILE",
         help="write the native client's connection file (SPICE: a virt-viewer .vv file for "

@@ -58,6 +58,7 @@ from broker.keys import (
     load_private_key,
     load_public_keys,
 )
+from broker.recordings import RECORDING, RECORDING_ID
 
 __all__ = [
     "ALGORITHM",
@@ -223,6 +224,11 @@ class Claims:
     #: other viewers of the console (docs/vnc.md, "Presence and control"), never checked.
     #: None: the token names nobody.
     name: str | None = None
+    #: The recording a recording token plays back (``rec``): its ``proto`` is
+    #: ``recording`` (:data:`broker.recordings.RECORDING`), its rights ``view``; such a
+    #: token opens no console, it fetches that recording of its domain
+    #: (``GET /recording``). None for every other token.
+    recording: str | None = None
 
     @property
     def view_only(self) -> bool:
@@ -244,6 +250,8 @@ class Claims:
             payload["dev"] = self.device
         if self.name is not None:
             payload["name"] = self.name
+        if self.recording is not None:
+            payload["rec"] = self.recording
         return payload
 
     @classmethod
@@ -289,6 +297,17 @@ class Claims:
             raise InvalidToken(
                 f"claims: 'name' must be a string of 1 to {MAX_NAME_LENGTH} printable characters"
             )
+        recording = payload.get("rec")
+        if recording is not None and (
+            not isinstance(recording, str) or not RECORDING_ID.fullmatch(recording)
+        ):
+            raise InvalidToken("claims: 'rec' must be a recording id (hex)")
+        if (recording is not None) != (payload["proto"] == RECORDING):
+            raise InvalidToken(
+                f"claims: 'rec' goes with the protocol {RECORDING!r}, and only with it"
+            )
+        if recording is not None and rights is not Rights.VIEW:
+            raise InvalidToken("claims: a recording token has view rights only")
         return cls(
             domain_uuid=domain_uuid,
             protocol=payload["proto"],
@@ -300,6 +319,7 @@ class Claims:
             jti=payload["jti"],
             device=device,
             name=who,
+            recording=recording,
         )
 
 
@@ -346,11 +366,14 @@ class TokenIssuer:
         view_only: bool = False,
         device: str | None = None,
         name: str | None = None,
+        recording: str | None = None,
     ) -> IssuedToken:
         """Sign a token for *domain_uuid* and *protocol*, valid *ttl* seconds from now.
 
         *device* names the console device (``dev`` claim): an alias or an index; *name*
         who the token is for (``name`` claim), shown to the console's other viewers.
+        *recording* makes a recording token (``rec`` claim): *protocol* must then be
+        :data:`broker.recordings.RECORDING`, and its rights are view only.
         """
         try:
             domain_uuid = _canonical_uuid(domain_uuid)
@@ -366,18 +389,25 @@ class TokenIssuer:
             raise ValueError(
                 f"a name is 1 to {MAX_NAME_LENGTH} printable characters, not {name!r}"
             )
+        if recording is not None and not RECORDING_ID.fullmatch(recording):
+            raise ValueError(f"{recording!r} is not a recording id")
+        if (recording is not None) != (protocol == RECORDING):
+            raise ValueError(
+                f"a recording id goes with the protocol {RECORDING!r}, and only with it"
+            )
         issued_at = int(self._now())
         claims = Claims(
             domain_uuid=domain_uuid,
             protocol=protocol,
             node=self._node,
-            rights=Rights.VIEW if view_only else Rights.FULL,
+            rights=Rights.VIEW if view_only or recording is not None else Rights.FULL,
             issued_at=issued_at,
             not_before=issued_at,
             expires_at=issued_at + ttl,
             jti=secrets.token_urlsafe(16),
             device=device,
             name=name,
+            recording=recording,
         )
         token = jwt.encode(
             claims.to_payload(),
@@ -393,6 +423,7 @@ class TokenIssuer:
             node=claims.node,
             rights=claims.rights.value,
             device=claims.device,
+            recording=claims.recording,
             expires_at=claims.expires_at,
             kid=self._kid,
         )

@@ -59,6 +59,8 @@ from broker.config import Config
 from broker.handoff import HandoffLimit
 from broker.hookspecs import SCREENSHOT, ClientFile, Page, Protocol
 from broker.plugins import PluginContext, PluginError, PluginManager
+from broker.recordings import RECORDING
+from broker.recordings import retention as recordings_retention
 from broker.service._clientcert import ClientCertificates, ClientTLS
 from broker.service._connect import token_for_handle
 from broker.service._connection import LISTENER, BrokerConnection, ConnectionLimits
@@ -69,6 +71,7 @@ from broker.service._libvirt import Resolver, Target
 from broker.service._limits import Limits, SessionCounts
 from broker.service._metrics import CONTENT_TYPE, Metrics
 from broker.service._presence import INPUT_MODES
+from broker.service._recordings import RecordingRequests
 from broker.service._refusals import (
     BAD_REQUEST,
     FOREIGN_ORIGIN,
@@ -94,6 +97,7 @@ from broker.service._request import (
     OriginPolicy,
     PageRoute,
     PlainRoute,
+    RecordingRoute,
     RedirectRoute,
     ScreenshotRoute,
     TrustedProxies,
@@ -214,6 +218,8 @@ class Broker:
         self._controls = ControlChannels(self._runner, verifier, self._node)
         #: ``GET /screenshot``: bounded, in worker threads.
         self.screenshots = Screenshots(resolver)
+        #: ``GET /recording``: the recordings of every kind the plugins declare.
+        self.recordings = RecordingRequests(config.recordings_dir, plugins.recording_kinds)
         #: Connections not yet past their request, on both listeners.
         self._gate = ConnectionGate(
             total=limits.max_pending, per_client=limits.max_pending_per_client,
@@ -327,8 +333,11 @@ class Broker:
             self._group = group
             await group.start(self._resolver.run, self)
             async with contextlib.AsyncExitStack() as services:
-                # Plugins' services (console_broker_service) live while the broker
+                # The recordings' retention (every plugin's, one policy), then the
+                # plugins' services (console_broker_service), live while the broker
                 # listens, and close after its sessions have.
+                kinds = list(self._plugins.recording_kinds.values())
+                await services.enter_async_context(recordings_retention(self.config, kinds))
                 for name, service in self._plugins.services(self._contexts):
                     await services.enter_async_context(service)
                     _log.info("plugin.service_started", plugin=name)
@@ -530,6 +539,8 @@ class Broker:
             return self._handoff(request, found, client)
         if isinstance(found, ScreenshotRoute):
             return await self._screenshot(found, client)
+        if isinstance(found, RecordingRoute):
+            return await self._recording(found, client)
         if isinstance(found, RedirectRoute):
             return _text(301, "moved", headers=[("Location", found.location)])
         if isinstance(found, NotFound):
@@ -830,6 +841,24 @@ class Broker:
             self._verifier.consume(claims)
         except TokenRefused as exc:
             raise Refused(TOKEN_REFUSALS.get(exc.reason, INVALID_TOKEN), exc.detail) from None
+
+    # --- recordings ----------------------------------------------------------------------
+
+    async def _recording(self, found: RecordingRoute, client: str) -> Response:
+        """``GET /recording?token=T[&part=N]``: the index or a part of the recording T
+        names (T's ``proto`` is ``recording``); T is checked, not used up
+        (:mod:`broker.service._recordings`)."""
+        try:
+            claims = self._verify(found.token, RECORDING)
+            answer = await self.recordings.answer(claims, found.part)
+        except Refused as exc:
+            return self._refuse_plainly(exc, RECORDING, client)
+        _log.info(
+            "recording.served", domain=claims.domain_uuid, recording=claims.recording,
+            protocol=answer.protocol, part=answer.part, bytes=len(answer.body),
+            jti=claims.jti, client=client,
+        )
+        return _response(200, answer.body, answer.content_type, answer.headers)
 
     # --- HTTP CONNECT (native clients) ---------------------------------------------------
 

@@ -100,6 +100,9 @@ SCREENSHOT_BUSY = _r("screenshot_busy", 429, 0, "too many screenshots at once; t
 SCREENSHOT_FAILED = _r("screenshot_failed", 502, 0, "the hypervisor could not take a screenshot")
 SCREENSHOT_TOO_LARGE = _r("screenshot_too_large", 502, 0, "the screen is too large to capture")
 SCREENSHOT_TIMEOUT = _r("screenshot_timeout", 504, 0, "the screenshot took too long")
+# --- answers of GET /recording alone -------------------------------------------------------
+
+NO_RECORDING = _r("no_recording", 404, 0, "no such recording (never made here, or deleted)")
 #: The refusals only an HTTP endpoint answers (never a session's): no close code.
 HTTP_REFUSALS: tuple[Refusal, ...] = (
     NO_SCREEN,
@@ -107,6 +110,7 @@ HTTP_REFUSALS: tuple[Refusal, ...] = (
     SCREENSHOT_FAILED,
     SCREENSHOT_TOO_LARGE,
     SCREENSHOT_TIMEOUT,
+    NO_RECORDING,
 )
 
 #: Every refusal, in table order (docs/service.md).

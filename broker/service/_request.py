@@ -13,6 +13,8 @@ Routes (see docs/service.md)::
     /handoff/{protocol}          POST, the token in ``Authorization: Bearer``: a handoff
                                  handle for the live session the token opened
     /screenshot?token=T          GET: the token's domain's screen as PNG (``max_width=N``)
+    /recording?token=T           a recording token's recording: its index (JSON), or with
+                                 ``part=N`` that part's file
     /healthz                     liveness and libvirt reachability (JSON)
     /metrics                     Prometheus text format
 
@@ -90,6 +92,15 @@ class ScreenshotRoute:
 
 
 @attrs.frozen
+class RecordingRoute:
+    """``/recording?token=...[&part=N]``: a recording's index, or one of its parts."""
+
+    token: str = attrs.field(repr=False)
+    #: The part asked for (1-999); None: the index.
+    part: int | None = None
+
+
+@attrs.frozen
 class PageRoute:
     """``/console/{protocol}/{path}``: a page or asset a plugin may serve."""
 
@@ -126,8 +137,8 @@ class NotAllowed:
 
 
 Route = (
-    WebSocketRoute | FileRoute | HandoffRoute | ScreenshotRoute | PageRoute | RedirectRoute
-    | PlainRoute | NotFound | NotAllowed
+    WebSocketRoute | FileRoute | HandoffRoute | ScreenshotRoute | RecordingRoute | PageRoute
+    | RedirectRoute | PlainRoute | NotFound | NotAllowed
     | ControlRoute
 )
 
@@ -176,6 +187,8 @@ def route(target: str, prefix: str = "", method: str = "GET") -> Route:
         return PlainRoute(path[1:])
     if endpoint == "screenshot":
         return ScreenshotRoute(_token(parts.query), _max_width(parts.query))
+    if endpoint == "recording":
+        return RecordingRoute(_token(parts.query), _part(parts.query))
     if endpoint == "ws":
         return WebSocketRoute(segments[2], _token(parts.query))
     if endpoint == "control":
@@ -196,12 +209,14 @@ def route(target: str, prefix: str = "", method: str = "GET") -> Route:
 
 
 def _endpoint(path: str, segments: list[str]) -> str | None:
-    """Which kind of endpoint *path* names: ``plain``, ``screenshot``, ``ws``, ``file``,
-    ``handoff``, ``console``, or None (nothing lives there)."""
+    """Which kind of endpoint *path* names: ``plain``, ``screenshot``, ``recording``,
+    ``ws``, ``file``, ``handoff``, ``console``, or None (nothing lives there)."""
     if path in ("/healthz", "/metrics"):
         return "plain"
     if path == "/screenshot":
         return "screenshot"
+    if path == "/recording":
+        return "recording"
     if len(segments) < 3 or not _PROTOCOL.match(segments[2]):
         return None
     if segments[1] in ("ws", "file", "handoff") and len(segments) == 3:
@@ -238,6 +253,18 @@ def _max_width(query: str) -> int | None:
         return width_bound(values[0])
     except ValueError as exc:
         raise Refused(BAD_REQUEST, str(exc)) from None
+
+
+def _part(query: str) -> int | None:
+    """A recording's ``part`` (one, 1-999), or None."""
+    values = _fields(query).get("part", [])
+    if len(values) > 1:
+        raise Refused(BAD_REQUEST, "more than one part in the query")
+    if not values:
+        return None
+    if not re.fullmatch(r"[0-9]{1,3}", values[0]) or not 1 <= int(values[0]) <= 999:
+        raise Refused(BAD_REQUEST, "part must be a number from 1 to 999")
+    return int(values[0])
 
 
 def bearer_token(values: list[str]) -> str:

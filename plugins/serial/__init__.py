@@ -10,7 +10,7 @@ messages are in docs/serial.md. ``console-broker open`` attaches a terminal
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from broker.api import OpenOption, Protocol, hookimpl
 
@@ -18,15 +18,13 @@ from ._config import console_broker_config_tables as console_broker_config_table
 from ._control import SUBPROTOCOL
 
 if TYPE_CHECKING:
-    import argparse
-    from contextlib import AbstractAsyncContextManager
-
     from broker.api import (
         ConsoleEdit,
         EditOptions,
         NativeClient,
         Page,
         PluginContext,
+        RecordingKind,
         SessionHandler,
     )
 
@@ -92,14 +90,8 @@ def console_broker_protocols() -> list[Protocol]:
 
 
 @hookimpl
-def console_broker_service(context: PluginContext) -> AbstractAsyncContextManager[None]:
-    """The recordings' retention, while the broker serves (see broker_serial._serve)."""
-    return hubs_of(context).pruning()
+def console_broker_recording_kinds() -> list[RecordingKind]:
+    """asciicast v2 files; the core lists, prunes and serves them (docs/recordings.md)."""
+    from ._recording import KIND
 
-
-@hookimpl
-def console_broker_commands(subparsers: argparse._SubParsersAction[Any]) -> None:
-    """``console-broker recordings``."""
-    from ._cli import register
-
-    register(subparsers)
+    return [KIND]

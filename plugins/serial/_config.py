@@ -1,17 +1,16 @@
 """The ``[serial]`` configuration table: its keys, and the hook declaring it.
 
-The serial plugin reads it with ``config.table(TABLE)``; :func:`recordings_directory`
-resolves where the recordings go.
+The serial plugin reads it with ``config.table(TABLE)``; where the recordings go is
+the core's ``config.recordings_dir``.
 """
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 import attrs
 
-from broker.api import Config, ConfigTable, at_least, hookimpl, setting
+from broker.api import ConfigTable, at_least, hookimpl, setting
 
 
 @attrs.frozen
@@ -38,48 +37,30 @@ class SerialSection:
         "serial.record is false.",
     )
     record_input: bool = setting(
-        False, "Also record what the writing client typed ('i' events), in recordings."
-    )
-    recordings_dir: str = setting(
-        "",
-        "Directory the recordings are written to (created 0700), one subdirectory per "
-        "domain UUID. Empty: 'recordings' in broker.state_dir.",
-        path=True,
+        False,
+        "Also record what the writing client typed ('i' events), in recordings: "
+        "passwords typed at a login prompt included.",
     )
     recording_max_size: int = setting(
         10_485_760,
         "Size in bytes past which a recording is continued in a new file (the next part).",
         at_least(4096),
     )
-    recordings_keep_days: int = setting(
-        0,
-        "Days a recording file is kept after its last write; older files are deleted "
-        "(never the part being written). 0: kept forever.",
-        at_least(0),
-    )
-    recordings_max_total: int = setting(
-        0,
-        "Bytes all files in serial.recordings_dir may take together; past it, the files "
-        "written longest ago are deleted first (never a part being written). 0: no limit.",
-        at_least(0),
-    )
-    recordings_prune_interval: float = setting(
-        3600.0,
-        "Seconds between two retention passes while the broker runs (it also prunes on "
-        "start and after a recording moves on to its next part), when "
-        "serial.recordings_keep_days or serial.recordings_max_total is set.",
-        at_least(1),
-    )
 
 
-#: The ``[serial]`` table: after ``[spice]`` in the documented defaults.
-TABLE = ConfigTable(name="serial", schema=SerialSection, order=30)
-
-
-def recordings_directory(config: Config) -> Path:
-    """Where serial console recordings go: ``serial.recordings_dir`` (already resolved
-    against the file's directory), else ``recordings`` in ``broker.state_dir``."""
-    return Path(config.table(TABLE).recordings_dir or config.state_dir / "recordings")
+#: The ``[serial]`` table: after ``[spice]`` in the documented defaults. Where recordings
+#: go and how long they are kept is every plugin's: the core's ``[recordings]`` table.
+TABLE = ConfigTable(
+    name="serial",
+    schema=SerialSection,
+    order=30,
+    moved={
+        "recordings_dir": "recordings.dir",
+        "recordings_keep_days": "recordings.keep_days",
+        "recordings_max_total": "recordings.max_total",
+        "recordings_prune_interval": "recordings.prune_interval",
+    },
+)
 
 
 @hookimpl

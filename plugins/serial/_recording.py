@@ -1,4 +1,4 @@
-"""Recording a serial console as asciicast v2 files, and finding them again.
+"""Recording a serial console as asciicast v2 files.
 
 An asciicast v2 file (what ``asciinema play`` plays) is one JSON header
 line, ``{"version": 2, "width": W, "height": H, "timestamp": T, ...}``, then
@@ -9,11 +9,11 @@ A :class:`Recording` follows one console for as long as a client is attached
 to it. Output is decoded as UTF-8 incrementally (a character split between
 two reads stays whole; invalid bytes become U+FFFD). Past ``max_size`` bytes
 the file is closed and the recording goes on in a new part, a file with its
-own header and clock, so each part plays alone. Files are created 0600 in a
-0700 directory per domain UUID: ``{dir}/{uuid}/{start}-{id}-{part}.cast``.
-The part being written is held (:func:`broker_serial._retention.hold`) so
-that retention never deletes it; it is created as ``....cast.new`` and
-renamed once held.
+own header and clock, so each part plays alone. The files are in the layout
+every plugin's recordings share (``{recordings.dir}/{uuid}/{start}-{id}-{part}.cast``),
+created by :class:`broker.api.PartFile` (0600, held while written so that
+retention never deletes it); the core lists, prunes and serves them
+(:data:`KIND`, docs/recordings.md).
 
 Writes are small appends on the event loop's thread; a recording that cannot
 be written (a full disk) logs ``serial.recording_failed`` once and stops,
@@ -23,32 +23,27 @@ and the console goes on.
 from __future__ import annotations
 
 import codecs
-import contextlib
 import functools
 import json
-import os
-import secrets
 import time
-from collections.abc import Callable, Iterator
-from datetime import UTC, datetime
+from collections.abc import Callable
 from pathlib import Path
-from typing import IO, Any
 
-import attrs
 import structlog
 
-from ._retention import hold, is_being_written
+from broker.api import PartFile, RecordingKind, new_recording_id
 
 _log = structlog.get_logger("broker_serial.recording")
 #: The header key holding console-broker's own facts (players ignore it).
 META = "console_broker"
-#: Longest header line read when listing.
-_MAX_HEADER = 65536
-_TAIL = 8192
-
-
-def _stamp(moment: float) -> str:
-    return datetime.fromtimestamp(moment, UTC).strftime("%Y%m%dT%H%M%SZ")
+SUFFIX = ".cast"
+#: What the core knows of serial recordings: asciinema plays a part alone; no page.
+KIND = RecordingKind(
+    protocol="serial",
+    suffix=SUFFIX,
+    title="asciicast v2",
+    content_type="application/x-asciicast",
+)
 
 
 class Recording:
@@ -66,24 +61,22 @@ class Recording:
         size: tuple[int, int] = (80, 24),
         clock: Callable[[], float] = time.time,
         monotonic: Callable[[], float] = time.monotonic,
-        on_rotate: Callable[[Path], None] | None = None,
     ) -> None:
-        self.directory = directory / domain_uuid
+        #: The recordings directory (``recordings.dir``).
+        self.directory = directory
         self.domain_uuid = domain_uuid
         self.domain_name = domain_name
         self.device = device
         self.record_input = record_input
         self.max_size = max_size
         self.size = size
-        self.id = secrets.token_hex(4)
+        self.id = new_recording_id()
         self.started = clock()
         self.paths: list[Path] = []
         self.failed = False
         self._clock = clock
         self._monotonic = monotonic
-        self._on_rotate = on_rotate
-        self._file: IO[str] | None = None
-        self._release: Callable[[], None] | None = None
+        self._file: PartFile | None = None
         self._written = 0
         self._part_start = 0.0
         self._decoders = {
@@ -106,28 +99,18 @@ class Recording:
             _log.error(
                 "serial.recording_failed",
                 domain=self.domain_uuid,
-                path=str(self.paths[-1]) if self.paths else str(self.directory),
+                path=str(self.paths[-1]) if self.paths else str(self.directory / self.domain_uuid),
                 error=exc.strerror or str(exc),
             )
             self._close_file()
 
     def _open_part(self) -> None:
-        self.directory.mkdir(mode=0o700, parents=True, exist_ok=True)
         now = self._clock()
         part = len(self.paths) + 1
-        path = self.directory / f"{_stamp(self.started)}-{self.id}-{part:03d}.cast"
-        new = path.with_name(path.name + ".new")  # not *.cast: unseen by retention till held
-        fd = os.open(new, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
-        try:
-            self._release = hold(fd)
-            os.rename(new, path)
-        except OSError:
-            os.close(fd)
-            self._unhold()
-            with contextlib.suppress(OSError):
-                os.unlink(new)
-            raise
-        self._file = os.fdopen(fd, "w", encoding="utf-8", newline="\n")
+        self._file = PartFile.create(
+            self.directory, self.domain_uuid, self.id, self.started, part, SUFFIX
+        )
+        path = self._file.path
         self.paths.append(path)
         self._part_start = self._monotonic()
         self._written = 0
@@ -152,18 +135,17 @@ class Recording:
     def _line(self, text: str) -> None:
         assert self._file is not None
         data = text + "\n"
-        self._file.write(data)
+        encoded = data.encode()
+        self._file.write(encoded)
         self._file.flush()
-        self._written += len(data.encode())
+        self._written += len(encoded)
 
     def _event(self, kind: str, data: str) -> None:
         if self._file is None:
             return
         if self._written >= self.max_size:
             self._close_file()
-            self._open_part()
-            if self._on_rotate is not None:
-                self._on_rotate(self.paths[-2])
+            self._open_part()  # wakes the broker's retention (PartFile)
         elapsed = round(self._monotonic() - self._part_start, 6)
         self._line(json.dumps([elapsed, kind, data], ensure_ascii=False))
 
@@ -183,17 +165,10 @@ class Recording:
         self.size = (cols, rows)
         self._guard(lambda: self._event("r", f"{cols}x{rows}"))
 
-    def _unhold(self) -> None:
-        release, self._release = self._release, None
-        if release is not None:
-            release()
-
     def _close_file(self) -> None:
         file, self._file = self._file, None
         if file is not None:
-            with contextlib.suppress(OSError):
-                file.close()
-        self._unhold()
+            file.close()
 
     def close(self) -> None:
         for kind, decoder in self._decoders.items():
@@ -201,107 +176,3 @@ class Recording:
             if rest and (kind == "o" or self.record_input):
                 self._guard(functools.partial(self._event, kind, rest))
         self._close_file()
-
-
-# --- listing ----------------------------------------------------------------------------
-
-
-@attrs.frozen
-class RecordingFile:
-    """One part of a recording, as ``console-broker recordings`` lists it."""
-
-    path: Path
-    domain_uuid: str
-    domain_name: str
-    device: str | None
-    recording: str
-    part: int
-    started: int
-    width: int
-    height: int
-    size: int
-    #: Seconds from the part's start to its last event.
-    duration: float
-    input: bool
-    #: Whether some process is writing this part right now (retention keeps it).
-    live: bool = False
-
-    def to_json(self) -> dict[str, Any]:
-        return {
-            "path": str(self.path),
-            "domain": {"name": self.domain_name, "uuid": self.domain_uuid},
-            "device": self.device,
-            "recording": self.recording,
-            "part": self.part,
-            "started": datetime.fromtimestamp(self.started, UTC).isoformat().replace(
-                "+00:00", "Z"
-            ),
-            "width": self.width,
-            "height": self.height,
-            "size": self.size,
-            "duration": self.duration,
-            "input": self.input,
-            "live": self.live,
-        }
-
-
-def _last_time(handle: IO[bytes], size: int) -> float:
-    handle.seek(max(0, size - _TAIL))
-    lines = handle.read(_TAIL).splitlines()
-    for line in reversed(lines[1:] if size > _TAIL else lines):
-        with contextlib.suppress(ValueError, TypeError, KeyError, IndexError):
-            event = json.loads(line)
-            if isinstance(event, list):
-                return float(event[0])
-    return 0.0
-
-
-def read_recording(path: Path) -> RecordingFile | None:
-    """What *path*'s header says, or None if it is not a console-broker recording."""
-    try:
-        with path.open("rb") as handle:
-            first = handle.readline(_MAX_HEADER)
-            size = os.fstat(handle.fileno()).st_size
-            header = json.loads(first)
-            meta = header.get(META) or {}
-            domain = meta.get("domain") or {}
-            return RecordingFile(
-                path=path,
-                domain_uuid=str(domain.get("uuid") or path.parent.name),
-                domain_name=str(domain.get("name") or ""),
-                device=meta.get("device"),
-                recording=str(meta.get("recording") or ""),
-                part=int(meta.get("part") or 1),
-                started=int(header["timestamp"]),
-                width=int(header["width"]),
-                height=int(header["height"]),
-                size=size,
-                duration=_last_time(handle, size),
-                input=bool(meta.get("input")),
-                live=is_being_written(path),
-            )
-    except (OSError, ValueError, TypeError, KeyError, AttributeError):
-        return None
-
-
-def _files(directory: Path) -> Iterator[Path]:
-    if not directory.exists():
-        return  # nothing recorded yet; anything else that is no directory raises
-    for sub in directory.iterdir():  # symbolic links are not followed out of the directory
-        if not sub.is_symlink() and sub.is_dir():
-            yield from (path for path in sub.glob("*.cast") if not path.is_symlink())
-
-
-def list_recordings(directory: Path, domain: str | None = None) -> list[RecordingFile]:
-    """The recordings under *directory*, oldest first; *domain*: a name or UUID."""
-    wanted = domain.lower() if domain is not None else None
-    found = []
-    for path in _files(directory):
-        info = read_recording(path)
-        if info is None:
-            continue
-        names = (info.domain_uuid.lower(), info.domain_name.lower())
-        if wanted is not None and wanted not in names:
-            continue
-        found.append(info)
-    return sorted(found, key=lambda r: (r.started, r.recording, r.part, str(r.path)))

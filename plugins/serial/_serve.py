@@ -11,18 +11,12 @@ console (``Protocol.shared_console``), and runs three tasks in one group:
 
 The client leaving, or the console ending once the client has been sent what
 was queued, ends the group; the session detaches from the hub in any case
-(the last one closes it and its recording).
-
-:meth:`Hubs.pruning`, the plugin's service, runs the retention of the
-recordings (:class:`broker_serial._retention.Pruner`) while the broker serves,
-when a policy is set: a pass on start, every ``serial.recordings_prune_interval``
-seconds and after a recording moves on to its next part, in a thread.
+(the last one closes it and its recording). The recordings' retention is the
+core's (``[recordings]``), for every plugin's recordings alike.
 """
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -33,10 +27,9 @@ import attrs
 from broker.api import ClientChannel, ClientClosed, Config, Session
 
 from . import _control as control
-from ._config import TABLE, recordings_directory
+from ._config import TABLE
 from ._hub import Attached, Hub
 from ._recording import Recording
-from ._retention import Policy, Pruner
 
 _CONSOLE_ERRORS = (
     anyio.EndOfStream,
@@ -57,8 +50,6 @@ class Settings:
     record_input: bool = False
     recordings_dir: Path = Path("recordings")
     recording_max_size: int = 10 * 1024 * 1024
-    retention: Policy = attrs.field(factory=Policy)
-    prune_interval: float = 3600.0
 
     @classmethod
     def from_config(cls, config: Config) -> Settings:
@@ -69,10 +60,8 @@ class Settings:
             record=serial.record,
             record_domains=frozenset(d.lower() for d in serial.record_domains),
             record_input=serial.record_input,
-            recordings_dir=recordings_directory(config),
+            recordings_dir=config.recordings_dir,
             recording_max_size=serial.recording_max_size,
-            retention=Policy(serial.recordings_keep_days, serial.recordings_max_total),
-            prune_interval=serial.recordings_prune_interval,
         )
 
     def records(self, domain_name: str, domain_uuid: str) -> bool:
@@ -117,34 +106,11 @@ def _control_message(hub: Hub, client: Attached, text: str, log: Any) -> None:
 
 
 class Hubs:
-    """The hubs of one broker, one per shared console stream, and the session handler.
-
-    :meth:`pruning` is the plugin's service (``console_broker_service``): while the
-    broker serves, it runs the recordings' retention in a thread when a policy is set,
-    and the hubs wake it after a recording moves on to its next part."""
+    """The hubs of one broker, one per shared console stream, and the session handler."""
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self._hubs: dict[int, Hub] = {}
-        self.pruner: Pruner | None = None
-
-    @contextlib.asynccontextmanager
-    async def pruning(self) -> AsyncIterator[None]:
-        """Run the retention (a pass now, every ``prune_interval``, after rotations)
-        until the context ends; nothing without a policy."""
-        settings = self.settings
-        if not settings.retention.active:
-            yield
-            return
-        pruner = Pruner(settings.recordings_dir, settings.retention, settings.prune_interval)
-        pruner.start()
-        self.pruner = pruner
-        try:
-            yield
-        finally:
-            self.pruner = None
-            with anyio.CancelScope(shield=True):  # a pass under way finishes first
-                await anyio.to_thread.run_sync(lambda: pruner.stop(timeout=30))
 
     def __len__(self) -> int:
         return len(self._hubs)
@@ -167,7 +133,6 @@ class Hubs:
                 device=device,
                 record_input=settings.record_input,
                 max_size=settings.recording_max_size,
-                on_rotate=self._rotated,
             )
 
         def forget(closed: Hub) -> None:
@@ -185,10 +150,6 @@ class Hubs:
         )
         self._hubs[key] = hub
         return hub
-
-    def _rotated(self, _path: Path) -> None:
-        if self.pruner is not None:
-            self.pruner.wake("rotation")
 
     async def serve(self, session: Session) -> None:
         """The session handler: attach the client, serve it, detach it."""

@@ -15,11 +15,11 @@ import anyio.abc
 import pytest
 import structlog
 from broker_serial._control import SUBPROTOCOL
-from broker_serial._retention import Policy, is_being_written
 from broker_serial._serve import Hubs, Settings
 from serialkit import cast_output
 from websockets.exceptions import ConnectionClosed
 
+from broker.retention import Policy, Pruner, is_being_written
 from broker.service import Endpoint, Session, Traffic, WebSocketChannel
 from broker.tokens import Claims, Rights
 
@@ -432,8 +432,11 @@ async def test_retention_passes_during_a_session_leave_its_recording_whole(
     old.write_text('{"version": 2, "width": 80, "height": 24, "timestamp": 1577836800}\n')
     os.utime(old, (0, 0))
     console = FakeConsole()
-    hubs = Hubs(recording_settings(tmp_path, retention=Policy(keep_days=7)))
+    hubs = Hubs(recording_settings(tmp_path))
     client = FakeConnection(SUBPROTOCOL)
+    # The broker's retention: a pass on start and after each of the recording's rotations
+    # (a new part wakes it), in its thread.
+    pruner = Pruner(tmp_path, Policy(keep_days=7), 3600, suffixes=[".cast"])
 
     async def body() -> None:
         for i in range(400):
@@ -441,14 +444,14 @@ async def test_retention_passes_during_a_session_leave_its_recording_whole(
             if i % 50 == 0:
                 await anyio.sleep(0.01)  # let passes run while it records
         await until(lambda: client.output().endswith(b"line 399\r\n"))
-        await until(lambda: hubs.pruner is not None and hubs.pruner.passes > 1)
+        await until(lambda: pruner.passes > 1)
         client.leave()
 
-    # The plugin's service: the pruner passes on start and after each of the recording's
-    # rotations, in its thread.
-    async with hubs.pruning():
-        assert hubs.pruner is not None
+    pruner.start()
+    try:
         await run_sessions(hubs, [make_session(console, client)], body)
+    finally:
+        pruner.stop(timeout=10)
     assert not old.exists()  # the passes deleted what the policy does not keep ...
     text, parts = recorded(tmp_path)  # ... and nothing of the recording
     assert len(parts) > 2

@@ -1,6 +1,7 @@
-"""Recordings: asciicast v2 files (header, events, UTF-8 across reads, input only when
-asked, size rotation, modes), the listing, ``console-broker recordings``, and a failing
-disk that stops the recording and nothing else."""
+"""Serial recordings: asciicast v2 files (header, events, UTF-8 across reads, input only
+when asked, size rotation into parts that play alone, modes), listed by the core as
+``serial`` recordings, and a failing disk that stops the recording and nothing else.
+The shared layout, listing and command are tests/test_recordings.py's."""
 
 from __future__ import annotations
 
@@ -10,11 +11,11 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
 import structlog
-from broker_serial._recording import Recording, list_recordings, read_recording
+from broker_serial._recording import KIND, Recording
 
-from broker.cli import main
+from broker.recordings import RecordingInfo, read_part
+from broker.recordings import list_recordings as list_all
 
 UUID = "6695eb01-f6a4-8304-79aa-97f2502e193f"
 
@@ -29,6 +30,10 @@ class Clock:
 
     def monotonic(self) -> float:
         return self.mono
+
+
+def list_recordings(directory: Path, domain: str | None = None) -> list[RecordingInfo]:
+    return list_all(directory, [KIND], domain)
 
 
 def lines(path: Path) -> list[object]:
@@ -127,26 +132,8 @@ def test_listing_by_domain_name_or_uuid(tmp_path: Path) -> None:
     assert [r.domain_name for r in list_recordings(tmp_path, UUID.upper())] == ["web1"]
     assert list_recordings(tmp_path, "nope") == []
     assert list_recordings(tmp_path / "missing") == []
-    assert read_recording(tmp_path / UUID / "junk.cast") is None
-
-
-def test_the_recordings_command(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    config = tmp_path / "broker.toml"
-    config.write_text('[broker]\nstate_dir = "state"\n')
-    assert main(["recordings", "--config", str(config)]) == 0
-    assert "no recordings in" in capsys.readouterr().out
-    rec = Recording(tmp_path / "state" / "recordings", domain_uuid=UUID, domain_name="web1",
-                    device="serial0")
-    rec.output(b"hello")
-    rec.close()
-    assert main(["recordings", "--config", str(config), "--domain", "web1"]) == 0
-    out = capsys.readouterr().out
-    assert "web1 serial0  part 1" in out and str(rec.paths[0]) in out
-    assert main(["recordings", "--config", str(config), "--json"]) == 0
-    (doc,) = json.loads(capsys.readouterr().out)
-    assert doc["domain"] == {"name": "web1", "uuid": UUID} and doc["path"] == str(rec.paths[0])
-    assert main(["recordings", "--dir", str(tmp_path / "elsewhere")]) == 0
-    assert "no recordings in" in capsys.readouterr().out
-    config.write_text("[serial]\nrecord = 1\n")
-    assert main(["recordings", "--config", str(config)]) == 1
-    assert "serial.record: must be true or false" in capsys.readouterr().err
+    assert read_part(tmp_path / UUID / "junk.cast", KIND) is None
+    (info,) = list_recordings(tmp_path, "web1")
+    assert (info.protocol, info.format, info.width, info.height) == (
+        "serial", "asciicast v2", 80, 24
+    )

@@ -15,13 +15,14 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from broker_serial._recording import list_recordings
-from broker_serial._retention import Policy, is_being_written, prune
+from broker_serial._recording import KIND
 from console_broker_testbed import Testbed
 from serialkit import Client, Served, cast_output, cpu_load, serial_guest
 from websockets.exceptions import ConnectionClosed
 
 from broker.keys import load_private_key
+from broker.recordings import list_recordings
+from broker.retention import Policy, is_being_written, prune
 from broker.tokens import TokenIssuer
 
 pytestmark = pytest.mark.vm
@@ -29,8 +30,9 @@ pytestmark = pytest.mark.vm
 SERIAL = (
     "record = true\n"
     "recording_max_size = 4096\n"  # a new part every few lines: rotations mid-session
-    "recordings_keep_days = 7\n"  # a policy that keeps everything written this week ...
-    "recordings_prune_interval = 1\n"  # ... applied every second and after each rotation
+    "[recordings]\n"
+    "keep_days = 7\n"  # a policy that keeps everything written this week ...
+    "prune_interval = 1\n"  # ... applied every second and after each rotation
 )
 OTHER = "0b6f8d3c-8d0e-4b8e-9a57-3c1c5b7b2a10"
 MARKERS = 100
@@ -163,9 +165,10 @@ def session(stack: Stack, run: int, ending: str) -> tuple[bytes, list[Path]]:
         client.wait_for(marker(run, MARKERS - 1).encode() + b"guest# ")  # idle at its prompt
         if ending == "prune":  # passes in another process, and the broker's, meanwhile
             planted = [plant(broker, run, n) for n in range(3)]
-            result = prune(broker.recordings, Policy(keep_days=7))
+            result = prune(broker.recordings, Policy(keep_days=7), suffixes=[KIND.suffix])
             assert result.errors == [] and result.kept > 0
-            live = [rec.live for rec in list_recordings(broker.recordings, stack.guest.name())]
+            listed = list_recordings(broker.recordings, [KIND], stack.guest.name())
+            live = [rec.live for rec in listed]
             assert live.count(True) == 1, live
             client.send(b"echo pruned-$((6*7))\n")
             client.wait_for(b"\r\npruned-42\r\n")

@@ -31,13 +31,13 @@ def test_the_broker_prunes_and_never_the_live_part(tmp_path: Path, testbed: Test
     recordings = tmp_path / "state" / "recordings"
     ancient = plant(recordings / OTHER / "20200101T000000Z-00000000-001.cast", days_old=30)
     recent = plant(recordings / OTHER / "20200102T000000Z-00000001-001.cast", days_old=1)
-    broker = Served(tmp_path, "record = true\nrecordings_keep_days = 7\n")
+    broker = Served(tmp_path, "record = true\n[recordings]\nkeep_days = 7\n")
     try:
         deadline = time.monotonic() + 10
-        while not broker.events("serial.pruned"):  # the pass on start, in its thread
+        while not broker.events("recordings.pruned"):  # the pass on start, in its thread
             assert time.monotonic() < deadline, broker.log_text()
             time.sleep(0.1)
-        (started,) = broker.events("serial.pruned")
+        (started,) = broker.events("recordings.pruned")
         assert started["trigger"] == "start" and started["deleted"] == 1
         assert started["kept"] == 1 and started["errors"] == 0
         assert not ancient.exists() and recent.exists()

@@ -1,18 +1,21 @@
 """Retention of recordings: deleting the files a policy no longer keeps.
 
-A :class:`Policy` keeps a file for ``keep_days`` after its last write (its
-mtime) and all files together under ``max_total`` bytes, deleting the files
-written longest ago first. :func:`prune` applies it once to a recordings
-directory; a :class:`Pruner` applies it in a background thread while the
-broker runs (on start, every ``interval`` seconds, and when woken after a
-recording moves on to its next part).
+The core's, for every plugin's recordings (:mod:`broker.recordings`): a
+:class:`Policy` keeps a file for ``keep_days`` after its last write (its mtime)
+and all files together under ``max_total`` bytes, deleting the files written
+longest ago first. :func:`prune` applies it once to a recordings directory; a
+:class:`Pruner` applies it in a background thread while the broker runs (on
+start, every ``interval`` seconds, and when woken after a recording moves on
+to its next part: :func:`wake_pruners`).
 
-What is looked at: the ``*.cast`` regular files one level down,
-``{dir}/{subdirectory}/{file}.cast``, which is where :class:`Recording`
-writes. Symbolic links are never followed below the directory itself (the
-subdirectories and files are opened ``O_NOFOLLOW`` relative to their parent's
-descriptor, and a symlink is neither counted nor deleted), other files are
-left alone, and directories are never removed.
+What is looked at: the regular files one level down whose names end with one of
+the registered recordings' suffixes (``.cast``, ``.rfb.jsonl``),
+``{dir}/{subdirectory}/{file}{suffix}``, which is where
+:class:`broker.recordings.PartFile` creates them. Symbolic links are never
+followed below the directory itself (the subdirectories and files are opened
+``O_NOFOLLOW`` relative to their parent's descriptor, and a symlink is neither
+counted nor deleted), other files are left alone, and directories are never
+removed.
 
 A part being written is never deleted, whoever prunes (the broker, or
 ``console-broker recordings --prune`` in another process): its writer holds
@@ -20,8 +23,8 @@ an exclusive ``flock`` on it (:func:`hold`), and the pruner takes that lock
 without waiting before it deletes a file, skipping files it cannot lock. In
 the broker's own process the parts are also registered by inode
 (:func:`live`), for file systems without ``flock``. A new part is created
-under a name that does not end in ``.cast`` and renamed once locked, so no
-pruner sees it unlocked.
+under a name that does not end in its suffix (``....new``) and renamed once
+locked, so no pruner sees it unlocked.
 
 Errors are per file: a file or subdirectory that cannot be read or deleted
 (permissions) is reported in :attr:`PruneResult.errors` and the pass goes on. One
@@ -37,16 +40,16 @@ import os
 import stat
 import threading
 import time
-from collections.abc import Callable, Iterator
+import weakref
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
 import attrs
 import structlog
 
-_log = structlog.get_logger("broker_serial.retention")
+_log = structlog.get_logger("broker.recordings")
 
-SUFFIX = ".cast"
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC
 _DAY = 86400
 
@@ -207,7 +210,9 @@ def _opened(path: str | Path, flags: int, dir_fd: int | None = None) -> Iterator
         os.close(fd)
 
 
-def _scan(top: int, directory: Path, result: PruneResult) -> list[_File]:
+def _scan(
+    top: int, directory: Path, suffixes: tuple[str, ...], result: PruneResult
+) -> list[_File]:
     files = []
     with os.scandir(top) as entries:
         subs = sorted(e.name for e in entries if e.is_dir(follow_symlinks=False))
@@ -215,7 +220,9 @@ def _scan(top: int, directory: Path, result: PruneResult) -> list[_File]:
         try:
             with _opened(sub, _DIR_FLAGS | os.O_NOFOLLOW, top) as fd, os.scandir(fd) as entries:
                 for entry in entries:
-                    if not entry.name.endswith(SUFFIX) or not entry.is_file(follow_symlinks=False):
+                    if not entry.name.endswith(suffixes):
+                        continue
+                    if not entry.is_file(follow_symlinks=False):
                         continue
                     try:
                         info = entry.stat(follow_symlinks=False)
@@ -260,9 +267,15 @@ def _delete(top: int, file: _File, reason: str, result: PruneResult) -> bool:
 
 
 def prune(
-    directory: Path, policy: Policy, *, dry_run: bool = False, now: float | None = None
+    directory: Path,
+    policy: Policy,
+    *,
+    suffixes: Iterable[str],
+    dry_run: bool = False,
+    now: float | None = None,
 ) -> PruneResult:
-    """Apply *policy* once to the recordings in *directory*; with *dry_run*, delete nothing.
+    """Apply *policy* once to the recordings in *directory*: the files whose names end
+    with one of *suffixes* (the registered recordings'); with *dry_run*, delete nothing.
 
     A missing directory has nothing to prune; one that cannot be read is an error
     in the result (the pass does nothing more).
@@ -280,7 +293,7 @@ def prune(
         return result
     try:
         try:
-            files = _scan(top, directory, result)
+            files = _scan(top, directory, tuple(suffixes), result)
         except OSError as exc:
             result.errors.append((directory, _reason(exc)))
             return result
@@ -306,24 +319,51 @@ def prune(
 
 # --- while the broker runs ---------------------------------------------------------------
 
+#: The pruners running in this process (:func:`wake_pruners` finds them by directory).
+_running: weakref.WeakSet[Pruner] = weakref.WeakSet()
+_running_lock = threading.Lock()
+
+
+def wake_pruners(directory: Path, trigger: str = "rotation") -> int:
+    """Wake the pruners of this process that prune *directory* (a recording moved on to
+    its next part there); how many there were."""
+    with _running_lock:
+        pruners = [p for p in _running if p.directory == directory]
+    for pruner in pruners:
+        pruner.wake(trigger)
+    return len(pruners)
+
 
 class Pruner:
     """Applies a policy in a daemon thread: at once, every *interval* seconds, when woken.
 
-    Each pass logs ``serial.pruned`` (and ``serial.prune_failed`` per error).
+    Looks at the files ending with one of *suffixes*. Each pass logs
+    ``recordings.pruned`` (and ``recordings.prune_failed`` per error).
     """
 
-    def __init__(self, directory: Path, policy: Policy, interval: float = 3600.0) -> None:
+    def __init__(
+        self,
+        directory: Path,
+        policy: Policy,
+        interval: float = 3600.0,
+        *,
+        suffixes: Iterable[str],
+    ) -> None:
         self.directory = directory
         self.policy = policy
         self.interval = interval
+        self.suffixes = tuple(suffixes)
         self.passes = 0
         self._wake = threading.Event()
         self._stop = threading.Event()
         self._trigger = "start"
-        self._thread = threading.Thread(target=self._run, name="serial-retention", daemon=True)
+        self._thread = threading.Thread(
+            target=self._run, name="recordings-retention", daemon=True
+        )
 
     def start(self) -> None:
+        with _running_lock:
+            _running.add(self)
         self._thread.start()
 
     @property
@@ -337,6 +377,8 @@ class Pruner:
         self._wake.set()
 
     def stop(self, timeout: float | None = None) -> None:
+        with _running_lock:
+            _running.discard(self)
         self._stop.set()
         self._wake.set()
         if timeout is not None and self._thread.is_alive():
@@ -352,14 +394,14 @@ class Pruner:
 
     def run_pass(self, trigger: str) -> PruneResult | None:
         try:
-            result = prune(self.directory, self.policy)
+            result = prune(self.directory, self.policy, suffixes=self.suffixes)
         except Exception:  # never let a surprise end the thread
-            _log.exception("serial.prune_failed", path=str(self.directory), trigger=trigger)
+            _log.exception("recordings.prune_failed", path=str(self.directory), trigger=trigger)
             return None
         for path, error in result.errors:
-            _log.warning("serial.prune_failed", path=str(path), error=error)
+            _log.warning("recordings.prune_failed", path=str(path), error=error)
         _log.info(
-            "serial.pruned",
+            "recordings.pruned",
             trigger=trigger,
             dir=str(self.directory),
             deleted=len(result.deleted),

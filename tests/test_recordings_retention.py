@@ -1,6 +1,7 @@
-"""Retention of recordings: age, total size, the part being written kept (in this process
-and in another), dry runs, symbolic links, errors that do not stop a pass, the broker's
-pruning thread, the configuration keys and ``console-broker recordings --prune``."""
+"""Retention of recordings, every plugin's under one policy: age, total size, the part
+being written kept (in this process and in another), dry runs, symbolic links, errors
+that do not stop a pass, the broker's pruning thread, the ``[recordings]`` keys (and
+serial's old keys naming their new place) and ``console-broker recordings --prune``."""
 
 from __future__ import annotations
 
@@ -11,23 +12,46 @@ import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import anyio
+import attrs
 import pytest
 import structlog
-from broker_serial import _retention as retention
 from broker_serial._config import TABLE
-from broker_serial._recording import Recording, list_recordings
-from broker_serial._retention import Policy, Pruner, prune
-from broker_serial._serve import Hubs, Settings
+from broker_serial._recording import KIND as SERIAL
+from broker_serial._recording import Recording
 
+from broker import recordings, retention
 from broker.cli import main
-from broker.config import ConfigError, load_config
+from broker.config import Config, ConfigError, load_config
+from broker.recordings import RecordingKind
+from broker.retention import Policy, PruneResult
 
+#: A recording kind like the VNC plugin's (an RFB stream in JSON lines, played from part 1).
+VNC = RecordingKind(
+    protocol="vnc", suffix=".rfb.jsonl", title="RFB (JSON lines)",
+    content_type="application/x-ndjson", page="playback/", parts_play_alone=False,
+)
 UUID = "6695eb01-f6a4-8304-79aa-97f2502e193f"
 OTHER = "0b6f8d3c-8d0e-4b8e-9a57-3c1c5b7b2a10"
 NOW = 1_900_000_000.0
 DAY = 86400
+KINDS = [SERIAL, VNC]
+SUFFIXES = [kind.suffix for kind in KINDS]
+
+
+def prune(directory: Path, policy: Policy, **more: Any) -> PruneResult:
+    """A pass over the built-in plugins' recordings (``.cast``, ``.rfb.jsonl``)."""
+    return retention.prune(directory, policy, suffixes=SUFFIXES, **more)
+
+
+def Pruner(directory: Path, policy: Policy, interval: float = 3600.0) -> retention.Pruner:
+    return retention.Pruner(directory, policy, interval, suffixes=SUFFIXES)
+
+
+def list_recordings(directory: Path) -> list[recordings.RecordingInfo]:
+    return recordings.list_recordings(directory, KINDS)
 
 
 def plant(directory: Path, name: str, *, days_old: float, size: int = 1000,
@@ -50,12 +74,15 @@ def test_age_deletes_files_last_written_before_keep_days(tmp_path: Path) -> None
     old = plant(tmp_path, "a-001.cast", days_old=31)
     older = plant(tmp_path, "b-001.cast", days_old=400, domain=OTHER)
     young = plant(tmp_path, "c-001.cast", days_old=29)
+    vnc = plant(tmp_path, "d-001.rfb.jsonl", days_old=35)  # every kind's, one policy
     other = plant(tmp_path, "notes.txt", days_old=400)
+    new = plant(tmp_path, "e-001.rfb.jsonl.new", days_old=400)  # not a recording (yet)
     result = prune(tmp_path, Policy(keep_days=30), now=NOW)
-    assert [d.path for d in result.deleted] == [older, old]  # oldest first
+    assert [d.path for d in result.deleted] == [older, vnc, old]  # oldest first
     assert {d.reason for d in result.deleted} == {"age"}
-    assert result.freed == 2000 and result.kept == 1 and result.kept_bytes == 1000
+    assert result.freed == 3000 and result.kept == 1 and result.kept_bytes == 1000
     assert not old.exists() and not older.exists() and young.exists() and other.exists()
+    assert not vnc.exists() and new.exists()
     assert result.errors == [] and not result.dry_run
 
 
@@ -271,7 +298,7 @@ def test_the_pruner_runs_on_start_on_wake_and_every_interval(tmp_path: Path) -> 
             wait_for(lambda: pruner.passes == 2)
         finally:
             pruner.stop(timeout=10)
-    pruned = [e for e in logs if e["event"] == "serial.pruned"]
+    pruned = [e for e in logs if e["event"] == "recordings.pruned"]
     assert [(e["trigger"], e["deleted"], e["freed"]) for e in pruned] == [
         ("start", 1, 1000), ("rotation", 1, 1000)
     ]
@@ -297,43 +324,41 @@ def test_the_pruner_logs_errors_and_goes_on(
     with structlog.testing.capture_logs() as logs:
         assert pruner.run_pass("start") is not None
     assert [(e["event"], e.get("error")) for e in logs] == [
-        ("serial.prune_failed", "Permission denied"), ("serial.pruned", None)
+        ("recordings.prune_failed", "Permission denied"), ("recordings.pruned", None)
     ]
     assert logs[1]["errors"] == 1 and logs[1]["deleted"] == 0
 
 
 def test_the_broker_prunes_on_start_and_after_a_rotation(tmp_path: Path) -> None:
-    """The plugin's service (console_broker_service) runs the pruner while the broker
-    serves; the hubs wake it after a rotation."""
-    settings = Settings(
-        recordings_dir=tmp_path, recording_max_size=4096,
-        retention=Policy(max_total=6000), prune_interval=3600,
-    )
+    """The core runs the pruner while the broker serves (:func:`broker.recordings.retention`,
+    every kind's files); a recording moving on to its next part wakes it."""
+    config = attrs.evolve(Config(), recordings=attrs.evolve(
+        Config().recordings, dir=str(tmp_path), max_total=6000, prune_interval=3600,
+    ))
     plant(tmp_path, "old.cast", days_old=1, size=3000, now=time.time())
-    hubs = Hubs(settings)
-    assert hubs.pruner is None  # not before the broker serves
 
     async def serving() -> None:
-        async with hubs.pruning():
-            pruner = hubs.pruner
-            assert pruner is not None
+        async with recordings.retention(config, KINDS) as pruner:
+            assert pruner is not None and pruner.suffixes == (".cast", ".rfb.jsonl")
             await anyio.to_thread.run_sync(wait_for, lambda: pruner.passes == 1)
             assert (tmp_path / UUID / "old.cast").exists()  # 3000 bytes: nothing to do
-            rec = Recording(tmp_path, domain_uuid=UUID, max_size=4096, on_rotate=hubs._rotated)
+            rec = Recording(tmp_path, domain_uuid=UUID, max_size=4096)
             rec.output(b"z" * 4200)
             rec.output(b"z")  # rotated: 3000 + 4300 + a header > 6000
             await anyio.to_thread.run_sync(wait_for, lambda: pruner.passes == 2)
             assert not (tmp_path / UUID / "old.cast").exists()
             assert all(p.exists() for p in rec.paths)
             rec.close()
-        assert hubs.pruner is None and not pruner.alive  # stopped with the service
+        assert not pruner.alive  # stopped with the broker
+        assert retention.wake_pruners(tmp_path) == 0
 
     anyio.run(serving)
 
     async def no_policy() -> None:
-        quiet = Hubs(Settings(recordings_dir=tmp_path))
-        async with quiet.pruning():
-            assert quiet.pruner is None  # no policy, no thread
+        async with recordings.retention(Config(), KINDS) as pruner:
+            assert pruner is None  # no policy, no thread
+        async with recordings.retention(config, []) as pruner:
+            assert pruner is None  # nothing records
 
     anyio.run(no_policy)
 
@@ -341,16 +366,26 @@ def test_the_broker_prunes_on_start_and_after_a_rotation(tmp_path: Path) -> None
 def test_the_configuration_keys(tmp_path: Path) -> None:
     config = tmp_path / "broker.toml"
     config.write_text(
-        "[serial]\nrecordings_keep_days = 30\nrecordings_max_total = 1073741824\n"
-        "recordings_prune_interval = 600\n"
+        "[recordings]\ndir = 'rec'\nkeep_days = 30\nmax_total = 1073741824\n"
+        "prune_interval = 600\n"
     )
-    settings = Settings.from_config(load_config(config, [TABLE]))
-    assert settings.retention == Policy(keep_days=30, max_total=1 << 30)
-    assert settings.prune_interval == 600.0
-    assert Settings.from_config(load_config(None, [TABLE])).retention == Policy()  # keep all
-    config.write_text("[serial]\nrecordings_keep_days = -1\n")
-    with pytest.raises(ConfigError, match="recordings_keep_days: must be at least 0"):
+    loaded = load_config(config, [TABLE])
+    assert recordings.policy_of(loaded) == Policy(keep_days=30, max_total=1 << 30)
+    assert loaded.recordings.prune_interval == 600.0
+    assert loaded.recordings_dir == tmp_path / "rec"  # relative to the file
+    assert recordings.policy_of(load_config(None, [TABLE])) == Policy()  # keep everything
+    assert load_config(None, []).recordings_dir == Path("/var/lib/console-broker/recordings")
+    config.write_text("[recordings]\nkeep_days = -1\n")
+    with pytest.raises(ConfigError, match=r"recordings\.keep_days: must be at least 0"):
         load_config(config, [TABLE])
+    # serial's keys of before are the core's now: a file still setting one says where
+    for old, new in (("recordings_dir", "dir"), ("recordings_keep_days", "keep_days"),
+                     ("recordings_max_total", "max_total"),
+                     ("recordings_prune_interval", "prune_interval")):
+        config.write_text(f"[serial]\n{old} = 1\n")
+        with pytest.raises(ConfigError, match=rf"serial\.{old}: unknown key: it is now "
+                           rf"recordings\.{new} \(set {new} in the \[recordings\] table\)"):
+            load_config(config, [TABLE])
 
 
 def test_the_prune_command(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -367,7 +402,7 @@ def test_the_prune_command(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -
     assert "would delete  " in out and str(old) in out and "age" in out
     assert "would delete 1 file (1000 B)" in out and "kept 1 file " in out and old.exists()
     config.write_text(
-        '[broker]\nstate_dir = "state"\n[serial]\nrecordings_keep_days = 30\n'
+        '[broker]\nstate_dir = "state"\n[recordings]\nkeep_days = 30\n'
     )
     assert main(args) == 0
     out = capsys.readouterr().out
@@ -390,6 +425,8 @@ def test_the_prune_command_errors(tmp_path: Path, capsys: pytest.CaptureFixture[
     assert f"cannot read {blocker}: Not a directory" in capsys.readouterr().err
     assert main(["recordings", "--dir", str(tmp_path), "--prune", "--domain", "web1"]) == 1
     assert "takes no --domain" in capsys.readouterr().err
+    assert main(["recordings", "--dir", str(tmp_path), "--prune", "--protocol", "vnc"]) == 1
+    assert "or --protocol" in capsys.readouterr().err
     assert main(["recordings", "--dir", str(tmp_path), "--dry-run"]) == 1
     assert "go with --prune" in capsys.readouterr().err
     with pytest.raises(SystemExit):
@@ -404,6 +441,6 @@ def test_the_help_explains_pruning() -> None:
     )
     text = " ".join(result.stdout.split())
     for part in ("--prune", "--dry-run", "--keep-days", "--max-total",
-                 "serial.recordings_keep_days", "serial.recordings_max_total",
+                 "recordings.keep_days", "recordings.max_total",
                  "never deleted", "symbolic links are not followed"):
         assert part in text, part
