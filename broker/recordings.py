@@ -339,8 +339,11 @@ def _parts(directory: Path, kinds: Sequence[RecordingKind]) -> Iterator[tuple[Pa
                 yield path, kind
 
 
-def _order(info: RecordingInfo) -> tuple[int, str, int, str]:
-    return (info.started - int(info.offset), info.recording, info.part, str(info.path))
+def _order(info: RecordingInfo) -> tuple[str, str, int, str]:
+    """Oldest recording first (its start, from its parts' file names), its parts in order."""
+    head = info.path.name.split("-", 1)[0]
+    start = head if _STAMP.fullmatch(head) else stamp(info.started - info.offset)
+    return (start, info.recording, info.part, str(info.path))
 
 
 def list_recordings(

@@ -121,6 +121,15 @@ def test_the_listing_has_every_kind_with_its_protocol(tmp_path: Path) -> None:
     assert doc["started"] == "2030-01-01T00:00:00Z" and doc["live"] is False
 
 
+def test_parts_are_listed_in_order_whatever_their_headers_say(tmp_path: Path) -> None:
+    for number in (3, 1, 2):  # a part's header time is its own start: later ones vary
+        vnc_part(tmp_path, "0badcafe", number, offset=10.0 * (3 - number))
+    vnc_part(tmp_path, "00000001", 1)  # the same start: by id
+    listed = [(r.recording, r.part) for r in list_recordings(tmp_path, KINDS)]
+    assert listed == [("00000001", 1), ("0badcafe", 1), ("0badcafe", 2), ("0badcafe", 3)]
+    assert [i.part for i in find_recording(tmp_path, KINDS, UUID, "0badcafe")] == [1, 2, 3]
+
+
 def test_the_duration_of_a_part_whose_last_line_is_long_or_cut(tmp_path: Path) -> None:
     big = base64.b64encode(os.urandom(300_000)).decode()  # a large framebuffer update
     long_last = vnc_part(tmp_path, "aaaaaaaa", 1, events=[[1.0, "o", "x"], [7.25, "o", big]])
