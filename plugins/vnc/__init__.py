@@ -23,6 +23,7 @@ if TYPE_CHECKING:
         NativeClient,
         Page,
         PluginContext,
+        RecordingKind,
         SessionHandler,
     )
 
@@ -41,6 +42,7 @@ class VNC(Protocol):
         from broker.api import PluginError
 
         from ._config import TABLE
+        from ._recording import RecordingSettings
         from ._session import VNCSessionHandler, VNCSettings
 
         try:
@@ -49,7 +51,8 @@ class VNC(Protocol):
             raise PluginError(
                 f"vnc.tls_ca, vnc.tls_cert, vnc.tls_key: cannot load the TLS files: {exc}"
             ) from None
-        return VNCSessionHandler(settings)
+        recording = RecordingSettings.from_config(context.config)
+        return VNCSessionHandler(settings, recording=recording if recording.active else None)
 
     def input_mode(self, context: PluginContext) -> str:
         """``vnc.input``: ``shared`` or ``single`` (one session holds the input)."""
@@ -84,3 +87,12 @@ PROTOCOL = VNC(
 @hookimpl
 def console_broker_protocols() -> list[Protocol]:
     return [PROTOCOL]
+
+
+@hookimpl
+def console_broker_recording_kinds() -> list[RecordingKind]:
+    """VNC sessions recorded as RFB in JSON lines, played back by the playback page
+    (see broker_vnc._recording); the core lists, prunes and serves them."""
+    from ._recording import KIND
+
+    return [KIND]

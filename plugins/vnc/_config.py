@@ -10,13 +10,13 @@ from typing import Any
 
 import attrs
 
-from broker.api import ConfigTable, hookimpl, one_of, setting
+from broker.api import ConfigTable, at_least, hookimpl, one_of, setting
 
 
 @attrs.frozen
 class VNCSection:
-    """The VNC plugin: how the broker logs in to QEMU's VNC server, and the console page
-    (see docs/vnc.md)."""
+    """The VNC plugin: how the broker logs in to QEMU's VNC server, the console page and
+    session recordings (see docs/vnc.md)."""
 
     shared: bool = setting(
         True,
@@ -53,6 +53,37 @@ class VNCSection:
         "Name (DNS name or IP address) QEMU's certificate must carry. Empty: the address "
         "connected to (tcp mode); on a UNIX socket or a socket from libvirt, where no "
         "network lies between broker and QEMU, only the certificate chain is verified.",
+    )
+    record: bool = setting(
+        False,
+        "Record every VNC session: what the broker sends the client, from the session's "
+        "first byte (the RFB handshake as the client saw it, security None), with "
+        "timestamps; the playback page plays it (console-broker token --recording ID). "
+        "Where and how long: the [recordings] table.",
+    )
+    record_domains: tuple[str, ...] = setting(
+        (),
+        "Domains (names or UUIDs) whose VNC sessions are recorded even when vnc.record is "
+        "false.",
+    )
+    record_input: bool = setting(
+        False,
+        "Also record what the client sends (keystrokes, pointer, clipboard) in VNC "
+        "recordings: sensitive, passwords typed into the VM included.",
+    )
+    recording_max_size: int = setting(
+        67_108_864,
+        "Size in bytes past which a VNC recording is continued in a new file (the next "
+        "part); a recording plays from its first part on.",
+        at_least(65_536),
+    )
+    record_buffer: int = setting(
+        8_388_608,
+        "Bytes of a session's recording that may wait for the disk; a session with more "
+        "waiting waits too (a lower frame rate, nothing lost), and a disk that takes "
+        "nothing for limits.write_timeout seconds stops the recording (the session goes "
+        "on).",
+        at_least(65_536),
     )
 
 

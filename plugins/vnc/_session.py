@@ -21,6 +21,11 @@ sans-I/O layer in :mod:`broker_vnc.rfb`; docs/rfb.md and docs/vnc.md):
    does not hold the display's input now (``session.may_input``, read before each
    message), and a press of one while nobody holds it claims it.
 
+With ``vnc.record`` (or the domain in ``vnc.record_domains``) the session's client is
+wrapped before step 1 (:class:`~broker_vnc._recording.RecordedClient`): everything the
+broker sends the browser, its own ProtocolVersion first, is recorded as it is sent
+(:mod:`broker_vnc._recording`; in websocket mode, QEMU's stream as the browser gets it).
+
 Each of these ends the session with a reason of the core's table: QEMU
 refusing the login (``console_auth_failed``), QEMU breaking the protocol
 (``console_protocol_error``), the browser breaking it (``client_protocol_error``).
@@ -58,6 +63,7 @@ from broker.api import (
 )
 
 from ._config import VNCSection
+from ._recording import RecordedClient, RecordingSettings, recorder_for
 from .rfb import (
     NEED_DATA,
     ClientInit,
@@ -163,15 +169,35 @@ class _Login:
 
 
 class VNCSessionHandler:
-    """The VNC plugin's session handler: ``await handler(session)``."""
+    """The VNC plugin's session handler: ``await handler(session)``.
+
+    With *recording* settings that record the session's domain, the session runs with
+    its client wrapped in a :class:`~broker_vnc._recording.RecordedClient`: everything
+    sent to the client, from the first byte, is recorded (:mod:`broker_vnc._recording`).
+    """
 
     def __init__(
-        self, settings: VNCSettings, *, password_source: PasswordSource = libvirt_password
+        self,
+        settings: VNCSettings,
+        *,
+        password_source: PasswordSource = libvirt_password,
+        recording: RecordingSettings | None = None,
     ) -> None:
         self.settings = settings
         self._password = password_source
+        self.recording = recording
 
     async def __call__(self, session: Session) -> None:
+        recorder = recorder_for(self.recording, session) if self.recording else None
+        if recorder is None:
+            await self._serve(session)
+            return
+        async with recorder.running():
+            await self._serve(
+                attrs.evolve(session, client=RecordedClient(session.client, recorder))
+            )
+
+    async def _serve(self, session: Session) -> None:
         if session.console_endpoint.kind == "websocket":
             await self._pass_through(session)
         else:

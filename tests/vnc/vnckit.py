@@ -16,13 +16,21 @@ from anyio.streams.buffered import BufferedByteReceiveStream
 from anyio.streams.tls import TLSStream
 from broker_vnc import PROTOCOL, VNC
 from broker_vnc._config import TABLE, VNCSection
+from broker_vnc._recording import RecordingSettings
 from broker_vnc._session import VNCSessionHandler, VNCSettings
 from broker_vnc.rfb import NEED_DATA, Event, RFBClient, ServerInit, vnc_auth_response
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from rfb_transcripts import CHALLENGE, V38, server_init, string, u8, u32
 
 from broker import Protocol, hookimpl
-from broker.config import BrokerSection, Config, HTTPSection, ListenSection
+from broker.config import (
+    BrokerSection,
+    Config,
+    HTTPSection,
+    LimitsSection,
+    ListenSection,
+    RecordingsSection,
+)
 from broker.plugins import PluginContext, PluginManager
 from broker.service import Endpoint, Session, SessionHandler
 from broker.service._app import Broker
@@ -217,7 +225,11 @@ class PasswordVNC(VNC):
 
     def session_handler(self, context: PluginContext) -> SessionHandler:
         settings = VNCSettings.from_config(context.config.table(TABLE))
-        return VNCSessionHandler(settings, password_source=self.password_source)
+        recording = RecordingSettings.from_config(context.config)
+        return VNCSessionHandler(
+            settings, password_source=self.password_source,
+            recording=recording if recording.active else None,
+        )
 
 
 @attrs.define
@@ -238,14 +250,18 @@ async def in_process_broker(
     kind: str = "fd",
     vnc: VNCSection | None = None,
     password: bytes | None = b"secret",
+    recordings: str = "/nonexistent/recordings",
+    limits: LimitsSection | None = None,
 ) -> AsyncIterator[InProcess]:
     """A real broker on 127.0.0.1 with the VNC plugin, whose one domain's console is
-    *console* (a :class:`FakeQEMU`, say)."""
+    *console* (a :class:`FakeQEMU`, say); *recordings*: ``recordings.dir``."""
     key = Ed25519PrivateKey.generate()
     config = Config(
         broker=BrokerSection(node=NODE, state_dir="/nonexistent"),
         listen=ListenSection(host="127.0.0.1", port=0),
         http=HTTPSection(allow_missing_origin=True),
+        limits=limits or LimitsSection(),
+        recordings=RecordingsSection(dir=recordings),
         plugin_tables={"vnc": vnc or VNCSection()},
     )
     verifier = TokenVerifier([key.public_key()], replay_cache=ReplayCache(100))
