@@ -1,7 +1,8 @@
 """The SPICE console page: spice-html5 from the broker's assets directory.
 
 ``/console/spice/`` is the page (``web/console.html``); ``app/console.js``,
-``app/handoff.js`` ("Open in native client") and ``app/console.css`` are its own;
+``app/handoff.js`` ("Open in native client"), ``app/presence.js`` (who else is on the
+console, "Take control") and ``app/console.css`` are its own;
 ``spice-html5/src/...`` are spice-html5's ES modules, read from
 ``@spice-project/spice-html5`` in the assets directory the console pages share:
 ``http.assets_dir`` (:func:`broker.api.assets_dir`: by default the source tree's
@@ -27,6 +28,7 @@ _log = structlog.get_logger("broker.spice")
 _APP = {
     "app/console.js": "console.js",
     "app/handoff.js": "handoff.js",
+    "app/presence.js": "presence.js",
     "app/console.css": "console.css",
 }
 #: Own-origin scripts, styles and WebSockets only; spice-html5 draws images from blobs

@@ -1,8 +1,9 @@
 """The VNC console page: noVNC, served by the broker at ``/console/vnc/``.
 
 * ``""``: the page (``web/console.html``); it reads the token from its own URL;
-* ``app/console.js``, ``app/handoff.js``, ``app/console.css``: the page's scripts
-  (``handoff.js``: "Open in native client") and style (``web/``);
+* ``app/console.js``, ``app/handoff.js``, ``app/presence.js``, ``app/console.css``:
+  the page's scripts (``handoff.js``: "Open in native client"; ``presence.js``: who
+  else is on the console and "Take control") and style (``web/``);
 * ``novnc/core/...``, ``novnc/vendor/...``: noVNC's ES modules, from
   ``@novnc/novnc`` in the assets directory.
 
@@ -32,6 +33,7 @@ _log = structlog.get_logger("broker.vnc")
 _APP = {
     "app/console.js": "console.js",
     "app/handoff.js": "handoff.js",
+    "app/presence.js": "presence.js",
     "app/console.css": "console.css",
 }
 #: The page loads nothing but its own origin's scripts and styles, talks to its

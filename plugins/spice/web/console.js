@@ -4,6 +4,7 @@
 // policy (view-only) and logs in to QEMU itself: the password the page sends is ignored.
 import * as SpiceHtml5 from '../spice-html5/src/main.js';
 import { setupHandoff } from './handoff.js';
+import { setupPresence } from './presence.js';
 
 // Close codes of the broker (docs/service.md) and what the user is told.
 const CLOSE_MESSAGES = {
@@ -82,6 +83,12 @@ function start() {
     const ctrlAltDel = document.getElementById('ctrl-alt-del');
     // "Open in native client": a handoff handle for this session, while it is connected.
     const handoff = setupHandoff('spice', token);
+    // Who else is on this console and who has the keyboard (the control channel). While
+    // another viewer has it, Ctrl+Alt+Del is off: the broker would drop its keys.
+    let connected = false;
+    const presence = setupPresence('spice', token, (mayInput) => {
+        if (connected && claims.rights !== 'view') ctrlAltDel.disabled = !mayInput;
+    });
     try {
         sc = new SpiceHtml5.SpiceMainConn({
             uri: url.href,
@@ -91,7 +98,9 @@ function start() {
             password: '',
             onerror: (e) => {
                 if (!ended) {
+                    connected = false;
                     handoff(false);
+                    presence.stop();
                     setState('disconnected', 'Disconnected');
                     showEnd(e && e.message ? e.message : 'The connection failed.');
                 }
@@ -99,7 +108,9 @@ function start() {
             onsuccess: () => {
                 setState('connected', 'Connected');
                 ctrlAltDel.disabled = claims.rights === 'view';
+                connected = true;
                 handoff(true);
+                presence.start();
             },
             onagent: () => {},
         });
@@ -111,7 +122,9 @@ function start() {
     window.spiceConnection = sc;
     sc.ws.addEventListener('close', (event) => {
         ended = true;
+        connected = false;
         handoff(false);
+        presence.stop();
         const text = CLOSE_MESSAGES[event.code] || ('Closed (' + event.code + ').');
         setState('disconnected', 'Disconnected');
         showEnd(event.reason ? text + ' (' + event.reason + ')' : text);

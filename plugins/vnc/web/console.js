@@ -4,6 +4,7 @@
 import RFB from '../novnc/core/rfb.js';
 import KeyTable from '../novnc/core/input/keysym.js';
 import { setupHandoff } from './handoff.js';
+import { setupPresence } from './presence.js';
 
 // What the user reads for each WebSocket close code (the broker's table: docs/service.md,
 // "Refusals and close codes"; a test keeps this list complete).
@@ -150,6 +151,13 @@ function start() {
     const rfb = new RFB($('screen'), socket, { shared: true });
     // "Open in native client": a handoff handle for this session, while it is connected.
     const handoff = setupHandoff('vnc', token, () => rfb.focus());
+    // Who else is on this console and who has the keyboard (the control channel). While
+    // another viewer has it, the key buttons are off: the broker would drop their keys.
+    let connected = false;
+    const presence = setupPresence('vnc', token, (mayInput) => {
+        if (!connected || status.viewOnly) return;
+        for (const id of controls) $(id).disabled = !mayInput;
+    });
     window.consoleRFB = rfb;
     rfb.viewOnly = status.viewOnly;
     rfb.scaleViewport = $('scale').checked;
@@ -157,7 +165,9 @@ function start() {
 
     rfb.addEventListener('connect', () => {
         setState('connected', 'Connected');
+        connected = true;
         handoff(true);
+        presence.start();
         if (!status.viewOnly) {
             for (const id of controls) $(id).disabled = false;
         }
@@ -175,8 +185,10 @@ function start() {
     });
     rfb.addEventListener('disconnect', () => {
         // The socket's close event carries the broker's reason; let it arrive first.
+        connected = false;
         setTimeout(() => {
             handoff(false);
+            presence.stop();
             setState('disconnected', 'Disconnected');
             const [message, detail] = closeMessage(closeEvent, securityReason);
             showEnd(message, detail);
