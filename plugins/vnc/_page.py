@@ -26,6 +26,10 @@ import structlog
 
 from broker.api import Page, assets_dir, content_type, package_file
 
+from ._playback import ASSETS as PLAYBACK_ASSETS
+from ._playback import PAGE as PLAYBACK_PAGE
+from ._playback import playback_page
+
 #: noVNC's package inside the assets directory.
 NOVNC = Path("@novnc/novnc")
 
@@ -66,7 +70,10 @@ directory holding it (see docs/vnc.md).</p>
 
 def page(path: str, configured_assets: str) -> Page | None:
     """The page or asset at *path* (below ``/console/vnc/``), or None (404);
-    *configured_assets* is ``http.assets_dir``."""
+    *configured_assets* is ``http.assets_dir``. The recording player and its assets are
+    :mod:`broker_vnc._playback`'s."""
+    if path == PLAYBACK_PAGE or path in PLAYBACK_ASSETS:
+        return playback_page(path, configured_assets)
     novnc = assets_dir(configured_assets) / NOVNC
     if path == "":
         if not (novnc / "core" / "rfb.js").is_file():
