@@ -27,7 +27,6 @@ from vncstack import CANVAS, RFBSocket, Served, enabled_guest, settled_server_in
 from websockets.exceptions import ConnectionClosed
 from websockets.sync.client import connect
 
-from broker import Protocol
 from broker.handoff import handle_id
 
 REPO = Path(__file__).resolve().parents[2]
@@ -171,20 +170,10 @@ def test_a_session_with_enough_handles_waiting_says_so(
     served.assert_no_token_logged(*(COMMAND.fullmatch(c)["handle"] for c in handles))  # type: ignore[index]
 
 
-def _vnc_opens() -> bool:
-    """Whether the VNC plugin serves ``console-broker open`` (its own open_client)."""
-    import broker_vnc
-
-    open_client = getattr(type(broker_vnc.PROTOCOL), "open_client", None)
-    return open_client is not None and open_client is not getattr(Protocol, "open_client", None)
-
-
 @pytest.mark.vm
 def test_console_broker_open_bridges_the_commands_url(
     browser: Any, served: Served, guest: Any, tmp_path: Path
 ) -> None:
-    if not _vnc_opens():
-        pytest.skip("the VNC plugin does not serve console-broker open yet")
     init = settled_server_init(guest)
     _connected(browser, served.token(guest.name())["page"])
     assert _ask(browser) == "ready"
