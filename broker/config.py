@@ -521,6 +521,25 @@ class RecordingsSection:
     )
 
 
+@attrs.frozen
+class ServiceSection:
+    """How ``serve`` runs: its event loop and its worker processes (docs/service.md)."""
+
+    event_loop: str = setting(
+        "auto",
+        "The event loop: 'uvloop' (libuv's, faster), 'asyncio' (the standard library's), "
+        "or 'auto': uvloop when it is installed, else asyncio.",
+        one_of("auto", "uvloop", "asyncio"),
+    )
+    workers: int = setting(
+        1,
+        "Worker processes serving the listeners (SO_REUSEPORT), each with its own libvirt "
+        "connection; every domain's sessions are served by one of them. serve --workers "
+        "overrides it.",
+        at_least(1),
+    )
+
+
 #: Listen addresses meaning "every address" (named here, not bound).
 _WILDCARD_HOSTS = ("0.0.0.0", "::")  # noqa: S104
 _DEFAULT_PORTS = {"http": 80, "https": 443}
@@ -554,6 +573,7 @@ class Config:
     proxy: ProxySection = attrs.field(factory=ProxySection)
     logging: LoggingSection = attrs.field(factory=LoggingSection)
     recordings: RecordingsSection = attrs.field(factory=RecordingsSection)
+    service: ServiceSection = attrs.field(factory=ServiceSection)
     #: The plugins' tables by name (instances of their declared classes): every table
     #: declared when the configuration was loaded, its defaults when the file has none.
     #: Read one with :meth:`table`.
