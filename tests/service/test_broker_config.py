@@ -62,7 +62,7 @@ def test_rendered_defaults_load_back_to_the_defaults(tmp_path: Path) -> None:
     text = render_defaults(BUILTIN)
     assert [name for name in tomllib.loads(text)] == [
         "broker", "listen", "tls", "http", "libvirt", "tokens", "limits", "proxy", "logging",
-        "recordings", "vnc", "spice", "serial",
+        "recordings", "service", "vnc", "spice", "serial",
     ]
     loaded = load_config(write(tmp_path, text), BUILTIN)
     assert loaded == load_config(None, BUILTIN)
