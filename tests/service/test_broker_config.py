@@ -182,7 +182,7 @@ def test_errors_name_file_and_key(tmp_path: Path, text: str, message: str) -> No
         (
             "[bogus]\nx = 1\n",
             "bogus: unknown key (tables: broker, listen, tls, http, libvirt, tokens, limits, "
-            "proxy, logging, recordings, vnc, spice, serial)",
+            "proxy, logging, recordings, service, vnc, spice, serial)",
         ),
         ("[vnc]\nshare = true\n", "vnc.share: unknown key (vnc has: shared, input, tls_ca"),
         ("[vnc]\nshared = 1\n", "vnc.shared: must be true or false, not an integer"),
@@ -212,9 +212,9 @@ def test_plugin_tables_need_their_plugins(tmp_path: Path) -> None:
         load_config(path)  # no plugin's tables
     assert info.value.problems == [
         f"{path}: vnc: unknown key (tables: broker, listen, tls, http, libvirt, tokens, "
-        "limits, proxy, logging, recordings)",
+        "limits, proxy, logging, recordings, service)",
         f"{path}: serial: unknown key (tables: broker, listen, tls, http, libvirt, tokens, "
-        "limits, proxy, logging, recordings)",
+        "limits, proxy, logging, recordings, service)",
     ]
     config = load_config(path, BUILTIN)
     assert config.table("vnc").tls_ca == str(tmp_path / "ca.pem")
