@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import importlib.util
 import os
 import resource
 import socket
@@ -100,6 +101,46 @@ def report(what: str, size: int, wall: float, cpu: float) -> None:
 
 # --- the broker's process ----------------------------------------------------------------
 
+#: The event loops a benchmark's broker can run on (``service.event_loop``'s values).
+EVENT_LOOPS = ("auto", "uvloop", "asyncio")
+
+
+def chosen_loop(event_loop: str) -> str:
+    """*event_loop* as the broker's process will run it: ``auto`` is uvloop when it is
+    installed, else asyncio (as ``service.event_loop``); uvloop when it is not installed
+    stops the benchmark."""
+    have_uvloop = importlib.util.find_spec("uvloop") is not None
+    if event_loop == "auto":
+        return "uvloop" if have_uvloop else "asyncio"
+    if event_loop == "uvloop" and not have_uvloop:
+        raise SystemExit("uvloop is not installed: .venv/bin/pip install uvloop")
+    if event_loop not in EVENT_LOOPS:
+        raise SystemExit(f"unknown event loop {event_loop!r}: one of {', '.join(EVENT_LOOPS)}")
+    return event_loop
+
+
+def loop_line() -> str:
+    """The running loop, as the broker's process prints it: ``event loop: uvloop (uvloop.Loop)``."""
+    loop = asyncio.get_running_loop()
+    kind = "uvloop" if type(loop).__module__.startswith("uvloop") else "asyncio"
+    return f"event loop: {kind} ({type(loop).__module__}.{type(loop).__qualname__})"
+
+
+def ran_on(log: Path, timeout: float = 10) -> str:
+    """The loop a broker started with :func:`run_broker` printed to *log*
+    (``uvloop`` or ``asyncio``), or ``?``."""
+    import re
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        with contextlib.suppress(OSError):
+            found = re.search(r"^event loop: (\S+)", log.read_text(errors="replace"), re.M)
+            if found:
+                return found.group(1)
+        time.sleep(0.1)
+    return "?"
+
+
 
 class BenchResolver:
     """The broker's resolver without libvirt: every token's *console* is the one
@@ -169,6 +210,7 @@ def run_broker(
     *,
     replay: int = 10_000,
     log_level: str | None = "warning",
+    event_loop: str = "asyncio",
     **sections: Any,
 ) -> None:
     """Build the broker and serve on ``127.0.0.1:port`` until the process is ended.
@@ -176,10 +218,21 @@ def run_broker(
     Tokens are checked against *public_key* (with a replay cache of *replay*);
     *sections* are further ``Config`` fields (``limits`` defaults to 100,000
     sessions per domain and per client). *log_level* None: the broker's default
-    logging (JSON, info), else console lines at that level.
+    logging (JSON, info), else console lines at that level. *event_loop*: what
+    this process runs on, ``asyncio``, ``uvloop`` or ``auto`` (:func:`chosen_loop`);
+    it prints the loop it runs on to stderr first (:func:`loop_line`, read back with
+    :func:`ran_on`).
     """
     raise_nofile()
-    from broker.config import BrokerSection, Config, HTTPSection, LimitsSection, ListenSection
+    loop = chosen_loop(event_loop)
+    from broker.config import (
+        BrokerSection,
+        Config,
+        HTTPSection,
+        LimitsSection,
+        ListenSection,
+        ServiceSection,
+    )
     from broker.keys import load_public_keys
     from broker.plugins import PluginManager
     from broker.service._app import Broker
@@ -190,6 +243,7 @@ def run_broker(
         "limits",
         LimitsSection(max_sessions_per_domain=100_000, max_sessions_per_client=100_000),
     )
+    sections.setdefault("service", ServiceSection(event_loop=loop))
     config = Config(
         broker=BrokerSection(node="bench", state_dir=str(public_key.parent)),
         listen=ListenSection(host="127.0.0.1", port=port),
@@ -203,7 +257,12 @@ def run_broker(
     verifier = TokenVerifier(load_public_keys([public_key]), replay_cache=ReplayCache(replay))
     manager = PluginManager(disabled=(), load_entrypoints=False, plugins=plugins)
     broker = Broker(config, verifier=verifier, resolver=resolver, plugins=manager)
-    anyio.run(broker.serve, backend="asyncio")
+
+    async def serve() -> None:
+        print(loop_line(), file=sys.stderr, flush=True)
+        await broker.serve()
+
+    anyio.run(serve, backend="asyncio", backend_options={"use_uvloop": loop == "uvloop"})
 
 
 # --- the client's process ----------------------------------------------------------------
