@@ -52,6 +52,7 @@ import os
 import platform
 import re
 import resource
+import signal
 import statistics
 import subprocess
 import sys
@@ -611,12 +612,17 @@ async def client_main(args: argparse.Namespace) -> None:
         for _ in range(args.repeat):  # rounds over the paths, so a busy moment hits all
             for path in paths:
                 for name, move in TRANSFERS:
-                    figures = await move(path, total, args.seconds)
+                    try:  # a proxy that stops moving bytes stops the benchmark
+                        figures = await asyncio.wait_for(move(path, total, args.seconds),
+                                                         args.seconds + 150)
+                    except (TimeoutError, ConnectionError, OSError) as exc:
+                        raise SystemExit(f"{path.title}: {name} failed ({exc!r}); "
+                                         f"{last_error(path.log) or 'see its log'}") from exc
                     results[path.key].setdefault(name, []).append(figures)
                     print(f"{path.title}: {name}: {figures['bytes'] / 2**20:.0f} MiB in "
                           f"{figures['wall']:.1f} s, CPU {figures['cpu']:.2f} s",
                           file=sys.stderr)
-        samples = await latency(paths, args.round_trips)
+        samples = await asyncio.wait_for(latency(paths, args.round_trips), 900)
         for key, values in samples.items():
             print(f"{key}: round trip median {statistics.median(values) * 1e6:.0f} us",
                   file=sys.stderr)
@@ -898,6 +904,8 @@ def main() -> None:
         broker_main(args.port, args.console_port, args.public_key, args.sessions,
                     args.broker_ping, args.broker_loop)
     else:
+        # SIGTERM ends the client as Ctrl-C does: its processes are ended on the way out
+        signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
         asyncio.run(client_main(args))
 
 
