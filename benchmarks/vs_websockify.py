@@ -174,6 +174,19 @@ async def settle(pid: int | None, timeout: float = 30.0) -> None:
         await asyncio.sleep(0.1)
 
 
+async def quiesce(pid: int | None, timeout: float = 15.0) -> None:
+    """Wait until *pid*'s tree has no children left and spends no CPU (under one clock
+    tick in 0.2 s): the last transfer's wind-down (a proxy still draining what the
+    console poured) is not counted in the next one's CPU."""
+    await settle(pid, timeout)
+    deadline = time.monotonic() + timeout
+    while pid is not None and time.monotonic() < deadline:
+        before = tree_cpu(pid)
+        await asyncio.sleep(0.2)
+        if tree_cpu(pid) - before < 0.01:
+            return
+
+
 class Peak:
     """Samples a process tree's PSS in the background; the highest value seen."""
 
@@ -612,6 +625,7 @@ async def client_main(args: argparse.Namespace) -> None:
         for _ in range(args.repeat):  # rounds over the paths, so a busy moment hits all
             for path in paths:
                 for name, move in TRANSFERS:
+                    await quiesce(path.pid)  # the last transfer has wound down
                     try:  # a proxy that stops moving bytes stops the benchmark
                         figures = await asyncio.wait_for(move(path, total, args.seconds),
                                                          args.seconds + 150)
