@@ -420,6 +420,13 @@ def main() -> None:
         raise SystemExit("needs root (libvirtd's qemu:///system and the test bed)")
     # SIGTERM unwinds as Ctrl-C does: the guests and the broker are removed
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+    import logging
+
+    import structlog
+
+    # this process's own token and resolver calls log nothing below a warning (the
+    # broker, at its default level, logs none of them either)
+    structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(logging.WARNING))
     machine = facts()
     with contextlib.ExitStack() as stack:
         if args.logs:
