@@ -12,7 +12,9 @@ checks, in this order:
 4. time: not before ``nbf`` and not after ``exp``, each with ``leeway`` seconds
    of clock skew, and a lifetime no longer than ``max_ttl``;
 5. what the caller expects: protocol, node, domain;
-6. single use: the ``jti`` is consumed in a :class:`ReplayCache`.
+6. single use: the ``jti`` is consumed in a :class:`ReplayStore`: a
+   :class:`ReplayCache` in memory, or the broker's file shared by its worker
+   processes (:class:`broker.service._sharedstate.SharedReplayCache`).
 
 A handoff handle (``h.`` and 32 random characters, :mod:`broker.handoff`) is accepted
 wherever a token is: steps 1-3 become a look-up in the verifier's
@@ -43,7 +45,7 @@ import uuid
 from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
 from heapq import heappop, heappush
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Protocol
 
 import attrs
 import jwt
@@ -71,6 +73,8 @@ __all__ = [
     "NotYetValidToken",
     "ReplayCache",
     "ReplayCacheFull",
+    "ReplayStore",
+    "ReplayStoreUnavailable",
     "ReplayedToken",
     "Rights",
     "TokenIssuer",
@@ -164,6 +168,13 @@ class ReplayedToken(TokenRefused):
 
 class ReplayCacheFull(TokenRefused):
     """The replay cache is full of live entries: refused rather than forget one."""
+
+    reason = "limit_reached"
+
+
+class ReplayStoreUnavailable(TokenRefused):
+    """The replay store could not record the token (its file busy beyond its timeout, the
+    disk full, an I/O error): refused rather than admitted without being recorded."""
 
     reason = "limit_reached"
 
@@ -433,6 +444,21 @@ class TokenIssuer:
 # --- single use -------------------------------------------------------------------------
 
 
+class ReplayStore(Protocol):
+    """Where a verifier records the ``jti`` of the tokens used (:class:`ReplayCache`, or
+    :class:`~broker.service._sharedstate.SharedReplayCache`)."""
+
+    def __len__(self) -> int: ...
+
+    def __contains__(self, jti: object) -> bool: ...
+
+    def consume(self, jti: str, until: float, *, now: float) -> None:
+        """Record *jti* as used until *until*, or raise :class:`ReplayedToken` (used
+        already), :class:`ReplayCacheFull` (full of live entries) or
+        :class:`ReplayStoreUnavailable`."""
+        ...
+
+
 class ReplayCache:
     """The ``jti`` of every token used, each kept until its token can no longer verify.
 
@@ -443,9 +469,11 @@ class ReplayCache:
     itself within ``max_ttl + leeway`` seconds. Only tokens with a valid
     signature reach the cache, so filling it takes an issuer's cooperation.
 
-    The cache lives in one process: brokers running several worker processes
-    must send every use of a token to the same worker (or share a cache).
-    Safe to call from several threads.
+    The cache lives in one process and forgets everything when it ends: ``serve`` uses
+    :class:`~broker.service._sharedstate.SharedReplayCache` instead, the same rules in a
+    file of the state directory that every worker process shares and that outlives a
+    crash or a restart. This one serves tests and benchmarks that build a verifier
+    themselves. Safe to call from several threads.
     """
 
     def __init__(self, maxsize: int) -> None:
@@ -502,7 +530,7 @@ class TokenVerifier:
         self,
         public_keys: Sequence[Ed25519PublicKey],
         *,
-        replay_cache: ReplayCache,
+        replay_cache: ReplayStore,
         leeway: int = 5,
         max_ttl: int = 300,
         now: Clock = time.time,
