@@ -82,7 +82,8 @@ def build_broker(config: Config, plugins: PluginManager | None = None) -> Broker
     from broker.keys import KeyFileError, ensure_keypair, load_public_keys
     from broker.service._app import Broker
     from broker.service._libvirt import LibvirtResolver
-    from broker.tokens import ReplayCache, TokenVerifier
+    from broker.service._sharedstate import REPLAY_FILE, SharedReplayCache, StateFileError
+    from broker.tokens import TokenVerifier
 
     try:
         files = ensure_keypair(config.state_dir)
@@ -101,9 +102,15 @@ def build_broker(config: Config, plugins: PluginManager | None = None) -> Broker
         trusted_keys=len(keys),
     )
     tokens = config.tokens
+    # used tokens in the state directory: shared by the workers, kept across restarts
+    replay = SharedReplayCache(config.state_dir / REPLAY_FILE, tokens.replay_cache_size)
+    try:
+        replay.open()
+    except StateFileError as exc:
+        raise CommandError(str(exc)) from None
     verifier = TokenVerifier(
         keys,
-        replay_cache=ReplayCache(tokens.replay_cache_size),
+        replay_cache=replay,
         leeway=tokens.leeway,
         max_ttl=tokens.max_ttl,
     )
