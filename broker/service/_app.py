@@ -69,6 +69,7 @@ from broker.service._control import ControlChannels, PendingControl
 from broker.service._gate import AcceptGuard, ConnectionGate, http_response, watch_listener
 from broker.service._libvirt import Resolver, Target
 from broker.service._limits import Limits, SessionCounts
+from broker.service._loop import running_loop_name
 from broker.service._metrics import CONTENT_TYPE, Metrics
 from broker.service._presence import INPUT_MODES
 from broker.service._recordings import RecordingRequests
@@ -387,6 +388,7 @@ class Broker:
             client_certificates=self._client_tls is not None,
             node=self._node,
             protocols=sorted(self._handlers),
+            event_loop=running_loop_name(),
         )
         tunnels = None
         tunnel_scope = anyio.CancelScope()

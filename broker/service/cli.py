@@ -22,6 +22,7 @@ from broker.config import Config, ConfigError, find_config, load_config
 from broker.errors import CommandError
 from broker.plugins import PluginManager
 from broker.service._logging import configure_logging
+from broker.service._loop import choose_event_loop
 
 if TYPE_CHECKING:
     from broker.service._app import Broker
@@ -154,9 +155,11 @@ def _serve_command(args: argparse.Namespace) -> int:
         raise CommandError(str(exc)) from None
     configure_logging(config.logging.format, config.logging.level)
     raise_file_limit(config.limits.max_sessions)
+    loop = choose_event_loop(config.service.event_loop)
     broker = build_broker(config, plugins)
     try:
-        anyio.run(run_until_signalled, broker, backend="asyncio")
+        anyio.run(run_until_signalled, broker, backend="asyncio",
+                  backend_options=loop.backend_options)
     except OSError as exc:
         where = f"{config.listen.host}:{config.listen.port}"
         raise CommandError(f"cannot listen on {where}: {exc.strerror or exc}") from None
