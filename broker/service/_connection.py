@@ -14,7 +14,9 @@ with what a hostile client must not be able to get around:
   automatic replies (pongs to its pings, RFC 6455 5.5.2) beyond the buffer's
   high-water mark: what it sends next waits in its own socket.
 * **A client that stops reading is cut**: when the outgoing buffer, above its
-  high-water mark, has not shrunk at all in ``limits.write_timeout`` seconds,
+  high-water mark, has not shrunk at all in ``limits.write_timeout`` seconds (the
+  transport's buffer and the kernel's send queue together: a client that reads slowly
+  can take longer than that to drain megabytes of the kernel's alone),
   :attr:`on_stall` is called (the session runner ends the session as
   ``client_stalled``, 4108) and the connection is aborted; a close frame could not
   reach a client that does not read. A slow client (the buffer drains, slowly) is
@@ -32,6 +34,11 @@ answered 403 before its request is read.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import fcntl
+import struct
+import sys
+import termios
 from collections.abc import Callable
 from typing import Any, cast
 
@@ -95,23 +102,38 @@ class BrokerConnection(ServerConnection):
             self._connected(transport)
             return
         raw = cast(asyncio.Transport, transport)
-        raw.pause_reading()  # nothing is read before start_tls takes the transport over
-        task = asyncio.get_running_loop().create_task(self._start_tls(raw, tls))
+        # Nothing should be read before start_tls takes the transport over. uvloop starts
+        # reading after connection_made whatever it did, so what arrives meanwhile (the
+        # ClientHello) is kept by a protocol of its own and handed to TLS (_Preface).
+        preface = _Preface(raw)
+        raw.set_protocol(preface)
+        raw.pause_reading()
+        task = asyncio.get_running_loop().create_task(self._start_tls(raw, tls, preface))
         _handshakes.add(task)
         task.add_done_callback(_handshakes.discard)
 
-    async def _start_tls(self, raw: asyncio.Transport, tls: ClientTLS) -> None:
+    async def _start_tls(self, raw: asyncio.Transport, tls: ClientTLS, preface: _Preface) -> None:
         """The TLS handshake and the client certificate's check; then, if accepted, the
         connection as asyncio would have made it, with what arrived meanwhile."""
         peername = raw.get_extra_info("peername")
         peer = str(peername[0]) if peername else "?"
+        if preface.lost or preface.eof:
+            raw.abort()
+            return
         held = _Held()
+        loop = asyncio.get_running_loop()
+        starting = asyncio.ensure_future(loop.start_tls(
+            raw, held, tls.context, server_side=True,
+            ssl_handshake_timeout=tls.handshake_timeout,
+            ssl_shutdown_timeout=tls.shutdown_timeout,
+        ))
+        # start_tls's first step (the next callback) stops reading, sets the TLS protocol
+        # and schedules its connection_made, then the resumption of reading; what the
+        # preface read until then goes to TLS right after those, before anything more
+        # can be read.
+        loop.call_soon(loop.call_soon, preface.hand_over)
         try:
-            transport = await asyncio.get_running_loop().start_tls(
-                raw, held, tls.context, server_side=True,
-                ssl_handshake_timeout=tls.handshake_timeout,
-                ssl_shutdown_timeout=tls.shutdown_timeout,
-            )
+            transport = await starting
         except OSError as exc:  # ssl.SSLError, a timeout, a connection lost
             tls.certificates.handshake_failed(exc, LISTENER, peer)
             raw.abort()
@@ -213,18 +235,31 @@ class BrokerConnection(ServerConnection):
     def pause_writing(self) -> None:
         super().pause_writing()
         self._pause_reading("write")
-        self._watch_drain(self.transport.get_write_buffer_size())
+        self._watch_drain(self._unsent())
 
     def _watch_drain(self, buffered: int) -> None:
         self._stall_timer = self.loop.call_later(
             self._limits.write_timeout, self._check_drain, buffered
         )
 
+    def _unsent(self) -> int:
+        """Bytes written and not yet taken by the client: the transport's buffer and the
+        kernel's send queue (sent and not acknowledged, or not sent), which on loopback
+        or a fast link holds megabytes: a client reading slowly may drain the kernel's
+        part for longer than ``write_timeout`` before the transport's buffer moves."""
+        unsent = self.transport.get_write_buffer_size()
+        sock = self.transport.get_extra_info("socket")
+        if sock is not None and _OUTQ is not None:
+            with contextlib.suppress(OSError, ValueError):
+                unsent += struct.unpack("i", fcntl.ioctl(sock.fileno(), _OUTQ, b"\0" * 4))[0]
+        return unsent
+
     def _check_drain(self, buffered: int) -> None:
         """Still above the high-water mark after ``write_timeout``: a client whose buffer
-        shrank meanwhile is slow, not stalled (nothing is added while writing is paused
-        but small control frames); one whose buffer did not is cut."""
-        now = self.transport.get_write_buffer_size()
+        (the transport's and the kernel's) shrank meanwhile is slow, not stalled (nothing
+        is added while writing is paused but small control frames); one whose buffer did
+        not is cut."""
+        now = self._unsent()
         if now < buffered:
             self._watch_drain(now)
         else:
@@ -246,6 +281,46 @@ class BrokerConnection(ServerConnection):
         self.stalled = True
         if self.on_stall is not None:
             self.on_stall()
+
+
+class _Preface(asyncio.Protocol):
+    """The raw transport's protocol until start_tls takes it over: keeps what arrives
+    (uvloop reads once connection_made returns, even paused) and reads no more."""
+
+    def __init__(self, raw: asyncio.Transport) -> None:
+        self.raw = raw
+        self.data = bytearray()
+        self.eof = False
+        self.lost = False
+
+    def data_received(self, data: bytes) -> None:
+        self.data += data
+        self.raw.pause_reading()
+
+    def eof_received(self) -> None:
+        self.eof = True
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.lost = True
+
+    def hand_over(self) -> None:
+        """Give what was read to the protocol that has the transport now (TLS's)."""
+        protocol = self.raw.get_protocol()
+        if not self.data or protocol is self or self.raw.is_closing():
+            return
+        data = bytes(self.data)
+        self.data.clear()
+        if not hasattr(protocol, "buffer_updated"):  # TLS's is a buffered protocol
+            cast(asyncio.Protocol, protocol).data_received(data)
+            return
+        buffered = cast(asyncio.BufferedProtocol, protocol)
+        view = memoryview(data)
+        while view:
+            buffer = memoryview(buffered.get_buffer(len(view)))
+            size = min(len(buffer), len(view))
+            buffer[:size] = view[:size]
+            buffered.buffer_updated(size)
+            view = view[size:]
 
 
 class _Held(asyncio.Protocol):
@@ -270,6 +345,9 @@ class _Held(asyncio.Protocol):
         if self.successor is not None:
             self.successor.connection_lost(exc)
 
+
+#: The ioctl that reads a socket's send queue (Linux's SIOCOUTQ); None elsewhere.
+_OUTQ: int | None = getattr(termios, "TIOCOUTQ", None) if sys.platform == "linux" else None
 
 #: The TLS handshakes under way (a task the loop alone holds may be collected).
 _handshakes: set[asyncio.Task[None]] = set()

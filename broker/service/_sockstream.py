@@ -15,7 +15,9 @@ room, with the same bounds both ways:
   socket takes) and waits only while the transport's buffer is above
   :data:`WRITE_HIGH` (asyncio's ``pause_writing``/``resume_writing``).
 
-It must only be used on the asyncio backend (the broker's).
+It runs on anyio's asyncio backend (the broker's), on either event loop: asyncio's own
+or uvloop (whose transports are not subclasses of :class:`asyncio.Transport`, but
+behave as one).
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ import collections
 import socket
 import ssl
 from collections.abc import Callable, Mapping
-from typing import Any
+from typing import Any, cast
 
 import anyio
 import anyio.abc
@@ -53,8 +55,7 @@ class _ConsoleProtocol(asyncio.Protocol):
     # --- the transport's calls --------------------------------------------------------
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self.transport = transport
+        self.transport = transport = cast(asyncio.Transport, transport)
         transport.set_write_buffer_limits(high=WRITE_HIGH)
 
     def data_received(self, data: bytes) -> None:
