@@ -4,12 +4,22 @@ Tests that need it use the ``testbed`` fixture (or one built on it) and carry
 the ``vm`` marker. Without the test bed they are skipped on a developer
 machine, but when ``CI`` is set a missing test bed is an error: CI must never
 pass by skipping the real stack.
+
+The event loop: ``--event-loop`` (or ``CONSOLE_BROKER_TEST_EVENT_LOOP``), ``auto``
+(the broker's default: uvloop when installed), ``uvloop`` or ``asyncio``, is what every
+asyncio loop of the test process is: the anyio tests' and any ``anyio.run`` or
+``asyncio.run`` of a test (the asyncio event loop policy is set for the whole run).
+``console-broker serve`` subprocesses run on their configuration's loop (the default).
+scripts/test runs the whole suite on the default and the unit tests once more on
+asyncio's loop.
 """
 
 from __future__ import annotations
 
+import asyncio
 import os
 import shutil
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -29,6 +39,36 @@ MONITOR_EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "qemu-monit
 # checkout, first on sys.path, so that under scripts/test (the suite against the wheel
 # installed in .tox/py) they would run the source tree instead of the installed copy.
 os.environ["PYTHONSAFEPATH"] = "1"
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption(
+        "--event-loop",
+        choices=("auto", "uvloop", "asyncio"),
+        default=os.environ.get("CONSOLE_BROKER_TEST_EVENT_LOOP", "auto"),
+        help="the asyncio event loop of the tests' own loops, as service.event_loop "
+        "(default: $CONSOLE_BROKER_TEST_EVENT_LOOP, else auto: uvloop when installed)",
+    )
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    from broker.service._loop import choose_event_loop
+
+    loop = choose_event_loop(config.getoption("event_loop"))
+    config.stash[_EVENT_LOOP] = f"{loop.name} {loop.version}"
+    if loop.name == "uvloop":
+        import uvloop
+
+        with warnings.catch_warnings():  # the policy API is deprecated from Python 3.14
+            warnings.simplefilter("ignore", DeprecationWarning)
+            asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
+
+
+def pytest_report_header(config: pytest.Config) -> str:
+    return f"event loop: {config.stash[_EVENT_LOOP]}"
+
+
+_EVENT_LOOP = pytest.StashKey[str]()
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:

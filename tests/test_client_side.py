@@ -88,8 +88,9 @@ def _leaves(
 
 
 def test_the_server_modules_are_the_server_extra() -> None:
+    """All but uvloop: serve runs without it, on asyncio's loop (service.event_loop)."""
     extra = {_name(r) for r in PROJECT["optional-dependencies"]["server"]}
-    assert extra == {_name(d) for d in SERVER_MODULES.values()}
+    assert extra == {_name(d) for d in SERVER_MODULES.values()} | {"uvloop"}
     base = {_name(r) for r in PROJECT["dependencies"]}
     assert base == {"pluggy", "anyio", "websockets", "attrs", "structlog"}
     assert SERVER_INSTALL == "pip install 'console-broker[server]'"
