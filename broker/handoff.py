@@ -17,7 +17,9 @@ bounded: at most *maxsize* entries and, per session, *per_session* handles not y
 used; entries are kept until their expiry plus the verifier's leeway plus
 :data:`LINGER` seconds, so that a handle used late is refused as expired rather than
 unknown (when the table is full, those lingering entries make room first). The table
-lives in one broker process: a handle is usable only on the broker that issued it.
+lives in one broker process: a handle is usable only on the broker that issued it (with
+worker processes, the worker that issued it: each issues only handles that route to
+itself, :mod:`broker.service._workers`).
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ import hashlib
 import re
 import secrets
 import threading
+from collections.abc import Callable
 from heapq import heappop, heappush
 from typing import TYPE_CHECKING
 
@@ -121,6 +124,9 @@ class HandoffTable:
         #: The ids of each session's handles not yet used, by the session's jti.
         self._outstanding: dict[str, set[str]] = {}
         self._lock = threading.Lock()
+        #: With worker processes: which handles this worker may issue (those that hash
+        #: to it, so that a handle's uses reach the worker that knows it); None: any.
+        self.accepts: Callable[[str], bool] | None = None
 
     def __len__(self) -> int:
         return len(self._entries)
@@ -166,6 +172,8 @@ class HandoffTable:
                     "refusing new ones until some expire"
                 )
             handle = PREFIX + secrets.token_urlsafe(24)
+            while self.accepts is not None and not self.accepts(handle):
+                handle = PREFIX + secrets.token_urlsafe(24)
             key = handle_id(handle)
             issued = int(now)
             claims = attrs.evolve(

@@ -29,6 +29,7 @@ by target, and websockets' own request logging is silenced (see ``_logging``).
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import dataclasses
 import email.utils
@@ -36,10 +37,12 @@ import functools
 import http
 import json
 import logging
+import os
+import socket
 import ssl
 import time
 import weakref
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from datetime import UTC, datetime
 from typing import Any, cast
 from urllib.parse import urlsplit
@@ -52,6 +55,7 @@ from websockets.asyncio.server import Server, ServerConnection, serve
 from websockets.datastructures import Headers
 from websockets.exceptions import InvalidHandshake, InvalidHeader
 from websockets.http11 import Request, Response
+from websockets.server import ServerProtocol
 from websockets.typing import Subprotocol
 
 import broker
@@ -68,7 +72,7 @@ from broker.service._control import SUBPROTOCOL as CONTROL_SUBPROTOCOL
 from broker.service._control import ControlChannels, PendingControl
 from broker.service._gate import AcceptGuard, ConnectionGate, http_response, watch_listener
 from broker.service._libvirt import Resolver, Target
-from broker.service._limits import Limits, SessionCounts
+from broker.service._limits import SessionCounts, session_limits
 from broker.service._loop import running_loop_name
 from broker.service._metrics import CONTENT_TYPE, Metrics
 from broker.service._presence import INPUT_MODES
@@ -117,10 +121,24 @@ from broker.service._sessions import Pending, SessionRunner
 from broker.service._tls import ConsoleTLS
 from broker.service._tunnels import LISTENER as TUNNEL_LISTENER
 from broker.service._tunnels import TunnelListener
+from broker.service._workers import (
+    CONNECT,
+    HTTP,
+    Passed,
+    WorkerLink,
+    head_token,
+    merge_metrics,
+    relay_streams,
+    relay_transport,
+)
 from broker.tokens import Claims, TokenRefused, TokenVerifier
 
 _log = structlog.get_logger("broker.service")
 _SERVER = f"console-broker/{broker.__version__}"
+#: The answer when the worker a connection belongs to has had no room for it.
+_OWNER_BUSY = "the broker worker serving this console is restarting; try again"
+#: Connections being passed between workers (a task the loop alone holds may be collected).
+_handovers: set[asyncio.Task[None]] = set()
 
 
 @attrs.frozen
@@ -190,8 +208,14 @@ class Broker:
         metrics: Metrics | None = None,
         ssl_context: ssl.SSLContext | None = None,
         client_ssl_context: ssl.SSLContext | None = None,
+        link: WorkerLink | None = None,
+        counts: SessionCounts | None = None,
     ) -> None:
         self.config = config
+        #: With worker processes (``service.workers``): this worker's link to the others.
+        self._link = link
+        if link is not None:
+            verifier.handoffs.accepts = link.owns
         self.metrics = metrics if metrics is not None else Metrics()
         self._verifier = verifier
         self._resolver = resolver
@@ -203,11 +227,9 @@ class Broker:
         self._proxies = TrustedProxies(config.http.trusted_proxies)
         self._refuse_by_close = config.http.refusals == "close"
         limits = config.limits
-        self._counts = SessionCounts(
-            Limits(
-                limits.max_sessions, limits.max_sessions_per_domain, limits.max_sessions_per_client
-            )
-        )
+        #: The session counts the limits hold against: this process's, or with worker
+        #: processes every worker's (``SharedSessionCounts``).
+        self._counts = counts if counts is not None else SessionCounts(session_limits(config))
         #: Each plugin's context: its logger, its metrics in this broker's registry.
         self._contexts = plugins.contexts(config, self.metrics.registry)
         self._handlers = self._load_handlers(plugins, self._contexts)
@@ -243,6 +265,10 @@ class Broker:
         self.addresses: list[tuple[str, int]] = []
         #: The HTTP CONNECT listener's (host, port) pairs, once serving (``listen.connect_port``).
         self.connect_addresses: list[tuple[str, int]] = []
+        #: What a connection another worker passed on is made with, once serving.
+        self._server: Server | None = None
+        self._connection_options: dict[str, Any] = {}
+        self._tunnel_listener: TunnelListener | None = None
 
     @staticmethod
     def _origin_policy(config: Config) -> OriginPolicy:
@@ -354,8 +380,13 @@ class Broker:
         ping = config.proxy.ping_interval or None
         limits = ConnectionLimits(
             self._gate, config.limits.max_request_head, config.limits.write_timeout,
-            self._client_tls,
+            self._client_tls, self._pass_on if self._link is not None else None,
         )
+        self._connection_options = {
+            "limits": limits, "ping_interval": ping, "ping_timeout": ping,
+            "close_timeout": self._runner.close_timeout, "max_queue": config.proxy.max_queue,
+            "write_limit": config.proxy.write_buffer,
+        }
         server = await serve(
             self._handle,
             config.listen.host,
@@ -377,7 +408,10 @@ class Broker:
             create_connection=cast(
                 type[ServerConnection], functools.partial(BrokerConnection, limits=limits)
             ),
+            # Worker processes each listen on the same addresses (docs/service.md).
+            reuse_port=self._link is not None or None,
         )
+        self._server = server
         self.addresses = [sock.getsockname()[:2] for sock in server.sockets]
         guards = [self._accept_guard(LISTENER)]
         unwatch = [watch_listener(sock, guards[0]) for sock in server.sockets]
@@ -394,7 +428,8 @@ class Broker:
         tunnel_scope = anyio.CancelScope()
         if config.listen.connect_port:
             tunnels = await anyio.create_tcp_listener(
-                local_host=config.listen.connect_host, local_port=config.listen.connect_port
+                local_host=config.listen.connect_host, local_port=config.listen.connect_port,
+                reuse_port=self._link is not None,
             )
             self.connect_addresses = [
                 _host_port(listener.extra(anyio.abc.SocketAttribute.local_address))  # noqa: S610
@@ -413,13 +448,17 @@ class Broker:
                 guard=guards[-1],
                 client_tls=self._client_tls,
                 proxy_protocol=self._proxies if config.listen.connect_proxy_protocol else None,
+                pass_on=self._pass_tunnel if self._link is not None else None,
             )
+            self._tunnel_listener = listener
             group.start_soon(listener.serve, tunnels, tunnel_scope)
             _log.info(
                 "broker.connect_listening",
                 addresses=[f"{host}:{port}" for host, port in self.connect_addresses],
                 proxy_protocol=config.listen.connect_proxy_protocol,
             )
+        if self._link is not None:
+            unwatch.append(self._link.attach(self._passed, self._own_metrics))
         task_status.started(self.port)
         try:
             await self._stop.wait()
@@ -532,7 +571,7 @@ class Broker:
             allow = ", ".join(found.allow)
             return _text(405, f"method not allowed (allowed: {allow})", [("Allow", allow)])
         if isinstance(found, PlainRoute):
-            return self._healthz() if found.name == "healthz" else self._metrics()
+            return self._healthz() if found.name == "healthz" else await self._metrics()
         if isinstance(found, PageRoute):
             return self._page(found)
         if isinstance(found, FileRoute):
@@ -674,12 +713,150 @@ class Broker:
             "sessions": self.session_count,
             "libvirt": self._resolver.health(),
         }
+        if self._link is not None:  # the sessions of every worker; which one answered
+            doc.update(sessions=self._counts.total, worker=self._link.index,
+                       workers=self._link.count)
         body = json.dumps(doc).encode() + b"\n"
         return _response(200 if available else 503, body, "application/json")
 
-    def _metrics(self) -> Response:
+    def _own_metrics(self) -> bytes:
         self.metrics.libvirt_connected.set(1 if self._resolver.available else 0)
-        return _response(200, self.metrics.render(), CONTENT_TYPE)
+        return self.metrics.render()
+
+    async def _metrics(self) -> Response:
+        if self._link is None:
+            return _response(200, self._own_metrics(), CONTENT_TYPE)
+        texts = await self._link.collect_metrics()
+        texts[self._link.index] = self._own_metrics()
+        return _response(200, merge_metrics(texts), CONTENT_TYPE)
+
+    # --- worker processes ---------------------------------------------------------------
+
+    def _pass_on(self, connection: BrokerConnection, head: bytes) -> bool:
+        """Pass *connection* to the worker its request belongs to; False when it is this
+        worker's (:mod:`broker.service._workers`)."""
+        assert self._link is not None
+        owner = self._link.route(head_token(head))
+        if owner is None:
+            return False
+        peer = connection.remote_address
+        transport = connection.detach()
+        address = (str(peer[0]), int(peer[1])) if peer else ("?", 0)
+        task = asyncio.get_running_loop().create_task(
+            self._hand_over(transport, owner, head, address)
+        )
+        _handovers.add(task)
+        task.add_done_callback(_handovers.discard)
+        return True
+
+    async def _hand_over(
+        self, transport: asyncio.Transport, owner: int, head: bytes, peer: tuple[str, int]
+    ) -> None:
+        assert self._link is not None
+        meta = {"kind": HTTP, "peer": list(peer)}
+        if transport.get_extra_info("ssl_object") is None:
+            # In the clear: the socket itself moves; this worker's descriptor closes.
+            fd = os.dup(transport.get_extra_info("socket").fileno())
+            try:
+                sent = await self._link.send(owner, meta, head, fd)
+            finally:
+                os.close(fd)
+            if sent:
+                transport.abort()
+                _log.debug("worker.passed", to=owner, listener=HTTP, client=peer[0])
+                return
+            transport.write(http_response(503, _OWNER_BUSY))
+            transport.close()
+            _log.warning("worker.pass_failed", to=owner, listener=HTTP, client=peer[0])
+            return
+        mine, theirs = socket.socketpair()
+        with theirs:
+            sent = await self._link.send(owner, meta, head, theirs.fileno())
+        if not sent:
+            mine.close()
+            transport.write(http_response(503, _OWNER_BUSY))
+            transport.close()
+            _log.warning("worker.pass_failed", to=owner, listener=HTTP, client=peer[0])
+            return
+        _log.debug("worker.relayed", to=owner, listener=HTTP, client=peer[0])
+        await relay_transport(transport, mine, self.config.proxy.write_buffer)
+
+    async def _pass_tunnel(
+        self,
+        token: str,
+        stream: anyio.abc.ByteStream,
+        head: bytes,
+        client: str,
+        answered: Callable[[], None],
+    ) -> bool:
+        """Pass a CONNECT tunnel to the worker its token belongs to (always relayed: the
+        tunnel's stream may be TLS); False when it is this worker's."""
+        assert self._link is not None
+        try:
+            owner = self._link.route(token_for_handle(token))
+        except ValueError:
+            return False  # refused here, as anywhere
+        if owner is None:
+            return False
+        answered()
+        mine, theirs = socket.socketpair()
+        with theirs:
+            sent = await self._link.send(
+                owner, {"kind": CONNECT, "peer": [client, 0]}, head, theirs.fileno()
+            )
+        if not sent:
+            mine.close()
+            with contextlib.suppress(Exception):
+                await stream.send(http_response(503, _OWNER_BUSY))
+            await stream.aclose()
+            _log.warning("worker.pass_failed", to=owner, listener=CONNECT, client=client)
+            return True
+        _log.debug("worker.relayed", to=owner, listener=CONNECT, client=client)
+        inner = await anyio.abc.SocketStream.from_socket(mine)
+        await relay_streams(stream, inner, self.config.proxy.read_size)
+        return True
+
+    def _passed(self, passed: Passed) -> None:
+        """A connection another worker passed to this one: served as if accepted here."""
+        if passed.listener == CONNECT:
+            task = asyncio.get_running_loop().create_task(self._adopt_tunnel(passed))
+        else:
+            task = asyncio.get_running_loop().create_task(self._adopt(passed))
+        _handovers.add(task)
+        task.add_done_callback(_handovers.discard)
+
+    async def _adopt_tunnel(self, passed: Passed) -> None:
+        if self._tunnel_listener is None:
+            passed.sock.close()
+            return
+        stream = await anyio.abc.SocketStream.from_socket(passed.sock)
+        self._tunnel_listener.adopt(stream, passed.head, passed.peer[0])
+
+    async def _adopt(self, passed: Passed) -> None:
+        if self._server is None:
+            passed.sock.close()
+            return
+        options = self._connection_options
+        connection: BrokerConnection
+
+        def select(protocol: ServerProtocol, offered: Any) -> Subprotocol | None:
+            return self._select_subprotocol(connection, offered)
+
+        protocol = ServerProtocol(
+            select_subprotocol=select,
+            max_size=self.config.proxy.max_message,
+            logger=logging.getLogger("websockets.server"),
+        )
+        connection = BrokerConnection(protocol, self._server, passed_from=passed.peer,
+                                      **options)
+        try:
+            await asyncio.get_running_loop().connect_accepted_socket(
+                lambda: connection, passed.sock
+            )
+        except OSError:
+            passed.sock.close()
+            return
+        connection.data_received(passed.head)
 
     def _page(self, found: PageRoute) -> Response:
         if found.protocol not in self._plugins.protocols:

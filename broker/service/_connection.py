@@ -72,16 +72,33 @@ class ConnectionLimits:
     #: TLS with client certificates, done by each connection (None: the listener's
     #: own TLS, if any).
     client_tls: ClientTLS | None = None
+    #: With worker processes: called with a connection and its whole request head (and
+    #: whatever came with it) before websockets reads any of it; True when it passed the
+    #: connection to another worker (:mod:`broker.service._workers`).
+    pass_on: Callable[[BrokerConnection, bytes], bool] | None = None
 
 
 class BrokerConnection(ServerConnection):
     """websockets' server connection with the broker's limits (see the module's notes)."""
 
     def __init__(
-        self, protocol: ServerProtocol, server: Server, *, limits: ConnectionLimits, **kwargs: Any
+        self,
+        protocol: ServerProtocol,
+        server: Server,
+        *,
+        limits: ConnectionLimits,
+        passed_from: tuple[str, int] | None = None,
+        **kwargs: Any,
     ) -> None:
         super().__init__(protocol, server, **kwargs)
         self._limits = limits
+        #: The client's address, for a connection another worker passed on (its TLS, if
+        #: any, done there); None for one accepted here.
+        self.passed_from = passed_from
+        #: The request head read so far, while it may still be passed to another worker.
+        self._head: bytearray | None = (
+            bytearray() if limits.pass_on is not None and passed_from is None else None
+        )
         self._peer = "?"
         self._pending = False
         self._refused = False
@@ -96,9 +113,15 @@ class BrokerConnection(ServerConnection):
 
     # --- TLS with client certificates ----------------------------------------------------
 
+    @property
+    def remote_address(self) -> Any:
+        if self.passed_from is not None:
+            return self.passed_from
+        return super().remote_address
+
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         tls = self._limits.client_tls
-        if tls is None:
+        if tls is None or self.passed_from is not None:
             self._connected(transport)
             return
         raw = cast(asyncio.Transport, transport)
@@ -161,7 +184,7 @@ class BrokerConnection(ServerConnection):
         super().connection_made(transport)
         self.recv_messages.pause = lambda: self._pause_reading("queue")
         self.recv_messages.resume = lambda: self._resume_reading("queue")
-        peer = transport.get_extra_info("peername")
+        peer = self.passed_from or transport.get_extra_info("peername")
         self._peer = str(peer[0]) if peer else "?"
         refusal = self._limits.gate.enter(self._peer, LISTENER)
         if refusal is not None:
@@ -194,7 +217,26 @@ class BrokerConnection(ServerConnection):
                 self._limits.gate.refused(HEAD_TOO_LARGE, LISTENER)
                 self._refuse(HEAD_TOO_LARGE)
                 return
+            if self._head is not None:
+                self._head += data
+                if b"\r\n\r\n" not in self._head:
+                    return
+                data, self._head = bytes(self._head), None
+                assert self._limits.pass_on is not None
+                if self._limits.pass_on(self, data):
+                    return
         super().data_received(data)
+
+    def detach(self) -> asyncio.Transport:
+        """Let go of the connection (passed to another worker): websockets sees it end
+        before its request, quietly, and nothing more is written or closed; returns the
+        transport, now without a protocol of its own."""
+        transport = self.transport
+        transport.pause_reading()  # what comes next stays in the socket, for the owner
+        transport.set_protocol(_Detached())
+        self.transport = _NullTransport(transport)
+        self.connection_lost(None)
+        return transport
 
     def send_data(self) -> None:
         """websockets ends a request it cannot parse (a body, a chunked request, a protocol
@@ -281,6 +323,44 @@ class BrokerConnection(ServerConnection):
         self.stalled = True
         if self.on_stall is not None:
             self.on_stall()
+
+
+class _Detached(asyncio.Protocol):
+    """The protocol of a transport whose connection moved on: ignores what it is told."""
+
+
+class _NullTransport(asyncio.Transport):
+    """What a detached connection writes to and closes: nothing (its real transport is
+    someone else's now)."""
+
+    def __init__(self, real: asyncio.Transport) -> None:
+        super().__init__()
+        self._info = {"peername": real.get_extra_info("peername"),
+                      "sockname": real.get_extra_info("sockname")}
+
+    def get_extra_info(self, name: str, default: Any = None) -> Any:
+        return self._info.get(name, default)
+
+    def write(self, data: Any) -> None:
+        pass
+
+    def is_closing(self) -> bool:
+        return True
+
+    def close(self) -> None:
+        pass
+
+    def abort(self) -> None:
+        pass
+
+    def pause_reading(self) -> None:
+        pass
+
+    def resume_reading(self) -> None:
+        pass
+
+    def get_write_buffer_size(self) -> int:
+        return 0
 
 
 class _Preface(asyncio.Protocol):

@@ -68,6 +68,13 @@ Admit = Callable[[str, str, float], Awaitable[Any]]
 Run = Callable[[TunnelChannel, Any], Awaitable[None]]
 #: Counts a refusal (its reason) in the broker's metrics.
 Count = Callable[[str], None]
+#: With worker processes: (the tunnel's token or handle, its stream, the bytes read from
+#: it, the client's address, called once it is no longer this worker's pending
+#: connection) -> True once the tunnel, passed to another worker, has ended; False when
+#: it is this worker's own.
+PassOn = Callable[
+    [str, anyio.abc.ByteStream, bytes, str, Callable[[], None]], Awaitable[bool]
+]
 #: The listener's name in logs and metrics.
 LISTENER = "connect"
 #: A connection refused for its PROXY header: counted in ``connections_refused_total``
@@ -92,8 +99,11 @@ class TunnelListener:
         guard: AcceptGuard,
         client_tls: ClientTLS | None = None,
         proxy_protocol: TrustedProxies | None = None,
+        pass_on: PassOn | None = None,
     ) -> None:
         self._admit = admit
+        self._pass_on = pass_on
+        self._group: anyio.abc.TaskGroup | None = None
         self._run = run
         self._count_refusal = count_refusal
         self._ssl = ssl_context
@@ -114,6 +124,7 @@ class TunnelListener:
         listeners = getattr(listener, "listeners", [listener])
         with scope:
             async with listener, anyio.create_task_group() as group:
+                self._group = group
                 for one in listeners:
                     group.start_soon(self._guard.accept_loop, one, self.handle, group)
 
@@ -249,21 +260,58 @@ class TunnelListener:
         await _answer(outer, 403, NOT_ACCEPTED, close=True)
         return None
 
+    def adopt(self, stream: anyio.abc.SocketStream, head: bytes, client: str) -> None:
+        """Serve a tunnel another worker passed on (its PROXY header and TLS, if any, dealt
+        with there; *head*: the bytes it read), as one accepted here."""
+        if self._group is None:
+            stream.extra(anyio.abc.SocketAttribute.raw_socket).close()  # noqa: S610
+            return
+        self._group.start_soon(self._adopted, stream, head, client)
+
+    async def _adopted(self, stream: anyio.abc.SocketStream, head: bytes, client: str) -> None:
+        refusal = self._gate.enter(client, LISTENER)
+        if refusal is not None:
+            await _answer(stream, refusal.status, refusal.text, close=True)
+            return
+        counted = True
+
+        def leave() -> None:
+            nonlocal counted
+            if counted:
+                self._gate.leave(client, LISTENER)
+                counted = False
+
+        try:
+            await self.tunnel(_Replayed(stream, head), client, leave, passed=True)
+        finally:
+            leave()
+
     async def tunnel(
-        self, stream: anyio.abc.ByteStream, client: str, answered: Callable[[], None]
+        self,
+        stream: anyio.abc.ByteStream,
+        client: str,
+        answered: Callable[[], None],
+        *,
+        passed: bool = False,
     ) -> None:
         """Read the CONNECT head, admit its token like a WebSocket's, answer 200 and run the
         session on the tunnel (or answer the refusal's status and close). *answered* is
-        called once the head is answered, either way."""
+        called once the head is answered, either way. With worker processes, a tunnel
+        whose token belongs to another worker is passed to it first (unless it was
+        *passed* here)."""
         started = time.monotonic()
         parser = ConnectParser()
+        read = bytearray()
         try:
             with anyio.fail_after(self._timeout):
                 while True:
                     event = parser.next_event()
                     if isinstance(event, ConnectRequest):
                         break
-                    parser.receive_data(await stream.receive(MAX_HEAD))
+                    chunk = await stream.receive(MAX_HEAD)
+                    if self._pass_on is not None and not passed:
+                        read += chunk
+                    parser.receive_data(chunk)
         except ConnectError as exc:
             _log.info("connect.refused", reason="bad_request", detail=exc.detail, client=client,
                       status=exc.status)
@@ -271,6 +319,12 @@ class TunnelListener:
             return
         except (TimeoutError, anyio.EndOfStream, anyio.BrokenResourceError, OSError):
             await _answer(stream, 0, "", close=True)
+            return
+        if (
+            self._pass_on is not None
+            and not passed
+            and await self._pass_on(event.host, stream, bytes(read), client, answered)
+        ):
             return
         why = self.mismatch(event)
         if why is not None:

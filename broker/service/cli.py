@@ -8,12 +8,14 @@ prometheus_client) are imported when it is built, not with this module, which
 from __future__ import annotations
 
 import argparse
+import os
 import resource
 import signal
 import ssl
+import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, TypeAlias
+from typing import TYPE_CHECKING, Any, TypeAlias
 
 import anyio
 import structlog
@@ -26,10 +28,15 @@ from broker.service._loop import choose_event_loop
 
 if TYPE_CHECKING:
     from broker.service._app import Broker
+    from broker.service._limits import SessionCounts
+    from broker.service._workers import WorkerLink
 
 Subparsers: TypeAlias = "argparse._SubParsersAction[argparse.ArgumentParser]"
 
 _log = structlog.get_logger("broker.service")
+#: Seconds after a worker's first SIGTERM or SIGINT within which another is the same
+#: one again (see :func:`run_until_signalled`), not a second asking to cut short.
+SIGNAL_ECHO = 1.0
 
 
 def _ssl_context(config: Config) -> ssl.SSLContext | None:
@@ -77,9 +84,15 @@ def raise_file_limit(sessions: int) -> None:
         )
 
 
-def build_broker(config: Config, plugins: PluginManager | None = None) -> Broker:
+def build_broker(
+    config: Config,
+    plugins: PluginManager | None = None,
+    *,
+    link: WorkerLink | None = None,
+    counts: SessionCounts | None = None,
+) -> Broker:
     """A broker for *config*: the key pair ensured, keys loaded, plugins (*plugins*, else
-    those that load) and libvirt set up."""
+    those that load) and libvirt set up; with *link* and *counts*, one worker of several."""
     from broker.keys import KeyFileError, ensure_keypair, load_public_keys
     from broker.service._app import Broker
     from broker.service._libvirt import LibvirtResolver
@@ -122,27 +135,31 @@ def build_broker(config: Config, plugins: PluginManager | None = None) -> Broker
         plugins=plugins if plugins is not None else PluginManager(),
         ssl_context=_ssl_context(config),
         client_ssl_context=_client_ssl_context(config),
+        link=link,
+        counts=counts,
     )
 
 
-async def _on_signals(broker: Broker, scope: anyio.CancelScope) -> None:
+async def _on_signals(broker: Broker, scope: anyio.CancelScope, echo: float) -> None:
     with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
-        received = 0
+        first = 0.0
         async for signum in signals:
-            received += 1
-            if received == 1:
+            if not first:
+                first = time.monotonic()
                 _log.info("broker.signal", signal=signal.Signals(signum).name,
                           grace=broker.config.limits.shutdown_grace)
                 broker.shutdown()
-            else:
+            elif time.monotonic() - first >= echo:
                 _log.warning("broker.signal_again", signal=signal.Signals(signum).name)
                 scope.cancel()
 
 
-async def run_until_signalled(broker: Broker) -> None:
-    """Serve until SIGTERM/SIGINT (a second signal cuts the grace short)."""
+async def run_until_signalled(broker: Broker, echo: float = 0.0) -> None:
+    """Serve until SIGTERM/SIGINT (a second signal cuts the grace short, unless it comes
+    within *echo* seconds of the first: a worker may get one signal twice, from systemd
+    stopping every process of the service and from its supervisor passing it on)."""
     async with anyio.create_task_group() as group:
-        group.start_soon(_on_signals, broker, group.cancel_scope)
+        group.start_soon(_on_signals, broker, group.cancel_scope, echo)
         await broker.serve()
         group.cancel_scope.cancel()
 
@@ -156,6 +173,9 @@ def _serve_command(args: argparse.Namespace) -> int:
     configure_logging(config.logging.format, config.logging.level)
     raise_file_limit(config.limits.max_sessions)
     loop = choose_event_loop(config.service.event_loop)
+    workers = args.workers if args.workers is not None else config.service.workers
+    if workers > 1:
+        return _serve_workers(config, plugins, workers, loop.backend_options)
     broker = build_broker(config, plugins)
     try:
         anyio.run(run_until_signalled, broker, backend="asyncio",
@@ -164,6 +184,69 @@ def _serve_command(args: argparse.Namespace) -> int:
         where = f"{config.listen.host}:{config.listen.port}"
         raise CommandError(f"cannot listen on {where}: {exc.strerror or exc}") from None
     return 0
+
+
+def _serve_workers(
+    config: Config, plugins: PluginManager, workers: int, backend_options: dict[str, Any]
+) -> int:
+    """``serve --workers N``: the supervisor of N worker processes (broker.service._workers)."""
+    from broker.keys import KeyFileError, ensure_keypair
+    from broker.service._limits import session_limits
+    from broker.service._sharedstate import SESSIONS_FILE, SharedSessionCounts, StateFileError
+    from broker.service._workers import CANNOT_START, Supervisor, reuse_port_free
+
+    listen = config.listen
+    addresses = [(listen.host, listen.port)]
+    if listen.connect_port:
+        addresses.append((listen.connect_host, listen.connect_port))
+    try:
+        reuse_port_free(addresses)
+    except OSError as exc:
+        where = ", ".join(f"{host}:{port}" for host, port in addresses)
+        raise CommandError(f"cannot listen on {where}: {exc.strerror or exc}") from None
+    try:
+        ensure_keypair(config.state_dir)  # once, before the workers race to make it
+    except KeyFileError as exc:
+        raise CommandError(str(exc)) from None
+    except OSError as exc:
+        raise CommandError(f"{config.state_dir}: cannot prepare the state directory: "
+                           f"{exc.strerror}") from None
+    sessions_file = config.state_dir / SESSIONS_FILE
+    counts = SharedSessionCounts(session_limits(config), sessions_file, None)
+    try:
+        counts.reset()
+    except StateFileError as exc:
+        raise CommandError(str(exc)) from None
+
+    def run_worker(link: WorkerLink) -> int:
+        try:
+            mine = SharedSessionCounts(session_limits(config), sessions_file, link.index)
+            broker = build_broker(config, plugins, link=link, counts=mine)
+            anyio.run(run_until_signalled, broker, SIGNAL_ECHO, backend="asyncio",
+                      backend_options=backend_options)
+        except CommandError as exc:
+            _log.error("worker.start_failed", worker=link.index, error=str(exc))
+            return CANNOT_START
+        except OSError as exc:
+            _log.error("worker.start_failed", worker=link.index,
+                       error=f"cannot listen: {exc.strerror or exc}")
+            return CANNOT_START
+        return 0
+
+    _log.info("broker.workers", workers=workers, pid=os.getpid())
+    if Supervisor(workers, run_worker, forget=counts.forget_worker).run() != 0:
+        raise CommandError("a worker could not start (worker.start_failed in the log says why)")
+    return 0
+
+
+def _positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"at least 1, not {value}")
+    return value
 
 
 def register_serve(subparsers: Subparsers) -> None:
@@ -183,6 +266,14 @@ def register_serve(subparsers: Subparsers) -> None:
         metavar="FILE",
         help="configuration file (default: $CONSOLE_BROKER_CONFIG, else "
         "/etc/console-broker/broker.toml if it exists, else the built-in defaults)",
+    )
+    parser.add_argument(
+        "--workers",
+        type=_positive,
+        metavar="N",
+        help="worker processes sharing the listeners (default: service.workers, 1); each "
+        "has its own libvirt connection and serves the sessions of the domains it owns "
+        "(docs/service.md, Worker processes)",
     )
     parser.set_defaults(func=_serve_command, needs_server=True)
 
