@@ -33,7 +33,6 @@ import asyncio
 import contextlib
 import dataclasses
 import email.utils
-import functools
 import http
 import json
 import logging
@@ -42,7 +41,7 @@ import socket
 import ssl
 import time
 import weakref
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from datetime import UTC, datetime
 from typing import Any, cast
 from urllib.parse import urlsplit
@@ -70,7 +69,13 @@ from broker.service._connect import token_for_handle
 from broker.service._connection import LISTENER, BrokerConnection, ConnectionLimits
 from broker.service._control import SUBPROTOCOL as CONTROL_SUBPROTOCOL
 from broker.service._control import ControlChannels, PendingControl
-from broker.service._gate import AcceptGuard, ConnectionGate, http_response, watch_listener
+from broker.service._gate import (
+    AcceptGuard,
+    ConnectionGate,
+    SocketListener,
+    http_response,
+    listening_sockets,
+)
 from broker.service._libvirt import Resolver, Target
 from broker.service._limits import SessionCounts, session_limits
 from broker.service._loop import running_loop_name
@@ -387,34 +392,26 @@ class Broker:
             "close_timeout": self._runner.close_timeout, "max_queue": config.proxy.max_queue,
             "write_limit": config.proxy.write_buffer,
         }
-        server = await serve(
+        # websockets' server without its own listener: the broker accepts (SocketListener)
+        # and makes each connection (_connect), the same way for one passed by a worker.
+        server = serve(
             self._handle,
-            config.listen.host,
-            config.listen.port,
             process_request=self._process_request,
-            select_subprotocol=self._select_subprotocol,
             server_header=_SERVER,
-            compression=None,
             open_timeout=config.limits.handshake_timeout,
-            ping_interval=ping,
-            ping_timeout=ping,
-            close_timeout=self._runner.close_timeout,
-            max_size=config.proxy.max_message,
-            max_queue=config.proxy.max_queue,
-            write_limit=config.proxy.write_buffer,
-            # With client certificates each connection does its TLS (BrokerConnection).
-            ssl=self._ssl if self._client_tls is None else None,
             logger=logging.getLogger("websockets.server"),
-            create_connection=cast(
-                type[ServerConnection], functools.partial(BrokerConnection, limits=limits)
-            ),
-            # Worker processes each listen on the same addresses (docs/service.md).
-            reuse_port=self._link is not None or None,
-        )
+        )  # not awaited: it gets its listener below, not one of the loop's
         self._server = server
-        self.addresses = [sock.getsockname()[:2] for sock in server.sockets]
         guards = [self._accept_guard(LISTENER)]
-        unwatch = [watch_listener(sock, guards[0]) for sock in server.sockets]
+        sockets = listening_sockets(
+            config.listen.host, config.listen.port, reuse_port=self._link is not None
+        )
+        # The connection does its own TLS with client certificates (BrokerConnection).
+        tls = self._ssl if self._client_tls is None else None
+        accepting = SocketListener(sockets, lambda sock: self._connect(sock, None, tls), guards[0])
+        server.server = cast(asyncio.Server, accepting)  # what websockets' server drives
+        self.addresses = [sock.getsockname()[:2] for sock in sockets]
+        unwatch: list[Callable[[], None]] = []
         _log.info(
             "broker.listening",
             addresses=[f"{host}:{port}" for host, port in self.addresses],
@@ -833,13 +830,32 @@ class Broker:
         self._tunnel_listener.adopt(stream, passed.head, passed.peer[0])
 
     async def _adopt(self, passed: Passed) -> None:
-        if self._server is None:
-            passed.sock.close()
+        self._connect(passed.sock, passed.peer, None, passed.head)
+
+    def _connect(
+        self, sock: socket.socket, passed_from: tuple[str, int] | None,
+        tls: ssl.SSLContext | None, head: bytes = b"",
+    ) -> None:
+        """Serve *sock*, accepted here or passed by another worker (*passed_from*: the
+        client's address, *head*: what that worker read of it) and, with *tls*, after its
+        TLS handshake: a :class:`BrokerConnection` of the broker's websockets server."""
+        if self._server is None or not self._server.is_serving():
+            sock.close()
             return
-        options = self._connection_options
+        task = asyncio.get_running_loop().create_task(
+            self._connected(sock, passed_from, tls, head)
+        )
+        _handovers.add(task)
+        task.add_done_callback(_handovers.discard)
+
+    async def _connected(
+        self, sock: socket.socket, passed_from: tuple[str, int] | None,
+        tls: ssl.SSLContext | None, head: bytes,
+    ) -> None:
+        assert self._server is not None
         connection: BrokerConnection
 
-        def select(protocol: ServerProtocol, offered: Any) -> Subprotocol | None:
+        def select(protocol: ServerProtocol, offered: Sequence[Subprotocol]) -> Subprotocol | None:
             return self._select_subprotocol(connection, offered)
 
         protocol = ServerProtocol(
@@ -847,16 +863,21 @@ class Broker:
             max_size=self.config.proxy.max_message,
             logger=logging.getLogger("websockets.server"),
         )
-        connection = BrokerConnection(protocol, self._server, passed_from=passed.peer,
-                                      **options)
+        connection = BrokerConnection(protocol, self._server, passed_from=passed_from,
+                                      **self._connection_options)
+        extra: dict[str, Any] = {}
+        if tls is not None:
+            extra = {"ssl": tls, "ssl_handshake_timeout": self.config.limits.handshake_timeout,
+                     "ssl_shutdown_timeout": self._runner.close_timeout}
         try:
             await asyncio.get_running_loop().connect_accepted_socket(
-                lambda: connection, passed.sock
+                lambda: connection, sock, **extra
             )
-        except OSError:
-            passed.sock.close()
+        except (OSError, TimeoutError):  # ssl.SSLError, a handshake timed out, gone
+            sock.close()
             return
-        connection.data_received(passed.head)
+        if head:
+            connection.data_received(head)
 
     def _page(self, found: PageRoute) -> Response:
         if found.protocol not in self._plugins.protocols:

@@ -21,10 +21,10 @@ no token from exhausting either:
   closed), so their clients learn at once instead of hanging, then takes the reserve
   again. The listener backs off briefly and goes on; no accept error ends the broker.
 
-The WebSocket listener is asyncio's (through websockets), whose accept loop already
-survives these errors by pausing for a second; it reports them to the event loop's
-exception handler, where :func:`watch_listener` routes them to the guard. The CONNECT
-listener runs :meth:`AcceptGuard.accept_loop`.
+The WebSocket listener accepts in :class:`SocketListener`, the broker's own accept loop
+on any event loop (asyncio's and uvloop's listeners handle these errors each in their own
+way, uvloop's by closing the listener for good on some); the CONNECT listener runs
+:meth:`AcceptGuard.accept_loop`.
 """
 
 from __future__ import annotations
@@ -36,7 +36,6 @@ import http
 import os
 import socket
 import time
-import weakref
 from collections import Counter
 from collections.abc import Callable, Coroutine
 from typing import Any
@@ -239,42 +238,115 @@ class AcceptGuard:
             group.start_soon(handle, stream)
 
 
-# --- asyncio's listeners -------------------------------------------------------------------
-
-#: The guard of each listening descriptor asyncio serves, for the loop's exception handler.
-_watched: dict[int, AcceptGuard] = {}
-_handled_loops: weakref.WeakSet[asyncio.AbstractEventLoop] = weakref.WeakSet()
-_ACCEPT_FAILED = "socket.accept() out of system resource"
+# --- the WebSocket listener's sockets ----------------------------------------------------
 
 
-def watch_listener(sock: Any, guard: AcceptGuard) -> Callable[[], None]:
-    """Route asyncio's accept errors on *sock* (a listening socket of the running loop)
-    to *guard*; returns the function that stops it."""
-    loop = asyncio.get_running_loop()
-    if loop not in _handled_loops:
-        _handled_loops.add(loop)
-        previous = loop.get_exception_handler()
+def listening_sockets(
+    host: str, port: int, *, reuse_port: bool = False, backlog: int = 1024
+) -> list[socket.socket]:
+    """Non-blocking sockets listening on every address *host* resolves to (as asyncio's
+    ``create_server`` makes them: ``SO_REUSEADDR``, IPv6 sockets IPv6-only), with
+    ``SO_REUSEPORT`` when *reuse_port* (worker processes)."""
+    found: list[socket.socket] = []
+    seen = set()
+    try:
+        for family, kind, proto, _, address in socket.getaddrinfo(
+            host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+        ):
+            if (family, address) in seen:
+                continue
+            seen.add((family, address))
+            sock = socket.socket(family, kind, proto)
+            found.append(sock)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if reuse_port:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+            if family == socket.AF_INET6:
+                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+            sock.bind(address)
+            sock.listen(backlog)
+            sock.setblocking(False)
+    except OSError:
+        for sock in found:
+            sock.close()
+        raise
+    return found
 
-        def handler(loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
-            exc, listening = context.get("exception"), context.get("socket")
-            if (
-                context.get("message") == _ACCEPT_FAILED
-                and isinstance(exc, OSError)
-                and listening is not None
-                and listening.fileno() in _watched
-            ):
-                _watched[listening.fileno()].failed(exc, listening.fileno())
+
+class SocketListener:
+    """The broker's own accept loop on *sockets*, on any asyncio event loop, and the
+    :class:`asyncio.AbstractServer` face websockets' server drives (``close``,
+    ``wait_closed``, ``is_serving``, ``sockets``).
+
+    Each accepted socket goes to *accepted*; accept errors go to *guard* and a growing
+    pause of that socket's accepting, never out of the loop. The loop's own listeners
+    would not do: asyncio's reports an error only to the loop's exception handler, and
+    uvloop's (libuv's) closes a listener for good on an error it does not handle itself
+    (ENOBUFS, ENOMEM, EMFILE once its own reserve descriptor is gone).
+    """
+
+    def __init__(
+        self,
+        sockets: list[socket.socket],
+        accepted: Callable[[socket.socket], None],
+        guard: AcceptGuard,
+    ) -> None:
+        self._sockets = sockets
+        self._accepted = accepted
+        self._guard = guard
+        self._loop = asyncio.get_running_loop()
+        self._serving = True
+        self._backoff = {sock.fileno(): BACKOFF_MIN for sock in sockets}
+        self._resume: dict[int, asyncio.TimerHandle] = {}
+        for sock in sockets:
+            self._loop.add_reader(sock.fileno(), self._accept, sock)
+
+    @property
+    def sockets(self) -> tuple[socket.socket, ...]:
+        return tuple(self._sockets)
+
+    def _accept(self, sock: socket.socket) -> None:
+        fd = sock.fileno()
+        for _ in range(SHED_MAX):  # what waits, a bounded batch per wake-up
+            try:
+                conn, _ = sock.accept()
+            except (BlockingIOError, InterruptedError):
                 return
-            if previous is not None:
-                previous(loop, context)
-            else:
-                loop.default_exception_handler(context)
+            except OSError as exc:
+                self._guard.failed(exc, fd)
+                if exc.errno in _TRANSIENT_ERRNOS:
+                    continue
+                self._loop.remove_reader(fd)
+                self._resume[fd] = self._loop.call_later(self._backoff[fd], self._again, sock)
+                self._backoff[fd] = min(BACKOFF_MAX, self._backoff[fd] * 2)
+                return
+            self._backoff[fd] = BACKOFF_MIN
+            conn.setblocking(False)
+            self._accepted(conn)
 
-        loop.set_exception_handler(handler)
-    fd = sock.fileno()
-    _watched[fd] = guard
+    def _again(self, sock: socket.socket) -> None:
+        self._resume.pop(sock.fileno(), None)
+        if self._serving:
+            self._loop.add_reader(sock.fileno(), self._accept, sock)
 
-    def stop() -> None:
-        _watched.pop(fd, None)
+    def close(self) -> None:
+        if not self._serving:
+            return
+        self._serving = False
+        for handle in self._resume.values():
+            handle.cancel()
+        for sock in self._sockets:
+            self._loop.remove_reader(sock.fileno())
+            sock.close()
 
-    return stop
+    async def wait_closed(self) -> None:
+        return  # websockets' server waits for its connections' handlers itself
+
+    def is_serving(self) -> bool:
+        return self._serving
+
+    def get_loop(self) -> asyncio.AbstractEventLoop:
+        return self._loop
+
+    async def start_serving(self) -> None:
+        return
