@@ -141,6 +141,9 @@ class WorkerLink:
             for sock in (receiving, sending):
                 sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4 * MAX_MESSAGE)
                 sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 * MAX_MESSAGE)
+                # Never a wait inside a call (a default socket timeout would make Python
+                # poll before recvmsg whatever MSG_DONTWAIT says): EAGAIN at once.
+                sock.setblocking(False)
         self._on_connection: Callable[[Passed], None] | None = None
         self._on_metrics: Callable[[], bytes] | None = None
 
