@@ -43,8 +43,15 @@ from collections.abc import Callable
 from typing import Any, cast
 
 import attrs
+
+try:
+    from websockets.speedups import apply_mask
+except ImportError:  # websockets without its C extension
+    from websockets.utils import apply_mask
 from websockets.asyncio.server import Server, ServerConnection
 from websockets.exceptions import InvalidMessage
+from websockets.frames import Frame, Opcode
+from websockets.protocol import OPEN
 from websockets.server import ServerProtocol
 
 from broker.service._clientcert import NOT_ACCEPTED, ClientTLS
@@ -99,6 +106,14 @@ class BrokerConnection(ServerConnection):
         self._head: bytearray | None = (
             bytearray() if limits.pass_on is not None and passed_from is None else None
         )
+        #: The data path's frame tracking (:meth:`_frames_received`): bytes of the frame
+        #: websockets is parsing still to give it, the start of a header split between
+        #: reads, whether a fragmented message is under way; the largest message.
+        self._to_websockets = 0
+        self._partial_header = b""
+        self._fragmented = False
+        most = protocol.max_message_size
+        self._max_size = most if most is not None else 1 << 62
         self._peer = "?"
         self._pending = False
         self._refused = False
@@ -225,7 +240,87 @@ class BrokerConnection(ServerConnection):
                 assert self._limits.pass_on is not None
                 if self._limits.pass_on(self, data):
                     return
+        elif self.protocol.state is OPEN:
+            self._frames_received(data)
+            return
         super().data_received(data)
+
+    # --- the data path: binary frames both ways without websockets' copies -------------
+
+    def _frames_received(self, data: bytes) -> None:
+        """Split what arrived into frames: a whole masked binary frame that is a message of
+        its own (FIN, no extension bits, within ``max_size``, no fragmented message under
+        way) is unmasked straight out of *data* (one copy) into websockets' queue of
+        received messages, as websockets itself would put it; every other frame (text,
+        fragments, control frames, anything malformed) and every partial frame goes to
+        websockets whole, which handles it as always. Frame boundaries are tracked here,
+        so websockets is only ever fed from the start of a frame."""
+        view = memoryview(data)
+        size = len(data)
+        pos = 0
+        if self._to_websockets:  # the rest of a frame websockets got the start of
+            taken = min(self._to_websockets, size)
+            super().data_received(data[:taken] if taken < size else data)
+            self._to_websockets -= taken
+            pos = taken
+        if self._partial_header and pos < size:
+            data = self._partial_header + bytes(view[pos:])
+            view, size, pos = memoryview(data), len(data), 0
+            self._partial_header = b""
+        while pos < size:
+            if self.protocol.state is not OPEN:  # closing: websockets takes the rest
+                super().data_received(bytes(view[pos:]))
+                return
+            header = _frame_header(view, pos, size)
+            if header is None:  # a header split between reads
+                self._partial_header = bytes(view[pos:])
+                return
+            first, header_size, length = header
+            end = pos + header_size + length
+            if (
+                first == _BINARY_FIN
+                and header_size >= 6  # masked (RFC 6455 5.3: a client masks every frame)
+                and length <= self._max_size
+                and not self._fragmented
+                and end <= size
+            ):
+                mask = bytes(view[pos + header_size - 4 : pos + header_size])
+                payload = apply_mask(view[pos + header_size : end], mask)
+                self.recv_messages.put(Frame(Opcode.BINARY, payload))
+                pos = end
+                continue
+            opcode = first & 0x0F
+            if opcode in (1, 2):
+                self._fragmented = not first & 0x80
+            elif opcode == 0 and first & 0x80:
+                self._fragmented = False
+            taken = min(end, size)
+            super().data_received(bytes(view[pos:taken]))
+            self._to_websockets = end - taken
+            pos = taken
+
+    async def send_binary(self, data: bytes) -> None:
+        """Send *data* as one binary message, as ``send`` does (the same flow control and
+        errors) without building a websockets frame: the header is written beside the
+        payload, which is not copied on uvloop (a vectored write) and copied once on
+        asyncio's loop (its ``writelines`` joins)."""
+        transport = self.transport
+        if self.protocol.state is not OPEN or transport.is_closing():
+            await self.send(data)  # raises ConnectionClosed as websockets does
+            return
+        size = len(data)
+        if size < 126:
+            header = bytes((_BINARY_FIN, size))
+        elif size < 65536:
+            header = _HEADER_16.pack(_BINARY_FIN, 126, size)
+        else:
+            header = _HEADER_64.pack(_BINARY_FIN, 127, size)
+        if size < _JOIN_BELOW:
+            transport.write(header + data)
+        else:
+            transport.writelines((header, data))
+        if self.paused:
+            await self.drain()
 
     def detach(self) -> asyncio.Transport:
         """Let go of the connection (passed to another worker): websockets sees it end
@@ -428,6 +523,38 @@ class _Held(asyncio.Protocol):
 
 #: The ioctl that reads a socket's send queue (Linux's SIOCOUTQ); None elsewhere.
 _OUTQ: int | None = getattr(termios, "TIOCOUTQ", None) if sys.platform == "linux" else None
+
+#: FIN and the binary opcode: the first byte of a whole binary message's frame.
+_BINARY_FIN = 0x82
+_HEADER_16 = struct.Struct("!BBH")
+_HEADER_64 = struct.Struct("!BBQ")
+#: Below this many bytes a message and its header are joined into one write (one
+#: segment on the wire); at and above it they are written side by side.
+_JOIN_BELOW = 16 * 1024
+
+
+def _frame_header(view: memoryview, pos: int, size: int) -> tuple[int, int, int] | None:
+    """The frame header at *pos* in *view*: (first byte, header size with the mask,
+    payload length); None when *view* ends before it does."""
+    if size - pos < 2:
+        return None
+    first, second = view[pos], view[pos + 1]
+    length = second & 0x7F
+    header_size = 2
+    if length == 126:
+        header_size = 4
+    elif length == 127:
+        header_size = 10
+    if second & 0x80:
+        header_size += 4
+    if size - pos < header_size:
+        return None
+    if length == 126:
+        length = int.from_bytes(view[pos + 2 : pos + 4], "big")
+    elif length == 127:
+        length = int.from_bytes(view[pos + 2 : pos + 10], "big")
+    return first, header_size, length
+
 
 #: The TLS handshakes under way (a task the loop alone holds may be collected).
 _handshakes: set[asyncio.Task[None]] = set()

@@ -90,6 +90,11 @@ class WebSocketChannel:
 
     def __init__(self, connection: ServerConnection) -> None:
         self.connection = connection
+        #: The broker's connections send binary messages on their own data path
+        #: (``BrokerConnection.send_binary``); any other with websockets' ``send``.
+        self._send_binary: Callable[[bytes], Awaitable[None]] = getattr(
+            connection, "send_binary", connection.send
+        )
 
     @property
     def subprotocol(self) -> str | None:
@@ -117,7 +122,7 @@ class WebSocketChannel:
     async def send(self, data: bytes) -> None:
         """Send *data* as one binary message, waiting while the client is slow."""
         try:
-            await self.connection.send(data)
+            await self._send_binary(data)
         except ConnectionClosed:
             raise ClientClosed from None
 
