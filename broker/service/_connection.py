@@ -111,6 +111,10 @@ class BrokerConnection(ServerConnection):
         #: reads, whether a fragmented message is under way; the largest message.
         self._to_websockets = 0
         self._partial_header = b""
+        #: A binary frame arriving over several reads: its bytes, how many came, the
+        #: size of its header.
+        self._gathering: bytearray | None = None
+        self._gathered = self._gathered_header = 0
         self._fragmented = False
         most = protocol.max_message_size
         self._max_size = most if most is not None else 1 << 62
@@ -248,13 +252,14 @@ class BrokerConnection(ServerConnection):
     # --- the data path: binary frames both ways without websockets' copies -------------
 
     def _frames_received(self, data: bytes) -> None:
-        """Split what arrived into frames: a whole masked binary frame that is a message of
-        its own (FIN, no extension bits, within ``max_size``, no fragmented message under
-        way) is unmasked straight out of *data* (one copy) into websockets' queue of
-        received messages, as websockets itself would put it; every other frame (text,
-        fragments, control frames, anything malformed) and every partial frame goes to
-        websockets whole, which handles it as always. Frame boundaries are tracked here,
-        so websockets is only ever fed from the start of a frame."""
+        """Split what arrived into frames: a masked binary frame that is a message of its
+        own (FIN, no extension bits, within ``max_size``, no fragmented message under
+        way) is unmasked into websockets' queue of received messages, as websockets
+        itself would put it: straight out of *data* when it arrived whole (one copy), else
+        gathered in a buffer of its size first (two). Every other frame (text,
+        fragments, control frames, anything malformed) goes to websockets, which handles
+        it as always. Frame boundaries are tracked here, so websockets is only ever fed
+        from the start of a frame."""
         view = memoryview(data)
         size = len(data)
         pos = 0
@@ -263,6 +268,16 @@ class BrokerConnection(ServerConnection):
             super().data_received(data[:taken] if taken < size else data)
             self._to_websockets -= taken
             pos = taken
+        elif self._gathering is not None:  # the rest of a binary frame being gathered
+            buffer = self._gathering
+            taken = min(len(buffer) - self._gathered, size)
+            buffer[self._gathered : self._gathered + taken] = view[:taken]
+            self._gathered += taken
+            pos = taken
+            if self._gathered < len(buffer):
+                return
+            self._gathering = None
+            self._binary_message(memoryview(buffer), 0, self._gathered_header, len(buffer))
         if self._partial_header and pos < size:
             data = self._partial_header + bytes(view[pos:])
             view, size, pos = memoryview(data), len(data), 0
@@ -282,11 +297,13 @@ class BrokerConnection(ServerConnection):
                 and header_size >= 6  # masked (RFC 6455 5.3: a client masks every frame)
                 and length <= self._max_size
                 and not self._fragmented
-                and end <= size
             ):
-                mask = bytes(view[pos + header_size - 4 : pos + header_size])
-                payload = apply_mask(view[pos + header_size : end], mask)
-                self.recv_messages.put(Frame(Opcode.BINARY, payload))
+                if end > size:  # the rest comes with the next reads
+                    self._gathering = bytearray(end - pos)
+                    self._gathering[: size - pos] = view[pos:]
+                    self._gathered, self._gathered_header = size - pos, header_size
+                    return
+                self._binary_message(view, pos, header_size, end)
                 pos = end
                 continue
             opcode = first & 0x0F
@@ -298,6 +315,12 @@ class BrokerConnection(ServerConnection):
             super().data_received(bytes(view[pos:taken]))
             self._to_websockets = end - taken
             pos = taken
+
+    def _binary_message(self, view: memoryview, pos: int, header_size: int, end: int) -> None:
+        """The masked binary frame in *view* from *pos* to *end*, unmasked, as a message."""
+        mask = bytes(view[pos + header_size - 4 : pos + header_size])
+        payload = apply_mask(view[pos + header_size : end], mask)
+        self.recv_messages.put(Frame(Opcode.BINARY, payload))
 
     async def send_binary(self, data: bytes) -> None:
         """Send *data* as one binary message, as ``send`` does (the same flow control and
