@@ -60,6 +60,11 @@ _log = structlog.get_logger("broker.service")
 #: closes its sockets as it dies; libvirt reports the stop when it has cleaned up,
 #: measured 1.2 s after ``virDomainDestroy`` began on the test bed).
 _STOP_SETTLE = 2.0
+#: How long a closed console waits, at most, for libvirt to tell whether its VM stopped,
+#: and how often meanwhile it asks (a console closed while its VM runs ends then as
+#: ``console_closed``).
+_STOP_WAIT = 4.0
+_STOP_POLL = 0.5
 
 
 @attrs.frozen
@@ -404,13 +409,19 @@ class SessionRunner:
 
     async def _console_ending(self, live: Live) -> Refusal:
         """Why the console closed: QEMU closes its sockets as it dies, a moment before
-        libvirt reports the stop; wait briefly for that, then ask."""
+        libvirt reports the stop (seconds on a loaded host); wait for that, asking libvirt
+        now and then, at most :data:`_STOP_WAIT` seconds in all."""
+        deadline = time.monotonic() + _STOP_WAIT
         with anyio.CancelScope(shield=True):
             with anyio.move_on_after(_STOP_SETTLE):
                 await live.ended.wait()
-            if live.ending is None:
+            while live.ending is None and time.monotonic() < deadline:
                 with anyio.move_on_after(_STOP_SETTLE):
-                    return await self._resolver.ending_for(live.domain) or CONSOLE_CLOSED
+                    found = await self._resolver.ending_for(live.domain)
+                    if found is not None:
+                        return found
+                with anyio.move_on_after(_STOP_POLL):
+                    await live.ended.wait()
         return live.ending or CONSOLE_CLOSED
 
     def _forget(self, live: Live) -> None:
