@@ -505,11 +505,13 @@ class _RelayEnd(asyncio.Protocol):
     def eof_received(self) -> bool:
         assert self.other is not None and self.other.transport is not None
         other = self.other.transport
-        if other.can_write_eof():
-            other.write_eof()
-            return True
-        other.close()
-        return False
+        if not other.can_write_eof():  # TLS: its close_notify, then the connection ends
+            other.close()
+            return False
+        other.write_eof()
+        # Half open until the other side ends too; a TLS transport cannot stay so.
+        assert self.transport is not None
+        return self.transport.get_extra_info("ssl_object") is None
 
     def pause_writing(self) -> None:
         assert self.other is not None and self.other.transport is not None

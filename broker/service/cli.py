@@ -192,7 +192,13 @@ def _serve_workers(
     """``serve --workers N``: the supervisor of N worker processes (broker.service._workers)."""
     from broker.keys import KeyFileError, ensure_keypair
     from broker.service._limits import session_limits
-    from broker.service._sharedstate import SESSIONS_FILE, SharedSessionCounts, StateFileError
+    from broker.service._sharedstate import (
+        REPLAY_FILE,
+        SESSIONS_FILE,
+        SharedReplayCache,
+        SharedSessionCounts,
+        StateFileError,
+    )
     from broker.service._workers import CANNOT_START, Supervisor, reuse_port_free
 
     listen = config.listen
@@ -213,10 +219,16 @@ def _serve_workers(
                            f"{exc.strerror}") from None
     sessions_file = config.state_dir / SESSIONS_FILE
     counts = SharedSessionCounts(session_limits(config), sessions_file, None)
+    # Both files made (WAL mode, schema) here, once: workers opening a new file at the
+    # same moment would find it locked while one of them converts it to WAL.
+    replay = SharedReplayCache(config.state_dir / REPLAY_FILE, config.tokens.replay_cache_size)
     try:
         counts.reset()
+        replay.open()
     except StateFileError as exc:
         raise CommandError(str(exc)) from None
+    finally:
+        replay.close()
 
     def run_worker(link: WorkerLink) -> int:
         try:
