@@ -41,7 +41,7 @@ import socket
 import ssl
 import time
 import weakref
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Coroutine, Iterable, Sequence
 from datetime import UTC, datetime
 from typing import Any, cast
 from urllib.parse import urlsplit
@@ -142,8 +142,16 @@ _log = structlog.get_logger("broker.service")
 _SERVER = f"console-broker/{broker.__version__}"
 #: The answer when the worker a connection belongs to has had no room for it.
 _OWNER_BUSY = "the broker worker serving this console is restarting; try again"
-#: Connections being passed between workers (a task the loop alone holds may be collected).
+#: Connections being made or passed between workers (a task the loop alone holds may be
+#: collected).
 _handovers: set[asyncio.Task[None]] = set()
+
+
+def _in_background(work: Coroutine[Any, Any, None]) -> None:
+    """Run *work* as a task of its own on the running loop, held until it is done."""
+    task = asyncio.get_running_loop().create_task(work)
+    _handovers.add(task)
+    task.add_done_callback(_handovers.discard)
 
 
 @attrs.frozen
@@ -739,41 +747,34 @@ class Broker:
         peer = connection.remote_address
         transport = connection.detach()
         address = (str(peer[0]), int(peer[1])) if peer else ("?", 0)
-        task = asyncio.get_running_loop().create_task(
-            self._hand_over(transport, owner, head, address)
-        )
-        _handovers.add(task)
-        task.add_done_callback(_handovers.discard)
+        _in_background(self._hand_over(transport, owner, head, address))
         return True
 
     async def _hand_over(
         self, transport: asyncio.Transport, owner: int, head: bytes, peer: tuple[str, int]
     ) -> None:
+        """In the clear the socket itself moves (this worker's descriptor then closes); in
+        TLS one end of a socket pair does, and this worker relays the plaintext to it."""
         assert self._link is not None
-        meta = {"kind": HTTP, "peer": list(peer)}
-        if transport.get_extra_info("ssl_object") is None:
-            # In the clear: the socket itself moves; this worker's descriptor closes.
-            fd = os.dup(transport.get_extra_info("socket").fileno())
-            try:
-                sent = await self._link.send(owner, meta, head, fd)
-            finally:
-                os.close(fd)
-            if sent:
-                transport.abort()
-                _log.debug("worker.passed", to=owner, listener=HTTP, client=peer[0])
-                return
+        clear = transport.get_extra_info("ssl_object") is None
+        if clear:
+            mine = None
+            theirs = socket.socket(fileno=os.dup(transport.get_extra_info("socket").fileno()))
+        else:
+            mine, theirs = socket.socketpair()
+        with theirs:
+            sent = await self._link.send(owner, {"kind": HTTP, "peer": list(peer)}, head,
+                                         theirs.fileno())
+        if not sent:
+            if mine is not None:
+                mine.close()
             transport.write(http_response(503, _OWNER_BUSY))
             transport.close()
             _log.warning("worker.pass_failed", to=owner, listener=HTTP, client=peer[0])
             return
-        mine, theirs = socket.socketpair()
-        with theirs:
-            sent = await self._link.send(owner, meta, head, theirs.fileno())
-        if not sent:
-            mine.close()
-            transport.write(http_response(503, _OWNER_BUSY))
-            transport.close()
-            _log.warning("worker.pass_failed", to=owner, listener=HTTP, client=peer[0])
+        if mine is None:
+            transport.abort()
+            _log.debug("worker.passed", to=owner, listener=HTTP, client=peer[0])
             return
         _log.debug("worker.relayed", to=owner, listener=HTTP, client=peer[0])
         await relay_transport(transport, mine, self.config.proxy.write_buffer)
@@ -816,11 +817,9 @@ class Broker:
     def _passed(self, passed: Passed) -> None:
         """A connection another worker passed to this one: served as if accepted here."""
         if passed.listener == CONNECT:
-            task = asyncio.get_running_loop().create_task(self._adopt_tunnel(passed))
+            _in_background(self._adopt_tunnel(passed))
         else:
-            task = asyncio.get_running_loop().create_task(self._adopt(passed))
-        _handovers.add(task)
-        task.add_done_callback(_handovers.discard)
+            self._connect(passed.sock, passed.peer, None, passed.head)
 
     async def _adopt_tunnel(self, passed: Passed) -> None:
         if self._tunnel_listener is None:
@@ -828,9 +827,6 @@ class Broker:
             return
         stream = await anyio.abc.SocketStream.from_socket(passed.sock)
         self._tunnel_listener.adopt(stream, passed.head, passed.peer[0])
-
-    async def _adopt(self, passed: Passed) -> None:
-        self._connect(passed.sock, passed.peer, None, passed.head)
 
     def _connect(
         self, sock: socket.socket, passed_from: tuple[str, int] | None,
@@ -842,11 +838,7 @@ class Broker:
         if self._server is None or not self._server.is_serving():
             sock.close()
             return
-        task = asyncio.get_running_loop().create_task(
-            self._connected(sock, passed_from, tls, head)
-        )
-        _handovers.add(task)
-        task.add_done_callback(_handovers.discard)
+        _in_background(self._connected(sock, passed_from, tls, head))
 
     async def _connected(
         self, sock: socket.socket, passed_from: tuple[str, int] | None,
