@@ -82,7 +82,11 @@ class ClientCertBroker(ServedBroker):
             f'ca = "{certs["ca"]}"\nclient_ca = "{certs["ca"]}"\n'
             f'client_subjects = ["{FRONT_WRITTEN}"]\n'
         )
-        super().__init__(directory, protocol="vnc", extra_config=tls, connect_port=True)
+        # libvirt's test driver: these tests need no hypervisor, only one that answers.
+        libvirt = '[libvirt]\nuri = "test:///default"\n'
+        super().__init__(
+            directory, protocol="vnc", extra_config=tls + libvirt, connect_port=True
+        )
 
     @property
     def url(self) -> str:
