@@ -538,6 +538,29 @@ class ServiceSection:
         "overrides it.",
         at_least(1),
     )
+    admin_socket: str = setting(
+        "",
+        "The local admin socket (a Unix socket, mode 0600, for root and the broker's own "
+        "user) that console-broker sessions talks to; its directory is made 0700 when "
+        "missing and must not be writable by others. Empty: admin/admin.sock in "
+        "broker.state_dir.",
+        path=True,
+    )
+
+
+@attrs.frozen
+class AuditSection:
+    """The audit log: one line per console session as it ends, who opened it, from where,
+    how long, how many bytes, how it ended (docs/service.md, "The audit log"). The line
+    always goes to the broker's log as ``session.audit``."""
+
+    file: str = setting(
+        "",
+        "A file the audit lines are also appended to, one JSON object a line (opened at "
+        "start, O_APPEND; a file moved away by logrotate is followed by a new one). "
+        "Empty: the broker's log only.",
+        path=True,
+    )
 
 
 #: Listen addresses meaning "every address" (named here, not bound).
@@ -574,6 +597,7 @@ class Config:
     logging: LoggingSection = attrs.field(factory=LoggingSection)
     recordings: RecordingsSection = attrs.field(factory=RecordingsSection)
     service: ServiceSection = attrs.field(factory=ServiceSection)
+    audit: AuditSection = attrs.field(factory=AuditSection)
     #: The plugins' tables by name (instances of their declared classes): every table
     #: declared when the configuration was loaded, its defaults when the file has none.
     #: Read one with :meth:`table`.
@@ -624,6 +648,12 @@ class Config:
         """The trusted public key files, the local one first."""
         local = [self.state_dir / PUBLIC_KEY_NAME] if self.tokens.trust_local_key else []
         return [*local, *map(Path, self.tokens.public_keys)]
+
+    @property
+    def admin_socket(self) -> Path:
+        """The admin socket: ``service.admin_socket`` (resolved against the file's
+        directory), else ``admin/admin.sock`` in ``broker.state_dir``."""
+        return Path(self.service.admin_socket or self.state_dir / "admin" / "admin.sock")
 
     @property
     def recordings_dir(self) -> Path:

@@ -64,6 +64,9 @@ from broker.hookspecs import SCREENSHOT, ClientFile, Page, Protocol
 from broker.plugins import PluginContext, PluginError, PluginManager
 from broker.recordings import RECORDING
 from broker.recordings import retention as recordings_retention
+from broker.service._admin import MAX_LINE as ADMIN_MAX_LINE
+from broker.service._admin import Admin, bind_admin_socket, remove_socket, socket_inode
+from broker.service._audit import AuditLog
 from broker.service._clientcert import ClientCertificates, ClientTLS
 from broker.service._connect import token_for_handle
 from broker.service._connection import LISTENER, BrokerConnection, ConnectionLimits
@@ -223,6 +226,7 @@ class Broker:
         client_ssl_context: ssl.SSLContext | None = None,
         link: WorkerLink | None = None,
         counts: SessionCounts | None = None,
+        admin_socket: socket.socket | None = None,
     ) -> None:
         self.config = config
         #: With worker processes (``service.workers``): this worker's link to the others.
@@ -250,6 +254,15 @@ class Broker:
         self._console_tls = self._load_console_tls(plugins, self._contexts)
         self._runner = SessionRunner(config, self.metrics, resolver, self._counts)
         self._runner.input_modes = self._load_input_modes(plugins, self._contexts)
+        #: Each session's audit line as it ends (``[audit]``): opened now, so that a file
+        #: that cannot be written stops the start (CommandError).
+        self._runner.audit = AuditLog(config.audit.file, link.index if link is not None else None)
+        self._runner.audit.open()
+        #: The live sessions for the admin socket and the core's pages (every worker's).
+        self.admin = Admin(self._runner, link)
+        #: The admin socket the supervisor bound for every worker (None: bind it here,
+        #: unless this is a worker).
+        self._admin_socket = admin_socket
         #: The sessions' control channels (``/ws/{protocol}/control``).
         self._controls = ControlChannels(self._runner, verifier, self._node)
         #: ``GET /screenshot``: bounded, in worker threads.
@@ -383,6 +396,7 @@ class Broker:
                     _log.info("plugin.service_started", plugin=name)
                 await self._listen(group, task_status)
             group.cancel_scope.cancel()
+        self._runner.audit.close()
 
     async def _listen(
         self, group: anyio.abc.TaskGroup, task_status: anyio.abc.TaskStatus[int]
@@ -464,6 +478,7 @@ class Broker:
             )
         if self._link is not None:
             unwatch.append(self._link.attach(self._passed, self._own_metrics))
+        unwatch.append(await self._serve_admin())
         task_status.started(self.port)
         try:
             await self._stop.wait()
@@ -475,6 +490,32 @@ class Broker:
                 stop()
             for guard in guards:
                 guard.close()
+
+    async def _serve_admin(self) -> Callable[[], None]:
+        """Serve the admin socket (``service.admin_socket``); returns how to stop. A
+        socket that cannot be bound is logged (``admin.unavailable``) and the consoles are
+        served without it."""
+        path = self.config.admin_socket
+        sock, inode = self._admin_socket, 0
+        if sock is None and self._link is None:
+            try:
+                sock = bind_admin_socket(path)
+            except OSError as exc:
+                _log.error("admin.unavailable", socket=str(path), error=str(exc))
+                return lambda: None
+            inode = socket_inode(path)
+        if sock is None:
+            return lambda: None
+        server = await asyncio.start_unix_server(
+            self.admin.serve_connection, sock=sock, limit=ADMIN_MAX_LINE
+        )
+        _log.info("admin.listening", socket=str(path))
+
+        def stop() -> None:
+            server.close()
+            remove_socket(path, inode)  # only the file this process bound
+
+        return stop
 
     def _accept_guard(self, listener: str) -> AcceptGuard:
         """The guard of one listener: backlog connections it refuses while the process is

@@ -92,6 +92,9 @@ CONSOLE_AUTH_FAILED = _r(
 )
 # The client's outgoing buffer stayed full for limits.write_timeout: it stopped reading.
 CLIENT_STALLED = _r("client_stalled", 0, 4108, "the client stopped reading")
+# An operator ended it (console-broker sessions end): the close frame's reason is this
+# text, then the operator's reason when one was given (ended_by_operator()).
+ENDED_BY_OPERATOR = _r("ended_by_operator", 0, 4109, "ended by an operator")
 
 # --- answers of GET /screenshot alone: HTTP only, no close code (docs/service.md) -----------
 
@@ -147,6 +150,7 @@ ENDINGS: tuple[Refusal, ...] = (
     CONSOLE_PROTOCOL_ERROR,
     CONSOLE_AUTH_FAILED,
     CLIENT_STALLED,
+    ENDED_BY_OPERATOR,
 )
 #: The core's refusals and endings: no plugin may declare their reasons or codes.
 CORE_REFUSALS: tuple[Refusal, ...] = (*REFUSALS, *ENDINGS)
@@ -165,6 +169,19 @@ TOKEN_REFUSALS: dict[str, Refusal] = {
     "wrong_node": WRONG_NODE,
     "wrong_domain": INVALID_TOKEN,
 }
+
+
+def ended_by_operator(reason: str | None = None) -> Refusal:
+    """:data:`ENDED_BY_OPERATOR`, its text followed by the operator's *reason* (cut to fit
+    a close frame at a character boundary) when one is given."""
+    reason = " ".join((reason or "").split())
+    if not reason:
+        return ENDED_BY_OPERATOR
+    text = f"{ENDED_BY_OPERATOR.text}: {reason}"
+    encoded = text.encode()
+    if len(encoded) > MAX_CLOSE_REASON:
+        text = encoded[:MAX_CLOSE_REASON].decode("utf-8", "ignore")
+    return attrs.evolve(ENDED_BY_OPERATOR, text=text)
 
 
 def markdown_table(plugins: Iterable[Refusal] = ()) -> str:

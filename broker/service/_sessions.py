@@ -25,6 +25,7 @@ from websockets.protocol import State
 
 from broker.config import Config
 from broker.hookspecs import Protocol
+from broker.service._audit import AuditLog
 from broker.service._connection import BrokerConnection
 from broker.service._libvirt import Resolver, Target
 from broker.service._limits import SessionCounts
@@ -83,15 +84,57 @@ class Pending:
 
 
 class Live:
-    """An open session as the broker tracks it: how to end it, and why it ended."""
+    """An open session as the broker tracks it: how to end it, why it ended, and what an
+    operator sees of it (``console-broker sessions``, the audit log)."""
 
-    def __init__(self, session_id: str, domain: str, kind: str) -> None:
+    def __init__(
+        self,
+        session_id: str,
+        domain: str,
+        kind: str,
+        *,
+        protocol: str = "",
+        domain_name: str = "",
+        client: str = "",
+        claims: Claims | None = None,
+        traffic: Traffic | None = None,
+        group: SessionGroup | None = None,
+        joined: bool = False,
+    ) -> None:
         self.session_id = session_id
         self.domain = domain
         self.kind = kind
+        self.protocol = protocol
+        self.domain_name = domain_name
+        self.client = client
+        self.claims = claims
+        self.traffic = traffic if traffic is not None else Traffic()
+        #: The group of a ``multi_connection`` session (its connections' byte counts).
+        self.group = group
+        #: True for a connection that joined its group: part of the group's first
+        #: session, not a session of its own.
+        self.joined = joined
+        #: When it opened (seconds since the epoch).
+        self.started = time.time()
         self.scope = anyio.CancelScope()
         self.ending: Refusal | None = None
         self.ended = anyio.Event()
+
+    @property
+    def session(self) -> str:
+        """The id of the session it belongs to: its own, or its group's first
+        connection's."""
+        if self.joined and self.group is not None:
+            return self.group.session_id
+        return self.session_id
+
+    def bytes(self) -> tuple[int, int]:
+        """Bytes to the client and to the console so far, over the group's open
+        connections too."""
+        counts = [self.traffic]
+        if self.group is not None:
+            counts.extend(t for t in self.group.traffic if t is not self.traffic)
+        return sum(t.to_client for t in counts), sum(t.to_console for t in counts)
 
     def end(self, ending: Refusal) -> None:
         if self.ending is None:
@@ -156,6 +199,8 @@ class SessionRunner:
         self.close_timeout = max(0.1, min(5.0, config.limits.shutdown_grace))
         #: True once the broker is shutting down: a session opening now ends at once.
         self.closing = False
+        #: Where each session's audit line goes when it ends (``[audit]``).
+        self.audit = AuditLog()
 
     @property
     def count(self) -> int:
@@ -167,6 +212,24 @@ class SessionRunner:
         for live in lives:
             live.end(ending)
         return len(lives)
+
+    def sessions(self) -> list[Live]:
+        """Every open session (a group's first connection; its joined connections are
+        part of it), oldest first."""
+        found = [live for lives in self.lives.values() for live in lives if not live.joined]
+        return sorted(found, key=lambda live: live.started)
+
+    def end_sessions(self, ids: set[str], ending: Refusal) -> list[Live]:
+        """End the sessions whose ids are in *ids* (with their joined connections) with
+        *ending*; the sessions ended (their first connections)."""
+        ended: list[Live] = []
+        for lives in list(self.lives.values()):
+            for live in list(lives):
+                if live.session in ids:
+                    live.end(ending)
+                    if not live.joined:
+                        ended.append(live)
+        return ended
 
     def end_all(self, ending: Refusal, *, kind: str | None = None) -> None:
         """End every session (of endpoint *kind* only, if given) with *ending*."""
@@ -274,7 +337,11 @@ class SessionRunner:
                          code=exc.refusal.close_code)
                 await self.close(connection, exc.refusal)
                 return
-            live = Live(session_id, domain, endpoint.kind if endpoint is not None else "none")
+            live = Live(
+                session_id, domain, endpoint.kind if endpoint is not None else "none",
+                protocol=protocol.name, domain_name=target.domain_name, client=client,
+                claims=claims, traffic=traffic, group=members, joined=joined,
+            )
             self.lives.setdefault(domain, set()).add(live)
             if not joined:
                 self.by_token[claims.jti] = claims
@@ -389,6 +456,8 @@ class SessionRunner:
                     duration=round(time.monotonic() - opened_at, 3),
                 )
                 self.metrics.sessions_closed.labels(protocol.name, ending.reason).inc()
+                if not joined:
+                    self.audit.session_ended(live, ending)
             elif ending is INTERNAL_ERROR:
                 await self.close(connection, ending)
             self._end_group(members, joined)

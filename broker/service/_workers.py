@@ -146,6 +146,8 @@ class WorkerLink:
                 sock.setblocking(False)
         self._on_connection: Callable[[Passed], None] | None = None
         self._on_metrics: Callable[[], bytes] | None = None
+        #: What answers the other kinds of questions (:meth:`answer`), by kind.
+        self._answers: dict[str, Callable[[Mapping[str, Any]], bytes]] = {}
 
     # --- ownership ---------------------------------------------------------------------
 
@@ -215,6 +217,10 @@ class WorkerLink:
         size = int.from_bytes(data[:4], "big")
         meta = json.loads(data[4:4 + size])
         head = data[4 + size:]
+        answer = self._answers.get(meta["kind"])
+        if answer is not None:
+            asyncio.get_running_loop().create_task(_write_and_close(sock, answer(meta)))
+            return
         if meta["kind"] == "metrics":
             assert self._on_metrics is not None
             text = self._on_metrics()
@@ -243,14 +249,21 @@ class WorkerLink:
                     return False
                 await asyncio.sleep(0.01)
 
-    async def collect_metrics(self) -> dict[int, bytes]:
-        """Every other worker's metrics text, by index (a worker that does not answer in
-        :data:`METRICS_TIMEOUT` seconds is left out)."""
+    def answer(self, kind: str, handler: Callable[[Mapping[str, Any]], bytes]) -> None:
+        """Answer the other workers' questions of *kind* (:meth:`ask_others`) with
+        *handler*, given the question's JSON header (``kind`` and what the asker put
+        there), on this worker's loop."""
+        self._answers[kind] = handler
+
+    async def ask_others(self, question: Mapping[str, Any]) -> dict[int, bytes]:
+        """Every other worker's answer to *question* (a JSON header with a ``kind`` some
+        :meth:`answer` handles), by index; one that does not answer within
+        :data:`METRICS_TIMEOUT` seconds is left out. How ``/metrics`` asks, too."""
         async def one(index: int) -> tuple[int, bytes | None]:
             mine, theirs = socket.socketpair()
             with mine:
                 try:
-                    sent = await self.send(index, {"kind": "metrics"}, b"", theirs.fileno())
+                    sent = await self.send(index, question, b"", theirs.fileno())
                 finally:
                     theirs.close()
                 if not sent:
@@ -269,6 +282,11 @@ class WorkerLink:
         others = [i for i in range(self.count) if i != self.index]
         found = await asyncio.gather(*(one(i) for i in others))
         return {index: text for index, text in found if text is not None}
+
+    async def collect_metrics(self) -> dict[int, bytes]:
+        """Every other worker's metrics text, by index (a worker that does not answer in
+        :data:`METRICS_TIMEOUT` seconds is left out)."""
+        return await self.ask_others({"kind": "metrics"})
 
 
 async def _write_and_close(sock: socket.socket, data: bytes) -> None:

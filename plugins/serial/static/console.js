@@ -37,7 +37,8 @@
     4105: "console protocol error",
     4106: "the broker could not log in to the console",
     4107: "the session's policy refuses this channel",
-    4108: "the client stopped reading"
+    4108: "the client stopped reading",
+    4109: "ended by an operator"
   };
 
   var $ = function (id) { return document.getElementById(id); };

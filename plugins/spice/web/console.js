@@ -38,6 +38,7 @@ const CLOSE_MESSAGES = {
     4106: 'The broker could not log in to the VM\'s SPICE server.',
     4107: 'The broker refused a channel of this session (its policy).',
     4108: 'The session was closed: this browser stopped reading what the VM sent.',
+    4109: 'An operator ended this session.',
 };
 
 const body = document.body;

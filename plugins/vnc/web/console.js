@@ -42,7 +42,12 @@ const CLOSE_MESSAGES = {
     4106: 'The broker could not log in to the VM\'s VNC server (its password or TLS settings).',
     4107: 'The broker refused a channel of this session (its policy).',
     4108: 'The session was closed: this browser stopped reading what the VM sent.',
+    4109: 'An operator ended this session.',
 };
+
+// The close code of a session an operator ended (console-broker sessions end); its reason
+// carries the operator's words.
+const OPERATOR_ENDED = 4109;
 
 // Key combinations of the "Keys" menu (its buttons' data-combo) and the Ctrl+Alt+Del
 // button: [keysym name, KeyboardEvent.code] pressed in order, released in reverse.
@@ -107,6 +112,11 @@ function closeMessage(event, securityReason) {
     if (!event) return ['The connection ended.', ''];
     const detail = `close code ${event.code}` + (event.reason ? `: ${event.reason}` : '');
     let message = CLOSE_MESSAGES[event.code];
+    if (event.code === OPERATOR_ENDED) {
+        // The broker's reason: "ended by an operator", then the operator's own words.
+        const words = event.reason.replace(/^ended by an operator:?\s*/, '');
+        if (words) message = `An operator ended this session: ${words}`;
+    }
     if (!message) {
         message = event.reason ? `The session ended: ${event.reason}.` : 'The session ended.';
     }
