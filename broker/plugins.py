@@ -20,7 +20,15 @@ import structlog
 from broker import hookspecs
 from broker.config import CORE_TABLES, ConfigTable, all_tables
 from broker.errors import PluginError as PluginError  # where it always was
-from broker.hookspecs import OPEN_FLAGS, PROJECT_NAME, SCREENSHOT, Protocol, XMLEdit, XMLOption
+from broker.hookspecs import (
+    OPEN_FLAGS,
+    OPERATOR,
+    PROJECT_NAME,
+    SCREENSHOT,
+    Protocol,
+    XMLEdit,
+    XMLOption,
+)
 
 if TYPE_CHECKING:
     from prometheus_client import CollectorRegistry
@@ -177,6 +185,11 @@ class PluginManager:
                 raise PluginError(
                     f"{self.describe(plugin_name)} declares the protocol {SCREENSHOT!r}: the "
                     "name is the core's own (screenshot tokens)"
+                )
+            if protocol.name == OPERATOR:
+                raise PluginError(
+                    f"{self.describe(plugin_name)} declares the protocol {OPERATOR!r}: the "
+                    "name is the core's own (operator tokens, the operator page)"
                 )
             if protocol.name in found:
                 raise PluginError(

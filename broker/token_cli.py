@@ -192,6 +192,23 @@ def console_links(config: Config, issued: IssuedToken) -> ConsoleLinks:
     )
 
 
+@attrs.frozen
+class OperatorLinks:
+    """The URLs of an operator token: the operator page, and the WebSocket it opens."""
+
+    page: str = attrs.field(repr=False)
+    websocket: str = attrs.field(repr=False)
+
+
+def operator_links(config: Config, token: str) -> OperatorLinks:
+    """``{public_url}/operator/?token=...`` and ``{ws_url}/operator/ws?token=...``."""
+    query = urlencode({"token": token})
+    return OperatorLinks(
+        page=f"{config.public_url}/operator/?{query}",
+        websocket=f"{config.ws_url}/operator/ws?{query}",
+    )
+
+
 # --- token ------------------------------------------------------------------------------
 
 
@@ -229,6 +246,8 @@ def _token_command(args: argparse.Namespace) -> int:
     from broker.tokens import MAX_NAME_LENGTH, TokenIssuer, valid_name
 
     _log_to_stderr()
+    if args.operator:  # the operator page's token: no domain, no console
+        return _operator_token(args)
     if args.recording is not None:  # a token that plays a recording back, no console
         from broker.recordings_cli import recording_token
 
@@ -334,6 +353,62 @@ def _token_command(args: argparse.Namespace) -> int:
     return 0
 
 
+def _operator_token(args: argparse.Namespace) -> int:
+    """``token --operator``: a token for the node's operator page (docs/tokens.md)."""
+    from broker.tokens import MAX_NAME_LENGTH, TokenIssuer, valid_name
+
+    given = [
+        flag for flag, value in (
+            ("DOMAIN", args.domain), ("--protocol", args.protocol),
+            ("--view-only", args.view_only), ("--device", args.device),
+            ("--recording", args.recording), ("--client-file", args.client_file),
+            ("--uuid", args.uuid), ("--connect", args.connect),
+        ) if value
+    ]
+    if given:
+        raise CommandError(
+            f"--operator takes no {', '.join(given)}: an operator token names no domain "
+            "or console (the page lists them, and has the broker mint their tokens)",
+            EXIT_USAGE,
+        )
+    if args.name is not None and not valid_name(args.name):
+        raise CommandError(
+            f"--name: 1 to {MAX_NAME_LENGTH} printable characters (no control characters), "
+            "not only spaces",
+            EXIT_USAGE,
+        )
+    config = _in_effect(_config(args), args)
+    ttl = config.tokens.default_ttl if args.ttl is None else args.ttl
+    if not 1 <= ttl <= config.tokens.max_ttl:
+        raise CommandError(
+            f"--ttl must be between 1 and tokens.max_ttl ({config.tokens.max_ttl}) seconds",
+            EXIT_USAGE,
+        )
+    issuer = TokenIssuer(_signing_key(config, args.key_dir), config.node_name)
+    issued = issuer.issue_operator(ttl=ttl, name=args.name)
+    links = operator_links(config, issued.token)
+    if args.json:
+        doc = {
+            "page": links.page,
+            "websocket": links.websocket,
+            "token": issued.token,
+            "expires_at": _iso(issued.expires_at),
+            "protocol": issued.claims.protocol,
+            "node": issued.claims.node,
+            "name": issued.claims.name,
+            "jti": issued.claims.jti,
+        }
+        json.dump(doc, sys.stdout, indent=2)
+        sys.stdout.write("\n")
+        return 0
+    print(f"purpose:   operator page, node {issued.claims.node}")
+    if issued.claims.name is not None:
+        print(f"name:      {issued.claims.name}")
+    print(f"expires:   {_iso(issued.expires_at)} (in {ttl} s, single use: open it once)")
+    print(f"page:      {links.page}")
+    return 0
+
+
 def _print_screenshot_token(
     args: argparse.Namespace, issued: IssuedToken, domain: DomainRef, links: ConsoleLinks,
     ttl: int,
@@ -386,7 +461,7 @@ def register_token(subparsers: Subparsers) -> None:
     )
     parser.add_argument("domain", metavar="DOMAIN", nargs="?",
                         help="domain name or UUID (a UUID with --uuid or --node); with "
-                        "--recording, optional (the recording's domain)")
+                        "--recording, optional (the recording's domain); none with --operator")
     parser.add_argument(
         "--protocol", "-p",
         help="protocol, e.g. vnc, spice, serial; or screenshot: a token for one screenshot "
@@ -409,6 +484,13 @@ def register_token(subparsers: Subparsers) -> None:
         "the console's other viewers on the VNC and SPICE pages (see docs/tokens.md)",
     )
     parser.add_argument("--json", action="store_true", help="print a JSON object instead")
+    parser.add_argument(
+        "--operator", action="store_true",
+        help="a token for the node's operator page (GET /operator/), single use: the page "
+        "lists the domains with their state, consoles and live sessions, and opens any "
+        "console in one click (the broker mints its token); no DOMAIN, --protocol or "
+        "--view-only; --name says who the operator is",
+    )
     parser.add_argument(
         "--recording", metavar="ID",
         help="a token that plays the recording ID back ('console-broker recordings' lists "

@@ -53,6 +53,7 @@ import structlog
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
 from broker.handoff import Handoff, HandoffTable, handle_id, is_handle
+from broker.hookspecs import OPERATOR
 from broker.keys import (
     KeyFileError,
     generate_keypair,
@@ -65,6 +66,7 @@ from broker.recordings import RECORDING, RECORDING_ID
 __all__ = [
     "ALGORITHM",
     "AUDIENCE",
+    "NO_DOMAIN",
     "Claims",
     "ExpiredToken",
     "InvalidToken",
@@ -102,6 +104,10 @@ MAX_JTI_LENGTH = 128
 DEVICE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
 #: Longest ``name`` claim accepted, in characters.
 MAX_NAME_LENGTH = 64
+#: The ``sub`` of an operator token (``proto`` :data:`~broker.hookspecs.OPERATOR`): the
+#: nil UUID (RFC 9562, section 5.9), no domain: the token is for the node's operator
+#: page, and names no domain of it.
+NO_DOMAIN = "00000000-0000-0000-0000-000000000000"
 
 
 def valid_name(value: object) -> bool:
@@ -245,6 +251,12 @@ class Claims:
     def view_only(self) -> bool:
         return self.rights is Rights.VIEW
 
+    @property
+    def operator(self) -> bool:
+        """An operator token (``proto`` ``operator``, ``sub`` :data:`NO_DOMAIN`): it opens
+        the node's operator page, and no console."""
+        return self.protocol == OPERATOR
+
     def to_payload(self) -> dict[str, Any]:
         payload: dict[str, Any] = {
             "aud": AUDIENCE,
@@ -319,6 +331,13 @@ class Claims:
             )
         if recording is not None and rights is not Rights.VIEW:
             raise InvalidToken("claims: a recording token has view rights only")
+        if (domain_uuid == NO_DOMAIN) != (payload["proto"] == OPERATOR):
+            raise InvalidToken(
+                f"claims: the nil UUID in 'sub' goes with the protocol {OPERATOR!r}, and only "
+                "with it"
+            )
+        if payload["proto"] == OPERATOR and (rights is not Rights.FULL or device is not None):
+            raise InvalidToken("claims: an operator token has full rights and no 'dev'")
         return cls(
             domain_uuid=domain_uuid,
             protocol=payload["proto"],
@@ -406,6 +425,13 @@ class TokenIssuer:
             raise ValueError(
                 f"a recording id goes with the protocol {RECORDING!r}, and only with it"
             )
+        if (domain_uuid == NO_DOMAIN) != (protocol == OPERATOR):
+            raise ValueError(
+                f"the nil UUID goes with the protocol {OPERATOR!r} (operator tokens), and "
+                "only with it"
+            )
+        if protocol == OPERATOR and (view_only or device is not None):
+            raise ValueError("an operator token has full rights and no device")
         issued_at = int(self._now())
         claims = Claims(
             domain_uuid=domain_uuid,
@@ -439,6 +465,13 @@ class TokenIssuer:
             kid=self._kid,
         )
         return IssuedToken(token=token, claims=claims, expires_at=_utc(claims.expires_at))
+
+    def issue_operator(self, *, ttl: int, name: str | None = None) -> IssuedToken:
+        """An operator token valid *ttl* seconds from now: ``proto`` ``operator``, ``sub``
+        :data:`NO_DOMAIN`, full rights, single use like every token; *name* says who the
+        operator is (``name`` claim), and goes into the ``name`` of the console tokens the
+        operator page has the broker mint."""
+        return self.issue(NO_DOMAIN, OPERATOR, ttl=ttl, name=name)
 
 
 # --- single use -------------------------------------------------------------------------

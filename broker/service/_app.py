@@ -60,7 +60,7 @@ from websockets.typing import Subprotocol
 import broker
 from broker.config import Config
 from broker.handoff import HandoffLimit
-from broker.hookspecs import SCREENSHOT, ClientFile, Page, Protocol
+from broker.hookspecs import OPERATOR, SCREENSHOT, ClientFile, Page, Protocol
 from broker.plugins import PluginContext, PluginError, PluginManager
 from broker.recordings import RECORDING
 from broker.recordings import retention as recordings_retention
@@ -83,6 +83,9 @@ from broker.service._libvirt import Resolver, Target
 from broker.service._limits import SessionCounts, session_limits
 from broker.service._loop import running_loop_name
 from broker.service._metrics import CONTENT_TYPE, Metrics
+from broker.service._operator import SUBPROTOCOL as OPERATOR_SUBPROTOCOL
+from broker.service._operator import Operators, PendingOperator
+from broker.service._operator import page as operator_page
 from broker.service._presence import INPUT_MODES
 from broker.service._recordings import RecordingRequests
 from broker.service._refusals import (
@@ -107,6 +110,8 @@ from broker.service._request import (
     HandoffRoute,
     NotAllowed,
     NotFound,
+    OperatorPageRoute,
+    OperatorRoute,
     OriginPolicy,
     PageRoute,
     PlainRoute,
@@ -265,6 +270,11 @@ class Broker:
         self._admin_socket = admin_socket
         #: The sessions' control channels (``/ws/{protocol}/control``).
         self._controls = ControlChannels(self._runner, verifier, self._node)
+        #: The operator page's sessions (``/operator/ws``).
+        self._operators = Operators(
+            config, verifier, {name: entry[0] for name, entry in self._handlers.items()},
+            resolver, self._runner,
+        )
         #: ``GET /screenshot``: bounded, in worker threads.
         self.screenshots = Screenshots(resolver)
         #: ``GET /recording``: the recordings of every kind the plugins declare.
@@ -275,7 +285,7 @@ class Broker:
             proxies=self._proxies, metrics=self.metrics,
         )
         self._pending: weakref.WeakKeyDictionary[
-            ServerConnection, Pending | PendingControl | _PendingRefusal
+            ServerConnection, Pending | PendingControl | PendingOperator | _PendingRefusal
         ] = weakref.WeakKeyDictionary()
         #: Client certificates both listeners require (``tls.client_ca``):
         #: *client_ssl_context* asks for them; the tunnels' own TLS uses *ssl_context*.
@@ -536,6 +546,7 @@ class Broker:
         _log.info("broker.stopping", sessions=self.session_count, grace=grace)
         server.close(close_connections=False)
         self._runner.end_all(SHUTDOWN)
+        self._operators.end_all()
         with anyio.move_on_after(grace) as scope:
             await server.wait_closed()
         if scope.cancelled_caught:
@@ -576,6 +587,8 @@ class Broker:
         wanted = pending.protocol.subprotocols if isinstance(pending, Pending) else ("binary",)
         if isinstance(pending, PendingControl):
             wanted = (CONTROL_SUBPROTOCOL,)
+        if isinstance(pending, PendingOperator):
+            wanted = (OPERATOR_SUBPROTOCOL,)
         for name in wanted:
             if name in offered:
                 return Subprotocol(name)
@@ -630,6 +643,13 @@ class Broker:
             return await self._recording(found, client)
         if isinstance(found, RedirectRoute):
             return _text(301, "moved", headers=[("Location", found.location)])
+        if isinstance(found, OperatorPageRoute):
+            served = operator_page(found.path)
+            if served is None:
+                return _text(404, "not found")
+            return _response(served.status, served.body, served.content_type, served.headers)
+        if isinstance(found, OperatorRoute):
+            return self._check_operator(connection, request, found, client)
         if isinstance(found, NotFound):
             return _text(404, "not found")
         return await self._check_websocket(connection, request, found, client, started)
@@ -669,6 +689,28 @@ class Broker:
         except Refused as exc:
             return self._refuse(connection, exc, found.protocol, client)
         self._pending[connection] = pending
+        return None
+
+    def _check_operator(
+        self, connection: ServerConnection, request: Request, found: OperatorRoute, client: str
+    ) -> Response | None:
+        """``/operator/ws?token=T``: the operator page's session, checked as a console's
+        WebSocket is (a real upgrade, the Origin, then the operator token)."""
+        if not any("websocket" in value.lower() for value in request.headers.get_all("Upgrade")):
+            return _text(426, "/operator/ws is a WebSocket endpoint; open the operator page "
+                         "instead", headers=[("Upgrade", "websocket")])
+        malformed = _handshake_problem(connection, request)
+        if malformed is not None:
+            return self._refuse_plainly(malformed, OPERATOR, client)
+        if self._runner.closing:
+            return _text(SHUTDOWN.status, SHUTDOWN.text)
+        try:
+            why = self._origin.check(request.headers.get("Origin"))
+            if why is not None:
+                raise Refused(FOREIGN_ORIGIN, why)
+            self._pending[connection] = self._operators.admit(found.token, client)
+        except Refused as exc:
+            return self._refuse(connection, exc, OPERATOR, client)
         return None
 
     async def _admit(
@@ -1121,6 +1163,15 @@ class Broker:
             return
         if isinstance(pending, PendingControl):  # a live session's control channel
             await self._controls.serve(connection, pending)
+            return
+        if isinstance(pending, PendingOperator):  # the operator page's session
+            try:
+                self._operators.take(pending)  # upgraded: now its token is used up
+            except Refused as exc:
+                self._log_refusal(exc, OPERATOR, pending.client)
+                await self._runner.close(connection, exc.refusal)
+                return
+            await self._operators.serve(connection, pending)
             return
         if pending is None:  # cannot happen: every upgrade passed _check_websocket
             await self._runner.close(connection, INTERNAL_ERROR)

@@ -174,6 +174,67 @@ def _state(dom: Any) -> tuple[bool, str, str]:
     return active, dom.XMLDesc(0) if active else "", dom.name()
 
 
+#: libvirt's domain states (``virDomainState``) in words, for the operator page.
+_STATES = {
+    libvirt.VIR_DOMAIN_NOSTATE: "no state",
+    libvirt.VIR_DOMAIN_RUNNING: "running",
+    libvirt.VIR_DOMAIN_BLOCKED: "blocked",
+    libvirt.VIR_DOMAIN_PAUSED: "paused",
+    libvirt.VIR_DOMAIN_SHUTDOWN: "shutting down",
+    libvirt.VIR_DOMAIN_SHUTOFF: "shut off",
+    libvirt.VIR_DOMAIN_CRASHED: "crashed",
+    libvirt.VIR_DOMAIN_PMSUSPENDED: "suspended",
+}
+#: Domains listed at most (the operator page's list).
+MAX_DOMAINS = 2000
+
+
+@attrs.frozen
+class DomainInfo:
+    """A domain as the operator page lists it."""
+
+    uuid: str
+    name: str
+    #: libvirt's state in words (``running``, ``shut off``, ...).
+    state: str
+    #: Whether it runs (its consoles can be opened).
+    active: bool
+    #: The consoles its console-broker metadata records (``xml enable``), by name.
+    consoles: frozenset[str]
+
+
+def _consoles_of(xml: str) -> frozenset[str]:
+    """The consoles a domain XML's metadata records, whose device the domain has."""
+    from broker.xml import XmlError, read_consoles
+
+    try:
+        root = etree.fromstring(
+            xml.encode(),
+            etree.XMLParser(resolve_entities=False, no_network=True, huge_tree=False),
+        )
+        records = read_consoles(root)
+    except (etree.XMLSyntaxError, XmlError):
+        return frozenset()
+    return frozenset(name for name, record in records.items() if record.index is not None)
+
+
+def _domain_infos(conn: Any) -> list[DomainInfo]:
+    """Every domain of *conn* (at most :data:`MAX_DOMAINS`), by name; one that goes away
+    meanwhile is left out."""
+    found: list[DomainInfo] = []
+    for dom in conn.listAllDomains(0)[:MAX_DOMAINS]:
+        try:
+            state = dom.state()[0]
+            found.append(DomainInfo(
+                uuid=dom.UUIDString(), name=dom.name(), state=_STATES.get(state, "unknown"),
+                active=bool(dom.isActive()), consoles=_consoles_of(dom.XMLDesc(0)),
+            ))
+        except libvirt.libvirtError as exc:
+            if exc.get_error_code() != libvirt.VIR_ERR_NO_DOMAIN:
+                raise
+    return sorted(found, key=lambda info: (info.name, info.uuid))
+
+
 def _unless_unsupported(function: Callable[..., Any], *args: Any) -> None:
     """Call *function*; a driver that does not support it is fine."""
     try:
@@ -431,6 +492,15 @@ class LibvirtResolver:
         return Endpoint(
             LibvirtByteStream(stream, buffer_limit=self._stream_buffer), "stream", plan.describe()
         )
+
+    async def domains(self) -> list[DomainInfo]:
+        """Every domain of the hypervisor, with its state and enabled consoles (the
+        operator page's list); Refused ``hypervisor_unavailable`` without libvirt."""
+        try:
+            result: list[DomainInfo] = await self._call(_domain_infos, self._connection())
+        except libvirt.libvirtError as exc:
+            raise Refused(HYPERVISOR_UNAVAILABLE, _message(exc)) from None
+        return result
 
     def capture_screenshot(self, target: Target, *, max_bytes: int) -> Capture:
         """:func:`broker.screenshots.capture` of *target*'s domain (a blocking stream of

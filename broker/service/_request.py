@@ -15,6 +15,8 @@ Routes (see docs/service.md)::
     /screenshot?token=T          GET: the token's domain's screen as PNG (``max_width=N``)
     /recording?token=T           a recording token's recording: its index (JSON), or with
                                  ``part=N`` that part's file
+    /operator/{path}             the operator page ("" is the page itself) and its files
+    /operator/ws?token=T         the operator page's session (an operator token)
     /healthz                     liveness and libvirt reachability (JSON)
     /metrics                     Prometheus text format
 
@@ -116,6 +118,21 @@ class RedirectRoute:
 
 
 @attrs.frozen
+class OperatorPageRoute:
+    """``/operator/{path}``: the operator page (*path* ``""``) or one of its files."""
+
+    path: str
+
+
+@attrs.frozen
+class OperatorRoute:
+    """``/operator/ws?token=...``: the operator page's session; ``repr`` leaves the
+    token out."""
+
+    token: str = attrs.field(repr=False)
+
+
+@attrs.frozen
 class PlainRoute:
     """A built-in endpoint: ``healthz`` or ``metrics``."""
 
@@ -139,7 +156,7 @@ class NotAllowed:
 Route = (
     WebSocketRoute | FileRoute | HandoffRoute | ScreenshotRoute | RecordingRoute | PageRoute
     | RedirectRoute | PlainRoute | NotFound | NotAllowed
-    | ControlRoute
+    | ControlRoute | OperatorPageRoute | OperatorRoute
 )
 
 #: The methods of a WebSocket endpoint, of the handoff endpoint, of the screenshot
@@ -176,6 +193,8 @@ def route(target: str, prefix: str = "", method: str = "GET") -> Route:
     except ValueError:  # e.g. an unclosed "[" of an IPv6 address
         raise Refused(BAD_REQUEST, "malformed request target") from None
     path = strip_prefix(parts.path, prefix)
+    if path == "/operator" or path.startswith("/operator/"):
+        return _operator_route(path, parts.query, method)
     segments = path.split("/")
     endpoint = _endpoint(path, segments)
     if endpoint is None:
@@ -206,6 +225,20 @@ def route(target: str, prefix: str = "", method: str = "GET") -> Route:
     if any(part in ("..", ".") for part in asset.split("/")) or "\\" in asset:
         return NotFound(path)
     return PageRoute(segments[2], asset)
+
+
+def _operator_route(path: str, query: str, method: str) -> Route:
+    """``/operator`` (a redirect), ``/operator/ws`` (a WebSocket, GET only), or a file of
+    the page (GET and HEAD)."""
+    if path == "/operator":
+        return RedirectRoute(f"operator/?{query}" if query else "operator/")
+    rest = path[len("/operator/"):]
+    allow = WEBSOCKET_METHODS if rest == "ws" else HTTP_METHODS
+    if method not in allow:
+        return NotAllowed(allow)
+    if rest == "ws":
+        return OperatorRoute(_token(query))
+    return OperatorPageRoute(rest)
 
 
 def _endpoint(path: str, segments: list[str]) -> str | None:
