@@ -86,6 +86,12 @@ Recordings (``console_broker_recording_kinds``)
     the directory is :attr:`Config.recordings_dir`. The core lists, prunes and serves
     them (``broker.recordings``).
 
+Host checks (``Protocol.doctor``, ``console-broker doctor``)
+    A protocol checks what it alone knows on the host and returns :class:`Finding`
+    values (``ok``, ``warn``, ``fail`` or ``skip``; a title, a detail, and a fix for a
+    warning or a failure); :class:`QemuConf` reads the settings of libvirt's QEMU driver
+    on this host (``QemuConf.read(config.libvirt.uri)``), whose keys the protocol knows.
+
 Configuration (``console_broker_config_tables``) and commands (``console_broker_commands``)
     A plugin declares its tables with :class:`ConfigTable` (a frozen attrs class whose
     fields are declared with :func:`setting`, checked with :func:`at_least`,
@@ -110,6 +116,7 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from broker.assets import HTML, assets_dir, content_type, package_file
+    from broker.checks import Finding, QemuConf
     from broker.config import (
         Check,
         Config,
@@ -261,6 +268,9 @@ _SOURCES: dict[str, str] = {
     "RecordingKind": "broker.recordings",
     "PartFile": "broker.recordings",
     "new_recording_id": "broker.recordings",
+    # host checks
+    "Finding": "broker.checks",
+    "QemuConf": "broker.checks",
     # configuration and commands
     "Config": "broker.config",
     "ConfigError": "broker.config",
@@ -309,6 +319,7 @@ __all__ = [
     "EditOptions",
     "Endpoint",
     "EndpointRequest",
+    "Finding",
     "LocalListener",
     "MessageChannel",
     "NativeClient",
@@ -322,6 +333,7 @@ __all__ = [
     "PresenceState",
     "Protocol",
     "PumpEnd",
+    "QemuConf",
     "RecordingKind",
     "Refusal",
     "Refused",

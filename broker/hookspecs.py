@@ -32,6 +32,7 @@ if TYPE_CHECKING:
     import argparse
     from contextlib import AbstractAsyncContextManager
 
+    from broker.checks import Finding
     from broker.config import ConfigTable
     from broker.native import NativeClient
     from broker.plugins import PluginContext
@@ -220,6 +221,18 @@ class Protocol:
         starts. With one, the core prefers a console's TLS port in tcp mode; without
         one, a console listening for TLS only is refused (``console_unreachable``)."""
         return None
+
+    def doctor(self, context: PluginContext) -> Iterable[Finding]:
+        """``console-broker doctor``: check on this host what only this protocol knows
+        (its page's browser client in the assets directory, what its consoles need of the
+        hypervisor's settings), as :class:`broker.checks.Finding` values; none by default.
+
+        Called once per run of the command, outside any event loop; keep it quick and
+        bounded (no console is to be connected here: the core reaches every enabled
+        domain's consoles itself). Each finding is printed under the protocol's name, a
+        warning or a failure with its fix. An exception is reported as a failure naming
+        the plugin, and the other checks go on."""
+        return ()
 
     def input_mode(self, context: PluginContext) -> str:
         """How the sessions of one console share its input, for a protocol with
