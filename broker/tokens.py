@@ -586,6 +586,15 @@ class TokenVerifier:
         """The fingerprints of the trusted keys."""
         return frozenset(self._keys)
 
+    def replace_keys(self, public_keys: Sequence[Ed25519PublicKey]) -> None:
+        """Trust *public_keys* from now on instead of the keys trusted so far (a reload:
+        ``serve`` on SIGHUP). Sessions already open are not affected; ValueError (and the
+        old keys kept) when *public_keys* is empty."""
+        keys = {key_fingerprint(key): key for key in public_keys}
+        if not keys:
+            raise ValueError("a token verifier needs at least one trusted public key")
+        self._keys = keys
+
     def verify(
         self,
         token: str,

@@ -374,7 +374,7 @@ def _describe(status: int) -> dict[str, Any]:
 
 class Supervisor:
     """Forks the workers, restarts one that dies, passes SIGTERM and SIGINT on to all and
-    returns once every worker has exited.
+    returns once every worker has exited; passes SIGHUP (reload) on to all.
 
     *run_worker(link)* runs in each forked worker (``link.index`` set) and returns its
     exit code (:data:`CANNOT_START` when it could not start: then the supervisor stops
@@ -406,8 +406,11 @@ class Supervisor:
         if pid == 0:  # the worker
             code = 1
             try:
-                signal.pthread_sigmask(signal.SIG_SETMASK, set())
-                for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGCHLD):
+                # SIGHUP (a reload) stays blocked until the worker's broker listens for
+                # it (broker.service.cli.run_until_signalled): one passed on while the
+                # worker starts waits for it instead of ending the worker.
+                signal.pthread_sigmask(signal.SIG_SETMASK, {signal.SIGHUP})
+                for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGCHLD, signal.SIGHUP):
                     signal.signal(signum, signal.SIG_DFL)
                 # Signals come from the supervisor alone: not a terminal's Ctrl+C to the
                 # whole group (the supervisor passes it on), and SIGTERM if it dies.
@@ -424,7 +427,7 @@ class Supervisor:
         _log.info("worker.started", worker=index, pid=pid)
 
     def run(self) -> int:
-        watched = {signal.SIGTERM, signal.SIGINT, signal.SIGCHLD}
+        watched = {signal.SIGTERM, signal.SIGINT, signal.SIGCHLD, signal.SIGHUP}
         signal.pthread_sigmask(signal.SIG_BLOCK, watched)
         try:
             for index in range(self.link.count):
@@ -434,6 +437,8 @@ class Supervisor:
                 info = signal.sigtimedwait(watched, 0.5)
                 if info is not None and info.si_signo in (signal.SIGTERM, signal.SIGINT):
                     self._signal(signal.Signals(info.si_signo))
+                elif info is not None and info.si_signo == signal.SIGHUP:
+                    self._reload()
                 self._reap()
         finally:
             signal.pthread_sigmask(signal.SIG_UNBLOCK, watched)
@@ -448,6 +453,17 @@ class Supervisor:
         for pid in self._children:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGTERM if signum == signal.SIGTERM else signal.SIGINT)
+
+    def _reload(self) -> None:
+        """SIGHUP: every worker reloads its keys and certificates (each logs
+        ``broker.reloaded`` or ``broker.reload_failed``); a worker started later reads
+        the files anew anyway. Not a stop: ignored once stopping."""
+        if self._stopping:
+            return
+        _log.info("broker.signal", signal="SIGHUP", workers=len(self._children))
+        for pid in self._children:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGHUP)
 
     def _reap(self) -> None:
         while self._children:

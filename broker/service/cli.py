@@ -1,4 +1,5 @@
-"""The ``serve`` command: run the broker until SIGTERM or SIGINT.
+"""The ``serve`` command: run the broker until SIGTERM or SIGINT; SIGHUP reloads its keys
+and certificates (:mod:`broker.service._reload`).
 
 The broker's own modules (and with them libvirt, lxml, cryptography, PyJWT and
 prometheus_client) are imported when it is built, not with this module, which
@@ -8,6 +9,7 @@ prometheus_client) are imported when it is built, not with this module, which
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import resource
 import signal
@@ -18,6 +20,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeAlias
 
 import anyio
+import anyio.abc
 import structlog
 
 from broker.config import Config, ConfigError, find_config, load_config
@@ -29,6 +32,7 @@ from broker.service._loop import choose_event_loop
 if TYPE_CHECKING:
     from broker.service._app import Broker
     from broker.service._limits import SessionCounts
+    from broker.service._reload import Reloader
     from broker.service._workers import WorkerLink
 
 Subparsers: TypeAlias = "argparse._SubParsersAction[argparse.ArgumentParser]"
@@ -42,29 +46,28 @@ SIGNAL_ECHO = 1.0
 def _ssl_context(config: Config) -> ssl.SSLContext | None:
     """The broker's server context (``[tls]``), asking nothing of clients: the tunnels'
     own TLS, and both listeners' without client certificates."""
+    from broker.service._reload import ReloadError, server_context
+
     if not config.tls_enabled:
         return None
-    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-    context.minimum_version = ssl.TLSVersion.TLSv1_2
     try:
-        context.load_cert_chain(config.tls.cert, config.tls.key)
-    except (OSError, ssl.SSLError) as exc:
+        return server_context(config.tls.cert, config.tls.key)
+    except ReloadError as exc:
         raise CommandError(f"tls.cert, tls.key: cannot load the certificate: {exc}") from None
-    return context
 
 
 def _client_ssl_context(config: Config) -> ssl.SSLContext | None:
     """The listeners' server context with client certificates (``tls.client_ca``):
     required, and signed by that CA alone; None without them."""
+    from broker.service._reload import ReloadError, require_client_certificates
+
     context = _ssl_context(config) if config.tls.client_ca else None
     if context is None:
         return None
-    context.verify_mode = ssl.CERT_REQUIRED
     try:
-        context.load_verify_locations(cafile=config.tls.client_ca)
-    except (OSError, ssl.SSLError) as exc:
+        return require_client_certificates(context, config.tls.client_ca)
+    except ReloadError as exc:
         raise CommandError(f"tls.client_ca: cannot load the CA: {exc}") from None
-    return context
 
 
 def raise_file_limit(sessions: int) -> None:
@@ -90,19 +93,32 @@ def build_broker(
     *,
     link: WorkerLink | None = None,
     counts: SessionCounts | None = None,
-) -> Broker:
+    path: Path | None = None,
+) -> tuple[Broker, Reloader]:
     """A broker for *config*: the key pair ensured, keys loaded, plugins (*plugins*, else
-    those that load) and libvirt set up; with *link* and *counts*, one worker of several."""
-    from broker.keys import KeyFileError, ensure_keypair, load_public_keys
+    those that load) and libvirt set up; with *link* and *counts*, one worker of several.
+    With it, what reloads its keys and certificates from *path* (the configuration file
+    *config* came from) on SIGHUP."""
+    from broker.keys import KeyFileError, ensure_keypair
     from broker.service._app import Broker
     from broker.service._libvirt import LibvirtResolver
+    from broker.service._reload import (
+        ListenerTLS,
+        Material,
+        Reloader,
+        ReloadError,
+        load_material,
+        trusted_keys,
+    )
     from broker.service._sharedstate import REPLAY_FILE, SharedReplayCache, StateFileError
     from broker.tokens import TokenVerifier
 
     try:
         files = ensure_keypair(config.state_dir)
-        keys = load_public_keys(config.public_key_paths)
+        key_files = trusted_keys(config)
     except KeyFileError as exc:
+        raise CommandError(str(exc)) from None
+    except ReloadError as exc:
         raise CommandError(str(exc)) from None
     except OSError as exc:
         raise CommandError(f"{config.state_dir}: cannot prepare the state directory: "
@@ -113,7 +129,7 @@ def build_broker(
         state_dir=str(config.state_dir),
         key=files.fingerprint,
         key_created=files.created,
-        trusted_keys=len(keys),
+        trusted_keys=len(key_files),
     )
     tokens = config.tokens
     # used tokens in the state directory: shared by the workers, kept across restarts
@@ -123,27 +139,48 @@ def build_broker(
     except StateFileError as exc:
         raise CommandError(str(exc)) from None
     verifier = TokenVerifier(
-        keys,
+        [key for _, key in key_files],
         replay_cache=replay,
         leeway=tokens.leeway,
         max_ttl=tokens.max_ttl,
     )
-    return Broker(
+    plugins = plugins if plugins is not None else PluginManager()
+    # The listeners' contexts, whose new handshakes a reload moves to new certificates.
+    tls = ListenerTLS(_ssl_context(config), _client_ssl_context(config))
+    broker = Broker(
         config,
         verifier=verifier,
         resolver=LibvirtResolver(config.libvirt.uri, stream_buffer=config.proxy.write_buffer),
-        plugins=plugins if plugins is not None else PluginManager(),
-        ssl_context=_ssl_context(config),
-        client_ssl_context=_client_ssl_context(config),
+        plugins=plugins,
+        ssl_context=tls.server,
+        client_ssl_context=tls.client,
         link=link,
         counts=counts,
     )
+    material = Material(key_files, tls.server, tls.client, {}, None)
+    # What the reload compares with: digests of the files loaded now (a file changed
+    # since they loaded a moment ago is for that reload to report).
+    with contextlib.suppress(ReloadError):
+        material = load_material(config)
+    reloader = Reloader(config, path, plugins.config_tables, verifier, tls,
+                        broker.metrics.registry, material)
+    return broker, reloader
 
 
-async def _on_signals(broker: Broker, scope: anyio.CancelScope, echo: float) -> None:
-    with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+async def _on_signals(
+    broker: Broker, group: anyio.abc.TaskGroup, echo: float, reloader: Reloader | None
+) -> None:
+    with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
+        # SIGHUP was blocked from the start (serve, a forked worker): one sent meanwhile
+        # arrives now, to this receiver, instead of ending the process.
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGHUP})
         first = 0.0
         async for signum in signals:
+            if signum == signal.SIGHUP:
+                # A reload, never a stop; none once the broker is stopping.
+                if reloader is not None and not first:
+                    group.start_soon(reloader.reload)
+                continue
             if not first:
                 first = time.monotonic()
                 _log.info("broker.signal", signal=signal.Signals(signum).name,
@@ -151,23 +188,30 @@ async def _on_signals(broker: Broker, scope: anyio.CancelScope, echo: float) -> 
                 broker.shutdown()
             elif time.monotonic() - first >= echo:
                 _log.warning("broker.signal_again", signal=signal.Signals(signum).name)
-                scope.cancel()
+                group.cancel_scope.cancel()
 
 
-async def run_until_signalled(broker: Broker, echo: float = 0.0) -> None:
+async def run_until_signalled(
+    broker: Broker, echo: float = 0.0, reloader: Reloader | None = None
+) -> None:
     """Serve until SIGTERM/SIGINT (a second signal cuts the grace short, unless it comes
     within *echo* seconds of the first: a worker may get one signal twice, from systemd
-    stopping every process of the service and from its supervisor passing it on)."""
+    stopping every process of the service and from its supervisor passing it on); SIGHUP
+    reloads with *reloader* (without one it is ignored)."""
     async with anyio.create_task_group() as group:
-        group.start_soon(_on_signals, broker, group.cancel_scope, echo)
+        group.start_soon(_on_signals, broker, group, echo, reloader)
         await broker.serve()
         group.cancel_scope.cancel()
 
 
 def _serve_command(args: argparse.Namespace) -> int:
+    # SIGHUP reloads: until the broker listens for it (run_until_signalled, or the
+    # supervisor's loop), one that comes is held back rather than end the process.
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGHUP})
     plugins = PluginManager()
+    path = find_config(args.config)
     try:
-        config = load_config(find_config(args.config), plugins.config_tables)
+        config = load_config(path, plugins.config_tables)
     except ConfigError as exc:
         raise CommandError(str(exc)) from None
     configure_logging(config.logging.format, config.logging.level)
@@ -175,10 +219,10 @@ def _serve_command(args: argparse.Namespace) -> int:
     loop = choose_event_loop(config.service.event_loop)
     workers = args.workers if args.workers is not None else config.service.workers
     if workers > 1:
-        return _serve_workers(config, plugins, workers, loop.backend_options)
-    broker = build_broker(config, plugins)
+        return _serve_workers(config, plugins, workers, loop.backend_options, path)
+    broker, reloader = build_broker(config, plugins, path=path)
     try:
-        anyio.run(run_until_signalled, broker, backend="asyncio",
+        anyio.run(run_until_signalled, broker, 0.0, reloader, backend="asyncio",
                   backend_options=loop.backend_options)
     except OSError as exc:
         where = f"{config.listen.host}:{config.listen.port}"
@@ -187,7 +231,8 @@ def _serve_command(args: argparse.Namespace) -> int:
 
 
 def _serve_workers(
-    config: Config, plugins: PluginManager, workers: int, backend_options: dict[str, Any]
+    config: Config, plugins: PluginManager, workers: int, backend_options: dict[str, Any],
+    path: Path | None = None,
 ) -> int:
     """``serve --workers N``: the supervisor of N worker processes (broker.service._workers)."""
     from broker.keys import KeyFileError, ensure_keypair
@@ -233,8 +278,8 @@ def _serve_workers(
     def run_worker(link: WorkerLink) -> int:
         try:
             mine = SharedSessionCounts(session_limits(config), sessions_file, link.index)
-            broker = build_broker(config, plugins, link=link, counts=mine)
-            anyio.run(run_until_signalled, broker, SIGNAL_ECHO, backend="asyncio",
+            broker, reloader = build_broker(config, plugins, link=link, counts=mine, path=path)
+            anyio.run(run_until_signalled, broker, SIGNAL_ECHO, reloader, backend="asyncio",
                       backend_options=backend_options)
         except CommandError as exc:
             _log.error("worker.start_failed", worker=link.index, error=str(exc))
@@ -269,7 +314,12 @@ def register_serve(subparsers: Subparsers) -> None:
             "Serve consoles: WebSocket endpoints /ws/{protocol}?token=..., console pages, "
             "/healthz and /metrics on one port (see docs/service.md). Creates the signing key "
             "pair in the state directory on first start. SIGTERM or SIGINT shut it down "
-            "cleanly within limits.shutdown_grace; a second signal stops it at once."
+            "cleanly within limits.shutdown_grace; a second signal stops it at once. "
+            "SIGHUP reloads the trusted token keys (tokens.trust_local_key, "
+            "tokens.public_keys) and the TLS files (tls.cert, tls.key, tls.client_ca) "
+            "for new connections, keeping every open session; a file that cannot be "
+            "loaded keeps the old ones (broker.reload_failed in the log). Other settings "
+            "need a restart."
         ),
     )
     parser.add_argument(
