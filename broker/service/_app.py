@@ -273,7 +273,7 @@ class Broker:
         #: The operator page's sessions (``/operator/ws``).
         self._operators = Operators(
             config, verifier, {name: entry[0] for name, entry in self._handlers.items()},
-            resolver, self._runner,
+            resolver, self._runner, self.admin.live_sessions,
         )
         #: ``GET /screenshot``: bounded, in worker threads.
         self.screenshots = Screenshots(resolver)

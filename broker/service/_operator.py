@@ -284,22 +284,6 @@ LiveSessions = Callable[[], Awaitable[Sequence[Mapping[str, Any]]]]
 SESSION_FIELDS = ("id", "protocol", "rights", "client", "name", "started")
 
 
-def local_sessions(runner: SessionRunner) -> LiveSessions:
-    """The live sessions of this broker process (its sessions' seats): for a broker
-    without the admin's view of every worker's."""
-
-    async def sessions() -> list[dict[str, Any]]:
-        return [
-            {"id": viewer.id, "domain": domain, "protocol": viewer.protocol,
-             "rights": viewer.rights, "client": viewer.address, "name": viewer.name,
-             "started": _time(viewer.since)}
-            for (domain, _console), room in sorted(runner.presence.rooms.items())
-            for viewer in room.viewers()
-        ]
-
-    return sessions
-
-
 def by_domain(records: Sequence[Mapping[str, Any]]) -> dict[str, list[dict[str, Any]]]:
     """*records* (live sessions) by domain UUID, each with :data:`SESSION_FIELDS`."""
     found: dict[str, list[dict[str, Any]]] = {}
@@ -338,7 +322,7 @@ class Operators:
         protocols: Mapping[str, ConsoleProtocol],
         resolver: object,
         runner: SessionRunner,
-        sessions: LiveSessions | None = None,
+        sessions: LiveSessions,
     ) -> None:
         self.config = config
         self._verifier = verifier
@@ -346,7 +330,9 @@ class Operators:
         self._resolver = resolver
         self._runner = runner
         self._node = config.node_name
-        self._sessions = sessions if sessions is not None else local_sessions(runner)
+        #: Every live session of the broker, its worker processes' included
+        #: (:meth:`broker.service._admin.Admin.live_sessions`).
+        self._sessions = sessions
         self._issuer: TokenIssuer | None = None
         #: The open sessions' cancel scopes (ended when the broker shuts down).
         self._open: set[anyio.CancelScope] = set()
@@ -405,7 +391,7 @@ class Operators:
         problem = self._minting_problem()
         if problem is not None:
             raise OperatorError("no_signing_key", problem)
-        if self._issuer is None:
+        if self._issuer is None or self._issuer.kid not in self._verifier.key_ids:
             from broker.keys import KeyFileError, key_fingerprint, load_private_key
 
             try:
@@ -415,8 +401,9 @@ class Operators:
                     from None
             if key_fingerprint(key.public_key()) not in self._verifier.key_ids:
                 raise OperatorError(
-                    "no_signing_key", "the state directory's signing key changed since the "
-                    "broker started (restart it to trust the new key)")
+                    "no_signing_key", "the state directory's signing key is not one the "
+                    "broker trusts now (it changed since the broker started: reload or restart "
+                    "the broker)")
             self._issuer = TokenIssuer(key, self._node)
         return self._issuer
 
