@@ -21,6 +21,7 @@ if TYPE_CHECKING:
     from broker.api import (
         ConsoleEdit,
         EditOptions,
+        Finding,
         NativeClient,
         Page,
         PluginContext,
@@ -48,6 +49,12 @@ class Serial(Protocol):
         from ._page import page
 
         return page(path, context.config.http.assets_dir)
+
+    def doctor(self, context: PluginContext) -> list[Finding]:
+        """xterm.js and its fit addon in the assets directory (see broker_serial._doctor)."""
+        from ._doctor import findings
+
+        return findings(context)
 
     async def open_client(self, client: NativeClient) -> int:
         """``console-broker open``: the console in this terminal, or on a local port with

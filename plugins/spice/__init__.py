@@ -17,6 +17,7 @@ if TYPE_CHECKING:
         ConsoleEdit,
         ConsoleTLS,
         EditOptions,
+        Finding,
         NativeClient,
         Page,
         PluginContext,
@@ -78,6 +79,12 @@ class Spice(Protocol):
         from ._vv import vv_file
 
         return vv_file(token, title, context.config)
+
+    def doctor(self, context: PluginContext) -> list[Finding]:
+        """spice-html5, TLS to QEMU and qemu.conf's spice_tls (see broker_spice._doctor)."""
+        from ._doctor import findings
+
+        return findings(self, context)
 
     async def open_client(self, client: NativeClient) -> int:
         """``console-broker open``: remote-viewer on a local port, every channel a

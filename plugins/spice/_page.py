@@ -23,6 +23,9 @@ from broker.api import Page, assets_dir, content_type, package_file
 
 #: spice-html5's package inside the assets directory.
 SPICE_HTML5 = Path("@spice-project/spice-html5")
+#: The file of spice-html5 whose presence says it is installed (the page and the plugin's
+#: doctor check look for it).
+SPICE_HTML5_FILE = "src/main.js"
 
 _log = structlog.get_logger("broker.spice")
 _APP = {
@@ -64,7 +67,7 @@ def page(path: str, configured_assets: str) -> Page | None:
     *configured_assets* is ``http.assets_dir``."""
     spice = assets_dir(configured_assets) / SPICE_HTML5
     if path == "":
-        if not (spice / "src" / "main.js").is_file():
+        if not (spice / SPICE_HTML5_FILE).is_file():
             _log.warning("spice.assets_missing", looked_in=str(spice), key="http.assets_dir")
             return missing_page()
         return Page(_web("console.html"), headers=_HEADERS)

@@ -20,6 +20,7 @@ if TYPE_CHECKING:
     from broker.api import (
         ConsoleEdit,
         EditOptions,
+        Finding,
         NativeClient,
         Page,
         PluginContext,
@@ -65,6 +66,12 @@ class VNC(Protocol):
         from ._page import page
 
         return page(path, context.config.http.assets_dir)
+
+    def doctor(self, context: PluginContext) -> list[Finding]:
+        """noVNC, the TLS files to QEMU and qemu.conf's vnc_tls (see broker_vnc._doctor)."""
+        from ._doctor import findings
+
+        return findings(context)
 
     async def open_client(self, client: NativeClient) -> int:
         """``console-broker open``: a native VNC viewer on a local port, bridged to the

@@ -32,6 +32,9 @@ from ._playback import playback_page
 
 #: noVNC's package inside the assets directory.
 NOVNC = Path("@novnc/novnc")
+#: The file of noVNC whose presence says it is installed (the page, the player and the
+#: plugin's doctor check look for it).
+NOVNC_FILE = "core/rfb.js"
 
 _log = structlog.get_logger("broker.vnc")
 _APP = {
@@ -76,7 +79,7 @@ def page(path: str, configured_assets: str) -> Page | None:
         return playback_page(path, configured_assets)
     novnc = assets_dir(configured_assets) / NOVNC
     if path == "":
-        if not (novnc / "core" / "rfb.js").is_file():
+        if not (novnc / NOVNC_FILE).is_file():
             _log.warning("vnc.assets_missing", looked_in=str(novnc), key="http.assets_dir")
             return missing_page("The broker cannot find noVNC, which this page is built on.")
         return Page(_web("console.html"), headers=_HEADERS)

@@ -33,11 +33,11 @@ def _web(name: str) -> bytes:
 
 def playback_page(path: str, configured_assets: str) -> Page | None:
     """The player (*path* :data:`PAGE`) or one of its :data:`ASSETS`, else None."""
-    from ._page import _HEADERS, NOVNC, missing_page
+    from ._page import _HEADERS, NOVNC, NOVNC_FILE, missing_page
 
     if path == PAGE:
         novnc = assets_dir(configured_assets) / NOVNC
-        if not (novnc / "core" / "rfb.js").is_file():
+        if not (novnc / NOVNC_FILE).is_file():
             _log.warning("vnc.assets_missing", looked_in=str(novnc), key="http.assets_dir")
             return missing_page("The broker cannot find noVNC, which the player is built on.")
         return Page(_web("playback.html"), headers=_HEADERS)
