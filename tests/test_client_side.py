@@ -28,6 +28,7 @@ PROJECT = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
 #: Every command that needs the server side, with arguments it parses with.
 SERVER_COMMANDS: dict[tuple[str, ...], list[str]] = {
     ("serve",): [],
+    ("doctor",): [],
     ("xml", "enable"): ["--consoles", "vnc"],
     ("xml", "disable"): [],
     ("xml", "show"): [],
