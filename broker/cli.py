@@ -112,7 +112,7 @@ def _register_plugins(subparsers: argparse._SubParsersAction[argparse.ArgumentPa
 
 
 def _registrars() -> list[Callable[[argparse._SubParsersAction[argparse.ArgumentParser]], None]]:
-    from broker import doctor, front, native, recordings_cli, screenshots, token_cli
+    from broker import doctor, front, native, recordings_cli, screenshots, sessions_cli, token_cli
     from broker.service import cli as service_cli
     from broker.xml import cli as xml_cli
 
@@ -123,6 +123,7 @@ def _registrars() -> list[Callable[[argparse._SubParsersAction[argparse.Argument
         screenshots.register,
         recordings_cli.register,
         *service_cli.REGISTRARS,
+        sessions_cli.register,
         doctor.register,
         *front.REGISTRARS,
         native.register,

@@ -39,6 +39,8 @@ SERVER_COMMANDS: dict[tuple[str, ...], list[str]] = {
     ("config",): ["--defaults"],
     ("token",): ["domain", "--protocol", "vnc"],
     ("screenshot",): ["domain", "-o", "shot.png"],
+    ("sessions", "list"): [],
+    ("sessions", "end"): ["3f2a9c0d11b2"],
 }
 
 #: The modules the client side loads: the command line, ``open``, the plugins and their

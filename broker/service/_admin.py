@@ -35,7 +35,7 @@ import os
 import socket
 import stat
 import struct
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -127,7 +127,8 @@ class Admin:
                     found.extend(json.loads(answers[index]))
                 except ValueError:
                     _log.warning("admin.bad_answer", worker=index)
-        return sorted(found, key=lambda record: (record["started"], record["id"]))
+        # Stable: this worker's are in order already; the others' merged by the second.
+        return sorted(found, key=lambda record: record["started"])
 
     # --- the API -------------------------------------------------------------------------
 
@@ -189,11 +190,7 @@ class Admin:
         """One client of the admin socket: its peer checked, then its requests."""
         try:
             uid = peer_uid(writer.get_extra_info("socket"))
-            if uid not in (0, os.getuid()):
-                _log.warning("admin.refused", uid=uid)
-                await _send(writer, {"ok": False, "error": "permission denied: root or the "
-                                     "broker's own user only"})
-                return
+            allowed = uid in (0, os.getuid())
             while True:
                 try:
                     line = await reader.readuntil(b"\n")
@@ -207,6 +204,11 @@ class Admin:
                     return
                 if not line.strip():
                     continue
+                if not allowed:  # answered after its request: closing on unread data
+                    _log.warning("admin.refused", uid=uid)  # would reset the connection
+                    await _send(writer, {"ok": False, "error": "permission denied: root or "
+                                         "the broker's own user only"})
+                    return
                 try:
                     answer = await self.handle(json.loads(line))
                 except ValueError as exc:  # also UnicodeDecodeError
@@ -295,6 +297,25 @@ def bind_admin_socket(path: Path) -> socket.socket:
         sock.close()
         raise
     return sock
+
+
+@contextlib.contextmanager
+def admin_listener(path: Path) -> Iterator[socket.socket | None]:
+    """The admin socket at *path* bound while the context lives (the supervisor of
+    worker processes binds it once for all of them), then closed and its file removed;
+    None, logged as ``admin.unavailable``, when it cannot be bound."""
+    try:
+        sock = bind_admin_socket(path)
+    except OSError as exc:
+        _log.error("admin.unavailable", socket=str(path), error=str(exc))
+        yield None
+        return
+    inode = socket_inode(path)
+    try:
+        yield sock
+    finally:
+        sock.close()
+        remove_socket(path, inode)
 
 
 def socket_inode(path: Path) -> int:

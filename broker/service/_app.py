@@ -507,6 +507,8 @@ class Broker:
         served without it."""
         path = self.config.admin_socket
         sock, inode = self._admin_socket, 0
+        if sock is None and self._link is not None:
+            sock = self._link.admin_socket  # bound by the supervisor, shared by all
         if sock is None and self._link is None:
             try:
                 sock = bind_admin_socket(path)
@@ -534,6 +536,11 @@ class Broker:
             503, "the broker is out of connections; try again later"
         )
         return AcceptGuard(listener, self.metrics, refusal=refusal)
+
+    def reopen_audit(self) -> None:
+        """Open ``audit.file`` anew (after logrotate moved it away): for SIGHUP. A file
+        moved away is also noticed at the next session's end without it."""
+        self._runner.audit.reopen()
 
     def shutdown(self) -> None:
         """Begin a clean shutdown: stop accepting, end sessions with 1001, within the grace."""

@@ -148,6 +148,9 @@ class WorkerLink:
         self._on_metrics: Callable[[], bytes] | None = None
         #: What answers the other kinds of questions (:meth:`answer`), by kind.
         self._answers: dict[str, Callable[[Mapping[str, Any]], bytes]] = {}
+        #: The admin socket the supervisor bound for every worker to accept on
+        #: (:mod:`broker.service._admin`), or None.
+        self.admin_socket: socket.socket | None = None
 
     # --- ownership ---------------------------------------------------------------------
 

@@ -236,6 +236,7 @@ def _serve_workers(
 ) -> int:
     """``serve --workers N``: the supervisor of N worker processes (broker.service._workers)."""
     from broker.keys import KeyFileError, ensure_keypair
+    from broker.service._admin import admin_listener
     from broker.service._limits import session_limits
     from broker.service._sharedstate import (
         REPLAY_FILE,
@@ -291,7 +292,12 @@ def _serve_workers(
         return 0
 
     _log.info("broker.workers", workers=workers, pid=os.getpid())
-    if Supervisor(workers, run_worker, forget=counts.forget_worker).run() != 0:
+    supervisor = Supervisor(workers, run_worker, forget=counts.forget_worker)
+    # The admin socket, bound once here: every worker accepts on it, and it outlives a
+    # worker's restart (broker.service._admin).
+    with admin_listener(config.admin_socket) as supervisor.link.admin_socket:
+        status = supervisor.run()
+    if status != 0:
         raise CommandError("a worker could not start (worker.start_failed in the log says why)")
     return 0
 
