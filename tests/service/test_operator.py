@@ -15,13 +15,16 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
+import anyio
 import pytest
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from servedbroker import CLI, ServedBroker
-from websockets.exceptions import InvalidStatus
+from websockets.exceptions import ConnectionClosed, InvalidStatus
 from websockets.sync.client import ClientConnection, connect
 from websockets.typing import Origin, Subprotocol
 
 from broker import Protocol, hookimpl
+from broker.config import Config
 from broker.keys import load_public_keys
 from broker.plugins import PluginError, PluginManager
 from broker.service._operator import (
@@ -30,6 +33,7 @@ from broker.service._operator import (
     ListDomains,
     OpenConsole,
     OperatorError,
+    Operators,
     Ping,
     parse,
 )
@@ -359,3 +363,44 @@ def test_the_rate_limit_bucket() -> None:
     assert [bucket.take() for _ in range(4)][-1] > 0
 
 
+
+
+def test_a_request_beyond_the_rate_is_refused_before_any_work() -> None:
+    async def no_sessions() -> list[dict[str, Any]]:
+        raise AssertionError("not asked")
+
+    key = Ed25519PrivateKey.generate()
+    verifier = TokenVerifier([key.public_key()], replay_cache=ReplayCache(1))
+    operators = Operators(Config(), verifier, {}, object(), None,  # type: ignore[arg-type]
+                          no_sessions)
+    operator = Claims.from_payload({"aud": "console-broker", "sub": NO_DOMAIN,
+                                    "proto": "operator", "node": "n", "rights": "full",
+                                    "iat": 1, "nbf": 1, "exp": 60, "jti": "j"})
+    now = [0.0]
+    empty = Bucket(1, 2.0, clock=lambda: now[0])
+    empty.take()
+
+    async def main() -> None:
+        for request in (ListDomains("l"), OpenConsole(WEB1, "vnc", False, "o")):
+            with pytest.raises(OperatorError) as refused:
+                await operators.answer(request, operator, empty, empty, None)
+            assert refused.value.code == "rate_limited" and "2 s" in refused.value.message
+            assert refused.value.request_id == request.id
+
+    anyio.run(main)
+
+
+def test_the_broker_ends_operator_sessions_when_it_stops(tmp_path: Path) -> None:
+    broker = ServedBroker(tmp_path, extra_config='[libvirt]\nuri = "test:///default"\n')
+    try:
+        doc = operator_token(broker)
+        with open_operator(broker, doc["websocket"]) as ws:
+            assert json.loads(ws.recv(timeout=10))["type"] == "hello"
+            broker.stop()
+            with pytest.raises(ConnectionClosed):
+                ws.recv(timeout=10)
+            assert ws.close_code == 1001
+    finally:
+        broker.stop()
+    closed = broker.events("operator.closed")
+    assert [e["reason"] for e in closed] == ["shutdown"]
