@@ -2,7 +2,8 @@
 
 The console pages (VNC, SPICE, serial) are built on JavaScript packages (noVNC,
 spice-html5, xterm.js) read from one ``node_modules`` directory, the key
-``http.assets_dir``: :func:`assets_dir` resolves it. A page serves a file of a
+``http.assets_dir``: :func:`assets_dir` resolves it (a source tree's, the one bundled in
+the wheel, or an administrator's). A page serves a file of a
 package with :func:`package_file`, which refuses anything that is not a plain file
 below the package's directory (no ``..``, no hidden files, no link leading out of
 it), and names its type with :func:`content_type`.
@@ -15,7 +16,11 @@ from pathlib import Path
 
 from broker.hookspecs import Page
 
-#: Where the assets are looked for when the broker does not run from a source tree.
+#: The browser clients the wheel bundles (setup.py writes them into the build, from
+#: package.json's dependencies): where an installed broker finds them.
+BUNDLED_ASSETS = Path(__file__).resolve().parent / "web_clients" / "node_modules"
+#: Where the assets are looked for when the broker runs neither from a source tree nor
+#: from a wheel that bundles them (a distribution's package may install them there).
 INSTALLED_ASSETS = Path("/usr/share/console-broker/node_modules")
 
 JAVASCRIPT = "text/javascript; charset=utf-8"
@@ -39,14 +44,21 @@ def source_tree() -> Path | None:
 
 
 def assets_dir(configured: str) -> Path:
-    """The ``node_modules`` directory of the console pages: *configured*
-    (``http.assets_dir``) when set, else the source tree's ``node_modules`` when the
-    broker runs from one (``scripts/setup-host`` runs ``npm ci`` there), else
-    :data:`INSTALLED_ASSETS`."""
+    """The ``node_modules`` directory of the console pages, the first of:
+
+    1. *configured* (``http.assets_dir``), when set;
+    2. the source tree's ``node_modules``, when the broker runs from one (an editable
+       install; ``scripts/setup-host`` runs ``npm ci`` there);
+    3. :data:`BUNDLED_ASSETS`, the browser clients the wheel bundles, when the broker runs
+       installed from a wheel holding them;
+    4. :data:`INSTALLED_ASSETS` (``/usr/share/console-broker/node_modules``).
+    """
     if configured:
         return Path(configured)
     tree = source_tree()
-    return tree / "node_modules" if tree is not None else INSTALLED_ASSETS
+    if tree is not None:
+        return tree / "node_modules"
+    return BUNDLED_ASSETS if BUNDLED_ASSETS.is_dir() else INSTALLED_ASSETS
 
 
 def read_below(package: Path, relative: str, suffixes: Collection[str] = (".js",)) -> bytes | None:

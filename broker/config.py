@@ -353,7 +353,8 @@ class HTTPSection:
         "The node_modules directory the console pages' browser clients are read from: "
         "@novnc/novnc for the VNC page, @spice-project/spice-html5 for the SPICE page, "
         "@xterm/xterm and @xterm/addon-fit for the serial page. Empty: the source tree's "
-        "node_modules when the broker runs from one, else "
+        "node_modules when the broker runs from one, else the one the wheel bundles "
+        "(web_clients/node_modules in the installed broker package) when present, else "
         "/usr/share/console-broker/node_modules.",
         path=True,
     )

@@ -72,7 +72,8 @@ class ServedBroker:
     ``console-broker`` command line that serves and issues tokens (default: this
     interpreter's ``-m broker.cli``); *limits_config*: more keys in ``[limits]``;
     *nofile*: the broker process's limit of open descriptors (RLIMIT_NOFILE);
-    *listen_config*: more keys in ``[listen]``.
+    *listen_config*: more keys in ``[listen]``; *assets_dir*: ``http.assets_dir`` (None:
+    left out, so that the broker finds its browser clients itself).
     """
 
     def __init__(
@@ -91,6 +92,7 @@ class ServedBroker:
         limits_config: str = "",
         nofile: int | None = None,
         listen_config: str = "",
+        assets_dir: Path | None = NODE_MODULES,
     ) -> None:
         self.directory = directory
         self.command = list(command)
@@ -104,6 +106,7 @@ class ServedBroker:
         if self.connect_port is not None:
             listen += f"connect_port = {self.connect_port}\n"
         self.tls = tls
+        assets = "" if assets_dir is None else f'assets_dir = "{assets_dir}"\n'
         if tls is not None:
             extra_config += (
                 f'[tls]\ncert = "{tls["server"]}"\nkey = "{tls["server-key"]}"\n'
@@ -118,8 +121,7 @@ state_dir = "state"
 host = "127.0.0.1"
 {listen}[http]
 allow_missing_origin = true
-assets_dir = "{NODE_MODULES}"
-{http_config}[limits]
+{assets}{http_config}[limits]
 shutdown_grace = {grace}
 {limits_config}[logging]
 format = "json"

@@ -8,7 +8,14 @@ from pathlib import Path
 import pytest
 
 from broker import assets
-from broker.assets import INSTALLED_ASSETS, assets_dir, content_type, package_file, read_below
+from broker.assets import (
+    BUNDLED_ASSETS,
+    INSTALLED_ASSETS,
+    assets_dir,
+    content_type,
+    package_file,
+    read_below,
+)
 from broker.config import ConfigError, config_from_dict, load_config
 from broker.plugins import PluginManager
 
@@ -32,21 +39,49 @@ def package(tmp_path: Path) -> Path:
 
 def test_the_default_is_the_source_trees_node_modules_when_run_from_it() -> None:
     """From the checkout (the editable install) the default is its node_modules; installed
-    (scripts/test runs the suite against the wheel) the broker finds no source tree."""
+    (scripts/test runs the suite against the wheel) the broker finds no source tree, and
+    the browser clients the wheel bundles."""
     if Path(assets.__file__).resolve() == REPO / "broker" / "assets.py":
         assert assets.source_tree() == REPO
         assert assets_dir("") == REPO / "node_modules"
     else:
         assert assets.source_tree() is None
-        assert assets_dir("") == INSTALLED_ASSETS
+        assert assets_dir("") == BUNDLED_ASSETS
+        assert (BUNDLED_ASSETS / "@novnc" / "novnc" / "core" / "rfb.js").is_file()
 
 
-def test_a_configured_directory_wins() -> None:
+def test_the_bundle_is_a_directory_of_the_broker_package() -> None:
+    """Where setup.py, the build hook, writes it (tests/test_packaging.py checks that)."""
+    root = Path(assets.__file__).resolve().parents[1]
+    assert BUNDLED_ASSETS.relative_to(root).as_posix() == "broker/web_clients/node_modules"
+
+
+def test_a_configured_directory_wins(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.setattr(assets, "BUNDLED_ASSETS", tmp_path)
     assert assets_dir("/srv/web") == Path("/srv/web")
 
 
-def test_installed_the_default_is_under_usr_share(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_source_tree_wins_over_the_bundle(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    monkeypatch.setattr(assets, "source_tree", lambda: tmp_path / "tree")
+    monkeypatch.setattr(assets, "BUNDLED_ASSETS", tmp_path)
+    assert assets_dir("") == tmp_path / "tree" / "node_modules"
+
+
+def test_installed_the_default_is_the_bundle(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
     monkeypatch.setattr(assets, "source_tree", lambda: None)
+    monkeypatch.setattr(assets, "BUNDLED_ASSETS", tmp_path)
+    assert assets_dir("") == tmp_path
+
+
+def test_installed_without_a_bundle_the_default_is_under_usr_share(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    monkeypatch.setattr(assets, "source_tree", lambda: None)
+    monkeypatch.setattr(assets, "BUNDLED_ASSETS", tmp_path / "missing")
     assert assets_dir("") == INSTALLED_ASSETS == Path("/usr/share/console-broker/node_modules")
 
 

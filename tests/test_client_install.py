@@ -60,11 +60,13 @@ def _pip(*args: str, timeout: float = 120) -> None:
 
 def _source_copy(target: Path) -> Path:
     """The files the wheel is built from, without the checkout's build/ (setuptools would
-    put a stale copy there into the wheel) and without writing into the checkout."""
+    put a stale copy there into the wheel) and without writing into the checkout: the
+    build hook (setup.py) bundles the browser clients of package.json with npm."""
     setuptools = PYPROJECT["tool"]["setuptools"]
     roots = {package.split(".")[0] for package in setuptools["packages"]}
     ignore = shutil.ignore_patterns("__pycache__", ".*")
-    for name in ("pyproject.toml", PYPROJECT["project"]["readme"]):
+    names = ("pyproject.toml", "setup.py", "package.json", "package-lock.json")
+    for name in (*names, PYPROJECT["project"]["readme"]):
         shutil.copy2(REPO / name, target / name)
     for root in roots:
         directory = setuptools["package-dir"].get(root, root)

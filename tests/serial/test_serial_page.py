@@ -15,18 +15,6 @@ from websockets.exceptions import ConnectionClosed
 
 pytestmark = pytest.mark.vm
 
-SCREEN_JS = """
-const term = window.consoleBroker && window.consoleBroker.term;
-if (!term) { return null; }
-const buffer = term.buffer.active;
-const lines = [];
-for (let i = 0; i < buffer.length; i++) {
-  lines.push(buffer.getLine(i).translateToString(true));
-}
-return lines.join("\\n");
-"""
-
-
 @pytest.fixture(scope="module")
 def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
     broker = Served(tmp_path_factory.mktemp("serial-page"))
@@ -37,19 +25,13 @@ def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
     broker.assert_no_token_logged()
 
 
-def screen(browser: Any) -> str:
-    return browser.execute_script(SCREEN_JS) or ""
+screen = pagekit.serial_screen
+type_into = pagekit.serial_type
 
 
 def wait_until(browser: Any, what: str, check: Any, timeout: float = 60.0) -> Any:
     return pagekit.wait_until(browser, what, check, timeout,
                               shows=lambda: f"screen:\n{screen(browser)}")
-
-
-def type_into(browser: Any, text: str) -> None:
-    from selenium.webdriver.common.by import By
-
-    browser.find_element(By.CSS_SELECTOR, ".xterm-helper-textarea").send_keys(text)
 
 
 def test_the_page_shows_the_guest_and_takes_keys(

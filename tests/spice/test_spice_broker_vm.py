@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import libvirt
+import pagekit
 import pytest
 from broker_spice.protocol import (
     MSGC_MAIN_AGENT_DATA,
@@ -196,18 +197,6 @@ def test_a_client_vanishing_before_display_init_leaves_the_vm_running(
     assert any(e.get("domain") == dom.UUIDString() for e in broker.events("spice.guard_sent"))
 
 
-_CANVAS_INK = """
-const canvas = document.querySelector('#spice-screen canvas');
-if (!canvas || !canvas.width) { return -1; }
-const data = canvas.getContext('2d').getImageData(0, 0, canvas.width, canvas.height).data;
-let ink = 0;
-for (let i = 0; i < data.length; i += 4) {
-    if (data[i] > 40 || data[i + 1] > 40 || data[i + 2] > 40) { ink++; }
-}
-return ink;
-"""
-
-
 def test_spice_html5_in_a_browser_shows_the_guests_screen(
     broker: Broker, testbed: Testbed, browser: Any
 ) -> None:
@@ -220,7 +209,7 @@ def test_spice_html5_in_a_browser_shows_the_guests_screen(
         deadline = time.monotonic() + 60
         ink = -1
         while time.monotonic() < deadline:
-            ink = browser.execute_script(_CANVAS_INK)
+            ink = browser.execute_script(pagekit.SPICE_INK)
             if ink > 100:
                 break
             time.sleep(0.5)

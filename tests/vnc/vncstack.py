@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import libvirt
+import pagekit
 from broker_vnc.rfb import NEED_DATA, Event, RFBClient, ServerInit
 from console_broker_testbed import SerialConsole, Testbed
 from servedbroker import CLI, ServedBroker
@@ -26,16 +27,7 @@ GRAPHICS_NO_PASSWORD = "<graphics type='vnc'/>\n    <video><model type='vga'/></
 RAW = 0
 #: Run in a console page (Selenium): the noVNC canvas's size and how many colours a
 #: sample of its pixels has.
-CANVAS = """
-const canvas = document.querySelector('#screen canvas');
-if (!canvas || !canvas.width) return null;
-const data = canvas.getContext('2d').getImageData(0, 0, canvas.width, canvas.height).data;
-const colours = new Set();
-for (let i = 0; i < data.length; i += 4 * 7) {
-    colours.add((data[i] << 16) | (data[i + 1] << 8) | data[i + 2]);
-}
-return [canvas.width, canvas.height, colours.size];
-"""
+CANVAS = pagekit.VNC_CANVAS
 
 
 class Served(ServedBroker):
