@@ -105,8 +105,14 @@
     return list;
   }
 
+  let drawn = null;
+
   function render(domains) {
     status.domains = domains;
+    $('listed').textContent = `listed ${new Date().toLocaleTimeString()}`;
+    const shape = JSON.stringify(domains);
+    if (shape === drawn) return; // unchanged: the buttons stay where they are
+    drawn = shape;
     const tbody = $('domains').querySelector('tbody');
     tbody.textContent = '';
     for (const domain of domains) {
@@ -145,7 +151,6 @@
       tbody.appendChild(row);
     }
     $('empty').hidden = domains.length > 0;
-    $('listed').textContent = `listed ${new Date().toLocaleTimeString()}`;
   }
 
   function opened(request, answer) {
