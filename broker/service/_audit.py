@@ -8,9 +8,10 @@ ends: always the structlog event ``session.audit`` in the broker's log, and with
 The file is opened with ``O_APPEND`` and each line goes out in one ``write(2)``: the
 kernel moves to the file's end and writes under the file's lock in one step, so lines
 of several worker processes appending to one file never interleave, nor overwrite each
-other (POSIX ``write``, "If the O_APPEND flag ... is set, the file offset shall be set
-to the end of the file prior to each write and no intervening file modification
-operation shall occur"; Linux holds the inode's lock for a regular file's whole write).
+other (POSIX ``write()``: with ``O_APPEND`` "the file offset shall be set to the end of
+the file prior to each write and no intervening file modification operation shall
+occur between changing the file offset and the write operation"; Linux holds the
+inode's lock for a regular file's whole write).
 Rotation: :meth:`AuditLog.reopen` (on SIGHUP), and before each line the path is
 compared with the open file (device and inode): a file moved away by logrotate is
 followed by a new one at the path without any signal.
