@@ -404,3 +404,28 @@ def test_the_broker_ends_operator_sessions_when_it_stops(tmp_path: Path) -> None
         broker.stop()
     closed = broker.events("operator.closed")
     assert [e["reason"] for e in closed] == ["shutdown"]
+
+
+def test_the_operator_page_with_worker_processes(tmp_path: Path) -> None:
+    """With ``service.workers``, whichever worker accepts the page's WebSocket, the session
+    opens once, lists the domains and mints."""
+    node = node_file(tmp_path)
+    broker = ServedBroker(
+        tmp_path, extra_config=f'[libvirt]\nuri = "test://{node}"\n[service]\nworkers = 2\n'
+    )
+    try:
+        doc = operator_token(broker, "--name", "Bob")
+        with open_operator(broker, doc["websocket"]) as ws:
+            assert json.loads(ws.recv(timeout=10))["type"] == "hello"
+            listed = ask(ws, '{"type": "domains"}')
+            assert {d["name"] for d in listed["domains"]} == {"web1", "idle"}
+            opened = ask(ws, json.dumps({"type": "open", "domain": WEB1, "protocol": "serial"}))
+            assert opened["type"] == "opened", opened
+            broker.tokens.append(parse_qs(urlsplit(opened["page"]).query)["token"][0])
+            for _ in range(4):  # the token is used on every worker alike
+                with pytest.raises(InvalidStatus) as refused:
+                    open_operator(broker, doc["websocket"])
+                assert refused.value.response.status_code == 401
+    finally:
+        broker.stop()
+    broker.assert_no_token_logged()
