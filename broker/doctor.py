@@ -18,11 +18,12 @@ client-only install too.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import sys
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, TypeAlias
+from typing import TYPE_CHECKING, Any, NoReturn, TypeAlias
 
 import attrs
 
@@ -168,6 +169,22 @@ def render_table(lines: Sequence[Line]) -> str:
     return "\n".join(out) + "\n"
 
 
+@contextlib.contextmanager
+def _quiet_logs() -> Iterator[None]:
+    """No structlog line on the report's standard output while the checks run."""
+    import structlog
+
+    def drop(_logger: object, _name: str, _event: object) -> NoReturn:
+        raise structlog.DropEvent
+
+    saved = structlog.get_config()
+    structlog.configure(processors=[drop])
+    try:
+        yield
+    finally:
+        structlog.configure(**saved)
+
+
 def _doctor_command(args: argparse.Namespace) -> int:
     from broker.configfile import read_config
     from broker.plugins import PluginManager
@@ -176,7 +193,8 @@ def _doctor_command(args: argparse.Namespace) -> int:
         config = read_config(args.config)
     except ConfigError as exc:
         raise CommandError(str(exc)) from None
-    lines = run_checks(config, PluginManager(), timeout=args.timeout)
+    with _quiet_logs():  # the report says what the resolver and the plugins would log
+        lines = run_checks(config, PluginManager(), timeout=args.timeout)
     status = exit_status(lines, strict=args.strict)
     if args.json:
         doc = {"exit_status": status, "strict": args.strict,

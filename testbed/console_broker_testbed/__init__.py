@@ -123,10 +123,10 @@ def ensure_daemons(timeout: float = 30.0) -> None:
     _start_daemon("libvirtd", _LIBVIRT_SOCK, timeout)
 
 
-def restart_libvirtd(timeout: float = 30.0) -> None:
-    """Stop libvirtd (SIGTERM to the process its pid file names) and start it again, so
-    that it reads qemu.conf anew. Running domains survive; every client connection
-    breaks (:meth:`Testbed.reconnect`)."""
+def stop_libvirtd(timeout: float = 30.0) -> None:
+    """Stop libvirtd: SIGTERM to the process its pid file names, and wait until it has
+    gone. Running domains survive; every client connection breaks. Start it again with
+    :func:`ensure_daemons` (:func:`libvirtd_stopped` does)."""
     try:
         pid = int(_LIBVIRTD_PID.read_text().strip())
     except (OSError, ValueError):
@@ -138,7 +138,27 @@ def restart_libvirtd(timeout: float = 30.0) -> None:
             if time.monotonic() > deadline:
                 raise TestbedError(f"libvirtd (pid {pid}) did not stop within {timeout:.0f} s")
             time.sleep(0.05)
+
+
+def restart_libvirtd(timeout: float = 30.0) -> None:
+    """Stop libvirtd (:func:`stop_libvirtd`) and start it again, so that it reads
+    qemu.conf anew. Running domains survive; every client connection breaks
+    (:meth:`Testbed.reconnect`)."""
+    stop_libvirtd(timeout)
     ensure_daemons(timeout)
+
+
+@contextmanager
+def libvirtd_stopped(timeout: float = 30.0) -> Iterator[None]:
+    """libvirtd stopped for the block (:func:`stop_libvirtd`), and running again however
+    the block ends (:func:`ensure_daemons`); reconnect the connections it broke after
+    (:meth:`Testbed.reconnect`). Tests using it run last (the ``libvirtd_restart``
+    marker of the project's tests)."""
+    try:
+        stop_libvirtd(timeout)
+        yield
+    finally:
+        ensure_daemons(timeout)
 
 
 # --- the guest's initramfs -------------------------------------------------
