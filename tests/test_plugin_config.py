@@ -138,7 +138,7 @@ def test_the_defaults_when_the_file_has_no_such_table(tmp_path: Path) -> None:
         (
             "[nope]\n",
             "nope: unknown key (tables: broker, listen, tls, http, libvirt, tokens, limits, "
-            "proxy, logging, recordings, service, monitor)",
+            "proxy, logging, recordings, service, audit, monitor)",
         ),
     ],
 )

@@ -62,7 +62,7 @@ def test_rendered_defaults_load_back_to_the_defaults(tmp_path: Path) -> None:
     text = render_defaults(BUILTIN)
     assert [name for name in tomllib.loads(text)] == [
         "broker", "listen", "tls", "http", "libvirt", "tokens", "limits", "proxy", "logging",
-        "recordings", "service", "vnc", "spice", "serial",
+        "recordings", "service", "audit", "vnc", "spice", "serial",
     ]
     loaded = load_config(write(tmp_path, text), BUILTIN)
     assert loaded == load_config(None, BUILTIN)
@@ -182,7 +182,7 @@ def test_errors_name_file_and_key(tmp_path: Path, text: str, message: str) -> No
         (
             "[bogus]\nx = 1\n",
             "bogus: unknown key (tables: broker, listen, tls, http, libvirt, tokens, limits, "
-            "proxy, logging, recordings, service, vnc, spice, serial)",
+            "proxy, logging, recordings, service, audit, vnc, spice, serial)",
         ),
         ("[vnc]\nshare = true\n", "vnc.share: unknown key (vnc has: shared, input, tls_ca"),
         ("[vnc]\nshared = 1\n", "vnc.shared: must be true or false, not an integer"),
@@ -212,9 +212,9 @@ def test_plugin_tables_need_their_plugins(tmp_path: Path) -> None:
         load_config(path)  # no plugin's tables
     assert info.value.problems == [
         f"{path}: vnc: unknown key (tables: broker, listen, tls, http, libvirt, tokens, "
-        "limits, proxy, logging, recordings, service)",
+        "limits, proxy, logging, recordings, service, audit)",
         f"{path}: serial: unknown key (tables: broker, listen, tls, http, libvirt, tokens, "
-        "limits, proxy, logging, recordings, service)",
+        "limits, proxy, logging, recordings, service, audit)",
     ]
     config = load_config(path, BUILTIN)
     assert config.table("vnc").tls_ca == str(tmp_path / "ca.pem")
