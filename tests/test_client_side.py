@@ -39,6 +39,7 @@ SERVER_COMMANDS: dict[tuple[str, ...], list[str]] = {
     ("config",): ["--defaults"],
     ("token",): ["domain", "--protocol", "vnc"],
     ("screenshot",): ["domain", "-o", "shot.png"],
+    ("install-service",): ["--dry-run"],
     ("sessions", "list"): [],
     ("sessions", "end"): ["3f2a9c0d11b2"],
 }

@@ -23,6 +23,7 @@ import anyio
 import anyio.abc
 import structlog
 
+from broker import service_unit
 from broker.config import Config, ConfigError, find_config, load_config
 from broker.errors import CommandError
 from broker.plugins import PluginManager
@@ -346,4 +347,5 @@ def register_serve(subparsers: Subparsers) -> None:
     parser.set_defaults(func=_serve_command, needs_server=True)
 
 
-REGISTRARS: list[Callable[[Subparsers], None]] = [register_serve]
+#: ``serve``, and ``install-service`` (the systemd unit that runs it: broker.service_unit).
+REGISTRARS: list[Callable[[Subparsers], None]] = [register_serve, *service_unit.REGISTRARS]

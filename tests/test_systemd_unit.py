@@ -1,0 +1,142 @@
+"""The systemd unit shipped in the package and ``console-broker install-service``.
+
+systemd is not PID 1 on the development machines nor in CI, so the unit is checked
+with ``systemd-analyze verify`` (which loads it as systemd would, and fails on an
+``ExecStart`` that is not executable), written with this installation's script, and
+its hardening is reproduced without systemd by tests/test_systemd_sandbox.py.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from systemd_sandbox import unit_options
+
+from broker.config import BrokerSection, LimitsSection
+from broker.service_unit import UNIT_NAME, installed_script, render_unit, unit_template
+
+CLI = [sys.executable, "-m", "broker.cli"]
+
+
+def install_service(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([*CLI, "install-service", *args], capture_output=True, text=True)
+
+
+def systemd_analyze() -> str:
+    found = shutil.which("systemd-analyze")
+    if found is None:
+        why = "systemd-analyze is not installed (Debian: systemd; scripts/setup-host)"
+        if os.environ.get("CI"):
+            pytest.fail(why, pytrace=False)
+        pytest.skip(why)
+    return found
+
+
+def test_systemd_analyze_verify_accepts_the_unit(tmp_path: Path) -> None:
+    """The unit as install-service writes it, with this installation's script (which
+    must exist: verify fails on an ExecStart that is not executable), and with a
+    configuration file; no warning either (an unknown key is only a warning)."""
+    analyze = systemd_analyze()
+    config = tmp_path / "broker.toml"
+    config.write_text("")
+    done = install_service("--unit-dir", str(tmp_path), "--config", str(config))
+    assert done.returncode == 0, done.stderr
+    unit = tmp_path / UNIT_NAME
+    checked = subprocess.run([analyze, "verify", str(unit)], capture_output=True, text=True)
+    assert checked.returncode == 0, checked.stderr
+    assert checked.stderr == "", checked.stderr
+    # verify does check: the same unit with a script that is not there fails.
+    broken = tmp_path / "broken" / UNIT_NAME
+    broken.parent.mkdir()
+    broken.write_text(render_unit([str(tmp_path / "no-such-script")]))
+    failed = subprocess.run([analyze, "verify", str(broken)], capture_output=True, text=True)
+    assert failed.returncode != 0
+    assert "is not executable" in failed.stderr
+
+
+def test_exec_start_is_the_installed_script() -> None:
+    command = installed_script()
+    assert Path(command[0]).is_absolute() and os.access(command[0], os.X_OK)
+    options = unit_options(render_unit(command, Path("/etc/console-broker/broker.toml")))
+    assert options["ExecStart"] == [
+        " ".join([*command, "serve", "--config", "/etc/console-broker/broker.toml"])
+    ]
+    assert options["ExecStart"] != unit_options(unit_template())["ExecStart"]
+
+
+def test_the_unit_keeps_what_the_broker_relies_on() -> None:
+    options = {key: values[-1] for key, values in unit_options(unit_template()).items()}
+    assert options["ExecReload"] == "/bin/kill -HUP $MAINPID"
+    # The supervisor passes SIGTERM on to its workers: systemd signals it alone.
+    assert options["KillMode"] == "mixed"
+    assert options["Restart"] == "on-failure"
+    # The state directory systemd makes is the configuration's default one.
+    assert Path("/var/lib", options["StateDirectory"]) == Path(BrokerSection().state_dir)
+    # Two descriptors a session: the broker's own warning threshold (broker.file_limit).
+    assert int(options["LimitNOFILE"]) >= 2 * LimitsSection().max_sessions + 64
+    # Longer than the default grace, or systemd would cut the drain short.
+    assert float(options["TimeoutStopSec"]) > LimitsSection().shutdown_grace
+    for key, value in {
+        "ProtectSystem": "strict", "ProtectHome": "yes", "PrivateTmp": "yes",
+        "NoNewPrivileges": "yes", "CapabilityBoundingSet": "CAP_NET_BIND_SERVICE",
+        "RestrictAddressFamilies": "AF_UNIX AF_INET AF_INET6 AF_NETLINK",
+    }.items():
+        assert options[key] == value, key
+
+
+def test_install_service_writes_once_and_refuses_a_changed_unit(tmp_path: Path) -> None:
+    config = tmp_path / "etc" / "broker.toml"
+    done = install_service("--unit-dir", str(tmp_path), "--config", str(config))
+    assert done.returncode == 0, done.stderr
+    unit = tmp_path / UNIT_NAME
+    lines = done.stdout.splitlines()
+    assert lines[0] == f"written: {unit}"
+    assert lines[1].strip().startswith(f"ExecStart={installed_script()[0]} serve --config")
+    assert f"note: {config} does not exist yet" in done.stdout
+    assert "  systemctl daemon-reload" in lines
+    assert "  systemctl enable --now console-broker" in lines
+    text = unit.read_text()
+    assert oct(unit.stat().st_mode & 0o777) == "0o644"
+    assert text == render_unit(installed_script(), config)
+    # Again: nothing to do.
+    again = install_service("--unit-dir", str(tmp_path), "--config", str(config))
+    assert again.returncode == 0
+    assert again.stdout.splitlines()[0] == f"unchanged: {unit}"
+    assert "daemon-reload" not in again.stdout
+    # Edited by hand: kept, unless --force.
+    unit.write_text(text.replace("RestartSec=2s", "RestartSec=9s"))
+    refused = install_service("--unit-dir", str(tmp_path), "--config", str(config))
+    assert refused.returncode == 1
+    assert f"{unit} exists and differs" in refused.stderr
+    assert "--force" in refused.stderr
+    assert "RestartSec=9s" in unit.read_text()
+    forced = install_service("--unit-dir", str(tmp_path), "--config", str(config), "--force")
+    assert forced.returncode == 0, forced.stderr
+    assert forced.stdout.startswith(f"replaced: {unit}")
+    assert unit.read_text() == text
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
+
+
+def test_dry_run_and_errors(tmp_path: Path) -> None:
+    dry = install_service("--unit-dir", str(tmp_path), "--dry-run")
+    assert dry.returncode == 0
+    assert dry.stdout == render_unit(installed_script())
+    assert list(tmp_path.iterdir()) == []
+    missing = install_service("--unit-dir", str(tmp_path / "nowhere"))
+    assert missing.returncode == 1
+    assert missing.stderr == (
+        f"console-broker: error: {tmp_path / 'nowhere'}: no such directory "
+        "(is systemd installed?)\n"
+    )
+    quoted = install_service("--unit-dir", str(tmp_path), "--config", "/etc/a'b.toml")
+    assert quoted.returncode == 1
+    assert "cannot go into the unit's ExecStart" in quoted.stderr
+    spaced = render_unit(["/opt/console broker/bin/console-broker"], Path("/etc/50%.toml"))
+    assert 'ExecStart="/opt/console broker/bin/console-broker" serve --config /etc/50%%.toml' in (
+        spaced.splitlines()
+    )
