@@ -32,7 +32,9 @@ gets is never passed on again.
 
 ``/metrics`` answers for every worker: the worker asked collects the others' through
 their inboxes (a socket pair each, the text written back) and labels every sample
-with ``worker``.
+with ``worker``. The admin socket's session listing and ending ask the same way
+(:meth:`WorkerLink.ask_others`, answered by what :meth:`WorkerLink.answer` registered;
+:mod:`broker.service._admin`).
 """
 
 from __future__ import annotations
