@@ -518,9 +518,15 @@ class Broker:
             inode = socket_inode(path)
         if sock is None:
             return lambda: None
-        server = await asyncio.start_unix_server(
-            self.admin.serve_connection, sock=sock, limit=ADMIN_MAX_LINE
-        )
+        try:  # Python 3.13's asyncio would remove the file every worker shares at close
+            server = await asyncio.start_unix_server(
+                self.admin.serve_connection, sock=sock, limit=ADMIN_MAX_LINE,
+                cleanup_socket=False,
+            )
+        except TypeError:  # before 3.13, and uvloop: the file is never removed
+            server = await asyncio.start_unix_server(
+                self.admin.serve_connection, sock=sock, limit=ADMIN_MAX_LINE
+            )
         _log.info("admin.listening", socket=str(path))
 
         def stop() -> None:
