@@ -359,7 +359,17 @@ def check_domains(
         return [Finding(SKIP, "domains", "libvirt is unreachable")]
     domains, found = enabled_domains(access, timeout=timeout)
     if domains:
-        found += anyio.run(functools.partial(
-            reach_consoles, resolver(access.uri), config, domains, reachers, timeout=timeout))
+        # Every console has its timeout; a libvirt call stuck in a worker thread cannot be
+        # cancelled, so the whole is bounded too (its thread is then left behind).
+        consoles = sum(len(d.consoles) for d in domains if d.active)
+        whole = timeout * (consoles + 2)
+        try:
+            found += bounded(lambda: anyio.run(functools.partial(
+                reach_consoles, resolver(access.uri), config, domains, reachers,
+                timeout=timeout)), whole)
+        except TimeoutError:
+            found.append(Finding(FAIL, "domains", f"reaching the consoles took more than "
+                                                  f"{whole:g} s",
+                                 libvirt_fix(access.uri, "did not answer")))
     return found or [Finding(SKIP, "domains", "no domain has consoles enabled by "
                                               "console-broker")]

@@ -821,3 +821,28 @@ def test_doctor_help_explains_every_check(capsys: pytest.CaptureFixture[str]) ->
     assert "Exit\nstatus: 0 when no check failed" in text
     for flag in ("--json", "--strict", "--timeout", "--config"):
         assert flag in text
+
+
+def test_reaching_consoles_that_never_ends_is_given_up(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A libvirt call stuck in a worker thread cannot be cancelled: the consoles check as a
+    whole is bounded too."""
+    xml = live(enabled_xml(tmp_path, capsys, "--consoles", "serial"))
+    conn = FakeConn([FakeDomain("vm1", xml)])
+    release = threading.Event()
+
+    class Stuck(PlanningResolver):
+        async def open(self, target: Target) -> Endpoint:
+            await anyio.to_thread.run_sync(release.wait, 30)
+            raise AssertionError
+
+    try:
+        [finding] = lv.check_domains(
+            make_config(tmp_path), lv.LibvirtAccess("qemu:///system", conn), reachers(SERIAL),
+            resolver=lambda uri: Stuck(conn), timeout=0.2)
+    finally:
+        release.set()
+    assert finding.status == FAIL
+    assert finding.detail == "reaching the consoles took more than 0.6 s"
+    assert finding.fix.startswith("start libvirtd")
