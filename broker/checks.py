@@ -49,9 +49,9 @@ class Finding:
 
     #: :data:`OK`, :data:`WARN`, :data:`FAIL` or :data:`SKIP`.
     status: str = attrs.field(validator=_check_status)
-    #: What was checked, in a few words (``noVNC``, ``listen.port 127.0.0.1:6080``).
+    #: What was checked, in a few words (``key pair``, ``listen.port 127.0.0.1:6080``).
     title: str
-    #: What was found, one line (``found in /srv/node_modules/@novnc/novnc``).
+    #: What was found, one line (``held by the console-broker running here``).
     detail: str = ""
     #: What to do about it, one line (``chmod 600 /var/lib/console-broker/signing-key.pem``).
     fix: str = ""
@@ -143,5 +143,5 @@ class QemuConf:
         return self.settings.get(key, default)
 
     def enabled(self, key: str) -> bool:
-        """Whether the file sets *key* to 1 (``vnc_tls = 1``)."""
+        """Whether the file sets *key* to 1 (``dynamic_ownership = 1``)."""
         return self.settings.get(key, "").strip() == "1"
