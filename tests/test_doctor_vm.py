@@ -89,7 +89,7 @@ def test_a_healthy_host_is_all_green(testbed: Testbed, tmp_path: Path) -> None:
     assert {c["check"] for c in doc["checks"] if c["title"] == "qemu.conf"} == {"vnc", "spice"}
 
 
-def test_a_group_readable_private_key_fails_with_its_fix(tmp_path: Path) -> None:
+def test_a_group_readable_private_key_fails_with_its_fix(testbed: Testbed, tmp_path: Path) -> None:
     config = write_config(tmp_path)
     key = tmp_path / "state" / "signing-key.pem"
     key.chmod(0o640)
