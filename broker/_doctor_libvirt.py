@@ -136,6 +136,27 @@ def check_libvirt(access: LibvirtAccess, *, timeout: float = DEFAULT_TIMEOUT) ->
     return [Finding(OK, access.uri, f"libvirt {_version(lib)}, {kind} {_version(hyp)}")]
 
 
+def check_schema(path: str | None = None) -> list[Finding]:
+    """libvirt's RelaxNG domain schema, which ``xml enable`` validates every edit against,
+    is installed and loads."""
+    from broker.xml import DOMAIN_SCHEMA, SchemaError, domain_schema
+
+    path = path or DOMAIN_SCHEMA
+    title = "libvirt's domain schema"
+    try:
+        schema = domain_schema(path)
+    except SchemaError as exc:
+        return [Finding(FAIL, title, f"{exc}: console-broker xml enable and enable DOMAIN "
+                                     "stop with this error",
+                        "reinstall libvirt's schemas (Debian: apt install --reinstall libvirt0)")]
+    if schema is None:
+        return [Finding(WARN, title, f"{path} not found: console-broker xml enable and "
+                                     "enable DOMAIN write domain XML without checking it",
+                        "install libvirt's schemas (Debian: the libvirt0 package installs "
+                        f"{path})")]
+    return [Finding(OK, title, f"{path} loads")]
+
+
 # --- the enabled domains ----------------------------------------------------------------
 
 

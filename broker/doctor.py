@@ -42,7 +42,7 @@ Subparsers: TypeAlias = "argparse._SubParsersAction[argparse.ArgumentParser]"
 #: Seconds a libvirt call, an HTTP request, a tool or reaching a console may take.
 DEFAULT_TIMEOUT = lv.DEFAULT_TIMEOUT
 #: The core's checks, in the report's order; the loaded protocols' follow, by name.
-CORE_CHECKS = ("libvirt", "keys", "tls", "ports", "clock", "domains")
+CORE_CHECKS = ("libvirt", "schema", "keys", "tls", "ports", "clock", "domains")
 
 
 @attrs.frozen
@@ -122,6 +122,7 @@ def run_checks(
     resolver: Callable[[str], Resolver] = lv._libvirt_resolver,
     health: host.Health = host.fetch_health,
     run: host.Tool = host.run_tool,
+    schema: str | None = None,
     timeout: float = DEFAULT_TIMEOUT,
 ) -> list[Line]:
     """Every check, in the order of ``doctor --help``: the core's, then each loaded
@@ -131,6 +132,7 @@ def run_checks(
     try:
         return [
             *_lines("libvirt", lv.check_libvirt(access, timeout=timeout)),
+            *_lines("schema", lv.check_schema(schema)),
             *_lines("keys", host.check_keys(config)),
             *_lines("tls", host.check_tls(config)),
             *_lines("ports", host.check_ports(config, health=health, timeout=timeout)),
@@ -222,6 +224,8 @@ fix. The core's checks, in order:
 
   libvirt    libvirt answers at libvirt.uri; its version and the hypervisor's
              (a failure when it does not: start libvirtd, check the URI, permissions)
+  schema     libvirt's RelaxNG domain schema (domain.rng), which xml enable checks
+             every edit against, installed and loading (a warning when missing)
   keys       the signing key pair in broker.state_dir: the private key 0600, owned by
              the user running doctor, the directory 0700; every trusted public key
              (the local one, tokens.public_keys) readable

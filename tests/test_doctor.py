@@ -192,6 +192,26 @@ def test_a_hung_libvirt_is_given_up() -> None:
     assert "did not answer" in finding.detail and "start libvirtd" in finding.fix
 
 
+def test_libvirts_schema_found_missing_or_broken(tmp_path: Path) -> None:
+    from broker.xml import DOMAIN_SCHEMA
+
+    if Path(DOMAIN_SCHEMA).is_file():  # libvirt0 installs it; lxml loads it
+        assert lv.check_schema() == [Finding(OK, "libvirt's domain schema",
+                                             f"{DOMAIN_SCHEMA} loads")]
+    [missing] = lv.check_schema(str(tmp_path / "domain.rng"))
+    assert missing.status == WARN
+    assert missing.detail.startswith(f"{tmp_path / 'domain.rng'} not found: console-broker "
+                                     "xml enable and enable DOMAIN write domain XML without "
+                                     "checking it")
+    assert "libvirt0" in missing.fix
+    broken = tmp_path / "broken.rng"
+    broken.write_text("<grammar xmlns='http://relaxng.org/ns/structure/1.0'><start/></grammar>")
+    [finding] = lv.check_schema(str(broken))
+    assert finding.status == FAIL
+    assert finding.detail.startswith(f"cannot load libvirt's domain schema {broken}")
+    assert "reinstall" in finding.fix
+
+
 # --- keys -------------------------------------------------------------------------------
 
 
@@ -781,12 +801,15 @@ def test_doctor_json_with_fakes(
                       '[libvirt]\nuri = "qemu+ssh://hv1/system"\n')
     generate_keypair(tmp_path / "state")
     (tmp_path / "state" / "signing-key.pem").chmod(0o640)
+    schema = tmp_path / "domain.rng"  # the smallest schema lxml loads
+    schema.write_text("<grammar xmlns='http://relaxng.org/ns/structure/1.0'><start>"
+                      "<element name='domain'><empty/></element></start></grammar>")
     real = doctor.run_checks
 
     def with_fakes(config: Config, plugins: PluginManager, **kwargs: Any) -> Any:
         conn = FakeConn()
         kwargs.update(opener=lambda uri: conn, run=lambda argv, timeout: None,
-                      resolver=lambda uri: PlanningResolver(conn))
+                      resolver=lambda uri: PlanningResolver(conn), schema=str(schema))
         return real(config, plugins, **kwargs)
 
     monkeypatch.setattr(doctor, "run_checks", with_fakes)
