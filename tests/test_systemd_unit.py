@@ -71,6 +71,8 @@ def test_exec_start_is_the_installed_script() -> None:
 
 def test_the_unit_keeps_what_the_broker_relies_on() -> None:
     options = {key: values[-1] for key, values in unit_options(unit_template()).items()}
+    # READY=1, RELOADING=1, STOPPING=1 from the main process (test_reload_notify.py).
+    assert options["Type"] == "notify" and options["NotifyAccess"] == "main"
     assert options["ExecReload"] == "/bin/kill -HUP $MAINPID"
     # The supervisor passes SIGTERM on to its workers: systemd signals it alone.
     assert options["KillMode"] == "mixed"

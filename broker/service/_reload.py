@@ -228,7 +228,7 @@ class ListenerTLS:
 
 def _changed_settings(old: Config, new: Config) -> list[str]:
     """The settings (``table.key``) whose values differ between *old* and *new*."""
-    changed = []
+    changed: list[str] = []
     for field in attrs.fields(Config):
         if field.name in ("plugin_tables", "source"):
             continue
@@ -240,13 +240,14 @@ def _changed_settings(old: Config, new: Config) -> list[str]:
             if getattr(before, key.name) != getattr(after, key.name)
         )
     for name in sorted({*old.plugin_tables, *new.plugin_tables}):
-        before, after = old.plugin_tables.get(name), new.plugin_tables.get(name)
-        if before == after:
+        table: Any = old.plugin_tables.get(name)
+        other: Any = new.plugin_tables.get(name)
+        if table == other:
             continue
-        if attrs.has(type(before)) and type(before) is type(after):
+        if attrs.has(type(table)) and type(table) is type(other):
             changed.extend(
-                f"{name}.{key.name}" for key in attrs.fields(type(before))
-                if getattr(before, key.name) != getattr(after, key.name)
+                f"{name}.{key.name}" for key in attrs.fields(type(table))
+                if getattr(table, key.name) != getattr(other, key.name)
             )
         else:
             changed.append(name)

@@ -59,6 +59,8 @@ import anyio.abc
 import attrs
 import structlog
 
+from broker.service import _notify as notify
+
 _log = structlog.get_logger("broker.service")
 
 #: Largest inbox message: the header and the bytes read before the connection moved.
@@ -71,6 +73,14 @@ METRICS_TIMEOUT = 2.0
 #: The listeners a connection can be passed from.
 HTTP = "http"
 CONNECT = "connect"
+
+#: What a worker reports to the supervisor (:meth:`WorkerLink.report`), which tells the
+#: service manager for all of them (broker.service._notify).
+LISTENING = b"L"
+RELOADED = b"R"
+RELOAD_FAILED = b"F"
+#: How long the supervisor waits for every worker's reload before it says it is done.
+RELOAD_PATIENCE = 10.0
 
 _BEARER = re.compile(rb"^authorization:[ \t]*bearer[ \t]+([^\s]+)", re.IGNORECASE | re.MULTILINE)
 
@@ -137,6 +147,9 @@ class WorkerLink:
     def __init__(self, count: int) -> None:
         self.count = count
         self.index = -1
+        #: The workers' reports to the supervisor (:meth:`report`): a pipe, read there.
+        self.reports, self._reporting = os.pipe()
+        os.set_blocking(self.reports, False)
         self._inboxes = [socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
                          for _ in range(count)]
         for receiving, sending in self._inboxes:
@@ -157,10 +170,14 @@ class WorkerLink:
     # --- ownership ---------------------------------------------------------------------
 
     def close(self) -> None:
-        """Close every inbox (the supervisor, once its workers are gone)."""
+        """Close every inbox and the reports' pipe (the supervisor, once its workers are
+        gone)."""
         for pair in self._inboxes:
             for sock in pair:
                 sock.close()
+        for fd in (self.reports, self._reporting):
+            with contextlib.suppress(OSError):
+                os.close(fd)
 
     def owner(self, key: str) -> int:
         return owner_index(key, self.count)
@@ -181,6 +198,12 @@ class WorkerLink:
     def become(self, index: int) -> None:
         """This process is worker *index* (just forked)."""
         self.index = index
+
+    def report(self, kind: bytes) -> None:
+        """Tell the supervisor *kind* (:data:`LISTENING`, :data:`RELOADED`,
+        :data:`RELOAD_FAILED`) happened in this worker (two bytes: atomic in a pipe)."""
+        with contextlib.suppress(OSError):
+            os.write(self._reporting, kind + bytes([self.index]))
 
     def attach(
         self, on_connection: Callable[[Passed], None], on_metrics: Callable[[], bytes]
@@ -404,6 +427,13 @@ class Supervisor:
         self._pending: dict[int, float] = {}
         #: The delay before a worker's next restart, should it die young again.
         self._backoffs: dict[int, float] = {}
+        #: The workers that reported listening; True once the service manager was told.
+        self._listening: set[int] = set()
+        self._ready = False
+        #: A reload under way: the workers still to report, the results, the deadline.
+        self._reloading: set[int] = set()
+        self._reload_failed = False
+        self._reload_deadline = 0.0
 
     def _spawn(self, index: int, backoff: float = RESTART_BACKOFF) -> None:
         supervisor = os.getpid()
@@ -422,6 +452,7 @@ class Supervisor:
                 os.setpgid(0, 0)
                 _die_with_parent(supervisor)
                 self.link.become(index)
+                notify.forget()  # the supervisor speaks to the service manager
                 structlog.contextvars.bind_contextvars(worker=index)
                 code = self._run_worker(self.link)
             except BaseException:
@@ -439,18 +470,48 @@ class Supervisor:
                 self._spawn(index)
             while self._children or (self._pending and not self._stopping):
                 self._restart_due()
-                info = signal.sigtimedwait(watched, 0.5)
+                waiting = not self._ready or self._reloading
+                info = signal.sigtimedwait(watched, 0.1 if waiting else 0.5)
                 if info is not None and info.si_signo in (signal.SIGTERM, signal.SIGINT):
                     self._signal(signal.Signals(info.si_signo))
                 elif info is not None and info.si_signo == signal.SIGHUP:
                     self._reload()
                 self._reap()
+                self._read_reports()
         finally:
             signal.pthread_sigmask(signal.SIG_UNBLOCK, watched)
         _log.info("broker.workers_stopped")
         return 1 if self._failed else 0
 
+    def _read_reports(self) -> None:
+        """The workers' reports: READY=1 once all listen, READY=1 after a reload once all
+        reloaded (or :data:`RELOAD_PATIENCE` passed)."""
+        try:
+            data = os.read(self.link.reports, 4096)
+        except BlockingIOError:
+            data = b""
+        for at in range(0, len(data) - 1, 2):
+            kind, index = data[at:at + 1], data[at + 1]
+            if kind == LISTENING:
+                self._listening.add(index)
+            elif kind in (RELOADED, RELOAD_FAILED):
+                self._reloading.discard(index)
+                self._reload_failed |= kind == RELOAD_FAILED
+        if self._stopping:
+            return
+        if not self._ready and len(self._listening) >= self.link.count:
+            self._ready = True
+            notify.ready(f"serving with {self.link.count} workers")
+        if self._reload_deadline and (
+            not self._reloading or time.monotonic() > self._reload_deadline
+        ):
+            self._reload_deadline = 0.0
+            self._reloading.clear()
+            notify.reloaded(not self._reload_failed)
+
     def _signal(self, signum: signal.Signals) -> None:
+        if not self._stopping:
+            notify.stopping()
         self._stopping += 1
         self._pending.clear()
         _log.info("broker.signal", signal=signum.name, workers=len(self._children),
@@ -466,6 +527,10 @@ class Supervisor:
         if self._stopping:
             return
         _log.info("broker.signal", signal="SIGHUP", workers=len(self._children))
+        notify.reloading()
+        self._reloading = {child.index for child in self._children.values()}
+        self._reload_failed = False
+        self._reload_deadline = time.monotonic() + RELOAD_PATIENCE
         for pid in self._children:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGHUP)

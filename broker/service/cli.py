@@ -33,6 +33,7 @@ from broker.service._loop import choose_event_loop
 if TYPE_CHECKING:
     from broker.service._app import Broker
     from broker.service._limits import SessionCounts
+    from broker.service._notify import Lifecycle
     from broker.service._reload import Reloader
     from broker.service._workers import WorkerLink
 
@@ -168,8 +169,14 @@ def build_broker(
     return broker, reloader
 
 
+async def _reload(reloader: Reloader, lifecycle: Lifecycle) -> None:
+    lifecycle.reload_started()
+    lifecycle.reload_done(await reloader.reload())
+
+
 async def _on_signals(
-    broker: Broker, group: anyio.abc.TaskGroup, echo: float, reloader: Reloader | None
+    broker: Broker, group: anyio.abc.TaskGroup, echo: float, reloader: Reloader | None,
+    lifecycle: Lifecycle,
 ) -> None:
     with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
         # SIGHUP was blocked from the start (serve, a forked worker): one sent meanwhile
@@ -180,10 +187,11 @@ async def _on_signals(
             if signum == signal.SIGHUP:
                 # A reload, never a stop; none once the broker is stopping.
                 if reloader is not None and not first:
-                    group.start_soon(reloader.reload)
+                    group.start_soon(_reload, reloader, lifecycle)
                 continue
             if not first:
                 first = time.monotonic()
+                lifecycle.stopping()
                 _log.info("broker.signal", signal=signal.Signals(signum).name,
                           grace=broker.config.limits.shutdown_grace)
                 broker.shutdown()
@@ -193,15 +201,25 @@ async def _on_signals(
 
 
 async def run_until_signalled(
-    broker: Broker, echo: float = 0.0, reloader: Reloader | None = None
+    broker: Broker,
+    echo: float = 0.0,
+    reloader: Reloader | None = None,
+    lifecycle: Lifecycle | None = None,
 ) -> None:
     """Serve until SIGTERM/SIGINT (a second signal cuts the grace short, unless it comes
     within *echo* seconds of the first: a worker may get one signal twice, from systemd
     stopping every process of the service and from its supervisor passing it on); SIGHUP
-    reloads with *reloader* (without one it is ignored)."""
+    reloads with *reloader* (without one it is ignored). *lifecycle* is told when the
+    broker listens, reloads and stops (default: systemd, through sd_notify)."""
+    from broker.service._notify import SYSTEMD
+
+    lifecycle = lifecycle if lifecycle is not None else SYSTEMD
     async with anyio.create_task_group() as group:
-        group.start_soon(_on_signals, broker, group, echo, reloader)
-        await broker.serve()
+        group.start_soon(_on_signals, broker, group, echo, reloader, lifecycle)
+        async with anyio.create_task_group() as serving:
+            await serving.start(broker.serve)
+            where = ", ".join(f"{host}:{port}" for host, port in broker.addresses)
+            lifecycle.listening(f"serving on {where}")
         group.cancel_scope.cancel()
 
 
@@ -239,6 +257,7 @@ def _serve_workers(
     from broker.keys import KeyFileError, ensure_keypair
     from broker.service._admin import admin_listener
     from broker.service._limits import session_limits
+    from broker.service._notify import Lifecycle
     from broker.service._sharedstate import (
         REPLAY_FILE,
         SESSIONS_FILE,
@@ -246,7 +265,14 @@ def _serve_workers(
         SharedSessionCounts,
         StateFileError,
     )
-    from broker.service._workers import CANNOT_START, Supervisor, reuse_port_free
+    from broker.service._workers import (
+        CANNOT_START,
+        LISTENING,
+        RELOAD_FAILED,
+        RELOADED,
+        Supervisor,
+        reuse_port_free,
+    )
 
     listen = config.listen
     addresses = [(listen.host, listen.port)]
@@ -281,8 +307,15 @@ def _serve_workers(
         try:
             mine = SharedSessionCounts(session_limits(config), sessions_file, link.index)
             broker, reloader = build_broker(config, plugins, link=link, counts=mine, path=path)
-            anyio.run(run_until_signalled, broker, SIGNAL_ECHO, reloader, backend="asyncio",
-                      backend_options=backend_options)
+            # The supervisor speaks to systemd for every worker (NotifyAccess=main).
+            lifecycle = Lifecycle(
+                listening=lambda _status: link.report(LISTENING),
+                reload_started=lambda: None,
+                reload_done=lambda ok: link.report(RELOADED if ok else RELOAD_FAILED),
+                stopping=lambda: None,
+            )
+            anyio.run(run_until_signalled, broker, SIGNAL_ECHO, reloader, lifecycle,
+                      backend="asyncio", backend_options=backend_options)
         except CommandError as exc:
             _log.error("worker.start_failed", worker=link.index, error=str(exc))
             return CANNOT_START
