@@ -142,3 +142,44 @@ def test_dry_run_and_errors(tmp_path: Path) -> None:
     assert 'ExecStart="/opt/console broker/bin/console-broker" serve --config /etc/50%%.toml' in (
         spaced.splitlines()
     )
+
+
+@pytest.mark.parametrize("fmt", ["console", "json"])
+def test_console_lines_to_the_journal_leave_the_time_to_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, fmt: str
+) -> None:
+    """systemd sets $JOURNAL_STREAM to the device and inode of the journal's stream: a
+    console line written there has no timestamp of its own (journald adds one); a JSON
+    line keeps its field, and a console line elsewhere its time."""
+    import json
+    import logging
+
+    import structlog
+
+    from broker.service._logging import configure_logging
+
+    root = logging.getLogger()
+    handlers, level = list(root.handlers), root.level
+    lines = {}
+    try:
+        for where in ("journal", "file"):
+            path = tmp_path / f"{where}.log"
+            with path.open("w") as stream:
+                found = os.fstat(stream.fileno())
+                stream_id = f"{found.st_dev}:{found.st_ino}" if where == "journal" else "1:2"
+                monkeypatch.setenv("JOURNAL_STREAM", stream_id)
+                configure_logging(fmt, "info", stream=stream)
+                structlog.get_logger("broker.service").info("broker.reloaded", changed=[])
+            lines[where] = path.read_text().strip()
+    finally:
+        structlog.reset_defaults()
+        for handler in list(root.handlers):
+            root.removeHandler(handler)
+        for handler in handlers:
+            root.addHandler(handler)
+        root.setLevel(level)
+    if fmt == "json":
+        assert all("timestamp" in json.loads(line) for line in lines.values())
+    else:
+        assert lines["journal"].startswith("[info     ] broker.reloaded"), lines
+        assert lines["file"][:4].isdigit() and "broker.reloaded" in lines["file"], lines

@@ -8,11 +8,17 @@ every string value, so a token cannot reach a log line even by accident;
 the code never logs one in the first place. websockets logs request lines
 (with their query string) at debug level: its loggers are kept at
 ``warning`` whatever the configured level.
+
+Under systemd the output is the journal's, which stamps every line itself: the console
+format then leaves out its own timestamp (:func:`to_journal`); JSON lines keep theirs,
+a field of the object.
 """
 
 from __future__ import annotations
 
+import io
 import logging
+import os
 import re
 import sys
 from collections.abc import MutableMapping
@@ -52,9 +58,22 @@ def redact(
     return event_dict
 
 
+def to_journal(stream: TextIO) -> bool:
+    """Whether *stream* is connected to systemd's journal: ``$JOURNAL_STREAM`` names its
+    device and inode (systemd.exec(5), Environment variables in spawned processes)."""
+    device, _, inode = os.environ.get("JOURNAL_STREAM", "").partition(":")
+    try:
+        found = os.fstat(stream.fileno())
+    except (OSError, ValueError, AttributeError, io.UnsupportedOperation):
+        return False
+    return f"{found.st_dev}:{found.st_ino}" == f"{device}:{inode}"
+
+
 def configure_logging(fmt: str = "json", level: str = "info", stream: TextIO | None = None) -> None:
     """Set up structlog and the standard library's logging for the service process."""
     out = stream if stream is not None else sys.stderr
+    # The journal stamps each line itself; a console line need not say the time twice.
+    stamped = fmt == "json" or not to_journal(out)
     numeric = logging.getLevelName(level.upper())
     renderer: Any = (
         structlog.processors.JSONRenderer()
@@ -65,7 +84,7 @@ def configure_logging(fmt: str = "json", level: str = "info", stream: TextIO | N
         structlog.contextvars.merge_contextvars,
         structlog.stdlib.add_log_level,
         structlog.stdlib.add_logger_name,
-        structlog.processors.TimeStamper(fmt="iso", utc=True),
+        *([structlog.processors.TimeStamper(fmt="iso", utc=True)] if stamped else []),
         structlog.processors.format_exc_info,
     ]
     structlog.configure(
