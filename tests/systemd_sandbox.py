@@ -15,7 +15,9 @@ so the tests follow the unit) and builds a command line that applies them one by
   test environments' interpreters link to it) is bind-mounted back, read-only, on a
   traversable tmpfs, as ``ProtectHome=tmpfs`` with ``BindReadOnlyPaths=`` would.
   ``install-service`` warns about such an installation: with the unit as shipped, the
-  service would not start.
+  service would not start. Likewise the checkout, the test environment and the
+  pages' browser clients, when they lie under ``/tmp`` (a CI clone may), are bound into
+  the private ``/tmp`` at their paths, read-only.
 * ``ProtectSystem=strict``: every mount remounted read-only (``/proc``, ``/sys`` and
   ``/dev`` excepted, as systemd does), then ``ReadWritePaths`` made writable again:
   ``StateDirectory=`` and ``RuntimeDirectory=`` are, for the test, directories the
@@ -82,11 +84,17 @@ class Sandbox:
 
     *directory*: the test's files (configuration, keys, certificates), under ``/tmp``,
     visible read-only inside; *writable*: the directories standing in for the unit's
-    ``StateDirectory=`` and ``RuntimeDirectory=`` (inside *directory* or not), writable.
+    ``StateDirectory=`` and ``RuntimeDirectory=`` (inside *directory* or not), writable;
+    *needed*: what the broker reads besides (its script, the pages' browser clients),
+    visible read-only inside even where it lies under ``/tmp`` or a home directory.
     """
 
     def __init__(
-        self, directory: Path, writable: Sequence[Path], unit: str | None = None
+        self,
+        directory: Path,
+        writable: Sequence[Path],
+        needed: Sequence[Path] = (),
+        unit: str | None = None,
     ) -> None:
         self.options = {
             key: values[-1]
@@ -94,12 +102,21 @@ class Sandbox:
         }
         self.directory = directory.resolve()
         self.writable = [path.resolve() for path in writable]
-        #: The Python installation the broker runs on, when a home directory holds it
-        #: (a pyenv under /root): ProtectHome= would hide it.
-        self.exposed = [
-            path for path in {Path(sys.base_prefix).resolve(), Path(sys.prefix).resolve()}
-            if any(path.is_relative_to(home) for home in HOMES)
-        ]
+        # What the broker needs that PrivateTmp= or ProtectHome= would hide: the Python
+        # installation it runs on (pyenv's under /root here), a checkout or virtual
+        # environment under /tmp (CI's clone may be there), *needed*. Outermost only.
+        wanted = {Path(sys.base_prefix), Path(sys.prefix), *needed}
+        candidates = sorted({path.resolve() for path in wanted}, key=lambda p: len(p.parts))
+        outermost: list[Path] = []
+        for path in candidates:
+            if not any(path.is_relative_to(seen) for seen in outermost):
+                outermost.append(path)
+        #: Under /tmp: bound into the private /tmp at the same path.
+        self.in_tmp = [path for path in outermost if path.is_relative_to("/tmp")
+                       and not path.is_relative_to(directory.resolve())]
+        #: Under a home directory: bound back onto the home's empty tmpfs.
+        self.exposed = [path for path in outermost
+                        if any(path.is_relative_to(home) for home in HOMES)]
         assert self.directory.is_relative_to("/tmp"), "the test's directory is under /tmp"
         # What is reproduced (an option the unit dropped is not applied here either).
         assert self.options.get("ProtectSystem") == "strict"
@@ -129,6 +146,9 @@ class Sandbox:
                 if path.is_relative_to(self.directory):
                     lines += [f"mkdir -p {q(str(path))}",
                               f"mount --bind {q(str(path))} {staged(path)}"]
+            for path in self.in_tmp:
+                lines += [f"mkdir -p {staged(path)}",
+                          f"mount --bind {q(str(path))} {staged(path)}"]
             lines += [
                 f"mount --move {q(str(stage))} /tmp",
                 "mount -t tmpfs -o mode=1777 private-var-tmp /var/tmp",

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 from console_broker_testbed import Testbed
-from servedbroker import ServedBroker, enabled_guest, serial_answers
+from servedbroker import NODE_MODULES, ServedBroker, enabled_guest, serial_answers
 from systemd_sandbox import Sandbox
 
 from broker.service_unit import installed_script
@@ -24,7 +24,9 @@ NET_BIND_SERVICE = f"{1 << 10:016x}"
 
 
 def sandbox_or_skip(directory: Path) -> Sandbox:
-    sandbox = Sandbox(directory, [directory / "state"])
+    script = Path(installed_script()[0])
+    sandbox = Sandbox(directory, [directory / "state"],
+                      needed=[script.parent, script.resolve().parent, NODE_MODULES])
     probe = subprocess.run(sandbox.command(["true"]), capture_output=True, text=True)
     if probe.returncode != 0:
         why = f"cannot make the sandbox here (root with CAP_SYS_ADMIN needed): {probe.stderr}"
