@@ -63,6 +63,8 @@ class Setup:
     new_key: Ed25519PrivateKey
     reloader: Reloader
     port: int
+    #: The CONNECT listener's (TLS, since the broker requires client certificates).
+    connect_port: int
 
     @property
     def url(self) -> str:
@@ -113,7 +115,7 @@ async def setup(tmp_path: Path) -> AsyncIterator[Setup]:
     config_path = tmp_path / "broker.toml"
     config_path.write_text(
         '[broker]\nnode = "hv1"\nstate_dir = "state"\n'
-        f'[listen]\nhost = "127.0.0.1"\nport = {free_port()}\n'
+        f'[listen]\nhost = "127.0.0.1"\nport = {free_port()}\nconnect_port = {free_port()}\n'
         "[http]\nallow_missing_origin = true\n"
         '[tokens]\ntrust_local_key = false\npublic_keys = ["issuer.pub.pem"]\n'
         '[tls]\ncert = "live/server-cert.pem"\nkey = "live/server-key.pem"\n'
@@ -129,7 +131,7 @@ async def setup(tmp_path: Path) -> AsyncIterator[Setup]:
         reloader = Reloader(config, config_path, (), verifier, tls,
                             running.broker.metrics.registry, material)
         yield Setup(tmp_path, config_path, live, first, second, key, new_key, reloader,
-                    running.port)
+                    running.port, running.broker.connect_addresses[0][1])
 
 
 def reloads(setup: Setup, result: str) -> float | None:
@@ -141,6 +143,7 @@ async def test_a_session_goes_on_while_new_connections_get_the_new_certificate(
 ) -> None:
     first, second = setup.first, setup.second
     assert await shown_certificate(setup.port, first) == certificate(first["server"])
+    assert await shown_certificate(setup.connect_port, first) == certificate(first["server"])
     async with connect(setup.url + setup.issue(), ssl=setup.trusting(first)) as before:
         assert await before.recv() == BANNER
         install(second, setup.live)
@@ -149,9 +152,12 @@ async def test_a_session_goes_on_while_new_connections_get_the_new_certificate(
         # The session made with the first certificate goes on.
         await before.send(b"still here")
         assert await before.recv() == b"still here"
-        # A new connection is shown the second certificate, and its client certificate
-        # must now be the second CA's.
+        # A new connection is shown the second certificate, on both listeners, and its
+        # client certificate must now be the second CA's.
         assert await shown_certificate(setup.port, second) == certificate(second["server"])
+        assert await shown_certificate(setup.connect_port, second) == certificate(
+            second["server"]
+        )
         with pytest.raises(ssl.SSLCertVerificationError):
             async with connect(setup.url + setup.issue(), ssl=setup.trusting(first)):
                 pass
@@ -244,7 +250,8 @@ async def test_new_token_keys_verify_after_the_reload(setup: Setup) -> None:
 
 async def test_settings_a_reload_cannot_change_are_named_and_kept(setup: Setup) -> None:
     text = setup.config_path.read_text()
-    text = re.sub(r"port = \d+", "port = 7001\nconnect_port = 7002", text)
+    text = re.sub(r"(?m)^port = \d+", "port = 7001", text)
+    text = re.sub(r"(?m)^connect_port = \d+", "connect_port = 7002", text)
     text = text.replace('client_ca = "live/ca-cert.pem"\n', "")  # client certificates off
     setup.config_path.write_text(text + "[limits]\nmax_sessions = 5\n")
     with capture_logs() as logs:
