@@ -479,7 +479,8 @@ class Supervisor:
                 self._reap()
                 self._read_reports()
         finally:
-            signal.pthread_sigmask(signal.SIG_UNBLOCK, watched)
+            # SIGHUP stays blocked: a late reload must not end the process as it exits.
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, watched - {signal.SIGHUP})
         _log.info("broker.workers_stopped")
         return 1 if self._failed else 0
 

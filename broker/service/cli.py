@@ -15,7 +15,7 @@ import resource
 import signal
 import ssl
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeAlias
 
@@ -178,26 +178,42 @@ async def _on_signals(
     broker: Broker, group: anyio.abc.TaskGroup, echo: float, reloader: Reloader | None,
     lifecycle: Lifecycle,
 ) -> None:
-    with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
-        # SIGHUP was blocked from the start (serve, a forked worker): one sent meanwhile
-        # arrives now, to this receiver, instead of ending the process.
-        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGHUP})
-        first = 0.0
-        async for signum in signals:
-            if signum == signal.SIGHUP:
-                # A reload, never a stop; none once the broker is stopping.
-                if reloader is not None and not first:
-                    group.start_soon(_reload, reloader, lifecycle)
-                continue
-            if not first:
-                first = time.monotonic()
-                lifecycle.stopping()
-                _log.info("broker.signal", signal=signal.Signals(signum).name,
-                          grace=broker.config.limits.shutdown_grace)
-                broker.shutdown()
-            elif time.monotonic() - first >= echo:
-                _log.warning("broker.signal_again", signal=signal.Signals(signum).name)
-                group.cancel_scope.cancel()
+    try:
+        with anyio.open_signal_receiver(
+            signal.SIGTERM, signal.SIGINT, signal.SIGHUP
+        ) as signals:
+            # SIGHUP was blocked from the start (serve, a forked worker): one sent
+            # meanwhile arrives now, to this receiver, instead of ending the process.
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGHUP})
+            await _handle_signals(broker, group, echo, reloader, lifecycle, signals)
+    finally:
+        # Blocked again before the receiver's handler goes: a late SIGHUP must not end
+        # the process while it finishes.
+        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGHUP})
+
+
+async def _handle_signals(
+    broker: Broker, group: anyio.abc.TaskGroup, echo: float, reloader: Reloader | None,
+    lifecycle: Lifecycle, signals: AsyncIterator[int],
+) -> None:
+    """SIGHUP reloads (never a stop); the first SIGTERM or SIGINT begins the shutdown, a
+    second (not an echo of the first) cuts its grace short."""
+    first = 0.0
+    async for signum in signals:
+        if signum == signal.SIGHUP:
+            # A reload, never a stop; none once the broker is stopping.
+            if reloader is not None and not first:
+                group.start_soon(_reload, reloader, lifecycle)
+            continue
+        if not first:
+            first = time.monotonic()
+            lifecycle.stopping()
+            _log.info("broker.signal", signal=signal.Signals(signum).name,
+                      grace=broker.config.limits.shutdown_grace)
+            broker.shutdown()
+        elif time.monotonic() - first >= echo:
+            _log.warning("broker.signal_again", signal=signal.Signals(signum).name)
+            group.cancel_scope.cancel()
 
 
 async def run_until_signalled(
