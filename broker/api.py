@@ -24,7 +24,9 @@ Hooks, protocols and plugins
 
 Domain XML (``Protocol.xml_edit``, ``XMLEdit.xml_edit``)
     :class:`EditOptions` (what was asked for, the edit's own :class:`XMLOption` values
-    included) in; :class:`ConsoleEdit` made of :class:`Slot` (with :class:`Compare`)
+    included; its ``platform``, a :class:`Platform`, is the guest's architecture and
+    machine type, with libvirt's :class:`DomainCapabilities` when a live connection gave
+    them) in; :class:`ConsoleEdit` made of :class:`Slot` (with :class:`Compare`)
     and :class:`DeviceRef` out, or :class:`EditError` for options it cannot serve.
     :func:`load_fragment` reads an XML fragment shipped as package data with the safe
     parser; :func:`graphics_for_mode` changes how a ``<graphics>`` listens and keeps
@@ -183,8 +185,10 @@ if TYPE_CHECKING:
         ConsoleEdit,
         ConsoleRecord,
         DeviceRef,
+        DomainCapabilities,
         EditError,
         EditOptions,
+        Platform,
         Slot,
         graphics_for_mode,
         load_fragment,
@@ -213,6 +217,8 @@ _SOURCES: dict[str, str] = {
     "Slot": "broker.xml",
     "Compare": "broker.xml",
     "DeviceRef": "broker.xml",
+    "Platform": "broker.xml",
+    "DomainCapabilities": "broker.xml",
     "ConsoleRecord": "broker.xml",
     "load_fragment": "broker.xml",
     "graphics_for_mode": "broker.xml",
@@ -315,6 +321,7 @@ __all__ = [
     "ConsoleRecord",
     "ConsoleTLS",
     "DeviceRef",
+    "DomainCapabilities",
     "EditError",
     "EditOptions",
     "Endpoint",
@@ -327,6 +334,7 @@ __all__ = [
     "OpenOption",
     "Page",
     "PartFile",
+    "Platform",
     "PluginContext",
     "PluginError",
     "PluginManager",

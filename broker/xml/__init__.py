@@ -46,6 +46,13 @@ if TYPE_CHECKING:
         Slot,
     )
     from broker.xml._ops import Outcome, check_schema, disable_xml, enable_xml
+    from broker.xml._platform import (
+        CapabilitiesSource,
+        DomainCapabilities,
+        Platform,
+        connection_capabilities,
+        libvirt_capabilities,
+    )
     from broker.xml._plugins import console_edit, plugin_edits
     from broker.xml._schema import DOMAIN_SCHEMA, domain_schema, schema_errors
     from broker.xml._source import MAX_BYTES, Document, parse_document
@@ -81,6 +88,11 @@ _SOURCES: dict[str, str] = {
     "check_schema": "broker.xml._ops",
     "disable_xml": "broker.xml._ops",
     "enable_xml": "broker.xml._ops",
+    "CapabilitiesSource": "broker.xml._platform",
+    "DomainCapabilities": "broker.xml._platform",
+    "Platform": "broker.xml._platform",
+    "connection_capabilities": "broker.xml._platform",
+    "libvirt_capabilities": "broker.xml._platform",
     "console_edit": "broker.xml._plugins",
     "plugin_edits": "broker.xml._plugins",
     "DOMAIN_SCHEMA": "broker.xml._schema",
@@ -101,11 +113,13 @@ __all__ = [
     "MODES",
     "NAMESPACE",
     "PREFIX",
+    "CapabilitiesSource",
     "Compare",
     "ConsoleEdit",
     "ConsoleRecord",
     "DeviceRef",
     "Document",
+    "DomainCapabilities",
     "EditError",
     "EditOptions",
     "EditResult",
@@ -113,12 +127,14 @@ __all__ = [
     "InputError",
     "MetadataError",
     "Outcome",
+    "Platform",
     "SchemaError",
     "Slot",
     "UnsafeXmlError",
     "XMLOption",
     "XmlError",
     "check_schema",
+    "connection_capabilities",
     "console_edit",
     "disable",
     "disable_xml",
@@ -126,6 +142,7 @@ __all__ = [
     "enable",
     "enable_xml",
     "graphics_for_mode",
+    "libvirt_capabilities",
     "load_fragment",
     "parse_document",
     "plugin_edits",

@@ -43,6 +43,7 @@ from broker.xml._metadata import (
     words,
 )
 from broker.xml._model import Compare, ConsoleEdit, DeviceRef, EditOptions, EditSource, Slot
+from broker.xml._platform import CapabilitiesSource, Platform
 from broker.xml._source import Document
 
 _RECORD_ORDER = (q("setting"), q("slot"))
@@ -414,9 +415,14 @@ def enable(
     *,
     edits: EditSource,
     hardware: bool = True,
+    capabilities: CapabilitiesSource | None = None,
 ) -> EditResult:
     """Provision the consoles *protocols* on *doc* (in place), with the edits *edits*
     gives for them (:func:`broker.xml.plugin_edits`: the loaded plugins').
+
+    The plugins get the domain's :class:`~broker.xml.Platform` in ``options.platform``
+    (its ``<os><type arch machine>``), with what *capabilities* reports for it (a live
+    libvirt's domain capabilities) when given.
 
     With ``hardware=False`` (the libvirt hook) only slots that change no
     guest-visible hardware and already have elements in place are applied.
@@ -424,6 +430,12 @@ def enable(
     wanted = _unique(protocols)
     if not wanted:
         raise EditError("no console protocol given")
+    platform = Platform.of_domain(doc.root)
+    if capabilities is not None:
+        platform = attrs.evolve(platform, capabilities=capabilities(platform))
+    elif options.platform.capabilities is not None:
+        platform = attrs.evolve(platform, capabilities=options.platform.capabilities)
+    options = attrs.evolve(options, platform=platform)
     wanted_edits = {protocol: edits(protocol, options) for protocol in wanted}
     editor = _Editor(doc)
     _check_disjoint(editor.devices(), wanted_edits)

@@ -22,6 +22,7 @@ from lxml import etree
 
 from broker.hookspecs import XMLOption
 from broker.xml._constants import DEFAULT_LISTEN, DEFAULT_MODE, MODES
+from broker.xml._platform import Platform
 
 _NAME = re.compile(r"[a-z0-9][a-z0-9-]*\Z")
 _PARAM = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*\Z")
@@ -89,6 +90,10 @@ class EditOptions:
     params: Mapping[str, str] = attrs.field(
         factory=dict, converter=_frozen_mapping, validator=_check_params, hash=False
     )
+    #: The guest's architecture and machine type (and libvirt's domain capabilities when
+    #: a live connection gave them): the editor fills it in from the domain's ``<os>``
+    #: before it asks the plugins, so a plugin chooses devices that exist there.
+    platform: Platform = attrs.field(factory=Platform)
 
     @property
     def listen_address(self) -> str:
@@ -101,7 +106,9 @@ class EditOptions:
         raw = self.params.get(option.name)
         return option.default if raw is None else option.parse(raw)
 
-
+    def given(self, option: XMLOption) -> bool:
+        """Whether *option* was asked for explicitly (rather than left at its default)."""
+        return option.name in self.params
 
 
 class Compare(enum.Enum):

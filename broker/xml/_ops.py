@@ -10,6 +10,7 @@ import attrs
 from broker.xml._editor import EditResult, disable, enable
 from broker.xml._errors import SchemaError
 from broker.xml._model import EditOptions, EditSource
+from broker.xml._platform import CapabilitiesSource
 from broker.xml._schema import DOMAIN_SCHEMA, domain_schema, schema_errors
 from broker.xml._source import Document, parse_document
 
@@ -60,10 +61,13 @@ def enable_xml(
     edits: EditSource,
     validate: bool = True,
     hardware: bool = True,
+    capabilities: CapabilitiesSource | None = None,
 ) -> Outcome:
     """Parse *data*, enable *consoles*, validate, write back (see :func:`broker.xml.enable`)."""
     doc = parse_document(data)
-    result = enable(doc, consoles, options, edits=edits, hardware=hardware)
+    result = enable(
+        doc, consoles, options, edits=edits, hardware=hardware, capabilities=capabilities
+    )
     return _finish(doc, data, result, validate)
 
 

@@ -5,6 +5,13 @@ The broker reads and writes the serial console through libvirt
 serial ports are always kept. When none is a pty (and no virtio console is
 one), a pty serial port is added on the next free port. When serial port 0
 is a pty, the first console mirrors it, as libvirt itself would arrange.
+
+The guest's platform (``options.platform``) decides the serial port: on a machine the
+core knows other than x86, the new port names the target type libvirt gives it there
+(``system-serial``, a PL011, on aarch64 virt; ``sclp-serial`` on s390x, port 1 being
+the ``sclplmconsole``; ``spapr-vio-serial`` on ppc64 pseries). Where the machine has
+no free serial port left (aarch64 virt has one UART), a virtio console on a pty is
+added instead. A platform with neither is refused.
 """
 
 from __future__ import annotations
@@ -14,7 +21,16 @@ from collections.abc import Sequence
 
 from lxml import etree
 
-from broker.api import Compare, ConsoleEdit, DeviceRef, EditOptions, Slot, load_fragment
+from broker.api import (
+    Compare,
+    ConsoleEdit,
+    DeviceRef,
+    EditError,
+    EditOptions,
+    Platform,
+    Slot,
+    load_fragment,
+)
 
 TEMPLATES = "broker_xml_templates"
 
@@ -45,46 +61,87 @@ def _reachable(serials: Sequence[etree._Element], devices: etree._Element) -> bo
     return False
 
 
-def _serials(current: Sequence[etree._Element], devices: etree._Element) -> list[etree._Element]:
-    if _reachable(current, devices):
-        return list(current)
+def _next_port(serials: Sequence[etree._Element]) -> int:
+    return max((_port(s) for s in serials), default=-1) + 1
+
+
+def _port_free(platform: Platform, serials: Sequence[etree._Element]) -> bool:
+    """Whether the machine has a serial port left for a new one."""
+    limit = platform.serial_ports
+    return limit is None or _next_port(serials) < limit
+
+
+def _virtio_console(platform: Platform) -> bool:
+    targets = platform.console_target_types
+    return targets is None or "virtio" in targets
+
+
+def _new_serial(platform: Platform, port: int) -> etree._Element:
     serial = load_fragment(TEMPLATES, "serial/serial.xml")
     target = serial.find("target")
     assert target is not None
-    target.set("port", str(max((_port(s) for s in current), default=-1) + 1))
-    return [*current, serial]
-
-
-def _consoles(current: Sequence[etree._Element], devices: etree._Element) -> list[etree._Element]:
-    """libvirt's own rule: the first console mirrors a pty serial port 0.
-
-    libvirt adds that console itself when it is missing; adding it here keeps
-    the edit's output what libvirt stores, and lets ``disable`` take it away.
-    """
-    serial0 = next((s for s in devices.iterchildren("serial") if _port(s) == 0), None)
-    if serial0 is None or serial0.get("type") != "pty" or any(_is_mirror(c) for c in current):
-        return list(current)
-    # The mirror must come first: the others move behind it (as copies).
-    return [load_fragment(TEMPLATES, "serial/console.xml"), *(copy.deepcopy(c) for c in current)]
+    target.set("port", str(port))
+    target_type = platform.serial_target_type
+    if target_type is not None and platform.family != "x86":
+        # libvirt's own default there, written out (x86 keeps the template: isa-serial).
+        target.attrib.clear()
+        target.set("type", target_type)
+        target.set("port", str(port))
+        if target_type == "sclp-serial" and port == 1:
+            etree.SubElement(target, "model").set("name", "sclplmconsole")
+    return serial
 
 
 def xml_edit(options: EditOptions) -> ConsoleEdit:
     """A pty serial port and, where libvirt would add one, its console."""
-    del options  # serial consoles have no modes: the broker always uses a libvirt stream
+    # serial consoles have no modes: the broker always uses a libvirt stream
+    platform = options.platform
+
+    def serials(
+        current: Sequence[etree._Element], devices: etree._Element
+    ) -> list[etree._Element]:
+        if _reachable(current, devices) or not _port_free(platform, current):
+            return list(current)
+        return [*current, _new_serial(platform, _next_port(current))]
+
+    def consoles(
+        current: Sequence[etree._Element], devices: etree._Element
+    ) -> list[etree._Element]:
+        """libvirt's own rule: the first console mirrors a pty serial port 0.
+
+        libvirt adds that console itself when it is missing; adding it here keeps
+        the edit's output what libvirt stores, and lets ``disable`` take it away.
+        Where no serial port could be added, a virtio console on a pty is.
+        """
+        present = list(devices.iterchildren("serial"))
+        if not _reachable(present, devices):
+            if not _virtio_console(platform):
+                raise EditError(
+                    f"serial: {platform.describe()} has no serial port left and no virtio "
+                    "console, so no console the broker can open"
+                )
+            return [*current, load_fragment(TEMPLATES, "serial/virtio-console.xml")]
+        serial0 = next((s for s in present if _port(s) == 0), None)
+        if serial0 is None or serial0.get("type") != "pty" or any(_is_mirror(c) for c in current):
+            return list(current)
+        # The mirror must come first: the others move behind it (as copies).
+        mirror = load_fragment(TEMPLATES, "serial/console.xml")
+        return [mirror, *(copy.deepcopy(c) for c in current)]
+
     return ConsoleEdit(
         mode="stream",
         slots=[
             Slot(
                 name="serial",
                 select="serial",
-                build=_serials,
+                build=serials,
                 compare=Compare.COVERS,
                 guest_visible=True,
             ),
             Slot(
                 name="console",
                 select="console",
-                build=_consoles,
+                build=consoles,
                 compare=Compare.COVERS,
                 guest_visible=True,
             ),

@@ -1,9 +1,16 @@
 """The SPICE plugin's domain XML edit.
 
 Slots: the ``<graphics type='spice'>`` display; the agent channel (clipboard,
-resize); USB redirection channels; a QXL video card when the domain has no
+resize); USB redirection channels; a video card when the domain has no
 video at all. QEMU's SPICE server has no WebSocket, so the ``websocket`` mode
 provisions (and records) ``tcp``: a broker on another host reaches it there.
+
+What the guest's platform (``options.platform``) has decides the companions: the
+video card is QXL (SPICE's own, with its guest driver's 2D acceleration) where the
+machine has QXL (x86), else virtio-gpu, else the machine's default model; USB
+redirection channels go only on a domain with a USB bus (a USB controller, or a machine
+that has one by default); the agent channel only where spicevmc channels exist. A
+platform that has no SPICE display, or no video device at all, is refused.
 """
 
 from __future__ import annotations
@@ -18,6 +25,7 @@ from broker.api import (
     DeviceRef,
     EditError,
     EditOptions,
+    Platform,
     Slot,
     graphics_for_mode,
     load_fragment,
@@ -36,6 +44,40 @@ def _usb_disabled(devices: etree._Element) -> bool:
     )
 
 
+def _usb(platform: Platform, devices: etree._Element) -> bool:
+    """Whether USB redirection channels can go on this domain."""
+    has = platform.has_usb(devices)
+    if has is None:  # a platform the core knows nothing about: as before
+        return not _usb_disabled(devices)
+    return has
+
+
+def video_model(platform: Platform) -> str | None:
+    """The video model for a domain without video: QXL where it exists (and where the
+    platform is unknown, as on x86), else virtio-gpu, else the machine's default."""
+    qxl = platform.supports_video("qxl")
+    if qxl or (qxl is None and platform.family in (None, "x86")):
+        return "qxl"
+    for model in ("virtio", platform.default_video_model):
+        if model is not None and platform.supports_video(model) is not False:
+            return model
+    return None
+
+
+def _refuse(platform: Platform) -> None:
+    """Refuse a platform where a SPICE display cannot exist."""
+    where = platform.describe()
+    if platform.supports_graphics("spice") is False:
+        source = (
+            f"libvirt's domain capabilities of {platform.capabilities.emulator or 'its QEMU'}"
+            if platform.capabilities is not None
+            else "this platform"
+        )
+        raise EditError(f"spice: {source} offer no SPICE display on {where}")
+    if platform.has_display is False or video_model(platform) is None:
+        raise EditError(f"spice: {where} has no video device, so no display for SPICE to show")
+
+
 def xml_edit(options: EditOptions) -> ConsoleEdit:
     """The SPICE display and its companions, as ``options`` ask."""
     mode = "tcp" if options.mode == "websocket" else options.mode
@@ -43,6 +85,16 @@ def xml_edit(options: EditOptions) -> ConsoleEdit:
     assert isinstance(tls, bool) and isinstance(wanted_usbredir, int)
     if tls and mode == "fd":
         raise EditError("spice.tls: TLS needs a listening port: use the tcp or websocket mode")
+    platform = options.platform
+    _refuse(platform)
+    notes = []
+    no_usb = platform.redirdev_buses is not None and "usb" not in platform.redirdev_buses
+    if no_usb and wanted_usbredir:
+        why = f"{platform.describe()} has no USB, so no USB redirection"
+        if options.given(USBREDIR):
+            raise EditError(f"spice.usbredir: {why}: ask for 0 channels or leave the option out")
+        notes.append(f"spice: {why}")
+    agent_exists = platform.channel_types is None or "spicevmc" in platform.channel_types
 
     def graphics(
         current: Sequence[etree._Element], _devices: etree._Element
@@ -62,20 +114,27 @@ def xml_edit(options: EditOptions) -> ConsoleEdit:
         return [el, *current[1:]]
 
     def agent(current: Sequence[etree._Element], _devices: etree._Element) -> list[etree._Element]:
-        return list(current) if current else [load_fragment(TEMPLATES, "spice/agent.xml")]
+        if current or not agent_exists:
+            return list(current)
+        return [load_fragment(TEMPLATES, "spice/agent.xml")]
 
     def usbredir(
         current: Sequence[etree._Element], devices: etree._Element
     ) -> list[etree._Element]:
-        if _usb_disabled(devices):
+        if not _usb(platform, devices):
             return list(current)
         missing = max(0, wanted_usbredir - len(current))
         return [*current, *(load_fragment(TEMPLATES, "spice/usbredir.xml") for _ in range(missing))]
 
     def video(current: Sequence[etree._Element], _devices: etree._Element) -> list[etree._Element]:
-        return list(current) if current else [load_fragment(TEMPLATES, "spice/video.xml")]
+        if current:
+            return list(current)
+        el = load_fragment(TEMPLATES, "spice/video.xml")
+        model = el.find("model")
+        assert model is not None
+        model.set("type", video_model(platform) or "qxl")
+        return [el]
 
-    notes = []
     if options.mode == "websocket":
         notes.append(
             "spice: QEMU's SPICE server has no WebSocket; provisioned (and recorded) as tcp"
