@@ -11,6 +11,11 @@ with the prompt :data:`PROMPT` on the serial console (``ttyS0``) and another on
 the VGA console (``tty1``), so keystrokes sent over VNC or SPICE can be proven
 by a command that writes to the serial port.
 
+The same guest exists for aarch64 (``guest_xml(..., arch="aarch64")``): QEMU's ``virt``
+machine under TCG, Debian's arm64 kernel and busybox (``scripts/setup-host`` fetches
+them), its serial console on the PL011 (``ttyAMA0``) and its screen on virtio-gpu, whose
+kernel modules the initramfs loads so that the framebuffer console shows ``tty1``.
+
 It is a distribution of its own (``console-broker-testbed``, in ``testbed/`` of the
 repository), not part of the broker: ``scripts/setup-host`` installs it into ``.venv``
 and tox into its ``py`` environment. Run ``python -m console_broker_testbed --help``
@@ -54,21 +59,40 @@ _LIBVIRTD_PID = Path("/run/libvirtd.pid")
 _VIRTLOGD_SOCK = Path("/run/libvirt/virtlogd-sock")
 _LOG_DIR = Path("/var/log/libvirt")
 _BUSYBOX = Path("/bin/busybox")
+#: The architectures the tiny guest exists for (libvirt's ``<type arch>``).
+ARCHES = ("x86_64", "aarch64")
+#: Where the aarch64 guest's files are, under the test bed directory: ``vmlinuz`` (an
+#: arm64 Image), ``busybox`` (static, arm64), ``modules/`` and ``modules.load`` (the
+#: kernel modules the guest loads, in that order), put there by scripts/setup-host.
+ARM64_SUBDIR = "arm64"
+#: The emulator libvirt runs an aarch64 domain with (Debian's qemu-system-arm).
+AARCH64_EMULATOR = "qemu-system-aarch64"
+#: The guest's serial console device per architecture: the 16550 UART of the PC, the
+#: PL011 of QEMU's ``virt`` machine.
+SERIAL_TTY = {"x86_64": "ttyS0", "aarch64": "ttyAMA0"}
 
-_INIT = f"""#!/bin/busybox sh
+
+def init_script(serial_tty: str = "ttyS0", modules: Sequence[str] = ()) -> str:
+    """The guest's ``/init``: its serial console on /dev/*serial_tty*; *modules* (file
+    names in ``/lib/modules``) loaded in this order before anything is printed."""
+    load = "".join(f"insmod /lib/modules/{name}\n" for name in modules)
+    return f"""#!/bin/busybox sh
 /bin/busybox --install -s /bin
 export PATH=/bin
 mount -t devtmpfs devtmpfs /dev
 mount -t proc proc /proc
 mount -t sysfs sysfs /sys
-hostname guest
-echo "{READY_LINE}" >/dev/ttyS0
+{load}hostname guest
+echo "{READY_LINE}" >/dev/{serial_tty}
 echo "{READY_LINE}" >/dev/tty1
 # A shell on the VGA console, so keys typed over VNC or SPICE reach a shell.
 (while :; do setsid sh -c 'exec sh -l <>/dev/tty1 >&0 2>&1'; sleep 1; done) &
 # The serial console's shell, started again whenever it exits.
-while :; do setsid sh -c 'exec sh -l <>/dev/ttyS0 >&0 2>&1'; sleep 1; done
+while :; do setsid sh -c 'exec sh -l <>/dev/{serial_tty} >&0 2>&1'; sleep 1; done
 """
+
+
+_INIT = init_script()
 
 _PROFILE = f"""export PATH=/bin
 export PS1='{PROMPT}'
@@ -188,16 +212,20 @@ def _cpio_entry(name: str, mode: int, data: bytes = b"", rdev: tuple[int, int] =
     return out
 
 
-def initramfs_bytes(busybox: bytes) -> bytes:
-    """The tiny guest's initramfs: busybox, /init, /etc/profile and /dev/console."""
-    entries = [
-        _cpio_entry(directory, 0o040755)
-        for directory in ("bin", "dev", "etc", "proc", "sys", "tmp", "root")
-    ]
+def initramfs_bytes(
+    busybox: bytes, *, init: str = _INIT, modules: Sequence[tuple[str, bytes]] = ()
+) -> bytes:
+    """The tiny guest's initramfs: busybox, /init (*init*), /etc/profile and
+    /dev/console; *modules* (name, content) in /lib/modules."""
+    directories = ["bin", "dev", "etc", "proc", "sys", "tmp", "root"]
+    if modules:
+        directories += ["lib", "lib/modules"]
+    entries = [_cpio_entry(directory, 0o040755) for directory in directories]
     entries.append(_cpio_entry("dev/console", 0o020600, rdev=(5, 1)))
     entries.append(_cpio_entry("bin/busybox", 0o100755, busybox))
     entries.append(_cpio_entry("bin/sh", 0o120777, b"busybox"))
-    entries.append(_cpio_entry("init", 0o100755, _INIT.encode()))
+    entries.append(_cpio_entry("init", 0o100755, init.encode()))
+    entries += [_cpio_entry(f"lib/modules/{name}", 0o100644, data) for name, data in modules]
     entries.append(_cpio_entry("etc/profile", 0o100644, _PROFILE.encode()))
     entries.append(_cpio_entry("TRAILER!!!", 0))
     archive = b"".join(entries)
@@ -230,6 +258,38 @@ def kernel_path(directory: Path = DEFAULT_DIR) -> Path:
     return path
 
 
+def aarch64_files(directory: Path = DEFAULT_DIR) -> tuple[Path, Path]:
+    """The aarch64 guest's kernel and initramfs (built into *directory* once per
+    content, like the x86 one, from the files of :data:`ARM64_SUBDIR`): busybox, /init
+    with its serial console on ``ttyAMA0``, and the kernel modules of ``modules.load``,
+    which /init loads in that order (virtio-gpu's, so that the framebuffer console draws
+    ``tty1`` on the screen)."""
+    files = directory / ARM64_SUBDIR
+    needed = [files / "vmlinuz", files / "busybox", files / "modules.load"]
+    missing = [str(path) for path in needed if not path.is_file()]
+    if missing:
+        raise TestbedError(
+            f"the aarch64 guest's files are missing ({', '.join(missing)}): "
+            "run scripts/setup-host as root"
+        )
+    names = (files / "modules.load").read_text().split()
+    try:
+        modules = [(name, (files / "modules" / name).read_bytes()) for name in names]
+    except FileNotFoundError as exc:
+        raise TestbedError(f"{exc.filename} is missing: run scripts/setup-host as root") from None
+    busybox = (files / "busybox").read_bytes()
+    init = init_script(SERIAL_TTY["aarch64"], names)
+    content = hashlib.sha256(busybox + init.encode() + _PROFILE.encode())
+    for name, data in modules:
+        content.update(name.encode() + b"\0" + data)
+    path = directory / f"initramfs-aarch64-{content.hexdigest()[:16]}.cpio.gz"
+    if not path.exists():
+        tmp = path.with_suffix(f".tmp{os.getpid()}")
+        tmp.write_bytes(initramfs_bytes(busybox, init=init, modules=modules))
+        tmp.replace(path)
+    return files / "vmlinuz", path
+
+
 def guest_xml(
     name: str,
     *,
@@ -238,31 +298,52 @@ def guest_xml(
     serial: bool = True,
     devices: str = "",
     domain_uuid: str | None = None,
-    memory_mib: int = 128,
+    memory_mib: int | None = None,
+    arch: str = "x86_64",
 ) -> str:
-    """The tiny guest's domain XML.
+    """The tiny guest's domain XML for *arch* (one of :data:`ARCHES`).
 
     *serial* adds a pty serial port and its console; *devices* is extra XML
     placed inside ``<devices>`` (graphics, video, ...).
+
+    x86_64: the ``pc`` machine, 128 MiB, no display (the tests or ``xml enable`` add
+    one). aarch64: as virt-install writes one, less its UEFI firmware (the kernel boots
+    directly): the ``virt`` machine, a Cortex-A57 (which TCG emulates), 256 MiB, a
+    virtio-gpu display, a qemu-xhci USB controller with a keyboard and a tablet.
     """
+    if arch not in ARCHES:
+        raise ValueError(f"no tiny guest for the architecture {arch!r} (one of {ARCHES})")
     serial_xml = (
         "    <serial type='pty'><target port='0'/></serial>\n"
         "    <console type='pty'><target type='serial' port='0'/></console>\n"
         if serial
         else ""
     )
+    if arch == "aarch64":
+        machine = "virt"
+        cpu = "  <cpu mode='custom' match='exact'><model>cortex-a57</model></cpu>\n"
+        memory_mib = memory_mib or 256
+        devices = (
+            "    <controller type='usb' model='qemu-xhci' ports='15'/>\n"
+            "    <input type='keyboard' bus='usb'/>\n"
+            "    <input type='tablet' bus='usb'/>\n"
+            "    <video><model type='virtio'/></video>\n"
+        ) + devices
+    else:
+        machine, cpu = "pc", ""
+        memory_mib = memory_mib or 128
     return f"""<domain type='qemu'>
   <name>{escape(name)}</name>
   <uuid>{domain_uuid or uuid.uuid4()}</uuid>
   <memory unit='MiB'>{memory_mib}</memory>
   <vcpu>1</vcpu>
   <os>
-    <type arch='x86_64' machine='pc'>hvm</type>
+    <type arch='{arch}' machine='{machine}'>hvm</type>
     <kernel>{escape(str(kernel))}</kernel>
     <initrd>{escape(str(initrd))}</initrd>
-    <cmdline>console=tty0 console=ttyS0 quiet panic=-1</cmdline>
+    <cmdline>console=tty0 console={SERIAL_TTY[arch]} quiet panic=-1</cmdline>
   </os>
-  <on_poweroff>destroy</on_poweroff>
+{cpu}  <on_poweroff>destroy</on_poweroff>
   <on_reboot>destroy</on_reboot>
   <on_crash>destroy</on_crash>
   <devices>
@@ -421,10 +502,23 @@ class Testbed:
         self._count += 1
         return f"{self.prefix}-{label}-{self._count}"
 
-    def guest_xml(self, name: str | None = None, **kwargs: Any) -> str:
+    def guest_xml(self, name: str | None = None, *, arch: str = "x86_64", **kwargs: Any) -> str:
+        """The tiny guest's XML (:func:`guest_xml`) for *arch*, with this test bed's
+        files (:meth:`aarch64_files` for aarch64)."""
+        kernel, initrd = (self.kernel, self.initrd) if arch != "aarch64" else self.aarch64_files()
         return guest_xml(
-            name or self.unique_name(), kernel=self.kernel, initrd=self.initrd, **kwargs
+            name or self.unique_name(), kernel=kernel, initrd=initrd, arch=arch, **kwargs
         )
+
+    def aarch64_files(self) -> tuple[Path, Path]:
+        """The aarch64 guest's kernel and initramfs (:func:`aarch64_files`); a
+        :class:`TestbedError` when its emulator or its files are missing."""
+        if not any(Path(d, AARCH64_EMULATOR).exists() for d in ("/usr/bin", "/usr/local/bin")):
+            raise TestbedError(
+                f"{AARCH64_EMULATOR} is not installed (Debian's qemu-system-arm): "
+                "run scripts/setup-host as root"
+            )
+        return aarch64_files(self.directory)
 
     def define(self, xml: str) -> Any:
         """Define a domain from *xml*; it is removed by :meth:`cleanup`."""
@@ -531,6 +625,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         "--no-serial", action="store_true", help="define the guest without a serial port"
     )
     up.add_argument("--no-start", action="store_true", help="define only; do not start")
+    up.add_argument(
+        "--arch", choices=ARCHES, default="x86_64",
+        help="the guest's architecture (default x86_64; aarch64 runs the virt machine "
+        "under TCG and boots more slowly)",
+    )
     down = sub.add_parser("down", help="stop and undefine a guest made with 'up'")
     down.add_argument("name")
     args = parser.parse_args(argv)
@@ -542,7 +641,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     with suppress(libvirt.libvirtError):
         bed.remove(bed.conn.lookupByName(args.name))
     if args.command == "up":
-        dom = bed.conn.defineXML(bed.guest_xml(args.name, serial=not args.no_serial))
+        try:
+            xml = bed.guest_xml(args.name, serial=not args.no_serial, arch=args.arch)
+        except TestbedError as exc:
+            print(f"testbed: {exc}", file=sys.stderr)
+            return 1
+        dom = bed.conn.defineXML(xml)
         if not args.no_start:
             dom.create()
         print(

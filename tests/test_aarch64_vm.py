@@ -1,0 +1,185 @@
+"""The tiny guest on aarch64, on the real stack: QEMU's ``virt`` machine under TCG.
+
+An aarch64 domain as virt-install writes one (less its UEFI firmware: the arm64 kernel
+boots directly; see docs/testbed.md) gets every console the architecture has through
+``console-broker enable`` on the live libvirt, is defined and started. Through a served
+broker its serial console (the PL011, ``ttyAMA0``) answers, and its VNC page in headless
+Chromium shows the guest's screen: virtio-gpu's framebuffer, whose console (``tty1``)
+shows the text the guest writes there.
+
+The emulator comes from Debian's qemu-system-arm (``scripts/setup-host``): without it
+these tests are skipped on a developer machine, and fail when ``CI`` is set.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import libvirt
+import pagekit
+import pytest
+from console_broker_testbed import AARCH64_EMULATOR, Testbed
+from lxml import etree
+from servedbroker import CLI, ServedBroker, serial_answers
+from websockets.sync.client import ClientConnection
+
+pytestmark = pytest.mark.vm
+
+#: Every console protocol an aarch64 ``virt`` domain can have.
+CONSOLES = ("vnc", "spice", "serial")
+#: The noVNC canvas's pixels that are not black (-1: no canvas yet).
+VNC_INK = """
+const canvas = document.querySelector('#screen canvas');
+if (!canvas || !canvas.width) { return -1; }
+const data = canvas.getContext('2d').getImageData(0, 0, canvas.width, canvas.height).data;
+let ink = 0;
+for (let i = 0; i < data.length; i += 4) {
+    if (data[i] > 40 || data[i + 1] > 40 || data[i + 2] > 40) { ink++; }
+}
+return ink;
+"""
+#: A block of text the guest writes on its screen's console: ROWS lines of COLUMNS '#'.
+ROWS, COLUMNS = 20, 60
+
+
+@pytest.fixture(scope="module")
+def emulator() -> str:
+    """qemu-system-aarch64 (Debian's qemu-system-arm): missing, the module is skipped on a
+    developer machine and fails when ``CI`` is set."""
+    found = shutil.which(AARCH64_EMULATOR)
+    if found is None:
+        why = f"{AARCH64_EMULATOR} is not installed (scripts/setup-host installs qemu-system-arm)"
+        if os.environ.get("CI"):
+            pytest.fail(f"{AARCH64_EMULATOR} is required when CI is set: {why}", pytrace=False)
+        pytest.skip(why)
+    return found
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServedBroker]:
+    broker = ServedBroker(tmp_path_factory.mktemp("aarch64"))
+    try:
+        yield broker
+    finally:
+        broker.stop()
+    broker.assert_no_token_logged()
+
+
+@pytest.fixture(scope="module")
+def guest(emulator: str, testbed: Testbed) -> Iterator[Any]:
+    """The aarch64 tiny guest, its consoles enabled by ``console-broker enable`` on the
+    live libvirt, defined and started (booted to its shells; its serial console closed,
+    for the broker to open)."""
+    dom = testbed.define(testbed.guest_xml(testbed.unique_name("aarch64"), arch="aarch64"))
+    try:
+        enabled = subprocess.run(
+            [*CLI, "enable", dom.name(), "--consoles", ",".join(CONSOLES),
+             "--connect", testbed.uri],
+            capture_output=True, text=True, timeout=60,
+        )
+        assert enabled.returncode == 0, enabled.stderr
+        serial = testbed.boot(dom)
+        assert serial is not None
+        serial.close()
+        yield dom
+    finally:
+        testbed.remove(dom)
+
+
+def test_the_definition_has_every_console_of_the_virt_machine(guest: Any) -> None:
+    tree = etree.fromstring(guest.XMLDesc(libvirt.VIR_DOMAIN_XML_INACTIVE).encode())
+    assert tree.get("type") == "qemu"
+    assert tree.find("os/type").get("arch") == "aarch64"
+    assert tree.find("os/type").get("machine").startswith("virt")
+    assert tree.find("os/loader") is None  # a direct kernel boot: no firmware
+    assert sorted(g.get("type") for g in tree.iterfind("devices/graphics")) == ["spice", "vnc"]
+    assert [v.get("type") for v in tree.iterfind("devices/video/model")] == ["virtio"]
+    [serial] = tree.iterfind("devices/serial")
+    assert serial.find("target/model").get("name") == "pl011"
+    assert guest.isActive()
+
+
+def test_the_serial_console_answers_through_the_broker(
+    served: ServedBroker, guest: Any
+) -> None:
+    with served.connect(guest.name(), protocol="serial") as ws:
+        serial_answers(ws)
+        assert _shell(ws, "echo arch-$(uname -m)-end", r"arch-(\w+)-end") == "aarch64"
+
+
+def test_the_vnc_page_shows_the_guests_screen(
+    served: ServedBroker, guest: Any, browser: Any
+) -> None:
+    with served.connect(guest.name(), protocol="serial") as ws:
+        size = _shell(ws, "echo fb-$(cat /sys/class/graphics/fb0/virtual_size)-end",
+                      r"fb-(\d+,\d+)-end")
+        browser.get(served.token(guest.name(), protocol="vnc")["page"])
+        pagekit.wait_until(
+            browser, "noVNC connected",
+            lambda: browser.execute_script(
+                "return window.consoleStatus && window.consoleStatus.state === 'connected'"),
+        )
+        # noVNC's canvas is the guest's framebuffer (virtio-gpu's), not blank: the ready
+        # line and the shell's prompt the guest wrote on tty1.
+        width, height, _colours = pagekit.wait_until(
+            browser, "the guest's screen on noVNC's canvas",
+            lambda: (found := browser.execute_script(pagekit.VNC_CANVAS))
+            and found[2] > 1 and found,
+            timeout=90,
+        )
+        assert f"{width},{height}" == size
+        assert browser.execute_script(VNC_INK) > 0
+        # What the guest writes on its screen's console shows: cleared, the screen holds
+        # less ink than one row of the block; with the block, at least a pixel per '#'.
+        ws.send(b"printf '\\033[H\\033[J' >/dev/tty1\n")
+        cleared = pagekit.wait_until(
+            browser, "the guest's cleared screen",
+            lambda: (ink := browser.execute_script(VNC_INK)) < COLUMNS and str(ink),
+        )
+        ws.send(
+            f"i=0; while [ $i -lt {ROWS} ]; do echo '{'#' * COLUMNS}'; i=$((i+1)); done"
+            " >/dev/tty1\n".encode()
+        )
+        drawn = pagekit.wait_until(
+            browser, "the text written on the guest's screen",
+            lambda: (ink := browser.execute_script(VNC_INK)) >= ROWS * COLUMNS and ink,
+            shows=lambda: f"ink {browser.execute_script(VNC_INK)}, cleared {cleared}",
+        )
+        assert drawn >= ROWS * COLUMNS > int(cleared)
+    browser.get("about:blank")
+
+
+def test_the_spice_page_shows_the_guests_screen(
+    served: ServedBroker, guest: Any, browser: Any
+) -> None:
+    browser.get(served.token(guest.name(), protocol="spice")["page"])
+    pagekit.wait_until(
+        browser, "the guest's screen on spice-html5's canvas",
+        lambda: browser.execute_script(pagekit.SPICE_INK) > 100, timeout=90,
+        shows=lambda: str(browser.get_log("browser")),
+    )
+    assert browser.execute_script("return document.body.dataset.state") == "connected"
+    browser.get("about:blank")
+
+
+def _shell(ws: ClientConnection, command: str, pattern: str, timeout: float = 30.0) -> str:
+    """Type *command* on a raw serial session; the first group of *pattern* in what the
+    guest answers (*pattern* must not match the terminal's echo of the typed line)."""
+    ws.send(f"{command}\n".encode())
+    seen = b""
+    deadline = time.monotonic() + timeout
+    while not (match := re.search(pattern.encode(), seen)):
+        assert time.monotonic() < deadline, seen[-400:]
+        try:
+            message = ws.recv(timeout=0.5)
+        except TimeoutError:
+            continue
+        assert isinstance(message, bytes)
+        seen += message
+    return match.group(1).decode()
