@@ -4,6 +4,12 @@ The inactive definition is read with ``VIR_DOMAIN_XML_SECURE`` (so VNC and
 SPICE passwords are part of it and survive), edited like any other XML and
 stored with ``defineXML``. A running domain keeps its current devices until
 it is started again; :class:`DomainEdit` says whether that is pending.
+
+libvirt completes what it is handed (a virtio-serial controller for a virtio
+channel, a video card for a display, PCI controllers): after each define the
+definition libvirt stored is compared with the one handed in, and what libvirt
+added for the consoles is recorded in the metadata, defining once more
+(:mod:`broker.xml._additions`), so that ``disable`` can remove it too.
 """
 
 from __future__ import annotations
@@ -14,6 +20,7 @@ from typing import Any
 
 import attrs
 
+from broker.xml._additions import MAX_DEFINES, record_additions
 from broker.xml._errors import XmlError
 from broker.xml._metadata import read_consoles
 from broker.xml._ops import Outcome
@@ -39,6 +46,8 @@ class DomainEdit:
     running: bool
     #: Whether the running domain still has other consoles than its definition.
     restart_pending: bool
+    #: The devices libvirt added on its own that this edit recorded, described.
+    libvirt_added: tuple[str, ...] = ()
 
 
 def _ignore(_context: object, _error: object) -> None:
@@ -110,15 +119,45 @@ def edit_domain(
             ) from None
         outcome = edit(current)
         defined = False
+        added: tuple[str, ...] = ()
         if outcome.changed and not dry_run:
-            try:
-                conn.defineXML(outcome.after.decode("utf-8"))
-            except libvirt.libvirtError as exc:
-                raise LibvirtError(
-                    f"libvirt refused the edited definition of {name}: {_message(exc)}"
-                ) from None
+            dom = _define(conn, outcome.after, f"libvirt refused the edited definition of {name}")
             defined = True
+            added = _record(conn, dom, name, current, outcome.after)
         pending = running and (defined or _consoles_of(live) != _consoles_of(outcome.after))
-        return DomainEdit(name, outcome, defined, running, pending)
+        return DomainEdit(name, outcome, defined, running, pending, added)
     finally:
         conn.close()
+
+
+def _define(conn: Any, xml: bytes, failure: str) -> Any:
+    libvirt = _libvirt()
+    try:
+        return conn.defineXML(xml.decode("utf-8"))
+    except libvirt.libvirtError as exc:
+        raise LibvirtError(f"{failure}: {_message(exc)}") from None
+
+
+def _record(conn: Any, dom: Any, name: str, before: bytes, defined: bytes) -> tuple[str, ...]:
+    """Record what libvirt added on defining *defined* (see :mod:`broker.xml._additions`),
+    defining the domain again with the record; the descriptions of what was recorded."""
+    libvirt = _libvirt()
+    flags = libvirt.VIR_DOMAIN_XML_INACTIVE | libvirt.VIR_DOMAIN_XML_SECURE
+    found: list[str] = []
+    for _ in range(MAX_DEFINES):
+        try:
+            stored = dom.XMLDesc(flags).encode("utf-8")
+        except libvirt.libvirtError as exc:
+            raise LibvirtError(
+                f"{name} was defined, but its definition cannot be read back to record what "
+                f"libvirt added: {_message(exc)}"
+            ) from None
+        updated, fresh = record_additions(before, defined, stored)
+        found.extend(fresh)
+        if updated is None:
+            break
+        dom = _define(
+            conn, updated, f"{name} was defined, but libvirt refused the record of what it added"
+        )
+        defined = updated
+    return tuple(found)

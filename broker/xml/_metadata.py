@@ -21,11 +21,28 @@ it was added). ``cb:removed`` holds an element dropped without replacement.
 ``secrets`` lists attributes blanked in the kept copy. ``created`` names the
 elements console-broker created (removed again with the last console);
 ``was-empty`` names elements that were written empty (``<devices/>``).
+
+A second element, in its own namespace, records the devices libvirt added on
+its own when ``enable DOMAIN`` defined the edited domain (a virtio-serial
+controller for the SPICE agent channel, a video card for a display, PCI
+controllers), so that ``disable`` can remove them too::
+
+    <cbl:libvirt-added xmlns:cbl="https://console-broker.dev/xmlns/libvirt-added/1">
+      <controller type="virtio-serial" index="0">
+        <address type="pci" domain="0x0000" bus="0x00" slot="0x03" function="0x0"/>
+      </controller>
+    </cbl:libvirt-added>
+
+Each child is a copy of a device as libvirt wrote it. It is a separate element
+(not a child of ``cb:consoles``) because console-broker versions before it
+refuse unknown elements in ``cb:consoles``: they ignore this one, read the
+consoles as before, and disable without removing these devices.
 """
 
 from __future__ import annotations
 
 import re
+from copy import deepcopy
 
 import attrs
 from lxml import etree
@@ -38,6 +55,12 @@ from broker.xml._model import ConsoleRecord, DeviceRef
 NAMESPACE = "https://console-broker.dev/xmlns/consoles/1"
 #: The prefix console-broker declares for it.
 PREFIX = "cb"
+#: The namespace of the record of devices libvirt added (see :func:`find_added`).
+ADDED_NAMESPACE = "https://console-broker.dev/xmlns/libvirt-added/1"
+#: The prefix console-broker declares for it.
+ADDED_PREFIX = "cbl"
+#: The Clark name of that record's element.
+ADDED = f"{{{ADDED_NAMESPACE}}}libvirt-added"
 
 _TOKEN = re.compile(r"[a-z0-9][a-z0-9-]*\Z")
 _TAG = re.compile(r"[A-Za-z_][A-Za-z0-9_.-]*\Z")
@@ -246,4 +269,38 @@ def new_slot(name: str) -> etree._Element:
     """A detached ``cb:slot`` element."""
     el = etree.Element(q("slot"), nsmap={PREFIX: NAMESPACE})
     el.set("name", name)
+    return el
+
+
+def find_added(root: etree._Element) -> etree._Element | None:
+    """The ``cbl:libvirt-added`` record of a domain, if any."""
+    metadata = root.find("metadata")
+    if metadata is None:
+        return None
+    found = metadata.findall(ADDED)
+    if len(found) > 1:
+        raise MetadataError("the domain has more than one record of devices libvirt added")
+    return found[0] if found else None
+
+
+def read_added(record: etree._Element | None) -> list[etree._Element]:
+    """The device copies a ``cbl:libvirt-added`` record holds, checking their shape."""
+    if record is None:
+        return []
+    devices = _elements(record)
+    for device in devices:
+        if not isinstance(device.tag, str) or not _TAG.match(device.tag):
+            raise MetadataError(
+                f"the record of devices libvirt added holds an unexpected <{device.tag}>"
+            )
+    return devices
+
+
+def new_added(devices: list[etree._Element]) -> etree._Element:
+    """A detached ``cbl:libvirt-added`` record holding copies of *devices*."""
+    el = etree.Element(ADDED, nsmap={ADDED_PREFIX: ADDED_NAMESPACE})
+    for device in devices:
+        copy = deepcopy(device)
+        copy.tail = None
+        el.append(copy)
     return el

@@ -23,7 +23,7 @@ from broker.xml._constants import DEFAULT_LISTEN, DEFAULT_URI, MODES, POLICY_PAT
 
 if TYPE_CHECKING:
     from broker.plugins import PluginManager
-    from broker.xml import EditOptions, Outcome
+    from broker.xml import CapabilitiesSource, EditOptions, Outcome
 
     Subparsers = argparse._SubParsersAction[argparse.ArgumentParser]
 
@@ -158,6 +158,22 @@ def _check_in_place(args: argparse.Namespace) -> None:
         raise _error("--in-place needs a FILE, not standard input")
 
 
+def _domcaps(path: str | None) -> CapabilitiesSource | None:
+    """``--domcaps FILE``: libvirt's domain capabilities read from a file, for the edit."""
+    if path is None:
+        return None
+    from broker.xml import DomainCapabilities, InputError
+
+    try:
+        with open(path, "rb") as handle:
+            caps = DomainCapabilities.from_xml(handle.read())
+    except OSError as exc:
+        raise InputError(f"--domcaps {path}: {exc.strerror or exc}") from None
+    except InputError as exc:
+        raise InputError(f"--domcaps {path}: {exc}") from None
+    return lambda _platform: caps
+
+
 def _xml_enable(args: argparse.Namespace) -> int:
     from broker.xml import _io, enable_xml, plugin_edits
 
@@ -172,6 +188,7 @@ def _xml_enable(args: argparse.Namespace) -> int:
             options,
             edits=plugin_edits(_manager()),
             validate=not args.no_validate,
+            capabilities=_domcaps(args.domcaps),
         )
         return _emit(args, outcome)
 
@@ -179,13 +196,14 @@ def _xml_enable(args: argparse.Namespace) -> int:
 
 
 def _xml_disable(args: argparse.Namespace) -> int:
-    from broker.xml import _io, disable_xml, plugin_edits
+    from broker.xml import _io, plugin_edits
+    from broker.xml._additions import disable_recorded
 
     _check_in_place(args)
 
     def body() -> int:
         data = _io.read_input(args.file)
-        outcome = disable_xml(
+        outcome = disable_recorded(
             data, args.consoles, edits=plugin_edits(_manager()), validate=not args.no_validate
         )
         return _emit(args, outcome)
@@ -321,10 +339,21 @@ def _register_xml(subparsers: Subparsers) -> None:
         description=(
             "Make a domain console-ready: each protocol's plugin edits its devices, what "
             "they replace is kept in <metadata> so 'disable' can restore it exactly. "
-            "Running it again changes nothing."
+            "Running it again changes nothing. A filter cannot know what libvirt adds when "
+            "it defines the result (a virtio-serial controller for the SPICE agent channel, "
+            "a video card, PCI controllers): 'console-broker enable DOMAIN' records those "
+            "so that 'disable' removes them too; this command does not."
         ),
     )
     _add_edit_options(enable)
+    enable.add_argument(
+        "--domcaps",
+        metavar="FILE",
+        help="libvirt's domain capabilities for the domain's emulator, architecture and "
+        "machine ('virsh domcapabilities --arch ARCH --machine MACHINE' saved to FILE): "
+        "the devices are chosen from what they list (without it, from the architecture "
+        "and machine type alone)",
+    )
     _add_output(enable)
     _add_file(enable)
     enable.set_defaults(func=_xml_enable)
@@ -334,7 +363,9 @@ def _register_xml(subparsers: Subparsers) -> None:
         help="undo 'enable', restoring the devices as they were",
         description=(
             "Remove what 'enable' added and put back what it replaced, as recorded in the "
-            "domain's <metadata>. Without --consoles, every recorded console is disabled."
+            "domain's <metadata>. Without --consoles, every recorded console is disabled. "
+            "Devices libvirt added that 'console-broker enable DOMAIN' recorded (in the XML "
+            "of a domain libvirt defined) go too, unless another device still uses them."
         ),
     )
     disable.add_argument(
@@ -369,6 +400,11 @@ def _report(args: argparse.Namespace, result: Any, verb: str) -> int:
         sys.stdout.write(_io.unified_diff(outcome.before, outcome.after, "UTF-8", result.name))
     elif result.defined:
         print(f"{result.name}: {verb}; the definition was updated")
+        if result.libvirt_added:
+            print(
+                f"{result.name}: recorded what libvirt added for the consoles, which disable "
+                f"removes too: {', '.join(result.libvirt_added)}"
+            )
     else:
         print(f"{result.name}: nothing to change")
     if result.restart_pending:
@@ -380,16 +416,17 @@ def _report(args: argparse.Namespace, result: Any, verb: str) -> int:
 
 
 def _domain_enable(args: argparse.Namespace) -> int:
-    from broker.xml import enable_xml, plugin_edits
+    from broker.xml import connection_capabilities, enable_xml, plugin_edits
     from broker.xml._libvirt import edit_domain
 
     options = _options(args)
 
     def body() -> int:
         edits = plugin_edits(_manager())
+        caps = connection_capabilities(args.connect)  # what libvirt offers there
 
         def edit(data: bytes) -> Outcome:
-            return enable_xml(data, args.consoles, options, edits=edits)
+            return enable_xml(data, args.consoles, options, edits=edits, capabilities=caps)
 
         result = edit_domain(args.connect, args.domain, edit, dry_run=args.dry_run)
         return _report(args, result, f"enabled {','.join(args.consoles)} ({options.mode})")
@@ -398,14 +435,15 @@ def _domain_enable(args: argparse.Namespace) -> int:
 
 
 def _domain_disable(args: argparse.Namespace) -> int:
-    from broker.xml import disable_xml, plugin_edits
+    from broker.xml import plugin_edits
+    from broker.xml._additions import disable_recorded
     from broker.xml._libvirt import edit_domain
 
     def body() -> int:
         edits = plugin_edits(_manager())
 
         def edit(data: bytes) -> Outcome:
-            return disable_xml(data, args.consoles, edits=edits)
+            return disable_recorded(data, args.consoles, edits=edits)
 
         result = edit_domain(args.connect, args.domain, edit, dry_run=args.dry_run)
         return _report(args, result, "disabled")
@@ -435,8 +473,11 @@ def _register_domain(subparsers: Subparsers) -> None:
         help="make a libvirt domain console-ready (edits its persistent definition)",
         description=(
             "Read the persistent definition of DOMAIN from libvirt (with its passwords), "
-            "enable the consoles asked for, and define it again. A running domain gets the "
-            "change when it is next started; the command says so."
+            "enable the consoles asked for, and define it again. What libvirt adds on its own "
+            "when it defines the result (a virtio-serial controller for the SPICE agent "
+            "channel, a video card, PCI controllers) is recorded in the metadata, so that "
+            "'disable' removes it too. A running domain gets the change when it is next "
+            "started; the command says so."
         ),
     )
     _add_domain(enable)
@@ -448,7 +489,9 @@ def _register_domain(subparsers: Subparsers) -> None:
         help="undo 'enable' on a libvirt domain",
         description=(
             "Restore the devices 'enable' replaced in the persistent definition of DOMAIN, "
-            "as recorded in its <metadata>, and define it again."
+            "as recorded in its <metadata>, remove the devices libvirt added for the "
+            "consoles that no other device uses (a controller another channel uses stays), "
+            "and define it again."
         ),
     )
     _add_domain(disable)
