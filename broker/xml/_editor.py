@@ -360,9 +360,19 @@ class _Editor:
     def write_console(self, protocol: str, edit: ConsoleEdit, *, hardware: bool) -> None:
         devices = self.devices()
         device: DeviceRef | None = None
-        if devices is not None:
-            device = next((ref for ref in edit.devices if ref.find(devices) is not None), None)
         console = self.console(protocol)
+        if devices is not None:
+            present = [ref for ref in edit.devices if ref.find(devices) is not None]
+            device = present[0] if present else None
+            # Keep a recorded device that is still there: libvirt turning a lone
+            # <console> into a serial port and its mirror changes nothing the broker opens.
+            recorded = (
+                DeviceRef(console.get("device", ""), console.get("device-type"))
+                if console is not None
+                else None
+            )
+            if recorded is not None and recorded in present:
+                device = recorded
         if console is None:
             if not hardware and device is None:
                 return
