@@ -183,3 +183,25 @@ def test_console_lines_to_the_journal_leave_the_time_to_it(
     else:
         assert lines["journal"].startswith("[info     ] broker.reloaded"), lines
         assert lines["file"][:4].isdigit() and "broker.reloaded" in lines["file"], lines
+
+
+def test_a_broker_that_cannot_listen_says_so_in_one_line(tmp_path: Path) -> None:
+    """What the journal shows when the service cannot start on its port (systemd then
+    restarts it, Restart=on-failure): the reason, not a traceback."""
+    import socket
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        config = tmp_path / "broker.toml"
+        config.write_text(f'[broker]\nstate_dir = "state"\n[listen]\nport = {port}\n'
+                          '[libvirt]\nuri = "test:///default"\n')
+        done = subprocess.run([*CLI, "serve", "--config", str(config)], capture_output=True,
+                              text=True, timeout=60)
+    assert done.returncode == 1
+    last = done.stderr.splitlines()[-1]
+    assert last == (
+        f"console-broker: error: cannot listen on 127.0.0.1:{port}: Address already in use"
+    )
+    assert "Traceback" not in done.stderr

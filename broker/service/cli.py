@@ -259,10 +259,27 @@ def _serve_command(args: argparse.Namespace) -> int:
     try:
         anyio.run(run_until_signalled, broker, 0.0, reloader, backend="asyncio",
                   backend_options=loop.backend_options)
-    except OSError as exc:
+    except (OSError, BaseExceptionGroup) as exc:
+        found = _listen_error(exc, broker)
+        if found is None:
+            raise
         where = f"{config.listen.host}:{config.listen.port}"
-        raise CommandError(f"cannot listen on {where}: {exc.strerror or exc}") from None
+        raise CommandError(f"cannot listen on {where}: {found.strerror or found}") from None
     return 0
+
+
+def _listen_error(exc: BaseException, broker: Broker) -> OSError | None:
+    """The OSError that kept *broker* from listening (*exc* itself, or inside the task
+    groups' exception groups), or None when it listened or failed otherwise."""
+    if broker.addresses:
+        return None
+    if isinstance(exc, OSError):
+        return exc
+    if isinstance(exc, BaseExceptionGroup):
+        for inner in exc.exceptions:
+            if (found := _listen_error(inner, broker)) is not None:
+                return found
+    return None
 
 
 def _serve_workers(
@@ -330,8 +347,14 @@ def _serve_workers(
                 reload_done=lambda ok: link.report(RELOADED if ok else RELOAD_FAILED),
                 stopping=lambda: None,
             )
-            anyio.run(run_until_signalled, broker, SIGNAL_ECHO, reloader, lifecycle,
-                      backend="asyncio", backend_options=backend_options)
+            try:
+                anyio.run(run_until_signalled, broker, SIGNAL_ECHO, reloader, lifecycle,
+                          backend="asyncio", backend_options=backend_options)
+            except BaseExceptionGroup as group:
+                found = _listen_error(group, broker)
+                if found is None:
+                    raise
+                raise found from None
         except CommandError as exc:
             _log.error("worker.start_failed", worker=link.index, error=str(exc))
             return CANNOT_START
