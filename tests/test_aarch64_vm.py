@@ -137,14 +137,16 @@ def test_the_vnc_page_shows_the_guests_screen(
         assert browser.execute_script(VNC_INK) > 0
         # What the guest writes on its screen's console shows: cleared, the screen holds
         # less ink than one row of the block; with the block, at least a pixel per '#'.
-        ws.send(b"printf '\\033[H\\033[J' >/dev/tty1\n")
+        _shell(ws, "printf '\\033[H\\033[J' >/dev/tty1; echo cleared-$((6*7))", r"(cleared-42)")
         cleared = pagekit.wait_until(
             browser, "the guest's cleared screen",
             lambda: (ink := browser.execute_script(VNC_INK)) < COLUMNS and str(ink),
         )
-        ws.send(
+        _shell(
+            ws,
             f"i=0; while [ $i -lt {ROWS} ]; do echo '{'#' * COLUMNS}'; i=$((i+1)); done"
-            " >/dev/tty1\n".encode()
+            " >/dev/tty1; echo drawn-$((6*7))",
+            r"(drawn-42)",
         )
         drawn = pagekit.wait_until(
             browser, "the text written on the guest's screen",
@@ -170,7 +172,9 @@ def test_the_spice_page_shows_the_guests_screen(
 
 def _shell(ws: ClientConnection, command: str, pattern: str, timeout: float = 30.0) -> str:
     """Type *command* on a raw serial session; the first group of *pattern* in what the
-    guest answers (*pattern* must not match the terminal's echo of the typed line)."""
+    guest answers (*pattern* must not match the terminal's echo of the typed line). What
+    the guest printed is read up to there, so the session's incoming queue does not fill
+    (a full one keeps the client from reading the close frame when the session ends)."""
     ws.send(f"{command}\n".encode())
     seen = b""
     deadline = time.monotonic() + timeout
