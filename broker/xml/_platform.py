@@ -148,7 +148,7 @@ _TABLE: dict[tuple[str, str], _Facts] = {
         console_targets=frozenset({"serial", "virtio"}),
     ),
     ("riscv", "virt"): _Facts(
-        video=frozenset({"virtio", "ramfb", "none"}),
+        video=frozenset({"virtio", "ramfb", "vga", "bochs", "cirrus", "vmvga", "none"}),
         default_video="virtio",
         graphics=_GRAPHICS,
         redirdev=frozenset({"usb"}),
