@@ -259,7 +259,9 @@ def remove_unused(
     """Remove from *root*'s ``<devices>`` each device *entries* records that no other
     device uses, until nothing more goes. Returns the devices removed and, for each
     recorded device kept, one device that uses it."""
-    targets = [el for _entry, el in pairs(entries, device_children(root))]
+    current = device_children(root)  # holds the proxies, so that their ids stay theirs
+    paired = {id(el) for _entry, el in pairs(entries, current)}
+    targets = [el for el in current if id(el) in paired]
     removed: list[etree._Element] = []
     progress = True
     while progress:
