@@ -112,12 +112,26 @@ def test_s390x_has_no_usb_redirection_and_says_so(cli: CliRunner) -> None:
     assert done.status == 0, done.stderr
     assert "s390x (s390-ccw-virtio) has no USB, so no USB redirection" in done.stderr
     assert devices(done.stdout).find("redirdev") is None
-    # asked for explicitly, it is refused, naming the architecture
-    refused = enable(cli, "spice", data, "--usbredir", "2")
-    assert refused.status == 2
-    assert "spice.usbredir: s390x (s390-ccw-virtio) has no USB" in refused.stderr
-    assert refused.stdout == b""
-    assert enable(cli, "spice", data, "--usbredir", "0").status == 0
+    # asked for explicitly, the note says so (a refusal would stop a hook policy's
+    # migration of the domain); asking for none notes nothing
+    asked = enable(cli, "spice", data, "--usbredir", "3")
+    assert asked.status == 0, asked.stderr
+    assert "no USB redirection (spice.usbredir=3 asked for)" in asked.stderr
+    assert devices(asked.stdout).find("redirdev") is None
+    none = enable(cli, "spice", data, "--usbredir", "0")
+    assert none.status == 0 and "USB" not in none.stderr
+
+
+def test_a_hook_policy_asking_for_usbredir_lets_s390x_through(
+    cli: CliRunner, tmp_path: Path
+) -> None:
+    policy = tmp_path / "hook.toml"
+    policy.write_text('consoles = ["vnc", "spice"]\nmode = "tcp"\nusbredir = 4\n')
+    data = (ARCH / "s390x-ccw-vnc.xml").read_bytes()
+    done = cli("libvirt-hook", "--policy", str(policy), "dom", "migrate", "begin", "-", stdin=data)
+    assert done.status == 0, done.stderr
+    graphics = devices(done.stdout).find("graphics")
+    assert graphics is not None and graphics.get("listen") == "127.0.0.1"
 
 
 def test_aarch64_virt_without_a_usb_controller_gets_no_redirection(cli: CliRunner) -> None:
