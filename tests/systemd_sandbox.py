@@ -155,13 +155,13 @@ class Sandbox:
             ]
         if o.get("ProtectHome") in ("yes", "true"):
             # The paths to keep are bind-mounted aside first (under the private /tmp),
-            # then back onto the empty tmpfs, which is then traversable (0711).
+            # then back onto the empty tmpfs, which is then traversable (0111).
             for number, path in enumerate(self.exposed):
                 lines += [f"mkdir -p /tmp/.exposed/{number}",
                           f"mount --bind {q(str(path))} /tmp/.exposed/{number}"]
             for home in HOMES:
                 hidden = [path for path in self.exposed if path.is_relative_to(home)]
-                mode = "0711" if hidden else "000"
+                mode = "0111" if hidden else "000"  # traversable, never listed
                 lines.append(f"if [ -d {home} ]; then "
                              f"mount -t tmpfs -o mode={mode} protect-home {home}; fi")
                 for path in hidden:

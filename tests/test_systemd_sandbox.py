@@ -61,12 +61,15 @@ def test_the_restrictions_hold_inside(tmp_path: Path) -> None:
     assert (tmp_path / "state" / "probe").read_text() == "x\n"
     assert not Path("/tmp/free").exists()  # the private /tmp went away with the process
     # The test's files are there, read-only; nothing else of the real /tmp; no home.
-    listing = inside(sandbox, f"ls /tmp {tmp_path}; ls -A /root /home || true; umask")
-    lines = listing.stdout.splitlines()
-    assert lines[:2] == ["/tmp:", tmp_path.relative_to("/tmp").parts[0]]
-    assert "broker.toml" in lines
-    assert "Permission denied" in listing.stderr
-    assert lines[-1] == sandbox.options["UMask"]
+    listing = inside(sandbox, f"ls /tmp; echo ---; ls {tmp_path}; echo ---; umask")
+    in_tmp, here, umask = listing.stdout.split("---\n")
+    shown = {path.relative_to("/tmp").parts[0] for path in [tmp_path, *sandbox.in_tmp]}
+    assert set(in_tmp.split()) == shown
+    assert "broker.toml" in here.split()
+    assert umask.strip() == sandbox.options["UMask"]
+    for home in ("/root", "/home"):
+        hidden = inside(sandbox, f"ls -A {home}")
+        assert hidden.returncode != 0 and "Permission denied" in hidden.stderr, home
     # The kernel's tunables cannot be changed.
     tunable = inside(sandbox, "echo 1 > /proc/sys/kernel/domainname")
     assert "Read-only file system" in tunable.stderr
