@@ -170,9 +170,9 @@ def test_lines_of_several_processes_never_interleave(tmp_path: Path) -> None:
                 audit.open()
                 structlog.configure(logger_factory=structlog.ReturnLoggerFactory())
 
-                async def write() -> None:  # a Live belongs to an event loop
+                async def write(log: AuditLog = audit) -> None:  # a Live needs a loop
                     for number in range(300):
-                        audit.session_ended(_live(number), CLIENT_CLOSED)
+                        log.session_ended(_live(number), CLIENT_CLOSED)
 
                 anyio.run(write)
                 code = 0
