@@ -78,7 +78,7 @@ def _number(value: str) -> str:
 
 def _address(el: etree._Element) -> str:
     attributes = sorted(
-        (name, _number(value))
+        (str(name), _number(str(value)))
         for name, value in el.attrib.items()
         if name not in ("type", "multifunction")
     )
@@ -214,8 +214,12 @@ def added_devices(
     handed to libvirt) does not have, without those a device of *before* (the
     definition before the edit) uses. Each argument is a ``<domain>`` element."""
     stored_devices = device_children(stored)
-    added = unmatched(device_children(defined), stored_devices)
-    existing = [new for _old, new in pairs(device_children(before), stored_devices)]
+    defined_devices = device_children(defined)
+    added = unmatched(defined_devices, stored_devices)
+    # the devices handed in that the domain had before: not one that disable just removed
+    # and libvirt added again (it is in *before*, but not in *defined*)
+    kept = [new for _old, new in pairs(device_children(before), defined_devices)]
+    existing = [new for _old, new in pairs(kept, stored_devices)]
     return [el for el in added if not any(uses(user, el) for user in existing)]
 
 

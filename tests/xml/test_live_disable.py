@@ -21,7 +21,14 @@ from lxml import etree
 from xmlhelpers import CliRunner
 
 from broker.plugins import PluginManager
-from broker.xml import MetadataError, disable_xml, parse_document, plugin_edits, read_consoles
+from broker.xml import (
+    NAMESPACE,
+    MetadataError,
+    disable_xml,
+    parse_document,
+    plugin_edits,
+    read_consoles,
+)
 from broker.xml import _libvirt as live
 from broker.xml._additions import (
     added_devices,
@@ -259,6 +266,34 @@ def test_the_record_is_the_union_of_what_each_define_added() -> None:
     assert updated is not None
     assert fresh == []  # the controller was recorded already
     assert recorded(updated) == ["controller:virtio-serial:0", "video:cirrus"]
+
+
+def test_a_device_disable_removed_and_libvirt_added_again_is_recorded_again() -> None:
+    """disable --consoles spice on q35 removed the cirrus card libvirt had added for
+    VNC and its bridge; VNC still needs a card, so libvirt adds both again. They were
+    in the definition before this define, but only as what libvirt had added: they
+    are recorded again, or the last disable would leave them."""
+    head = (
+        f"<domain type='qemu'><name>d</name><metadata><cb:consoles xmlns:cb='{NAMESPACE}'>"
+        "<cb:console protocol='vnc' mode='fd'/></cb:consoles></metadata><devices>"
+        "<controller type='pci' index='0' model='pcie-root'/>"
+        "<controller type='pci' index='2' model='pcie-root-port'>"
+        "<address type='pci' bus='0x00' slot='0x01'/></controller>"
+        "<graphics type='vnc'><listen type='none'/></graphics>"
+    )
+    card = (
+        "<controller type='pci' index='4' model='pcie-to-pci-bridge'>"
+        "<address type='pci' bus='0x02' slot='0x00'/></controller>"
+        "<video><model type='cirrus'/><address type='pci' bus='0x04' slot='0x01'/></video>"
+    )
+    before = (head + card + "</devices></domain>").encode()
+    defined = (head + "</devices></domain>").encode()
+    updated, fresh = record_additions(before, defined, before)
+    assert fresh == [
+        "<controller type='pci' model='pcie-to-pci-bridge' index='4'>",
+        "<video> (model cirrus)",
+    ]
+    assert updated is not None and recorded(updated) == ["controller:pci:4", "video:cirrus"]
 
 
 def test_nothing_is_recorded_on_a_domain_without_consoles() -> None:
