@@ -102,6 +102,11 @@ def test_the_definition_has_every_console_of_the_virt_machine(guest: Any) -> Non
     assert [v.get("type") for v in tree.iterfind("devices/video/model")] == ["virtio"]
     [serial] = tree.iterfind("devices/serial")
     assert serial.find("target/model").get("name") == "pl011"
+    # SPICE's USB redirection on the domain's own USB controller (virt-install's qemu-xhci)
+    assert [c.get("model") for c in tree.iterfind("devices/controller[@type='usb']")] == [
+        "qemu-xhci"]
+    redirdevs = tree.findall("devices/redirdev")
+    assert redirdevs and {r.get("bus") for r in redirdevs} == {"usb"}
     assert guest.isActive()
 
 
@@ -119,22 +124,9 @@ def test_the_vnc_page_shows_the_guests_screen(
     with served.connect(guest.name(), protocol="serial") as ws:
         size = _shell(ws, "echo fb-$(cat /sys/class/graphics/fb0/virtual_size)-end",
                       r"fb-(\d+,\d+)-end")
-        browser.get(served.token(guest.name(), protocol="vnc")["page"])
-        pagekit.wait_until(
-            browser, "noVNC connected",
-            lambda: browser.execute_script(
-                "return window.consoleStatus && window.consoleStatus.state === 'connected'"),
-        )
         # noVNC's canvas is the guest's framebuffer (virtio-gpu's), not blank: the ready
         # line and the shell's prompt the guest wrote on tty1.
-        width, height, _colours = pagekit.wait_until(
-            browser, "the guest's screen on noVNC's canvas",
-            lambda: (found := browser.execute_script(pagekit.VNC_CANVAS))
-            and found[2] > 1 and found,
-            timeout=90,
-        )
-        assert f"{width},{height}" == size
-        assert browser.execute_script(VNC_INK) > 0
+        assert _vnc_page_shows_the_guest(browser, served, guest.name()) == size
         # What the guest writes on its screen's console shows: cleared, the screen holds
         # less ink than one row of the block; with the block, at least a pixel per '#'.
         _shell(ws, "printf '\\033[H\\033[J' >/dev/tty1; echo cleared-$((6*7))", r"(cleared-42)")
@@ -157,6 +149,42 @@ def test_the_vnc_page_shows_the_guests_screen(
     browser.get("about:blank")
 
 
+def test_a_domain_without_a_display_gets_virtio_gpu(
+    emulator: str, testbed: Testbed, served: ServedBroker, browser: Any
+) -> None:
+    """An aarch64 domain with no display and no USB controller, VNC and serial enabled:
+    the editor adds no QXL and no USB redirection, libvirt gives the VNC display the
+    ``virt`` machine's video (virtio-gpu) on define, and the guest's screen shows."""
+    tree = etree.fromstring(
+        testbed.guest_xml(testbed.unique_name("aarch64-bare"), arch="aarch64").encode())
+    devices = tree.find("devices")
+    for device in [*devices.iterfind("video"), *devices.iterfind("input"),
+                   *devices.iterfind("controller")]:
+        devices.remove(device)
+    dom = testbed.define(etree.tostring(tree, encoding="unicode"))
+    try:
+        enabled = subprocess.run(
+            [*CLI, "enable", dom.name(), "--consoles", "vnc,serial", "--connect", testbed.uri],
+            capture_output=True, text=True, timeout=60,
+        )
+        assert enabled.returncode == 0, enabled.stderr
+        defined = etree.fromstring(dom.XMLDesc(libvirt.VIR_DOMAIN_XML_INACTIVE).encode())
+        assert [g.get("type") for g in defined.iterfind("devices/graphics")] == ["vnc"]
+        assert [v.get("type") for v in defined.iterfind("devices/video/model")] == ["virtio"]
+        assert defined.find("devices/redirdev") is None
+        serial = testbed.boot(dom)
+        assert serial is not None
+        serial.close()
+        with served.connect(dom.name(), protocol="serial") as ws:
+            serial_answers(ws)
+            size = _shell(ws, "echo fb-$(cat /sys/class/graphics/fb0/virtual_size)-end",
+                          r"fb-(\d+,\d+)-end")
+        assert _vnc_page_shows_the_guest(browser, served, dom.name()) == size
+        browser.get("about:blank")
+    finally:
+        testbed.remove(dom)
+
+
 def test_the_spice_page_shows_the_guests_screen(
     served: ServedBroker, guest: Any, browser: Any
 ) -> None:
@@ -168,6 +196,24 @@ def test_the_spice_page_shows_the_guests_screen(
     )
     assert browser.execute_script("return document.body.dataset.state") == "connected"
     browser.get("about:blank")
+
+
+def _vnc_page_shows_the_guest(browser: Any, served: ServedBroker, domain: str) -> str:
+    """Open *domain*'s VNC page; once connected, its canvas shows something (more than one
+    colour, some of it not black): the canvas's size, "WIDTH,HEIGHT"."""
+    browser.get(served.token(domain, protocol="vnc")["page"])
+    pagekit.wait_until(
+        browser, "noVNC connected",
+        lambda: browser.execute_script(
+            "return window.consoleStatus && window.consoleStatus.state === 'connected'"),
+    )
+    width, height, _colours = pagekit.wait_until(
+        browser, "the guest's screen on noVNC's canvas",
+        lambda: (found := browser.execute_script(pagekit.VNC_CANVAS)) and found[2] > 1 and found,
+        timeout=90,
+    )
+    assert browser.execute_script(VNC_INK) > 0
+    return f"{width},{height}"
 
 
 def _shell(ws: ClientConnection, command: str, pattern: str, timeout: float = 30.0) -> str:
