@@ -415,17 +415,24 @@ def libvirt_capabilities(conn: Any) -> CapabilitiesSource:
     return capabilities
 
 
+def _quiet(_context: object, _error: object) -> None:
+    """libvirt's default error handler prints every error on stderr; a missing answer
+    here is no error of the command's."""
+
+
 def connection_capabilities(uri: str) -> CapabilitiesSource:
-    """A :data:`CapabilitiesSource` that opens its own read-only connection to *uri* when
-    asked (and closes it); a libvirt that cannot be reached gives None."""
+    """A :data:`CapabilitiesSource` that opens its own connection to *uri* when asked
+    (read-write: libvirt refuses domain capabilities to a read-only one) and closes it;
+    a libvirt that cannot be reached or cannot answer gives None."""
 
     def capabilities(platform: Platform) -> DomainCapabilities | None:
         try:
             import libvirt  # the libvirt-backed commands only: the filter runs without it
         except ImportError:
             return None
+        libvirt.registerErrorHandler(_quiet, None)
         try:
-            conn = libvirt.openReadOnly(uri)
+            conn = libvirt.open(uri)
         except libvirt.libvirtError:
             return None
         try:

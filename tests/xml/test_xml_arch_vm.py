@@ -24,6 +24,7 @@ from xmlhelpers import CliRunner
 from broker.xml import (
     NAMESPACE,
     Platform,
+    connection_capabilities,
     domain_schema,
     libvirt_capabilities,
     parse_document,
@@ -181,6 +182,19 @@ def test_libvirts_capabilities_for_the_domain(testbed: Testbed, sample: Path) ->
 
 
 @pytest.mark.vm
+@pytest.mark.parametrize("sample", SAMPLES, ids=lambda p: p.stem)
+def test_the_live_command_gets_the_capabilities(testbed: Testbed, sample: Path) -> None:
+    """What ``console-broker enable DOMAIN`` asks: its own connection to the URI."""
+    data = sample.read_bytes()
+    require_emulator(arch_of(data))
+    platform = Platform.of_domain(parse_document(data).root)
+    caps = connection_capabilities(testbed.uri)(platform)
+    assert caps is not None
+    assert caps == libvirt_capabilities(testbed.conn)(platform)
+
+
+@pytest.mark.vm
 def test_an_emulator_libvirt_does_not_know_gives_no_capabilities(testbed: Testbed) -> None:
     platform = Platform(arch="aarch64", machine="virt", emulator="/nonexistent/qemu")
     assert libvirt_capabilities(testbed.conn)(platform) is None
+    assert connection_capabilities(testbed.uri)(platform) is None
