@@ -510,3 +510,20 @@ def test_enable_help_names_the_record(capsys: pytest.CaptureFixture[str]) -> Non
             main([*command, "--help"])
         text = " ".join(capsys.readouterr().out.split())
         assert "libvirt add" in text, command
+
+
+def test_the_libvirt_hook_keeps_a_record_made_on_the_source_host(
+    cli: CliRunner, tmp_path: Path
+) -> None:
+    """An incoming migration switches how the displays listen; the record of what
+    libvirt added travels with the domain, unchanged, for a later disable there."""
+    policy = tmp_path / "hook.toml"
+    policy.write_text('consoles = ["vnc", "spice", "serial"]\nmode = "tcp"\n')
+    incoming = with_record("q35")
+    done = cli(
+        "libvirt-hook", "--policy", str(policy), "web01", "migrate", "begin", "-", stdin=incoming
+    )
+    assert done.status == 0, done.stderr
+    assert done.stdout  # rewritten: the displays now listen on TCP
+    assert read_consoles(parse_document(done.stdout))["vnc"].mode == "tcp"
+    assert recorded(done.stdout) == recorded(incoming)
