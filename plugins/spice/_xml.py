@@ -54,14 +54,16 @@ def _usb(platform: Platform, devices: etree._Element) -> bool:
 
 def video_model(platform: Platform) -> str | None:
     """The video model for a domain without video: QXL where it exists (and where the
-    platform is unknown, as on x86), else virtio-gpu, else the machine's default."""
+    platform is unknown, as on x86), else virtio-gpu, else the machine's default, else
+    any the platform has; None where it has none."""
     qxl = platform.supports_video("qxl")
     if qxl or (qxl is None and platform.family in (None, "x86")):
         return "qxl"
     for model in ("virtio", platform.default_video_model):
         if model is not None and platform.supports_video(model) is not False:
             return model
-    return None
+    others = sorted((platform.video_models or frozenset()) - {"none"})
+    return others[0] if others else None
 
 
 def _refuse(platform: Platform) -> None:
@@ -74,7 +76,7 @@ def _refuse(platform: Platform) -> None:
             else "this platform"
         )
         raise EditError(f"spice: {source} offer no SPICE display on {where}")
-    if platform.has_display is False or video_model(platform) is None:
+    if platform.has_display is False:
         raise EditError(f"spice: {where} has no video device, so no display for SPICE to show")
 
 

@@ -270,14 +270,14 @@ def test_platform_of_a_domain() -> None:
     assert Platform(arch="s390x", machine="s390-ccw-virtio").usb_by_default is False
 
 
-def without_value(arch: str, device: str, value: str, tmp_path: Path) -> Path:
-    """The captured capabilities of *arch* with one listed value taken out, as a
-    QEMU built without it reports them (RHEL 9's QEMU has no SPICE, for one)."""
+def without_value(arch: str, device: str, value: str, tmp_path: Path, *more: str) -> Path:
+    """The captured capabilities of *arch* with listed values taken out, as a QEMU
+    built without them reports them (RHEL 9's QEMU has no SPICE, for one)."""
     tree = etree.parse(str(DOMCAPS / f"{arch}.xml"))
     for el in tree.getroot().findall(f"devices/{device}/enum/value"):
-        if el.text == value:
+        if el.text in (value, *more):
             el.getparent().remove(el)  # type: ignore[union-attr]
-    path = tmp_path / f"{arch}-no-{value}.xml"
+    path = tmp_path / f"{arch}-no-{'-'.join((value, *more))}.xml"
     tree.write(str(path))
     return path
 
@@ -315,6 +315,11 @@ def test_domcaps_pick_the_video_model(cli: CliRunner, tmp_path: Path) -> None:
     done = enable(cli, "spice", data, "--domcaps", str(domcaps))
     assert done.status == 0, done.stderr
     assert video_models(done.stdout) == ["vga"]
+    # and else one the capabilities list
+    domcaps = without_value("ppc64le", "video", "virtio", tmp_path, "vga", "cirrus", "vmvga")
+    done = enable(cli, "spice", data, "--domcaps", str(domcaps))
+    assert done.status == 0, done.stderr
+    assert video_models(done.stdout) == ["bochs"]
 
 
 def test_a_bad_domcaps_file_is_a_clear_error(cli: CliRunner, tmp_path: Path) -> None:
