@@ -11,7 +11,7 @@ core knows other than x86, the new port names the target type libvirt gives it t
 (``system-serial``, a PL011, on aarch64 virt; ``sclp-serial`` on s390x, port 1 being
 the ``sclplmconsole``; ``spapr-vio-serial`` on ppc64 pseries). Where the machine has
 no free serial port left (aarch64 virt has one UART), a virtio console on a pty is
-added instead. A platform with neither is refused.
+added instead (every machine libvirt runs has virtio consoles).
 """
 
 from __future__ import annotations
@@ -25,7 +25,6 @@ from broker.api import (
     Compare,
     ConsoleEdit,
     DeviceRef,
-    EditError,
     EditOptions,
     Platform,
     Slot,
@@ -71,11 +70,6 @@ def _port_free(platform: Platform, serials: Sequence[etree._Element]) -> bool:
     return limit is None or _next_port(serials) < limit
 
 
-def _virtio_console(platform: Platform) -> bool:
-    targets = platform.console_target_types
-    return targets is None or "virtio" in targets
-
-
 def _new_serial(platform: Platform, port: int) -> etree._Element:
     serial = load_fragment(TEMPLATES, "serial/serial.xml")
     target = serial.find("target")
@@ -115,11 +109,6 @@ def xml_edit(options: EditOptions) -> ConsoleEdit:
         """
         present = list(devices.iterchildren("serial"))
         if not _reachable(present, devices):
-            if not _virtio_console(platform):
-                raise EditError(
-                    f"serial: {platform.describe()} has no serial port left and no virtio "
-                    "console, so no console the broker can open"
-                )
             return [*current, load_fragment(TEMPLATES, "serial/virtio-console.xml")]
         serial0 = next((s for s in present if _port(s) == 0), None)
         if serial0 is None or serial0.get("type") != "pty" or any(_is_mirror(c) for c in current):
