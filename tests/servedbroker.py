@@ -21,6 +21,7 @@ import ssl
 import subprocess
 import sys
 import time
+import tomllib
 import urllib.error
 import urllib.request
 from collections.abc import Sequence
@@ -140,10 +141,22 @@ level = "debug"
             preexec_fn=end_with_parent if nofile is None else lambda: _limited(nofile),
         )
         self.tokens: list[str] = []
-        if not self.healthy(30):
+        if not self.healthy(30) or not self._every_worker_listening(30):
             text = self.log_text()
             self.stop()  # the process ended (or is ended) and its log file closed
             raise AssertionError(f"the broker did not come up:\n{text}")
+
+    def _every_worker_listening(self, timeout: float) -> bool:
+        """With ``service.workers`` > 1, wait until every worker logged
+        ``broker.listening`` (``/healthz`` answers once one does; a worker still starting
+        would load its files after the test changed them)."""
+        workers = tomllib.loads(self.config.read_text()).get("service", {}).get("workers", 1)
+        deadline = time.monotonic() + timeout
+        while len(self.events("broker.listening")) < workers:
+            if self.process.poll() is not None or time.monotonic() > deadline:
+                return False
+            time.sleep(0.05)
+        return True
 
     def healthy(self, timeout: float) -> bool:
         """Wait until ``/healthz`` answers 200 (True), the process ends or *timeout*

@@ -125,7 +125,7 @@ def test_every_worker_reloads(tmp_path: Path) -> None:
         served.hup()
         lines = served.wait_events("broker.reloaded", 2)
         assert sorted(line["worker"] for line in lines) == [0, 1]
-        assert all(line["changed"] == ["tls.cert", "tls.key"] for line in lines)
+        assert all(line["changed"] == ["tls.cert", "tls.key"] for line in lines), lines
         (signalled,) = served.events("broker.signal")
         assert signalled["signal"] == "SIGHUP" and signalled["workers"] == 2
         # Whichever worker the kernel gives a new connection to shows the new certificate.
