@@ -198,3 +198,35 @@ def test_an_emulator_libvirt_does_not_know_gives_no_capabilities(testbed: Testbe
     platform = Platform(arch="aarch64", machine="virt", emulator="/nonexistent/qemu")
     assert libvirt_capabilities(testbed.conn)(platform) is None
     assert connection_capabilities(testbed.uri)(platform) is None
+
+
+@pytest.mark.vm
+@pytest.mark.parametrize(
+    ("arch", "machine", "added"),
+    [
+        ("aarch64", "virt", "console"),  # its one UART taken: a virtio console
+        ("s390x", "s390-ccw-virtio", "serial"),  # port 1, the line-mode SCLP console
+        ("ppc64le", "pseries", "serial"),  # another spapr-vty
+    ],
+)
+def test_a_pty_beside_a_taken_serial_port_is_defined(
+    testbed: Testbed, cli: CliRunner, arch: str, machine: str, added: str
+) -> None:
+    require_emulator(arch)
+    emulator = EMULATORS[arch][0]
+    data = (
+        f"<domain type='qemu'><name>{testbed.unique_name('arch-serial')}</name>"
+        f"<memory>131072</memory><os><type arch='{arch}' machine='{machine}'>hvm</type></os>"
+        f"<devices><emulator>/usr/bin/{emulator}</emulator>"
+        "<serial type='file'><source path='/var/log/cb-serial.log'/><target port='0'/></serial>"
+        "</devices></domain>"
+    ).encode()
+    done = cli("xml", "enable", "--consoles", "serial", "-", stdin=data)
+    assert done.status == 0, done.stderr
+    dom = define(testbed, done.stdout)
+    stored = parse_document(dom.XMLDesc(INACTIVE).encode())
+    record = read_consoles(stored)["serial"]
+    assert record.device is not None and record.device.tag == added
+    assert record.index is not None
+    found = stored.root.findall(f"devices/{added}")[record.index]
+    assert found.get("type") == "pty"
