@@ -215,7 +215,12 @@ def _xml_show(args: argparse.Namespace) -> int:
     from broker.xml import _io, parse_document, read_consoles
 
     def body() -> int:
-        records = read_consoles(parse_document(_io.read_input(args.file)))
+        from broker.xml._additions import describe
+        from broker.xml._metadata import find_added, read_added
+
+        doc = parse_document(_io.read_input(args.file))
+        records = read_consoles(doc)
+        added = [describe(el) for el in read_added(find_added(doc.root))]
         if args.json:
             json.dump({p: r.to_json() for p, r in records.items()}, sys.stdout, indent=2)
             sys.stdout.write("\n")
@@ -233,6 +238,11 @@ def _xml_show(args: argparse.Namespace) -> int:
             restores = ", ".join(record.slots) or "nothing"
             print(
                 f"{protocol}: mode {record.mode}, {device}{settings}; disable restores: {restores}"
+            )
+        if added:
+            print(
+                "libvirt added for the consoles (disable removes what nothing else uses): "
+                + ", ".join(added)
             )
         return 0
 

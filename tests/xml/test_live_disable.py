@@ -527,3 +527,14 @@ def test_the_libvirt_hook_keeps_a_record_made_on_the_source_host(
     assert done.stdout  # rewritten: the displays now listen on TCP
     assert read_consoles(parse_document(done.stdout))["vnc"].mode == "tcp"
     assert recorded(done.stdout) == recorded(incoming)
+
+
+def test_xml_show_lists_the_record(cli: CliRunner) -> None:
+    shown = cli("xml", "show", "-", stdin=with_record("pc"))
+    assert shown.status == 0, shown.stderr
+    assert shown.stdout.decode().splitlines()[-1] == (
+        "libvirt added for the consoles (disable removes what nothing else uses): "
+        "<controller type='virtio-serial' index='0'>"
+    )
+    plain = cli("xml", "show", "-", stdin=fixture("pc", "stored"))
+    assert b"libvirt added" not in plain.stdout
