@@ -55,12 +55,12 @@ ENDPOINTS = ("console", "plugin", "none")
 #: is ``screenshot`` grants one screenshot of its domain's screen (``GET /screenshot``,
 #: docs/service.md), and nothing else. No plugin may declare a protocol of this name.
 SCREENSHOT = "screenshot"
-
 #: The core's own token purpose of the operator page (``GET /operator/``, docs/tokens.md):
 #: a token whose protocol claim is ``operator`` opens the page's session, lists the
 #: node's domains and has the broker mint console tokens; it opens no console itself.
 #: No plugin may declare a protocol of this name.
 OPERATOR = "operator"
+
 
 def _check_protocol_name(_instance: object, _attribute: object, value: str) -> None:
     if not _PROTOCOL_NAME.fullmatch(value):
