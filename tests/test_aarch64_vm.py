@@ -3,9 +3,11 @@
 An aarch64 domain as virt-install writes one (less its UEFI firmware: the arm64 kernel
 boots directly; see docs/testbed.md) gets every console the architecture has through
 ``console-broker enable`` on the live libvirt, is defined and started. Through a served
-broker its serial console (the PL011, ``ttyAMA0``) answers, and its VNC page in headless
-Chromium shows the guest's screen: virtio-gpu's framebuffer, whose console (``tty1``)
-shows the text the guest writes there.
+broker its serial console (the PL011, ``ttyAMA0``) answers, its VNC page in headless
+Chromium shows the guest's screen (virtio-gpu's framebuffer, whose console, ``tty1``,
+shows the text the guest writes there) and takes keys (the USB keyboard: the ``virt``
+machine has no PS/2), and its SPICE page shows the screen too. A domain with no display
+and no USB controller gets virtio-gpu, no QXL and no USB redirection.
 
 The emulator comes from Debian's qemu-system-arm (``scripts/setup-host``): without it
 these tests are skipped on a developer machine, and fail when ``CI`` is set.
@@ -149,6 +151,32 @@ def test_the_vnc_page_shows_the_guests_screen(
     browser.get("about:blank")
 
 
+def test_keys_typed_on_the_vnc_page_reach_the_guest(
+    served: ServedBroker, guest: Any, browser: Any
+) -> None:
+    """The ``virt`` machine has no PS/2: keys typed on the VNC page reach the shell on the
+    screen's console through the USB keyboard on the qemu-xhci controller, and the command
+    typed there writes to the serial port."""
+    from selenium.webdriver.common.action_chains import ActionChains
+    from selenium.webdriver.common.keys import Keys
+
+    with served.connect(guest.name(), protocol="serial") as ws:
+        _vnc_page_shows_the_guest(browser, served, guest.name())
+        browser.execute_script("window.consoleRFB.focus()")
+        # typed key by key, '>' and capitals with Shift held as on a keyboard (the scan
+        # code noVNC sends is the key's, not the character's)
+        for char in "echo vnc-typed-on-aarch64 >/dev/ttyAMA0\n":
+            actions = ActionChains(browser)
+            if char == ">" or char.isupper():
+                key = "." if char == ">" else char.lower()
+                actions.key_down(Keys.SHIFT).send_keys(key).key_up(Keys.SHIFT)
+            else:
+                actions.send_keys(Keys.ENTER if char == "\n" else char)
+            actions.perform()
+        _expect(ws, r"(vnc-typed-on-aarch64)")
+    browser.get("about:blank")
+
+
 def test_a_domain_without_a_display_gets_virtio_gpu(
     emulator: str, testbed: Testbed, served: ServedBroker, browser: Any
 ) -> None:
@@ -222,6 +250,11 @@ def _shell(ws: ClientConnection, command: str, pattern: str, timeout: float = 30
     the guest printed is read up to there, so the session's incoming queue does not fill
     (a full one keeps the client from reading the close frame when the session ends)."""
     ws.send(f"{command}\n".encode())
+    return _expect(ws, pattern, timeout)
+
+
+def _expect(ws: ClientConnection, pattern: str, timeout: float = 30.0) -> str:
+    """Read a raw serial session until *pattern* shows; its first group."""
     seen = b""
     deadline = time.monotonic() + timeout
     while not (match := re.search(pattern.encode(), seen)):
