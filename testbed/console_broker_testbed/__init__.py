@@ -30,6 +30,7 @@ import hashlib
 import io
 import os
 import re
+import shutil
 import signal
 import socket
 import subprocess
@@ -513,7 +514,7 @@ class Testbed:
     def aarch64_files(self) -> tuple[Path, Path]:
         """The aarch64 guest's kernel and initramfs (:func:`aarch64_files`); a
         :class:`TestbedError` when its emulator or its files are missing."""
-        if not any(Path(d, AARCH64_EMULATOR).exists() for d in ("/usr/bin", "/usr/local/bin")):
+        if shutil.which(AARCH64_EMULATOR) is None:
             raise TestbedError(
                 f"{AARCH64_EMULATOR} is not installed (Debian's qemu-system-arm): "
                 "run scripts/setup-host as root"
@@ -627,8 +628,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     up.add_argument("--no-start", action="store_true", help="define only; do not start")
     up.add_argument(
         "--arch", choices=ARCHES, default="x86_64",
-        help="the guest's architecture (default x86_64; aarch64 runs the virt machine "
-        "under TCG and boots more slowly)",
+        help="the guest's architecture (default x86_64; aarch64: QEMU's virt machine, "
+        "which needs qemu-system-arm and the arm64 files scripts/setup-host fetches)",
     )
     down = sub.add_parser("down", help="stop and undefine a guest made with 'up'")
     down.add_argument("name")
