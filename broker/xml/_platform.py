@@ -6,9 +6,10 @@ A plugin's ``xml_edit`` gets the domain's :class:`Platform` in
 libvirt's domain capabilities for that emulator, architecture and machine
 (:class:`DomainCapabilities`, from ``virConnectGetDomainCapabilities``). Its methods
 answer architecture questions that are no protocol's: which video models, graphics
-types and redirection buses exist, whether the machine has USB, which serial target
-type libvirt gives a serial port there and how many such ports the machine has. Which
-devices a protocol needs stays the plugin's knowledge.
+types, redirection and input buses exist, whether the machine has USB, which keyboard
+and pointer libvirt gives a domain there on its own, which serial target type libvirt
+gives a serial port there and how many such ports the machine has. Which devices a
+protocol needs stays the plugin's knowledge.
 
 Every answer is ``None`` where neither the capabilities nor the table below know: a
 domain without ``arch`` (libvirt then takes the host's), or an architecture or machine
@@ -16,8 +17,9 @@ type outside the table. Plugins then do what they always did.
 
 The table holds the facts of libvirt's domain XML documentation
 (https://libvirt.org/formatdomain.html: "Video devices", "Consoles, serial, parallel &
-channel devices", "Redirected devices", "Controllers") and of libvirt's QEMU driver as it
-fills in defaults (``qemuDomainDefAddDefaultDevices``, ``qemuDomainChrDefPostParse``),
+channel devices", "Redirected devices", "Controllers", "Input devices") and of libvirt's
+QEMU driver as it fills in defaults (``qemuDomainDefAddDefaultDevices``,
+``qemuDomainDefAddImplicitInputDevice``, ``qemuDomainChrDefPostParse``),
 checked against libvirt 9.0 with QEMU 7.2 (``virsh domcapabilities`` and ``virsh
 define`` of each sample domain in ``tests/xml/arch``; docs/xml.md has the table).
 """
@@ -89,6 +91,12 @@ class _Facts:
     serial_ports: int | None
     #: ``<console><target type>`` values that exist there.
     console_targets: frozenset[str]
+    #: The ``<input bus>`` values that exist there.
+    input_buses: frozenset[str]
+    #: The input devices libvirt gives every domain of the machine (``ps2``: a PS/2
+    #: keyboard and mouse unless ``<features><ps2 state='off'/>``), one with graphics
+    #: (``usb-with-graphics``: a USB keyboard and mouse), or none (``""``).
+    implicit_input: str
 
 
 _GRAPHICS = frozenset({"vnc", "spice", "sdl", "egl-headless", "dbus"})
@@ -106,6 +114,8 @@ _TABLE: dict[tuple[str, str], _Facts] = {
         serial_target="isa-serial",
         serial_ports=4,
         console_targets=frozenset({"serial", "virtio"}),
+        input_buses=frozenset({"ps2", "usb", "virtio"}),
+        implicit_input="ps2",
     ),
     ("x86", "q35"): _Facts(
         video=_PC_VIDEO,
@@ -116,6 +126,8 @@ _TABLE: dict[tuple[str, str], _Facts] = {
         serial_target="isa-serial",
         serial_ports=4,
         console_targets=frozenset({"serial", "virtio"}),
+        input_buses=frozenset({"ps2", "usb", "virtio"}),
+        implicit_input="ps2",
     ),
     ("arm", "virt"): _Facts(
         video=frozenset({"virtio", "ramfb", "vga", "bochs", "cirrus", "vmvga", "none"}),
@@ -126,6 +138,8 @@ _TABLE: dict[tuple[str, str], _Facts] = {
         serial_target="system-serial",
         serial_ports=1,  # the virt board has one PL011 UART
         console_targets=frozenset({"serial", "virtio"}),
+        input_buses=frozenset({"usb", "virtio"}),
+        implicit_input="",
     ),
     ("s390", "s390-ccw"): _Facts(
         video=frozenset({"virtio", "none"}),
@@ -136,6 +150,8 @@ _TABLE: dict[tuple[str, str], _Facts] = {
         serial_target="sclp-serial",
         serial_ports=2,  # sclpconsole (port 0) and sclplmconsole (port 1)
         console_targets=frozenset({"serial", "virtio", "sclp", "sclplm"}),
+        input_buses=frozenset({"virtio"}),
+        implicit_input="",
     ),
     ("ppc64", "pseries"): _Facts(
         video=frozenset({"vga", "virtio", "bochs", "cirrus", "vmvga", "none"}),
@@ -146,6 +162,8 @@ _TABLE: dict[tuple[str, str], _Facts] = {
         serial_target="spapr-vio-serial",
         serial_ports=None,
         console_targets=frozenset({"serial", "virtio"}),
+        input_buses=frozenset({"usb", "virtio"}),
+        implicit_input="usb-with-graphics",
     ),
     ("riscv", "virt"): _Facts(
         video=frozenset({"virtio", "ramfb", "vga", "bochs", "cirrus", "vmvga", "none"}),
@@ -156,6 +174,8 @@ _TABLE: dict[tuple[str, str], _Facts] = {
         serial_target="system-serial",
         serial_ports=1,
         console_targets=frozenset({"serial", "virtio"}),
+        input_buses=frozenset({"usb", "virtio"}),
+        implicit_input="",
     ),
 }
 
@@ -239,16 +259,20 @@ class Platform:
     emulator: str | None = None
     #: libvirt's domain capabilities for this domain, when a live connection gave them.
     capabilities: DomainCapabilities | None = None
+    #: ``<features><ps2 state>`` (``off`` takes the PS/2 keyboard and mouse away).
+    ps2: str | None = None
 
     @classmethod
     def of_domain(cls, root: etree._Element) -> Platform:
         """The platform a ``<domain>`` element names."""
         os_type = root.find("os/type")
+        ps2 = root.find("features/ps2")
         return cls(
             arch=os_type.get("arch") if os_type is not None else None,
             machine=os_type.get("machine") if os_type is not None else None,
             virt_type=root.get("type"),
             emulator=(root.findtext("devices/emulator") or "").strip() or None,
+            ps2=ps2.get("state") if ps2 is not None else None,
         )
 
     # -- what it is ------------------------------------------------------------
@@ -360,6 +384,29 @@ class Platform:
         if any(c.get("type") == "usb" for c in devices.iterchildren("controller")):
             return False
         return self.usb_by_default
+
+    @property
+    def input_buses(self) -> frozenset[str] | None:
+        """The ``<input bus>`` values that exist here (``ps2`` on x86 only, ``usb``
+        with a USB controller, ``virtio`` everywhere the table knows)."""
+        facts = self._facts
+        return facts.input_buses if facts else None
+
+    def implicit_inputs(self, *, graphics: bool) -> frozenset[str] | None:
+        """What libvirt gives a domain of this machine on its own, of ``keyboard`` and
+        ``pointer``: x86 ``pc`` and ``q35`` have a PS/2 keyboard and mouse (unless
+        ``<features><ps2 state='off'/>``); on ppc64 libvirt adds a USB keyboard and
+        mouse to a domain with *graphics*; aarch64 and riscv ``virt`` and s390x get
+        none. None where the table does not know the machine."""
+        facts = self._facts
+        if facts is None:
+            return None
+        both = frozenset({"keyboard", "pointer"})
+        if facts.implicit_input == "ps2":
+            return frozenset() if self.ps2 == "off" else both
+        if facts.implicit_input == "usb-with-graphics":
+            return both if graphics else frozenset()
+        return frozenset()
 
     @property
     def serial_target_type(self) -> str | None:
