@@ -13,12 +13,19 @@ ones, the rest go where libvirt would write them. Each dropped original
 moves into the metadata record, next to the position of the element that
 replaced it; ``disable`` moves it back. See :mod:`broker.xml._metadata`
 for the record format.
+
+A shared slot (``Slot.shared``: the keyboard and pointer of every graphical
+console, :func:`broker.xml.input_slot`) is held alike by several protocols,
+its record by one of them: the first whose edit adds elements records them,
+an enable of another finds them in place (or edits them under the record
+where it is); ``disable`` hands the record to a protocol that stays enabled
+and holds the same slot, and only the last one takes the elements away.
 """
 
 from __future__ import annotations
 
 import functools
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 
 import attrs
 from lxml import etree
@@ -333,6 +340,25 @@ class _Editor:
             if delta:
                 lay.shift(original, delta)
 
+    def shared_record(
+        self, protocol: str, slot: Slot, holds: Callable[[str, Slot], bool]
+    ) -> SlotRecord | None:
+        """The record of the shared *slot* that another protocol's console holds."""
+        for other, console in console_elements(self.consoles).items():
+            if other == protocol:
+                continue
+            for record in slot_records(console, other):
+                if record.name == slot.name and holds(other, slot):
+                    return record
+        return None
+
+    def hand_over(self, record: SlotRecord, heir: etree._Element) -> None:
+        """Move the record of a shared slot into the console *heir*."""
+        el = record.element
+        lay.remove(el)
+        lay.insert_in_order(heir, el, _RECORD_ORDER, self.layout, reindent=False)
+        self.layout.reindent(el, lay.indent_of(el), opaque=lambda e: not _is_record(e))
+
     def enable_slot(
         self, protocol: str, slot: Slot, record: SlotRecord | None, *, hardware: bool
     ) -> None:
@@ -449,13 +475,17 @@ def enable(
     wanted_edits = {protocol: edits(protocol, options) for protocol in wanted}
     editor = _Editor(doc)
     _check_disjoint(editor.devices(), wanted_edits)
+    holds = _holder(edits, wanted_edits)
     for protocol, edit in wanted_edits.items():
         console = editor.console(protocol)
         records = (
             {r.name: r for r in slot_records(console, protocol)} if console is not None else {}
         )
         for slot in edit.slots:
-            editor.enable_slot(protocol, slot, records.get(slot.name), hardware=hardware)
+            record = records.get(slot.name)
+            if record is None and slot.shared:
+                record = editor.shared_record(protocol, slot, holds)
+            editor.enable_slot(protocol, slot, record, hardware=hardware)
         editor.write_console(protocol, edit, hardware=hardware)
     editor.finish()
     return EditResult(notes=tuple(note for edit in wanted_edits.values() for note in edit.notes))
@@ -468,13 +498,16 @@ def disable(
     edits: EditSource,
 ) -> EditResult:
     """Undo what the metadata records for *protocols* (default: everything); *edits*
-    gives each recorded protocol's slots."""
+    gives each recorded protocol's slots. A shared slot's record goes to a protocol that
+    stays enabled and holds the slot too, rather than being undone."""
     editor = _Editor(doc)
     recorded = console_elements(editor.consoles)
     wanted = list(recorded) if protocols is None else _unique(protocols)
     notes = [
         f"{protocol}: not enabled in this domain" for protocol in wanted if protocol not in recorded
     ]
+    staying = [p for p in recorded if p not in wanted]
+    holds = _holder(edits, {})
     for protocol in reversed([p for p in recorded if p in wanted]):
         console = recorded[protocol]
         records = slot_records(console, protocol)
@@ -490,20 +523,68 @@ def disable(
                         f"cannot disable {protocol}: its plugin has no slot {record.name!r} "
                         "any more"
                     )
-                editor.undo_slot(protocol, slot, record)
+                heir = _heir(slot, staying, recorded, holds)
+                if heir is not None:
+                    editor.hand_over(record, recorded[heir])
+                else:
+                    editor.undo_slot(protocol, slot, record)
         lay.remove(console)
     editor.finish()
     return EditResult(notes=tuple(notes))
 
 
+def _alike(a: Slot, b: Slot) -> bool:
+    """Whether *a* and *b* are the same shared slot (of two protocols)."""
+    return a.shared and b.shared and a.name == b.name and a.select == b.select
+
+
+def _holder(edits: EditSource, known: dict[str, ConsoleEdit]) -> Callable[[str, Slot], bool]:
+    """``holds(protocol, slot)``: whether *protocol*'s edit (from *known*, else from
+    *edits* with default options) has the shared *slot* too; a protocol whose edit
+    cannot be had holds nothing."""
+    cache = dict(known)
+
+    def holds(protocol: str, slot: Slot) -> bool:
+        edit = cache.get(protocol)
+        if edit is None:
+            try:
+                edit = edits(protocol, EditOptions())
+            except (XmlError, PluginError):
+                return False
+            cache[protocol] = edit
+        return any(_alike(slot, own) for own in edit.slots)
+
+    return holds
+
+
+def _heir(
+    slot: Slot,
+    staying: Sequence[str],
+    recorded: dict[str, etree._Element],
+    holds: Callable[[str, Slot], bool],
+) -> str | None:
+    """The protocol that stays enabled and takes over the record of the shared *slot*
+    (one without a record of its own for it), or None."""
+    if not slot.shared:
+        return None
+    for protocol in staying:
+        own = {record.name for record in slot_records(recorded[protocol], protocol)}
+        if slot.name not in own and holds(protocol, slot):
+            return protocol
+    return None
+
+
 def _check_disjoint(devices: etree._Element | None, edits: dict[str, ConsoleEdit]) -> None:
-    owners: dict[int, tuple[etree._Element, str]] = {}
+    # the element is held too, so that its proxy (and id) lives as long as the entry
+    owners: dict[int, tuple[etree._Element, Slot, str]] = {}
     for protocol, edit in edits.items():
         for slot in edit.slots:
             for el in _select(devices, slot, protocol):
                 owner = f"{protocol} slot {slot.name!r}"
                 if id(el) in owners:
+                    if _alike(owners[id(el)][1], slot):
+                        continue
                     raise PluginError(
-                        f"a <{el.tag}> is claimed by both {owners[id(el)][1]} and {owner}"
+                        f"a <{el.tag}> is claimed by both {owners[id(el)][2]} and {owner}"
                     )
-                owners[id(el)] = (el, owner)
+                owners[id(el)] = (el, slot, owner)

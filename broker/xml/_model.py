@@ -140,7 +140,8 @@ class Slot:
     ``select`` is an XPath evaluated on ``<devices>``; it must select direct
     children only, and must not depend on the options (``disable`` evaluates
     it again to find what ``enable`` placed). Slots of different protocols
-    must select disjoint elements.
+    must select disjoint elements, except ``shared`` slots of the same name and
+    select.
 
     ``build(current, devices)`` gets the selected elements (in document
     order) and the ``<devices>`` element for context, and returns the
@@ -172,6 +173,12 @@ class Slot:
     #: original kept in the metadata has them blanked, and ``disable`` takes
     #: their values from the element in place.
     secret_attributes: tuple[str, ...] = attrs.field(default=(), converter=_strings)
+    #: Whether several protocols hold this slot alike (the same ``name`` and ``select``,
+    #: e.g. the keyboard and pointer every graphical console needs, from
+    #: :func:`broker.xml.input_slot`): the first protocol whose edit adds elements records
+    #: them, the others find them in place; ``disable`` hands the record to another
+    #: enabled protocol holding the slot instead of taking the elements away.
+    shared: bool = False
 
 
 @attrs.frozen
