@@ -30,9 +30,10 @@ Domain XML (``Protocol.xml_edit``, ``XMLEdit.xml_edit``)
     and :class:`DeviceRef` out, or :class:`EditError` for options it cannot serve.
     :func:`load_fragment` reads an XML fragment shipped as package data with the safe
     parser; :func:`graphics_for_mode` changes how a ``<graphics>`` listens and keeps
-    the rest. :func:`read_consoles` reads what a domain's metadata records
-    (:class:`ConsoleRecord` per protocol), e.g. to find a device in the secure XML
-    libvirt gives for ``session.domain_handle``.
+    the rest; :func:`input_slot` is the shared slot that gives a graphical console a
+    keyboard and a pointer where the machine has none. :func:`read_consoles` reads what
+    a domain's metadata records (:class:`ConsoleRecord` per protocol), e.g. to find a
+    device in the secure XML libvirt gives for ``session.domain_handle``.
 
 Console pages and their assets (``Protocol.page``)
     :func:`assets_dir` resolves ``http.assets_dir``; :func:`package_file` serves a
@@ -191,6 +192,7 @@ if TYPE_CHECKING:
         Platform,
         Slot,
         graphics_for_mode,
+        input_slot,
         load_fragment,
         read_consoles,
     )
@@ -222,6 +224,7 @@ _SOURCES: dict[str, str] = {
     "ConsoleRecord": "broker.xml",
     "load_fragment": "broker.xml",
     "graphics_for_mode": "broker.xml",
+    "input_slot": "broker.xml",
     "read_consoles": "broker.xml",
     # console pages and their assets
     "HTML": "broker.assets",
@@ -362,6 +365,7 @@ __all__ = [
     "graphics_for_mode",
     "handle_for_token",
     "hookimpl",
+    "input_slot",
     "load_config",
     "load_fragment",
     "new_recording_id",

@@ -35,6 +35,7 @@ if TYPE_CHECKING:
         UnsafeXmlError,
         XmlError,
     )
+    from broker.xml._input import input_slot
     from broker.xml._metadata import NAMESPACE, PREFIX, read_consoles
     from broker.xml._model import (
         Compare,
@@ -74,6 +75,7 @@ _SOURCES: dict[str, str] = {
     "SchemaError": "broker.xml._errors",
     "UnsafeXmlError": "broker.xml._errors",
     "XmlError": "broker.xml._errors",
+    "input_slot": "broker.xml._input",
     "NAMESPACE": "broker.xml._metadata",
     "PREFIX": "broker.xml._metadata",
     "read_consoles": "broker.xml._metadata",
@@ -142,6 +144,7 @@ __all__ = [
     "enable",
     "enable_xml",
     "graphics_for_mode",
+    "input_slot",
     "libvirt_capabilities",
     "load_fragment",
     "parse_document",

@@ -9,8 +9,10 @@ What the guest's platform (``options.platform``) has decides the companions: the
 video card is QXL (SPICE's own, with its guest driver's 2D acceleration) where the
 machine has QXL (x86), else virtio-gpu, else the machine's default model; USB
 redirection channels go only on a domain with a USB bus (a USB controller, or a machine
-that has one by default); the agent channel only where spicevmc channels exist. A
-platform that has no SPICE display, or no video device at all, is refused.
+that has one by default); the agent channel only where spicevmc channels exist; a
+keyboard and pointer where the machine has none, from the core's shared input slot
+(``input_slot``), as every graphical console does. A platform that has no SPICE
+display, or no video device at all, is refused.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ from broker.api import (
     Platform,
     Slot,
     graphics_for_mode,
+    input_slot,
     load_fragment,
 )
 
@@ -172,6 +175,7 @@ def xml_edit(options: EditOptions) -> ConsoleEdit:
                 compare=Compare.COVERS,
                 guest_visible=True,
             ),
+            input_slot(platform),
         ],
         devices=[DeviceRef("graphics", "spice")],
         settings={"tls": "yes" if tls else "no"},

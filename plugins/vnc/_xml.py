@@ -3,7 +3,9 @@
 libvirt gives a domain with a display and no video the machine's default video
 model itself (virtio-gpu on aarch64 virt and s390x, VGA on ppc64 pseries), so the edit
 adds none. A platform (``options.platform``) that offers no VNC display, or has no
-video device at all, is refused.
+video device at all, is refused. A machine without a keyboard or pointer of its own
+gets them from the core's shared input slot (``input_slot``), as every graphical
+console does.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from broker.api import (
     EditOptions,
     Slot,
     graphics_for_mode,
+    input_slot,
     load_fragment,
 )
 
@@ -61,7 +64,8 @@ def xml_edit(options: EditOptions) -> ConsoleEdit:
                 build=graphics,
                 compare=Compare.EXACT,
                 secret_attributes=("passwd",),
-            )
+            ),
+            input_slot(platform),
         ],
         devices=[DeviceRef("graphics", "vnc")],
     )
