@@ -119,6 +119,10 @@ def libvirt_fix(uri: str, error: str) -> str:
     return f"check libvirt.uri ({uri}) and that libvirtd runs: virsh -c {uri} version"
 
 
+def _no_answer(uri: str, error: str) -> Finding:
+    return Finding(FAIL, uri, f"does not answer: {error}", libvirt_fix(uri, error))
+
+
 def check_libvirt(access: LibvirtAccess, *, timeout: float = DEFAULT_TIMEOUT) -> list[Finding]:
     """libvirt answers at ``libvirt.uri``: its version and the hypervisor's."""
     if access.conn is None:
@@ -126,13 +130,25 @@ def check_libvirt(access: LibvirtAccess, *, timeout: float = DEFAULT_TIMEOUT) ->
                         libvirt_fix(access.uri, access.error))]
     conn = access.conn
     try:
-        lib, hyp, kind = bounded(
-            lambda: (conn.getLibVersion(), conn.getVersion(), conn.getType()), timeout
-        )
+        lib, kind = bounded(lambda: (conn.getLibVersion(), conn.getType()), timeout)
     except Exception as exc:
-        error = error_text(exc)
-        return [Finding(FAIL, access.uri, f"does not answer: {error}",
-                        libvirt_fix(access.uri, error))]
+        return [_no_answer(access.uri, error_text(exc))]
+    try:
+        hyp = bounded(conn.getVersion, timeout)
+    except TimeoutError as exc:
+        # The daemon answers; its driver is busy: libvirt's QEMU driver probes every
+        # installed emulator the first time the hypervisor's version or its capabilities
+        # are asked for after libvirtd started or QEMU changed (seconds each, then cached).
+        return [Finding(
+            WARN, access.uri,
+            f"libvirt {_version(lib)} answers, but its {kind} driver did not report the "
+            f"hypervisor's version: {exc}",
+            "libvirt probes every installed QEMU binary after it starts or after QEMU was "
+            "upgraded: run doctor again in a minute (or with a longer --timeout); if it "
+            f"persists, look at libvirtd's log; try: virsh -c {access.uri} version",
+        )]
+    except Exception as exc:
+        return [_no_answer(access.uri, error_text(exc))]
     return [Finding(OK, access.uri, f"libvirt {_version(lib)}, {kind} {_version(hyp)}")]
 
 

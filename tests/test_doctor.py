@@ -192,6 +192,26 @@ def test_a_hung_libvirt_is_given_up() -> None:
     assert "did not answer" in finding.detail and "start libvirtd" in finding.fix
 
 
+def test_a_driver_still_probing_its_emulators_is_a_warning() -> None:
+    """libvirtd answers, but its QEMU driver takes longer than the timeout to report the
+    hypervisor's version (it probes every installed emulator after a start)."""
+    release = threading.Event()
+
+    class Probing(FakeConn):
+        def getVersion(self) -> int:
+            release.wait(30)
+            return super().getVersion()
+
+    access = lv.connect_libvirt("qemu:///system", opener=lambda uri: Probing())
+    try:
+        [finding] = lv.check_libvirt(access, timeout=0.2)
+    finally:
+        release.set()
+    assert finding.status == WARN
+    assert finding.detail.startswith("libvirt 9.0.0 answers, but its QEMU driver did not")
+    assert "run doctor again in a minute" in finding.fix
+
+
 def test_libvirts_schema_found_missing_or_broken(tmp_path: Path) -> None:
     from broker.xml import DOMAIN_SCHEMA
 

@@ -485,6 +485,11 @@ class Testbed:
             self.conn = libvirt.open(uri)
         except libvirt.libvirtError as exc:
             raise TestbedError(f"cannot connect to {uri}: {exc}") from exc
+        # libvirt's QEMU driver probes every installed emulator (qemu-system-misc alone
+        # brings twenty) the first time its capabilities or the hypervisor's version are
+        # asked for, about 2 s each here, and caches them on disk: paid once, here, not
+        # inside a test that bounds how long libvirt may take to answer.
+        self.conn.getCapabilities()
         self._domains: list[Any] = []
 
     def reconnect(self) -> None:
