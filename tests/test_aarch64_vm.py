@@ -6,8 +6,9 @@ boots directly; see docs/testbed.md) gets every console the architecture has thr
 broker its serial console (the PL011, ``ttyAMA0``) answers, its VNC page in headless
 Chromium shows the guest's screen (virtio-gpu's framebuffer, whose console, ``tty1``,
 shows the text the guest writes there) and takes keys (the USB keyboard: the ``virt``
-machine has no PS/2), and its SPICE page shows the screen too. A domain with no display
-and no USB controller gets virtio-gpu, no QXL and no USB redirection.
+machine has no PS/2), and its SPICE page shows the screen too. A domain with no display,
+no input and no USB controller gets virtio-gpu, no QXL and no USB redirection, and a
+virtio keyboard and tablet, through which keys typed on its VNC page reach the guest.
 
 The emulator comes from Debian's qemu-system-arm (``scripts/setup-host``): without it
 these tests are skipped on a developer machine, and fail when ``CI`` is set.
@@ -157,22 +158,9 @@ def test_keys_typed_on_the_vnc_page_reach_the_guest(
     """The ``virt`` machine has no PS/2: keys typed on the VNC page reach the shell on the
     screen's console through the USB keyboard on the qemu-xhci controller, and the command
     typed there writes to the serial port."""
-    from selenium.webdriver.common.action_chains import ActionChains
-    from selenium.webdriver.common.keys import Keys
-
     with served.connect(guest.name(), protocol="serial") as ws:
         _vnc_page_shows_the_guest(browser, served, guest.name())
-        browser.execute_script("window.consoleRFB.focus()")
-        # typed key by key, '>' and capitals with Shift held as on a keyboard (the scan
-        # code noVNC sends is the key's, not the character's)
-        for char in "echo vnc-typed-on-aarch64 >/dev/ttyAMA0\n":
-            actions = ActionChains(browser)
-            if char == ">" or char.isupper():
-                key = "." if char == ">" else char.lower()
-                actions.key_down(Keys.SHIFT).send_keys(key).key_up(Keys.SHIFT)
-            else:
-                actions.send_keys(Keys.ENTER if char == "\n" else char)
-            actions.perform()
+        _type_on_vnc_page(browser, "echo vnc-typed-on-aarch64 >/dev/ttyAMA0\n")
         _expect(ws, r"(vnc-typed-on-aarch64)")
     browser.get("about:blank")
 
@@ -180,9 +168,12 @@ def test_keys_typed_on_the_vnc_page_reach_the_guest(
 def test_a_domain_without_a_display_gets_virtio_gpu(
     emulator: str, testbed: Testbed, served: ServedBroker, browser: Any
 ) -> None:
-    """An aarch64 domain with no display and no USB controller, VNC and serial enabled:
-    the editor adds no QXL and no USB redirection, libvirt gives the VNC display the
-    ``virt`` machine's video (virtio-gpu) on define, and the guest's screen shows."""
+    """An aarch64 domain with no display, no input and no USB controller, VNC and serial
+    enabled: the editor adds no QXL and no USB redirection, libvirt gives the VNC display
+    the ``virt`` machine's video (virtio-gpu) on define, and the guest's screen shows. The
+    machine has no keyboard or pointer of its own (no PS/2, and libvirt adds none): the
+    editor's virtio keyboard and tablet carry the keys typed on the VNC page to the shell
+    on the screen's console, which writes to the serial port."""
     tree = etree.fromstring(
         testbed.guest_xml(testbed.unique_name("aarch64-bare"), arch="aarch64").encode())
     devices = tree.find("devices")
@@ -200,6 +191,8 @@ def test_a_domain_without_a_display_gets_virtio_gpu(
         assert [g.get("type") for g in defined.iterfind("devices/graphics")] == ["vnc"]
         assert [v.get("type") for v in defined.iterfind("devices/video/model")] == ["virtio"]
         assert defined.find("devices/redirdev") is None
+        assert [(i.get("type"), i.get("bus")) for i in defined.iterfind("devices/input")] == [
+            ("keyboard", "virtio"), ("tablet", "virtio")]
         serial = testbed.boot(dom)
         assert serial is not None
         serial.close()
@@ -207,7 +200,9 @@ def test_a_domain_without_a_display_gets_virtio_gpu(
             serial_answers(ws)
             size = _shell(ws, "echo fb-$(cat /sys/class/graphics/fb0/virtual_size)-end",
                           r"fb-(\d+,\d+)-end")
-        assert _vnc_page_shows_the_guest(browser, served, dom.name()) == size
+            assert _vnc_page_shows_the_guest(browser, served, dom.name()) == size
+            _type_on_vnc_page(browser, "echo vnc-typed-on-bare-aarch64 >/dev/ttyAMA0\n")
+            _expect(ws, r"(vnc-typed-on-bare-aarch64)")
         browser.get("about:blank")
     finally:
         testbed.remove(dom)
@@ -242,6 +237,24 @@ def _vnc_page_shows_the_guest(browser: Any, served: ServedBroker, domain: str) -
     )
     assert browser.execute_script(VNC_INK) > 0
     return f"{width},{height}"
+
+
+def _type_on_vnc_page(browser: Any, text: str) -> None:
+    """Type *text* on the open VNC page, key by key: '>' and capitals with Shift held as on
+    a keyboard (the scan code noVNC sends is the key's, not the character's), a newline
+    as Enter."""
+    from selenium.webdriver.common.action_chains import ActionChains
+    from selenium.webdriver.common.keys import Keys
+
+    browser.execute_script("window.consoleRFB.focus()")
+    for char in text:
+        actions = ActionChains(browser)
+        if char == ">" or char.isupper():
+            key = "." if char == ">" else char.lower()
+            actions.key_down(Keys.SHIFT).send_keys(key).key_up(Keys.SHIFT)
+        else:
+            actions.send_keys(Keys.ENTER if char == "\n" else char)
+        actions.perform()
 
 
 def _shell(ws: ClientConnection, command: str, pattern: str, timeout: float = 30.0) -> str:
