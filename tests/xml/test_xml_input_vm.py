@@ -5,8 +5,9 @@ Each domain of ``arch/`` (as virt-install writes them) enabled with VNC is defin
 libvirtd: what libvirt stores has a keyboard and a pointer on every architecture, the
 virtio ones the editor added where the machine has none of its own (aarch64 ``virt``,
 s390x), and libvirt's own elsewhere (PS/2 on x86, USB on ppc64 ``pseries``), with no
-virtio one added beside them. Keys typed through the virtio keyboard are in
-tests/test_aarch64_vm.py.
+virtio one added beside them. Live, a partial disable keeps them for the graphical
+console that stays, and the last disable gives back ``virsh dumpxml --inactive``
+exactly. Keys typed through the virtio keyboard are in tests/test_aarch64_vm.py.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import test_live_disable_vm as live
 from console_broker_testbed import Testbed
 from lxml import etree
 from test_xml_arch_vm import INACTIVE, SAMPLES, arch_of, define, named, require_emulator
@@ -22,6 +24,7 @@ from xmlhelpers import CliRunner
 
 pytestmark = pytest.mark.vm
 
+ARCH = Path(__file__).parent / "arch"
 #: ``<input type>`` -> what it is to a console.
 KINDS = {"keyboard": "keyboard", "mouse": "pointer", "tablet": "pointer"}
 
@@ -45,5 +48,30 @@ def test_every_defined_graphical_domain_has_a_keyboard_and_pointer(
         ]
         virtio = [kind for kind, bus in inputs if bus == "virtio"]
         assert virtio == before + ADDED[sample.stem]
+    finally:
+        testbed.remove(dom)
+
+
+def virtio_inputs(xml: str) -> list[str]:
+    root = etree.fromstring(xml.encode())
+    return [str(i.get("type")) for i in root.iterfind("devices/input[@bus='virtio']")]
+
+
+@pytest.mark.parametrize("first", ["spice", "vnc"])
+@pytest.mark.parametrize(
+    "path", [ARCH / "aarch64-virt-vnc-no-usb.xml", ARCH / "s390x-ccw.xml"], ids=lambda p: p.stem
+)
+def test_live_a_partial_disable_keeps_them_and_the_last_one_takes_them_away(
+    testbed: Testbed, path: Path, first: str
+) -> None:
+    dom = testbed.define(live.sample(testbed, path))
+    try:
+        before = dom.XMLDesc(INACTIVE)
+        live.enable(testbed, dom.name(), "vnc,spice")
+        assert virtio_inputs(dom.XMLDesc(INACTIVE)) == ["keyboard", "tablet"]
+        live.disable(testbed, dom.name(), first)
+        assert virtio_inputs(dom.XMLDesc(INACTIVE)) == ["keyboard", "tablet"]
+        live.disable(testbed, dom.name())
+        assert dom.XMLDesc(INACTIVE) == before
     finally:
         testbed.remove(dom)
