@@ -131,3 +131,14 @@ def test_tiny_guest_boots_and_answers_on_its_serial_console(testbed: Testbed) ->
         assert serial.run("cat /proc/cmdline").split()[:2] == ["console=tty0", "console=ttyS0"]
     names = [d.name() for d in testbed.conn.listAllDomains()]
     assert dom.name() not in names  # removed afterwards
+
+
+@pytest.mark.vm
+def test_daemons_starts_libvirtd_with_its_capabilities_probed(
+    testbed: Testbed, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """``python -m console_broker_testbed daemons`` (scripts/test runs it beside the unit
+    tests): libvirtd answers, and its capabilities name the host's emulator."""
+    assert tb.main(["daemons"]) == 0
+    assert capsys.readouterr().err == ""
+    assert "/usr/bin/qemu-system-x86_64" in testbed.conn.getCapabilities()

@@ -619,6 +619,22 @@ def booted(testbed: Testbed, xml: str) -> Iterator[tuple[Any, SerialConsole]]:
 # --- command line ----------------------------------------------------------------
 
 
+def warm_daemons() -> int:
+    """Start the daemons and ask libvirt for its capabilities once (see
+    :class:`Testbed`): 0, or 1 with the error on standard error."""
+    try:
+        ensure_daemons()
+        conn = libvirt.open(URI)
+        try:
+            conn.getCapabilities()
+        finally:
+            conn.close()
+    except (TestbedError, libvirt.libvirtError) as exc:
+        print(f"testbed: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m console_broker_testbed",
@@ -638,7 +654,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     down = sub.add_parser("down", help="stop and undefine a guest made with 'up'")
     down.add_argument("name")
+    sub.add_parser(
+        "daemons",
+        help="start virtlogd and libvirtd and have libvirt probe the installed emulators "
+        "(cached on disk after; scripts/test runs it beside the unit tests)",
+    )
     args = parser.parse_args(argv)
+    if args.command == "daemons":
+        return warm_daemons()
     try:
         bed = Testbed(prefix="cbdemo")
     except TestbedError as exc:
