@@ -59,7 +59,7 @@ class SessionRecord(TypedDict):
     bytes_to_console: int
     #: The token's ``name`` claim, or None.
     name: str | None
-    #: Its connections open now (SPICE: one per channel), the first included.
+    #: Its connections open now (a multi_connection protocol opens several), the first included.
     connections: int
     #: The worker process serving it (``serve --workers``), or None with one process.
     worker: int | None
