@@ -212,6 +212,18 @@ def operator_links(config: Config, token: str) -> OperatorLinks:
 # --- token ------------------------------------------------------------------------------
 
 
+def _check_name(args: argparse.Namespace) -> None:
+    """``--name``, when given, is a valid ``name`` claim (:func:`valid_name`)."""
+    from broker.tokens import MAX_NAME_LENGTH, valid_name
+
+    if args.name is not None and not valid_name(args.name):
+        raise CommandError(
+            f"--name: 1 to {MAX_NAME_LENGTH} printable characters (no control characters), "
+            "not only spaces",
+            EXIT_USAGE,
+        )
+
+
 def _in_effect(config: Config, args: argparse.Namespace) -> Config:
     """*config* with ``--node`` and ``--public-url`` in place of ``broker.node`` and
     ``broker.public_url``: what the links and a client file are made from."""
@@ -243,7 +255,7 @@ def _signing_key(config: Config, key_dir: Path | None) -> Ed25519PrivateKey:
 
 
 def _token_command(args: argparse.Namespace) -> int:
-    from broker.tokens import MAX_NAME_LENGTH, TokenIssuer, valid_name
+    from broker.tokens import TokenIssuer
 
     _log_to_stderr()
     if args.operator:  # the operator page's token: no domain, no console
@@ -255,12 +267,7 @@ def _token_command(args: argparse.Namespace) -> int:
     if args.domain is None or args.protocol is None:
         raise CommandError("DOMAIN and --protocol are required (but with --recording)",
                            EXIT_USAGE)
-    if args.name is not None and not valid_name(args.name):
-        raise CommandError(
-            f"--name: 1 to {MAX_NAME_LENGTH} printable characters (no control characters), "
-            "not only spaces",
-            EXIT_USAGE,
-        )
+    _check_name(args)
     config = _in_effect(_config(args), args)
     screenshot = args.protocol == SCREENSHOT  # the core's own purpose, no plugin's
     if not screenshot:
@@ -355,7 +362,7 @@ def _token_command(args: argparse.Namespace) -> int:
 
 def _operator_token(args: argparse.Namespace) -> int:
     """``token --operator``: a token for the node's operator page (docs/tokens.md)."""
-    from broker.tokens import MAX_NAME_LENGTH, TokenIssuer, valid_name
+    from broker.tokens import TokenIssuer
 
     given = [
         flag for flag, value in (
@@ -371,12 +378,7 @@ def _operator_token(args: argparse.Namespace) -> int:
             "or console (the page lists them, and has the broker mint their tokens)",
             EXIT_USAGE,
         )
-    if args.name is not None and not valid_name(args.name):
-        raise CommandError(
-            f"--name: 1 to {MAX_NAME_LENGTH} printable characters (no control characters), "
-            "not only spaces",
-            EXIT_USAGE,
-        )
+    _check_name(args)
     config = _in_effect(_config(args), args)
     ttl = config.tokens.default_ttl if args.ttl is None else args.ttl
     if not 1 <= ttl <= config.tokens.max_ttl:
