@@ -40,7 +40,7 @@ import struct
 import sys
 import termios
 from collections.abc import Callable
-from typing import Any, cast
+from typing import Any, Protocol, cast
 
 import attrs
 
@@ -129,6 +129,9 @@ class BrokerConnection(ServerConnection):
         self.stalled = False
         #: Called once, before a client that stopped reading is cut.
         self.on_stall: Callable[[], None] | None = None
+        #: While a session's bytes are spliced (:mod:`broker.service._splice`): where
+        #: whole binary messages go, and who is told when the client's buffer fills.
+        self.splice: ClientSplice | None = None
 
     # --- TLS with client certificates ----------------------------------------------------
 
@@ -317,20 +320,26 @@ class BrokerConnection(ServerConnection):
             pos = taken
 
     def _binary_message(self, view: memoryview, pos: int, header_size: int, end: int) -> None:
-        """The masked binary frame in *view* from *pos* to *end*, unmasked, as a message."""
+        """The masked binary frame in *view* from *pos* to *end*, unmasked, as a message:
+        to the splice when one is attached and no message waits before it in websockets'
+        queue (order is kept), else into that queue."""
         mask = bytes(view[pos + header_size - 4 : pos + header_size])
         payload = apply_mask(view[pos + header_size : end], mask)
-        self.recv_messages.put(Frame(Opcode.BINARY, payload))
+        splice = self.splice
+        if splice is not None and not len(self.recv_messages.frames):
+            splice.from_client(payload)
+        else:
+            self.recv_messages.put(Frame(Opcode.BINARY, payload))
 
-    async def send_binary(self, data: bytes) -> None:
-        """Send *data* as one binary message, as ``send`` does (the same flow control and
-        errors) without building a websockets frame: the header is written beside the
-        payload, which is not copied on uvloop (a vectored write) and copied once on
-        asyncio's loop (its ``writelines`` joins)."""
+    def write_binary(self, data: bytes | memoryview) -> bool:
+        """Write *data* as one binary message now, without waiting (the caller keeps to
+        the flow control: :attr:`paused`, or a splice's ``client_full``); False, with
+        nothing written, when the connection is no longer open. The header is written
+        beside the payload, which is not copied on uvloop (a vectored write) and copied
+        once on asyncio's loop (its ``writelines`` joins)."""
         transport = self.transport
         if self.protocol.state is not OPEN or transport.is_closing():
-            await self.send(data)  # raises ConnectionClosed as websockets does
-            return
+            return False
         size = len(data)
         if size < 126:
             header = bytes((_BINARY_FIN, size))
@@ -342,8 +351,26 @@ class BrokerConnection(ServerConnection):
             transport.write(header + data)
         else:
             transport.writelines((header, data))
+        return True
+
+    async def send_binary(self, data: bytes) -> None:
+        """Send *data* as one binary message, as ``send`` does (the same flow control and
+        errors) without building a websockets frame (:meth:`write_binary`)."""
+        if not self.write_binary(data):
+            await self.send(data)  # raises ConnectionClosed as websockets does
+            return
         if self.paused:
             await self.drain()
+
+    # --- the splice ----------------------------------------------------------------------
+
+    def pause_for_console(self) -> None:
+        """Stop reading from the client while the spliced console takes no more."""
+        self._pause_reading("console")
+
+    def resume_for_console(self) -> None:
+        """Read from the client again: the spliced console drained."""
+        self._resume_reading("console")
 
     def detach(self) -> asyncio.Transport:
         """Let go of the connection (passed to another worker): websockets sees it end
@@ -396,6 +423,8 @@ class BrokerConnection(ServerConnection):
         super().pause_writing()
         self._pause_reading("write")
         self._watch_drain(self._unsent())
+        if self.splice is not None:
+            self.splice.client_full()
 
     def _watch_drain(self, buffered: int) -> None:
         self._stall_timer = self.loop.call_later(
@@ -431,6 +460,8 @@ class BrokerConnection(ServerConnection):
             self._stall_timer.cancel()
             self._stall_timer = None
         self._resume_reading("write")
+        if self.splice is not None:
+            self.splice.client_drained()
 
     def _stalled(self) -> None:
         self._stall_timer = None
@@ -441,6 +472,16 @@ class BrokerConnection(ServerConnection):
         self.stalled = True
         if self.on_stall is not None:
             self.on_stall()
+
+
+class ClientSplice(Protocol):
+    """What a connection tells the splice its messages go to (:mod:`broker.service._splice`)."""
+
+    def from_client(self, payload: bytes) -> None: ...
+
+    def client_full(self) -> None: ...
+
+    def client_drained(self) -> None: ...
 
 
 class _Detached(asyncio.Protocol):

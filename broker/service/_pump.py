@@ -1,9 +1,10 @@
 """Moving bytes between a WebSocket client and a console, both ways, with backpressure.
 
-Theory of operation. :func:`pump` runs two tasks in one task group:
+Theory of operation. In the general case :func:`pump` runs two tasks in one task group:
 
 * console -> client: ``stream.receive(read_size)`` then ``client.send(data)``;
-* client -> console: ``client.receive()`` then ``stream.send(data)``.
+* client -> console: ``client.receive()``, the session's filter (``to_console``), if
+  any, then ``stream.send(data)``.
 
 Each task awaits its send before it reads again, so a side that drains slowly
 stops the reads from the other: nothing is read from the console faster than
@@ -13,6 +14,12 @@ faster than the console takes it (the client's frames queue up to
 ``max_queue`` in the WebSocket connection, which then stops reading the
 socket). In flight per direction: one chunk of at most *read_size* bytes plus
 the two transports' bounded buffers.
+
+When the client is the broker's own WebSocket connection and the console the broker's
+own socket stream (the fd, tcp, tls and unix endpoints), the two are spliced instead
+(:mod:`broker.service._splice`): each side's read callback writes to the other side's
+transport, with the same bounds, and only messages websockets queues (text,
+fragmented) go through a task. Callers see no difference but the speed.
 
 Reads are large (256 KiB by default: as much as the kernel has, in one
 message) and data is passed on as the object the read returned, without
@@ -24,11 +31,16 @@ from __future__ import annotations
 
 import enum
 import time
-from typing import Protocol
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Protocol
 
 import anyio
 import anyio.abc
 import attrs
+
+if TYPE_CHECKING:
+    from broker.service._connection import BrokerConnection
+    from broker.service._sockstream import SocketConsole
 
 #: Default size of one read from the console (one WebSocket message at most).
 DEFAULT_READ_SIZE = 256 * 1024
@@ -82,6 +94,10 @@ class Traffic:
         if self.console_counter is not None:
             self.console_counter.inc(size)
 
+    def touch(self) -> None:
+        """Activity that moved no bytes (input a filter dropped): not idle."""
+        self.last_activity = time.monotonic()
+
 
 class PumpEnd(enum.Enum):
     """Which side ended a :func:`pump`."""
@@ -104,17 +120,29 @@ async def pump(
     *,
     traffic: Traffic | None = None,
     read_size: int = DEFAULT_READ_SIZE,
+    to_console: Callable[[bytes], bytes] | None = None,
 ) -> PumpEnd:
     """Proxy bytes between *client* and *stream* until one side ends; return which.
 
     *stream* is any anyio byte stream (a socket to QEMU, a libvirt console
     stream). It is not closed here: the session's owner closes both sides.
-    Errors other than one side ending (a bug) propagate.
+    *to_console*, if given, is called with each message from the client, in order, and
+    returns the bytes to send to the console (empty: nothing; it may keep state across
+    messages); an exception it raises ends the pump and is raised from it. Errors other
+    than one side ending (a bug) propagate.
     """
     if read_size < 1:
         raise ValueError("read_size must be positive")
-    ended: list[PumpEnd] = []
     count = traffic if traffic is not None else Traffic()
+    # Here, not at the top: the splice needs the server's modules, and this module is
+    # imported where only the client is installed.
+    from broker.service._splice import spliceable
+
+    pair = spliceable(client, stream)
+    if pair is not None:
+        return await _spliced(*pair, client, count, read_size, to_console)
+    ended: list[PumpEnd] = []
+    failure: list[Exception] = []
 
     async def console_to_client(scope: anyio.CancelScope) -> None:
         try:
@@ -128,21 +156,86 @@ async def pump(
             ended.append(PumpEnd.CLIENT_CLOSED)
         scope.cancel()
 
-    async def client_to_console(scope: anyio.CancelScope) -> None:
-        try:
-            while True:
-                data = await client.receive()
-                if not data:
-                    continue
-                count.count_to_console(len(data))
-                await stream.send(data)
-        except ClientClosed:
-            ended.append(PumpEnd.CLIENT_CLOSED)
-        except _CONSOLE_ERRORS:
-            ended.append(PumpEnd.CONSOLE_CLOSED)
-        scope.cancel()
-
     async with anyio.create_task_group() as group:
         group.start_soon(console_to_client, group.cancel_scope)
-        group.start_soon(client_to_console, group.cancel_scope)
+        group.start_soon(_client_to_console, client, stream, count, to_console, ended,
+                         failure, group.cancel_scope)
+    if failure:
+        raise failure[0]
     return ended[0] if ended else PumpEnd.CONSOLE_CLOSED
+
+
+async def _client_to_console(
+    client: MessageChannel,
+    stream: anyio.abc.ByteStream,
+    count: Traffic,
+    to_console: Callable[[bytes], bytes] | None,
+    ended: list[PumpEnd],
+    failure: list[Exception],
+    scope: anyio.CancelScope,
+) -> None:
+    """The client's messages to the console, one at a time, until either side ends or
+    *to_console* raises (kept in *failure*)."""
+    try:
+        while True:
+            payload = await client.receive()
+            if to_console is None:
+                data = payload
+            else:
+                try:
+                    data = to_console(payload)
+                except Exception as exc:  # the filter refused the client's bytes
+                    failure.append(exc)
+                    break
+            if data:
+                count.count_to_console(len(data))
+                await stream.send(data)
+            elif payload:  # input a filter dropped (view-only) is still the user at work
+                count.touch()
+    except ClientClosed:
+        ended.append(PumpEnd.CLIENT_CLOSED)
+    except _CONSOLE_ERRORS:
+        ended.append(PumpEnd.CONSOLE_CLOSED)
+    scope.cancel()
+
+
+async def _spliced(
+    connection: BrokerConnection,
+    console: SocketConsole,
+    client: MessageChannel,
+    count: Traffic,
+    read_size: int,
+    to_console: Callable[[bytes], bytes] | None,
+) -> PumpEnd:
+    """:func:`pump` with the two sockets spliced (:mod:`broker.service._splice`): one task
+    for the messages that still come through the connection's queue, and the wait for the
+    splice to end."""
+    from broker.service._splice import Splice
+
+    splice = Splice(
+        connection, console,
+        count_to_client=count.count_to_client, count_to_console=count.count_to_console,
+        touch=count.touch, read_size=read_size, to_console=to_console,
+    )
+    ended: list[PumpEnd] = []
+    failure: list[Exception] = []
+
+    async def watch(scope: anyio.CancelScope) -> None:
+        await splice.ended.wait()
+        scope.cancel()
+
+    try:
+        async with anyio.create_task_group() as group:
+            splice.attach()
+            group.start_soon(_client_to_console, client, console, count, to_console, ended,
+                             failure, group.cancel_scope)
+            group.start_soon(watch, group.cancel_scope)
+    finally:
+        splice.detach()
+    if failure:
+        raise failure[0]
+    if splice.error is not None:
+        raise splice.error
+    if ended:
+        return ended[0]
+    return PumpEnd.CLIENT_CLOSED if splice.client_gone else PumpEnd.CONSOLE_CLOSED

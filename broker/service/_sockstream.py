@@ -27,7 +27,7 @@ import collections
 import socket
 import ssl
 from collections.abc import Callable, Mapping
-from typing import Any, cast
+from typing import Any, Protocol, cast
 
 import anyio
 import anyio.abc
@@ -51,6 +51,9 @@ class _ConsoleProtocol(asyncio.Protocol):
         self.closed = False
         self._readable: asyncio.Future[None] | None = None
         self._writable: asyncio.Future[None] | None = None
+        #: While a session's bytes are spliced (:mod:`broker.service._splice`): what is
+        #: read goes there as it arrives instead of into :attr:`chunks`.
+        self.splice: ConsoleSplice | None = None
 
     # --- the transport's calls --------------------------------------------------------
 
@@ -59,6 +62,9 @@ class _ConsoleProtocol(asyncio.Protocol):
         transport.set_write_buffer_limits(high=WRITE_HIGH)
 
     def data_received(self, data: bytes) -> None:
+        if self.splice is not None:
+            self.splice.from_console(data)
+            return
         self.chunks.append(data)
         self.buffered += len(data)
         if self.buffered > READ_LIMIT and not self.reading_paused:
@@ -70,6 +76,8 @@ class _ConsoleProtocol(asyncio.Protocol):
     def eof_received(self) -> bool:
         self.eof = True
         self._wake_reader()
+        if self.splice is not None:
+            self.splice.console_ended()
         return False  # close the transport: a console that stops sending is done
 
     def connection_lost(self, exc: Exception | None) -> None:
@@ -77,13 +85,19 @@ class _ConsoleProtocol(asyncio.Protocol):
         self.lost = exc
         self._wake_reader()
         self._wake_writer()
+        if self.splice is not None:
+            self.splice.console_ended()
 
     def pause_writing(self) -> None:
         if self._writable is None:
             self._writable = asyncio.get_running_loop().create_future()
+        if self.splice is not None:
+            self.splice.console_full()
 
     def resume_writing(self) -> None:
         self._wake_writer()
+        if self.splice is not None:
+            self.splice.console_drained()
 
     # --- the stream's waits -----------------------------------------------------------
 
@@ -122,6 +136,18 @@ class _ConsoleProtocol(asyncio.Protocol):
             self.reading_paused = False
 
 
+class ConsoleSplice(Protocol):
+    """What a console socket tells the splice its bytes go to (:mod:`broker.service._splice`)."""
+
+    def from_console(self, data: bytes) -> None: ...
+
+    def console_ended(self) -> None: ...
+
+    def console_full(self) -> None: ...
+
+    def console_drained(self) -> None: ...
+
+
 class SocketConsole(anyio.abc.ByteStream):
     """A connected console socket (see the module's notes); from the ``open_*`` functions."""
 
@@ -129,6 +155,16 @@ class SocketConsole(anyio.abc.ByteStream):
         self._transport = transport
         self._protocol = protocol
         self._closing = False
+
+    @property
+    def transport(self) -> asyncio.Transport:
+        """The socket's transport (for :mod:`broker.service._splice`)."""
+        return self._transport
+
+    @property
+    def protocol(self) -> _ConsoleProtocol:
+        """The socket's protocol (for :mod:`broker.service._splice`)."""
+        return self._protocol
 
     async def receive(self, max_bytes: int = 65536) -> bytes:
         protocol = self._protocol

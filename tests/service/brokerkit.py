@@ -42,6 +42,7 @@ from broker.service._refusals import (
     Refused,
 )
 from broker.service._session import Endpoint
+from broker.service._sockstream import open_socket
 from broker.service._tls import ConsoleTLS
 from broker.tokens import Claims, TokenVerifier
 
@@ -74,6 +75,10 @@ class FakeDomain:
     #: What :meth:`FakeResolver.capture_screenshot` does (in a worker thread): returns
     #: the capture or raises.
     screen: Callable[[], Capture] = _no_screenshot
+    #: Instead of :attr:`console`: called with the console end's bare socket
+    #: (non-blocking), for a console that must read nothing until it says so (anyio's
+    #: stream reads whatever arrives into its queue before it is asked).
+    raw_console: Callable[[socket.socket], Awaitable[None]] | None = None
 
 
 class FakeResolver:
@@ -123,7 +128,22 @@ class FakeResolver:
         if dom.busy:
             raise Refused(CONSOLE_BUSY, "busy")
         ours, theirs = socket.socketpair()
-        broker_side = await anyio.abc.SocketStream.from_socket(ours)
+        if dom.raw_console is not None:
+            theirs.setblocking(False)
+            self.opened += 1
+            assert self._group is not None
+            raw = dom.raw_console
+
+            async def run_raw() -> None:
+                with theirs:
+                    await raw(theirs)
+                self.closed += 1
+
+            self._group.start_soon(run_raw)
+            return Endpoint(await open_socket(ours), "fake", "socketpair")
+        # The broker's own console stream, as the libvirt resolver's fd and tcp modes
+        # give (so sessions take the pump's spliced path, broker/service/_splice.py).
+        broker_side = await open_socket(ours)
         console_side = await anyio.abc.SocketStream.from_socket(theirs)
         self.console_streams.append(console_side)
         self.opened += 1
