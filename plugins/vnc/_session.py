@@ -391,45 +391,32 @@ class VNCSessionHandler:
         flt: ClientMessageFilter,
         first: bytes,
     ) -> None:
-        """The hot path, until either side ends: QEMU -> browser raw, browser -> QEMU filtered."""
-        client, traffic, read_size = session.client, session.traffic, session.read_size
-        failure: list[RFBProtocolError] = []
+        """The hot path, until either side ends: QEMU -> browser raw, browser -> QEMU
+        filtered (the core's pump with the filter as its ``to_console``: spliced in the
+        read callbacks when nothing wraps the client)."""
 
-        async def to_console(data: bytes) -> None:
+        def to_console(data: bytes) -> bytes:
             flt.view_only = not session.may_input  # the holder may have changed meanwhile
-            forward = flt.filter_data(data)
+            return flt.filter_data(data)
+
+        try:
+            forward = to_console(first)
             if forward:
-                traffic.count_to_console(len(forward))
+                session.traffic.count_to_console(len(forward))
                 await upstream.send(forward)
-            elif data:  # dropped input (view-only) is still the user at work: not idle
-                traffic.last_activity = time.monotonic()
-
-        async def console_to_client(scope: anyio.CancelScope) -> None:
-            try:
-                while True:
-                    data = await upstream.receive(read_size)
-                    traffic.count_to_client(len(data))
-                    await client.send(data)
-            except (ClientClosed, *_CONSOLE_ERRORS):
-                pass
-            scope.cancel()
-
-        async def client_to_console(scope: anyio.CancelScope) -> None:
-            try:
-                await to_console(first)
-                while True:
-                    await to_console(await client.receive())
-            except RFBProtocolError as exc:
-                failure.append(exc)
-            except (ClientClosed, *_CONSOLE_ERRORS):
-                pass
-            scope.cancel()
-
-        async with anyio.create_task_group() as group:
-            group.start_soon(console_to_client, group.cancel_scope)
-            group.start_soon(client_to_console, group.cancel_scope)
-        if failure:
-            raise Refused(CLIENT_PROTOCOL_ERROR, failure[0].detail)
+            elif first:  # dropped input (view-only) is still the user at work: not idle
+                session.traffic.touch()
+            await pump(
+                session.client,
+                upstream,
+                traffic=session.traffic,
+                read_size=session.read_size,
+                to_console=to_console,
+            )
+        except RFBProtocolError as exc:
+            raise Refused(CLIENT_PROTOCOL_ERROR, exc.detail) from None
+        except (ClientClosed, *_CONSOLE_ERRORS):
+            pass
 
 
 def _version_text(version: tuple[int, int] | None) -> str | None:
