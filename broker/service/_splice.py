@@ -12,10 +12,11 @@ message on those (docs/benchmarks.md, "What changed, and what is left").
   :meth:`BrokerConnection.write_binary`.
 * **Client to console.** Each whole binary message the connection unmasks
   (:meth:`BrokerConnection._binary_message`) goes through the session's *to_console*
-  filter, if any, to the console's transport. A message that websockets handles (text,
-  fragmented) still goes through its queue, and so does a binary message arriving while
-  one waits there: the pump's one task takes those in order, so the console gets every
-  message in the order the client sent them.
+  filter, if any, to the console's transport: the messages one read held in one
+  (vectored) write, once the read is handled (:meth:`Splice.flush`). A message that
+  websockets handles (text, fragmented) still goes through its queue, and so does a
+  binary message arriving while one waits there: the pump's one task takes those in
+  order, so the console gets every message in the order the client sent them.
 * **Backpressure both ways, as in the general case.** The console's transport above its
   high-water mark stops the reading of the client's socket until it drains (the
   connection's reading pauses for ``console``, beside its own reasons); the client's
@@ -31,6 +32,7 @@ message on those (docs/benchmarks.md, "What changed, and what is left").
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Callable
 
 import anyio
@@ -61,6 +63,11 @@ class Splice:
         self._touch = touch
         self._read_size = read_size
         self._to_console = to_console
+        self._pending: list[bytes] = []  # from the client, written by flush()
+        self._pending_size = 0
+        #: Whether the console's transport writes a list without joining it first
+        #: (uvloop's, Python 3.12's own): else a join would copy a read's worth each time.
+        self._vectored = type(console.transport).writelines is not asyncio.WriteTransport.writelines
         self._console_paused = False  # the console's reading, stopped by the splice
         self._client_paused = False  # the client's reading, stopped by the splice
         #: Set once the splice ended; :attr:`client_gone` / :attr:`error` say why.
@@ -88,7 +95,9 @@ class Splice:
             self.client_full()
 
     def detach(self) -> None:
-        """Stop splicing; each side as the general case expects it."""
+        """Stop splicing; each side as the general case expects it (what was taken from
+        the client is written first)."""
+        self.flush()
         if self._connection.splice is self:
             self._connection.splice = None
         if self._console.splice is self:
@@ -102,6 +111,7 @@ class Splice:
                 self._console_transport.resume_reading()
 
     def _end(self) -> None:
+        self.flush()
         self.detach()
         self.ended.set()
 
@@ -151,11 +161,27 @@ class Splice:
         else:
             data = payload
         if data:
-            self._count_to_console(len(data))
-            if not self._console.closed:
-                self._console_transport.write(data)
+            self._pending.append(data)
+            self._pending_size += len(data)
         elif payload:  # input a filter dropped (view-only) is still the user at work
             self._touch()
+
+    def flush(self) -> None:
+        """Write and count what :meth:`from_client` took from one read: one (vectored)
+        write for the messages a read held, not one each."""
+        pending = self._pending
+        if not pending:
+            return
+        self._count_to_console(self._pending_size)
+        if not self._console.closed:
+            transport = self._console_transport
+            if len(pending) > 1 and self._vectored:
+                transport.writelines(pending)
+            else:
+                for data in pending:
+                    transport.write(data)
+        pending.clear()
+        self._pending_size = 0
 
     def console_full(self) -> None:
         if not self._client_paused:

@@ -139,6 +139,35 @@ async def test_frames_split_anywhere_arrive_whole_and_in_order(
         await client.stream.aclose()
 
 
+async def test_messages_larger_than_a_read_and_two_sessions_at_once(
+    verifier: TokenVerifier, issuer: TokenIssuer
+) -> None:
+    """Messages of several MiB (their rest read straight into place, beyond the read
+    buffer's 1 MiB) and small ones split anywhere, on two sessions at once: every
+    connection reads through the one read buffer, and neither sees the other's bytes."""
+    broker, _ = await _session(verifier, issuer, max_message=8 << 20)
+
+    async def one(port: int, seed: int) -> None:
+        rng = random.Random(seed)
+        payloads = [os.urandom(size) for size in (3 << 20, 70000, 5, (1 << 20) + 1, 65536)]
+        wire = b"".join(frame(2, p) for p in payloads)
+        expected = b"".join(payloads)
+        client = await RawClient.open(port, issuer.issue(DOMAIN, "vnc", ttl=60).token)
+        assert await client.echoed(len(BANNER)) == BANNER
+        pos = 0
+        while pos < len(wire):
+            step = rng.randint(1, 300_000)
+            await client.stream.send(wire[pos:pos + step])
+            pos += step
+            await anyio.sleep(0)
+        assert await client.echoed(len(expected)) == expected
+        await client.stream.aclose()
+
+    async with broker as running, anyio.create_task_group() as group:
+        group.start_soon(one, running.port, 1)
+        group.start_soon(one, running.port, 2)
+
+
 async def test_fragments_text_and_pings_between_binary_frames(
     verifier: TokenVerifier, issuer: TokenIssuer
 ) -> None:
