@@ -43,6 +43,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import base64
 import contextlib
 import dataclasses
 import functools
@@ -58,6 +59,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.parse
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -86,6 +88,7 @@ from _kit import (
 )
 
 MESSAGE = 64 * 1024  # the client's messages toward the console
+RAW = "/raw-frames"  # the key suffix of a path's round trips with the raw-frame client
 PROTOCOL = RAW_PROTOCOL
 
 
@@ -258,6 +261,72 @@ class TcpConn:
         await self.close()
 
 
+class RawFrames:
+    """A WebSocket client that does no more per message than the raw TCP client: the
+    handshake by hand (RFC 6455 4.1, the ``binary`` subprotocol), then each message
+    written as one frame masked once in advance, and the answer read as frame headers
+    and payloads with ``readexactly``. What a round trip through a proxy adds over the
+    direct path is then the proxy's, not the websockets library's framing in the client
+    (websockets parses, queues and wakes a task per message)."""
+
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.reader, self.writer = reader, writer
+
+    @classmethod
+    async def open(cls, url: str, timeout: float = 20) -> RawFrames:
+        parts = urllib.parse.urlsplit(url)
+        reader, writer = await asyncio.wait_for(
+            asyncio.open_connection(parts.hostname, parts.port, limit=1 << 20), timeout)
+        key = base64.b64encode(os.urandom(16)).decode()
+        target = parts.path + (f"?{parts.query}" if parts.query else "")
+        writer.write(
+            f"GET {target} HTTP/1.1\r\nHost: {parts.netloc}\r\nUpgrade: websocket\r\n"
+            f"Connection: Upgrade\r\nSec-WebSocket-Key: {key}\r\n"
+            "Sec-WebSocket-Version: 13\r\nSec-WebSocket-Protocol: binary\r\n\r\n".encode())
+        head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), timeout)
+        if not head.startswith(b"HTTP/1.1 101"):
+            writer.close()
+            raise ConnectionError(f"no upgrade: {head.splitlines()[0]!r}")
+        return cls(reader, writer)
+
+    @staticmethod
+    def frame(payload: bytes) -> bytes:
+        """One masked binary frame (payloads under 126 bytes)."""
+        mask = os.urandom(4)
+        return bytes([0x82, 0x80 | len(payload)]) + mask + bytes(
+            b ^ mask[i % 4] for i, b in enumerate(payload))
+
+    async def send(self, data: bytes) -> None:
+        self.writer.write(self.frame(data))
+        await self.writer.drain()
+
+    async def round_trips(self, count: int, payload: bytes) -> list[float]:
+        """*count* echoes of *payload*, one at a time: seconds each."""
+        frame, read = self.frame(payload), self.reader.readexactly
+        times = []
+        for _ in range(count):
+            start = time.perf_counter()
+            self.writer.write(frame)
+            got = 0
+            while got < len(payload):
+                first, second = await read(2)
+                size = second & 0x7F
+                if size == 126:
+                    size = int.from_bytes(await read(2), "big")
+                elif size == 127:
+                    size = int.from_bytes(await read(8), "big")
+                await read(size)
+                if first & 0x0F == 2:  # the echo; a control frame is not part of it
+                    got += size
+            times.append(time.perf_counter() - start)
+        return times
+
+    async def close(self) -> None:
+        self.writer.close()
+        with contextlib.suppress(OSError):
+            await self.writer.wait_closed()
+
+
 @dataclasses.dataclass
 class Proxy:
     """One path under test: how to reach it, and the process to measure (None for the
@@ -378,19 +447,30 @@ async def round_trips(proxy: Proxy, conn: Any, count: int, payload: bytes) -> li
 
 async def latency(paths: list[Proxy], count: int) -> dict[str, list[float]]:
     """100-byte echoes through every path (the direct one included), one at a time, in
-    alternating rounds of 200 after 200 each to warm up."""
+    alternating rounds of 200 after 200 each to warm up; through a WebSocket proxy with
+    the websockets library's client and with :class:`RawFrames` (samples under the
+    path's key + :data:`RAW`)."""
     payload = b"m" * 100
     conns = {}
+    raws: dict[str, RawFrames] = {}  # a WebSocket proxy's raw-frame client, beside
     for path in paths:
         conns[path.key] = await path.open()
         await conns[path.key].send(b"E")
+        if path.kind == "ws":
+            raws[path.key] = await RawFrames.open(path.url())
+            await raws[path.key].send(b"E")
     samples: dict[str, list[float]] = {path.key: [] for path in paths}
+    samples |= {f"{key}{RAW}": [] for key in raws}
     for path in paths:
         await round_trips(path, conns[path.key], 200, payload)
+        if path.key in raws:
+            await raws[path.key].round_trips(200, payload)
     for _ in range(max(1, count // 200)):
         for path in paths:
             samples[path.key] += await round_trips(path, conns[path.key], 200, payload)
-    for conn in conns.values():
+            if path.key in raws:
+                samples[f"{path.key}{RAW}"] += await raws[path.key].round_trips(200, payload)
+    for conn in [*conns.values(), *raws.values()]:
         await conn.close()
     return samples
 
@@ -692,9 +772,14 @@ def summarize(paths: list[Proxy], results: dict[str, dict[str, Any]],
         own["round_trip_median_us"] = statistics.median(samples[path.key]) * 1e6
         own["round_trip_p99_us"] = percentile(samples[path.key], 0.99) * 1e6
         own["round_trips"] = len(samples[path.key])
+        raw = samples.get(f"{path.key}{RAW}", samples[path.key])  # a TCP client is raw
+        own["raw_round_trip_median_us"] = statistics.median(raw) * 1e6
+        own["raw_round_trip_p99_us"] = percentile(raw, 0.99) * 1e6
         if path.pid is not None:
             own["added_median_us"] = own["round_trip_median_us"] - direct["median"]
             own["added_p99_us"] = own["round_trip_p99_us"] - direct["p99"]
+            own["raw_added_median_us"] = own["raw_round_trip_median_us"] - direct["median"]
+            own["raw_added_p99_us"] = own["raw_round_trip_p99_us"] - direct["p99"]
         held = results[path.key].get("sessions")
         if held and held["opened"]:
             grown = held["mib_after"] - held["mib_before"]
@@ -715,6 +800,10 @@ def summarize(paths: list[Proxy], results: dict[str, dict[str, Any]],
 TARGETS = (
     ("added_median_us", "added round trip, median <= 2x socat's added", "socat", 2.0),
     ("added_p99_us", "added round trip, p99 <= 300 us over direct", "absolute", 300.0),
+    ("raw_added_median_us", "added round trip with the raw-frame client, median <= 2x "
+     "socat's added", "socat", 2.0),
+    ("raw_added_p99_us", "added round trip with the raw-frame client, p99 <= 300 us over "
+     "direct", "absolute", 300.0),
     ("cpu_per_gib_to_client", "console -> client: CPU per GiB <= 1.2x socat's", "socat", 1.2),
     ("cpu_per_gib_to_console", "client -> console: CPU per GiB <= 1.2x socat's", "socat", 1.2),
     ("kib_per_session", "idle sessions in one process at <= 40 KiB each", "absolute", 40.0),
@@ -724,6 +813,8 @@ TARGET_NOTES = {
     "cpu_per_gib_to_console": "<= 1.2x socat",
     "added_median_us": "added <= 2x socat's added",
     "added_p99_us": "added <= 300 us",
+    "raw_added_median_us": "added <= 2x socat's added",
+    "raw_added_p99_us": "added <= 300 us",
     "kib_per_session": "<= 40 KiB, in one process",
 }
 
@@ -806,6 +897,17 @@ def render(
             cells.append(text)
         rows.append((f"100-byte round trip, {share}, us (added over direct)", cells,
                      TARGET_NOTES[f"added_{share}_us"]))
+    for share in ("median", "p99"):
+        cells = []
+        for path in paths:
+            own = figures[path.key]
+            text = f"{own[f'raw_round_trip_{share}_us']:.0f}"
+            if path.pid is not None:
+                text += (f" (+{own[f'raw_added_{share}_us']:.0f}"
+                         f"{to_socat(path, f'raw_added_{share}_us')})")
+            cells.append(text if path.kind == "ws" else f"{text}: raw TCP, as above")
+        rows.append((f"100-byte round trip, raw-frame client, {share}, us (added over direct)",
+                     cells, TARGET_NOTES[f"raw_added_{share}_us"]))
     if args.sessions:
         proxies = [p for p in paths if p.pid is not None]
         held = {p.key: results[p.key]["sessions"] for p in proxies}
@@ -842,7 +944,8 @@ def render(
     lines = ["| " + " | ".join(header) + " |", "|" + " --- |" * len(header)]
     lines += ["| " + " | ".join([label, *cells, note]) + " |" for label, cells, note in rows]
     lines += ["", "Against issue 16's targets:", ""]
-    units = {"added_median_us": "us", "added_p99_us": "us", "kib_per_session": "KiB"}
+    units = {"added_median_us": "us", "added_p99_us": "us", "raw_added_median_us": "us",
+             "raw_added_p99_us": "us", "kib_per_session": "KiB"}
     for key, rows_of in verdicts.items():
         title = next(p.title for p in paths if p.key == key)
         for row, (figure, *_rest) in zip(rows_of, TARGETS, strict=True):
@@ -870,7 +973,10 @@ def render(
         f"alternating; straight to the console over TCP: median "
         f"{direct['round_trip_median_us']:.0f} us, p99 {direct['round_trip_p99_us']:.0f} us. "
         "Added time through a WebSocket proxy includes the client's own WebSocket framing, "
-        "the same for each of them; socat's client is raw TCP, as the direct path's.",
+        "the same for each of them; socat's client is raw TCP, as the direct path's. The "
+        "raw-frame client (measured in the same rounds) writes each message as a frame "
+        "masked in advance and reads the answer with readexactly: no more per message than "
+        "the raw TCP client, so what it adds over direct is the proxy's alone.",
     ]
     if has_socat:
         notes.append("Nx after a figure: its ratio to socat's (the floor for a userland relay).")
