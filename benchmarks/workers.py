@@ -11,14 +11,19 @@ the console pours as fast as it can, for *seconds*.
 Printed for each worker count: MiB/s over all streams, the broker's CPU seconds (its
 processes together) per GiB, how the sessions spread over the workers, and the CPU
 of the console and client processes, which share the machine's cores with the broker.
+With ``--cpu-quota S`` each broker worker is capped at S of a core (:class:`CpuCaps`): on
+a machine whose cores the console and the client share, what more workers buy is then
+measured against the broker's own CPU, not the machine's.
 
-    .venv/bin/python benchmarks/workers.py [--workers 1,2] [--streams 8] [--seconds 15]
+    .venv/bin/python benchmarks/workers.py [--workers 1,2] [--streams 8] [--seconds 15] \
+        [--cpu-quota 0.4]
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import os
 import sys
 import tempfile
@@ -65,6 +70,59 @@ def _tree_cpu(pid: int) -> dict[int, float]:
         except OSError:
             continue
     return cpu
+
+
+# --- capping each worker's CPU ---------------------------------------------------------------
+
+
+class CpuCaps:
+    """Each broker process in a cgroup of its own whose CPU time is capped at *share* of
+    one core (the CFS quota: cgroup v2's ``cpu.max``, or v1's ``cpu.cfs_quota_us``), so
+    that on a machine the load generators share, the broker's CPU and not the machine's
+    is what limits: 1 worker gets *share* of a core, N workers N times that. Needs root
+    and the cpu controller; the groups are removed at the end."""
+
+    def __init__(self, share: float) -> None:
+        self.share = share
+        self.groups: list[Path] = []
+        v2 = Path("/sys/fs/cgroup")
+        if "cpu" in _read(v2 / "cgroup.controllers").split():
+            self.root, self.version = v2, 2
+            (v2 / "cgroup.subtree_control").write_text("+cpu")
+        elif (Path("/sys/fs/cgroup/cpu") / "cpu.cfs_quota_us").exists():
+            self.root, self.version = Path("/sys/fs/cgroup/cpu"), 1
+        else:
+            raise SystemExit("--cpu-quota: no cgroup cpu controller here (v2 cpu.max or v1 "
+                             "cpu.cfs_quota_us)")
+
+    def cap(self, pid: int) -> None:
+        group = self.root / f"cb-bench-{os.getpid()}-{pid}"
+        group.mkdir()
+        self.groups.append(group)
+        period = 100_000
+        quota = max(1000, int(self.share * period))
+        if self.version == 2:
+            (group / "cpu.max").write_text(f"{quota} {period}")
+        else:
+            (group / "cpu.cfs_period_us").write_text(str(period))
+            (group / "cpu.cfs_quota_us").write_text(str(quota))
+        (group / "cgroup.procs").write_text(str(pid))
+
+    def close(self) -> None:
+        for group in self.groups:
+            for pid in _read(group / "cgroup.procs").split():
+                with contextlib.suppress(OSError):
+                    (self.root / "cgroup.procs").write_text(pid)
+            with contextlib.suppress(OSError):
+                group.rmdir()
+        self.groups.clear()
+
+
+def _read(path: Path) -> str:
+    try:
+        return path.read_text()
+    except OSError:
+        return ""
 
 
 # --- the broker's process ---------------------------------------------------------------------
@@ -167,6 +225,9 @@ def main() -> None:
     parser.add_argument("--streams", type=int, default=8, help="concurrent sessions (8)")
     parser.add_argument("--seconds", type=float, default=15.0, help="seconds measured (15)")
     parser.add_argument("--event-loop", default="uvloop", choices=("uvloop", "asyncio"))
+    parser.add_argument("--cpu-quota", type=float, default=0.0,
+                        help="cap each broker worker at this share of one core (cgroup CPU "
+                        "quota), so the broker's CPU and not the machine's limits; 0: no cap")
     parser.add_argument("--role", choices=("client", "console", "broker"), default="client",
                         help=argparse.SUPPRESS)
     parser.add_argument("--port", type=int, help=argparse.SUPPRESS)
@@ -181,10 +242,16 @@ def main() -> None:
         broker_main(args)
         return
 
+    caps = CpuCaps(args.cpu_quota) if args.cpu_quota > 0 else None
     print(f"{os.cpu_count()} cores; {args.streams} streams, console to client, "
-          f"{args.seconds:.0f} s each; broker on {args.event_loop}")
+          f"{args.seconds:.0f} s each; broker on {args.event_loop}"
+          + (f"; each worker capped at {args.cpu_quota:g} of a core (cgroup v{caps.version} "
+             "CPU quota)" if caps is not None else ""))
     results = {}
-    with tempfile.TemporaryDirectory() as tmp, Children() as children:
+    with (tempfile.TemporaryDirectory() as tmp, Children() as children,
+          contextlib.ExitStack() as on_exit):
+        if caps is not None:
+            on_exit.callback(caps.close)
         tokens = Tokens(Path(tmp))
         console_port = free_port()
         console = children.start([__file__, "--role", "console", "--port", str(console_port)])
@@ -197,6 +264,10 @@ def main() -> None:
             ])
             wait_listening(port, broker)
             time.sleep(1.0 if count > 1 else 0.2)  # every worker listening
+            if caps is not None:
+                workers = _tree(broker.pid)
+                for pid in workers[1:] if count > 1 else workers:  # not the supervisor
+                    caps.cap(pid)
             console_before = cpu_seconds(console.pid)
             found = asyncio.run(_measure(port, tokens, args.streams, args.seconds, broker.pid))
             found["console_cpu"] = cpu_seconds(console.pid) - console_before
@@ -205,6 +276,8 @@ def main() -> None:
             from _kit import stop
 
             stop(broker)
+            if caps is not None:
+                caps.close()
             mib = found["bytes"] / 2**20 / found["wall"]
             gib = found["bytes"] / 2**30
             busy = sorted((round(c / found["wall"], 2) for c in found["per_process"].values()),
