@@ -207,31 +207,25 @@ async def _spliced(
     read_size: int,
     to_console: Callable[[bytes], bytes] | None,
 ) -> PumpEnd:
-    """:func:`pump` with the two sockets spliced (:mod:`broker.service._splice`): one task
-    for the messages that still come through the connection's queue, and the wait for the
-    splice to end."""
+    """:func:`pump` with the two sockets spliced (:mod:`broker.service._splice`): this
+    task takes the messages that still come through the connection's queue, and the
+    splice's end cancels it (no task of its own: idle sessions are many)."""
     from broker.service._splice import Splice
 
-    splice = Splice(
-        connection, console,
-        count_to_client=count.count_to_client, count_to_console=count.count_to_console,
-        touch=count.touch, read_size=read_size, to_console=to_console,
-    )
     ended: list[PumpEnd] = []
     failure: list[Exception] = []
-
-    async def watch(scope: anyio.CancelScope) -> None:
-        await splice.ended.wait()
-        scope.cancel()
-
-    try:
-        async with anyio.create_task_group() as group:
+    with anyio.CancelScope() as scope:
+        splice = Splice(
+            connection, console,
+            count_to_client=count.count_to_client, count_to_console=count.count_to_console,
+            touch=count.touch, read_size=read_size, to_console=to_console,
+            on_end=scope.cancel,
+        )
+        try:
             splice.attach()
-            group.start_soon(_client_to_console, client, console, count, to_console, ended,
-                             failure, group.cancel_scope)
-            group.start_soon(watch, group.cancel_scope)
-    finally:
-        splice.detach()
+            await _client_to_console(client, console, count, to_console, ended, failure, scope)
+        finally:
+            splice.detach()
     if failure:
         raise failure[0]
     if splice.error is not None:

@@ -35,8 +35,6 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Callable
 
-import anyio
-
 from broker.service._connection import BrokerConnection
 from broker.service._sockstream import SocketConsole
 
@@ -54,6 +52,7 @@ class Splice:
         touch: Callable[[], None],
         read_size: int,
         to_console: Callable[[bytes], bytes] | None,
+        on_end: Callable[[], None],
     ) -> None:
         self._connection = connection
         self._console = console.protocol
@@ -70,8 +69,10 @@ class Splice:
         self._vectored = type(console.transport).writelines is not asyncio.WriteTransport.writelines
         self._console_paused = False  # the console's reading, stopped by the splice
         self._client_paused = False  # the client's reading, stopped by the splice
-        #: Set once the splice ended; :attr:`client_gone` / :attr:`error` say why.
-        self.ended = anyio.Event()
+        self._on_end = on_end
+        #: True once the splice ended (and *on_end* was called); :attr:`client_gone` /
+        #: :attr:`error` say why.
+        self.ended = False
         self.client_gone = False
         self.error: BaseException | None = None
 
@@ -80,11 +81,11 @@ class Splice:
     def attach(self) -> None:
         """Start: what the console sent before is written to the client first."""
         console = self._console
-        while console.chunks and not self.ended.is_set():
+        while console.chunks and not self.ended:
             chunk = console.chunks.popleft()
             console.taken(len(chunk))
             self.from_console(chunk)
-        if self.ended.is_set():
+        if self.ended:
             return
         if console.eof or console.closed:
             self.console_ended()
@@ -113,7 +114,9 @@ class Splice:
     def _end(self) -> None:
         self.flush()
         self.detach()
-        self.ended.set()
+        if not self.ended:
+            self.ended = True
+            self._on_end()
 
     # --- console to client --------------------------------------------------------------
 
