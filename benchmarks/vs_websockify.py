@@ -887,27 +887,20 @@ def render(
     rows.append(("peak memory while moving data, MiB (PSS)",
                  ["-" if figures[p.key]["peak_mib"] is None else f"{figures[p.key]['peak_mib']:.0f}"
                   for p in paths], ""))
-    for share in ("median", "p99"):
-        cells = []
-        for path in paths:
-            own = figures[path.key]
-            text = f"{own[f'round_trip_{share}_us']:.0f}"
-            if path.pid is not None:
-                text += f" (+{own[f'added_{share}_us']:.0f}{to_socat(path, f'added_{share}_us')})"
-            cells.append(text)
-        rows.append((f"100-byte round trip, {share}, us (added over direct)", cells,
-                     TARGET_NOTES[f"added_{share}_us"]))
-    for share in ("median", "p99"):
-        cells = []
-        for path in paths:
-            own = figures[path.key]
-            text = f"{own[f'raw_round_trip_{share}_us']:.0f}"
-            if path.pid is not None:
-                text += (f" (+{own[f'raw_added_{share}_us']:.0f}"
-                         f"{to_socat(path, f'raw_added_{share}_us')})")
-            cells.append(text if path.kind == "ws" else f"{text}: raw TCP, as above")
-        rows.append((f"100-byte round trip, raw-frame client, {share}, us (added over direct)",
-                     cells, TARGET_NOTES[f"raw_added_{share}_us"]))
+    for prefix, client in (("", ""), ("raw_", ", raw-frame client")):
+        for share in ("median", "p99"):
+            cells = []
+            for path in paths:
+                own = figures[path.key]
+                text = f"{own[f'{prefix}round_trip_{share}_us']:.0f}"
+                if path.pid is not None:
+                    text += (f" (+{own[f'{prefix}added_{share}_us']:.0f}"
+                             f"{to_socat(path, f'{prefix}added_{share}_us')})")
+                if prefix and path.kind != "ws":
+                    text += ": raw TCP, as above"
+                cells.append(text)
+            rows.append((f"100-byte round trip{client}, {share}, us (added over direct)",
+                         cells, TARGET_NOTES[f"{prefix}added_{share}_us"]))
     if args.sessions:
         proxies = [p for p in paths if p.pid is not None]
         held = {p.key: results[p.key]["sessions"] for p in proxies}
