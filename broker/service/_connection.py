@@ -376,7 +376,7 @@ class BrokerConnection(ServerConnection):
         to the splice when one is attached and no message waits before it in websockets'
         queue (order is kept), else into that queue."""
         start = pos + header_size
-        payload = apply_mask(view[start:end], view[start - 4 : start])  # the mask key
+        payload = apply_mask(view[start:end], bytes(view[start - 4 : start]))  # the mask key
         splice = self.splice
         if splice is not None and not len(self.recv_messages.frames):
             splice.from_client(payload)
@@ -553,8 +553,8 @@ class _BufferedReads(asyncio.BufferedProtocol):
     def buffer_updated(self, nbytes: int) -> None:
         self.connection.buffer_updated(nbytes)
 
-    def eof_received(self) -> bool | None:
-        return self.connection.eof_received()
+    def eof_received(self) -> None:
+        self.connection.eof_received()  # None: the transport closes
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.connection.connection_lost(exc)
