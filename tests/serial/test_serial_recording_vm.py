@@ -3,7 +3,8 @@ console was sent is in the recording when its session ends, however it ends (the
 leaves, the VM stops, the broker gets SIGTERM, a retention pass runs meanwhile), while
 parts rotate every 4 KiB and the broker's pruner runs every second.
 
-20 sessions of 100 echoed markers each, with every core kept busy by spinning processes.
+12 sessions of 100 echoed markers each (every ending three times), with every core kept
+busy by spinning processes.
 """
 
 from __future__ import annotations
@@ -37,8 +38,8 @@ SERIAL = (
 OTHER = "0b6f8d3c-8d0e-4b8e-9a57-3c1c5b7b2a10"
 MARKERS = 100
 BATCH = 25
-#: How each of the 20 sessions ends.
-ENDINGS = ["leave", "prune", "vm_stop", "sigterm"] * 5
+#: How each of the 12 sessions ends.
+ENDINGS = ["leave", "prune", "vm_stop", "sigterm"] * 3
 
 
 def markers(run: int, first: int, count: int) -> bytes:
