@@ -318,10 +318,20 @@ class Cluster:
         """A WebSocket from the client host to *url* (``wss://console.example/...``)
         through *front*, with the browser's Origin."""
         sock = self.front_socket(front)
+        # TLS 1.2 for websockets' sync client. It reads the socket on a thread of its own
+        # from the moment the connection exists, while this thread writes the upgrade
+        # request; with TLS 1.3 the front's session tickets arrive just then, and one
+        # SSL object read and written by two threads at once failed the upgrade now and
+        # then ("[SSL] internal error" on the write, the request never reaching nginx:
+        # OpenSSL objects are not safe for that, the race python-socketio #1568
+        # describes). After its handshake TLS 1.2 sends nothing the reading thread would
+        # process before the answer.
+        context = self.client_context()
+        context.maximum_version = ssl.TLSVersion.TLSv1_2
         # 40 s: on a loaded 2-core machine with three TCG guests a SPICE upgrade once took
         # longer than 15 s (the broker admits the session, asking libvirt, before answering)
         return connect(
-            url, sock=sock, ssl=self.client_context(), server_hostname=PUBLIC_NAME,
+            url, sock=sock, ssl=context, server_hostname=PUBLIC_NAME,
             origin=Origin(PUBLIC_ORIGIN),
             subprotocols=[Subprotocol(p) for p in subprotocols], open_timeout=40,
         )
