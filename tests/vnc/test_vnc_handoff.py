@@ -94,8 +94,11 @@ def _ask(browser: Any) -> str:
 
 
 def _close_dialog(browser: Any) -> None:
+    """Close the dialog and wait for the page's close handler: ``open`` turns false at
+    once, but the dialog's close event (which clears the command) is a task queued after."""
     browser.find_element("id", "native-close").click()
-    _wait(browser, "return !document.getElementById('native-dialog').open")
+    _wait(browser, "return !document.getElementById('native-dialog').open"
+                   " && window.consoleHandoff.state === 'idle'")
 
 
 def _ws_url(page_url: str) -> str:
