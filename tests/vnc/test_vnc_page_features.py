@@ -469,12 +469,16 @@ def test_scale_and_full_screen(
         time.sleep(0.2)
 
     button = window.find_element("id", "fullscreen")
+    # The button's text follows the fullscreenchange event, which the browser fires a task
+    # after document.fullscreenElement changes: wait for both.
     button.click()
-    _wait(window, "return document.fullscreenElement !== null", timeout=10)
-    assert button.text == "Leave full screen"
+    _wait(window, "return document.fullscreenElement !== null"
+                  " && document.getElementById('fullscreen').textContent === 'Leave full screen'",
+          timeout=10)
     button.click()
-    _wait(window, "return document.fullscreenElement === null", timeout=10)
-    assert button.text == "Full screen"
+    _wait(window, "return document.fullscreenElement === null"
+                  " && document.getElementById('fullscreen').textContent === 'Full screen'",
+          timeout=10)
     # Each of these controls hands the keyboard back to the VM's screen: typing goes on
     # without a click on it (a key would otherwise press the control again).
     _type(window, "echo after-controls >/dev/ttyS0\n", focus=False)
