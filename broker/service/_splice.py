@@ -112,8 +112,7 @@ class Splice:
                 self._console_transport.resume_reading()
 
     def _end(self) -> None:
-        self.flush()
-        self.detach()
+        self.detach()  # which writes what was taken first
         if not self.ended:
             self.ended = True
             self._on_end()
